@@ -1,0 +1,34 @@
+"""python -m app: validate the config (one clear line and exit 2 when invalid), then serve."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from common.configfile import ConfigError
+
+
+def main() -> int:
+    from app.config import load_settings
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"zimage-serve app: {exc}", file=sys.stderr)
+        return 2
+    from common.jsonlog import setup_logging
+
+    setup_logging("app", settings.log_level, secrets=[settings.api_token or "", settings.admin_token or ""])
+    from app.api import create_app
+    from app.server import serve
+
+    log = logging.getLogger("app")
+    log.info("starting", extra={"event": "starting", "host": settings.host, "port": settings.port,
+                                "model": "demo" if settings.is_demo_model else str(settings.model_dir)})
+    serve(create_app(settings), settings)
+    log.info("stopped", extra={"event": "stopped"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

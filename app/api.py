@@ -1,0 +1,263 @@
+"""HTTP surface: /api/generate, /api/info, /healthz, /readyz, /metrics, /outputs/*, /admin/*.
+
+Every failure is JSON {error, message, hint?, request_id?} with a 4xx/5xx status; validation errors
+are 422 with one readable sentence per problem, never a stack trace.
+"""
+
+
+import hmac
+import logging
+import re
+import time
+from contextlib import asynccontextmanager
+from typing import Optional
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import __version__, errors
+from app.config import AppSettings
+from app.engine import Engine
+from app.faults import FaultInjector
+from app.metrics import AppMetrics
+from app.outputs import OutputStore
+from app.schemas import ErrorResponse, GenerateResponse
+from app.service import GenerationService, new_request_id
+from app.sysinfo import live_info, model_info
+from common.gpu import GpuReader, open_gpu_reader
+from common.jsonlog import add_secret
+from common.tokenfile import ensure_token
+
+log = logging.getLogger("app.api")
+access_log = logging.getLogger("app.access")
+
+MAX_BODY_BYTES = 1 * 2**20  # a generate body is a few KB; 1 MiB leaves room for 100k-char prompts
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+def error_response(status: int, code: str, message: str, request_id: Optional[str] = None,
+                   hint: Optional[str] = None, retry_after_s: Optional[int] = None) -> JSONResponse:
+    body = ErrorResponse(error=code, message=message, request_id=request_id, hint=hint).model_dump(exclude_none=True)
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def describe_validation_errors(exc_errors) -> list[str]:
+    """pydantic/FastAPI errors → short sentences without echoing the (possibly huge) input."""
+    sentences = []
+    for err in exc_errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        where = ".".join(loc) or "body"
+        msg = err.get("msg", "invalid")
+        msg = msg.removeprefix("Value error, ")
+        if err.get("type") in ("model_attributes_type", "dict_type") and where == "body":
+            sentences.append("body must be a JSON object such as {\"prompt\": \"a red fox\"}")
+        elif err.get("type") == "json_invalid":
+            sentences.append("body is not valid JSON")
+        elif err.get("type") == "missing":
+            sentences.append(f"{where} is required")
+        elif err.get("type") == "extra_forbidden":
+            sentences.append(f"{where} is not a known field")
+        elif msg.startswith(where + " ") or msg.startswith(where.split(".")[-1] + " "):
+            sentences.append(msg)
+        else:
+            sentences.append(f"{where}: {msg}")
+    return sentences
+
+
+class DrainRequest(BaseModel):
+    enable: bool = True
+
+
+class FaultRequest(BaseModel):
+    kind: str = Field(..., max_length=32)
+    count: int = Field(1, ge=1, le=100)
+    seconds: float = Field(0.0, ge=0.0, le=600.0)
+    megabytes: int = Field(0, ge=0, le=16384)
+
+
+def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, with_ui: bool = True) -> FastAPI:
+    metrics = AppMetrics()
+    faults = FaultInjector(enabled=settings.fault_injection)
+    engine = Engine(settings, faults=faults, on_batch_done=metrics.on_batch_done)
+    store = OutputStore(settings.outputs_dir, settings.min_free_disk_mb * 2**20, settings.png_compress_level)
+    service = GenerationService(settings, engine, store, metrics)
+    gpu = gpu_reader or open_gpu_reader()
+    admin_token = settings.admin_token or ensure_token(settings.admin_token_file)
+    add_secret(admin_token)
+    add_secret(settings.api_token)
+
+    def live_metrics() -> dict:
+        values = {
+            "zimage_queue_depth": ("Requests waiting for the engine", engine.waiting),
+            "zimage_in_flight": ("Requests being served (waiting, running or saving)", service.in_flight),
+            "zimage_ready": ("1 when loaded, warmed and not draining", 1 if service.ready else 0),
+            "zimage_draining": ("1 while draining for a restart", 1 if service.draining else 0),
+            "zimage_busy": ("1 while a generation runs", 1 if engine.heartbeat.busy_since else 0),
+        }
+        memory = engine.memory()
+        if memory:
+            values["zimage_gpu_memory_bytes"] = ("GPU memory seen by torch", {
+                "allocated": memory["allocated_bytes"], "reserved": memory["reserved_bytes"],
+                "device_used": memory["device_total_bytes"] - memory["device_free_bytes"],
+                "device_total": memory["device_total_bytes"]})
+        return values
+
+    metrics.add_live(live_metrics)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        store.check_writable()
+        engine.start()
+        yield
+        engine.stop()
+        gpu.close()
+
+    app = FastAPI(title="zimage-serve", version=__version__, lifespan=lifespan,
+                  description="Z-Image-Turbo text-to-image service. POST /api/generate to make images.")
+    app.state.service = service
+    app.state.settings = settings
+    app.state.gpu_reader = gpu
+
+    # ---- middleware: request id, body limit, access log --------------------------------------
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):
+        rid = request.headers.get("x-request-id", "")
+        rid = rid if _REQUEST_ID.match(rid) else new_request_id()
+        request.state.request_id = rid
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return error_response(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes", rid)
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error", extra={"event": "unhandled", "request_id": rid})
+            response = error_response(500, "internal_error", "internal error; see the server log", rid)
+        response.headers["X-Request-ID"] = rid
+        path = request.url.path
+        level = logging.DEBUG if path in _QUIET_PATHS or not (path.startswith("/api") or path.startswith("/admin")) \
+            else logging.INFO
+        access_log.log(level, "request", extra={
+            "event": "http", "request_id": rid, "method": request.method, "path": path,
+            "status": response.status_code, "ms": round((time.perf_counter() - started) * 1000, 1)})
+        return response
+
+    # ---- errors --------------------------------------------------------------------------------
+    @app.exception_handler(errors.ServiceError)
+    async def service_error(request: Request, exc: errors.ServiceError):
+        return error_response(exc.status, exc.code, exc.message, getattr(request.state, "request_id", None),
+                              exc.hint, exc.retry_after_s)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = describe_validation_errors(exc.errors())
+        return error_response(422, "invalid_request", "; ".join(problems), request.state.request_id,
+                              hint="see GET /api/info for the limits")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(
+            exc.status_code, "http_error")
+        headers = getattr(exc, "headers", None) or {}
+        resp = error_response(exc.status_code, code, str(exc.detail), getattr(request.state, "request_id", None))
+        resp.headers.update(headers)
+        return resp
+
+    # ---- auth ----------------------------------------------------------------------------------
+    def _bearer(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        return header[7:].strip() if header.lower().startswith("bearer ") else ""
+
+    def require_api_token(request: Request) -> None:
+        if settings.api_token and not hmac.compare_digest(_bearer(request).encode(), settings.api_token.encode()):
+            raise StarletteHTTPException(401, "missing or wrong API token (Authorization: Bearer ...)",
+                                         headers={"WWW-Authenticate": "Bearer"})
+
+    def require_admin_token(request: Request) -> None:
+        if not hmac.compare_digest(_bearer(request).encode(), admin_token.encode()):
+            raise StarletteHTTPException(401, "missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"})
+
+    # ---- probes --------------------------------------------------------------------------------
+    @app.get("/healthz", tags=["probes"])
+    async def healthz():
+        """Liveness: the event loop answers; 503 when the engine failed or is unhealthy."""
+        alive = engine.state not in ("failed", "unhealthy")
+        body = {"status": "ok" if alive else engine.state, "state": engine.state,
+                "reason": engine.state_reason or None, "ready": service.ready, "draining": service.draining,
+                "queue_waiting": engine.waiting, "in_flight": service.in_flight, "time": time.time(),
+                "heartbeat": engine.heartbeat.snapshot()}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/readyz", tags=["probes"])
+    async def readyz():
+        """Readiness: 200 only when the model is loaded and warmed and the server is not draining."""
+        ready = service.ready
+        body = {"ready": ready, "state": engine.state, "draining": service.draining,
+                "warmup_seconds": engine.warmup_seconds}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["probes"])
+    async def prometheus_metrics():
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- API -----------------------------------------------------------------------------------
+    RequestModel = service.request_model
+
+    @app.post("/api/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["api"],
+              dependencies=[Depends(require_api_token)],
+              responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
+                         504: {"model": ErrorResponse}, 507: {"model": ErrorResponse}})
+    async def generate(body: RequestModel, request: Request):  # type: ignore[valid-type]
+        """Generate 1–4 images. Defaults follow the Turbo model card: 1024×1024, 9 steps, cfg 0."""
+        return await service.generate(body, request.state.request_id)
+
+    @app.get("/api/info", tags=["api"], dependencies=[Depends(require_api_token)])
+    async def info():
+        data = model_info(service)
+        data["live"] = live_info(service, gpu)
+        return data
+
+    @app.get("/outputs/{name}", tags=["api"], dependencies=[Depends(require_api_token)])
+    async def output_file(name: str):
+        path = store.path_for(name)
+        if path is None:
+            raise StarletteHTTPException(404, "no such image")
+        return FileResponse(path, media_type="image/png")
+
+    # ---- admin (the monitor's levers) ------------------------------------------------------------
+    @app.post("/admin/free-cache", tags=["admin"], dependencies=[Depends(require_admin_token)])
+    async def admin_free_cache():
+        return engine.free_cache()
+
+    @app.post("/admin/drain", tags=["admin"], dependencies=[Depends(require_admin_token)])
+    async def admin_drain(body: DrainRequest):
+        service.draining = body.enable
+        log.warning("drain %s by admin", "on" if body.enable else "off",
+                    extra={"event": "drain", "enable": body.enable})
+        return {"draining": service.draining, "in_flight": service.in_flight, "idle": service.idle()}
+
+    @app.post("/admin/fault", tags=["admin"], dependencies=[Depends(require_admin_token)])
+    async def admin_fault(body: FaultRequest):
+        if not faults.enabled:
+            raise StarletteHTTPException(404, "fault injection is disabled (app.fault_injection = false)")
+        try:
+            return faults.inject(body.kind, count=body.count, seconds=body.seconds, megabytes=body.megabytes)
+        except ValueError as exc:
+            return error_response(422, "invalid_request", str(exc))
+
+    if with_ui:
+        from app.ui import mount_ui
+
+        app = mount_ui(app, service, gpu)
+    return app
+
+
+def validation_message(exc: ValidationError) -> str:
+    """The same readable sentences the API gives, for the UI."""
+    return "; ".join(describe_validation_errors(exc.errors()))

@@ -1,0 +1,116 @@
+"""The app's one typed settings object: file section [app] + ZIMAGE_APP_* env, validated once at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from common.configfile import REPO_ROOT, load_section
+
+OffloadMode = Literal["none", "model", "text-encoder"]
+Switch = Literal["auto", "on", "off"]
+DTypeName = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class AppSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Network: loopback unless the operator says otherwise.
+    host: str = "127.0.0.1"
+    port: int = Field(7860, ge=1, le=65535)
+
+    # Model source: a local Z-Image-Turbo directory in diffusers layout, or None for the tiny demo.
+    model_dir: Optional[Path] = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: DTypeName = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    vae_dtype: DTypeName = "auto"  # auto: the pipeline dtype
+    attention_backend: str = "native"  # a diffusers attention backend name (native, _native_flash, flash, _flash_3, ...)
+    compile: Switch = "auto"  # torch.compile of the transformer; auto: on for CUDA, off on CPU
+    compile_mode: str = "default"
+    compile_cache_dir: Path = Path("run/compile-cache")
+    offload: OffloadMode = "none"
+    max_batch: int = Field(1, ge=1, le=16)  # queued requests of one shape merged into one pipeline call
+
+    # Warm-up before ready: one generation of this size (None: 1024 on GPU, 256 on CPU).
+    warmup: bool = True
+    warmup_size: Optional[int] = Field(None, ge=64, le=4096)
+    warmup_steps: int = Field(2, ge=1, le=50)
+
+    # Input limits (the request schema is built from these).
+    min_size: int = Field(256, ge=64)
+    max_size: int = Field(2048, le=4096)
+    max_steps: int = Field(50, ge=1, le=200)
+    max_images: int = Field(4, ge=1, le=16)
+    max_prompt_chars: int = Field(4000, ge=1, le=100_000)
+    max_cfg: float = Field(20.0, ge=0)
+
+    # Admission and lifecycle.
+    queue_size: int = Field(8, ge=0, le=10_000)  # waiting requests beyond the one running
+    request_timeout_s: float = Field(300.0, gt=0)
+    drain_timeout_s: float = Field(120.0, ge=0)
+
+    # Outputs.
+    outputs_dir: Path = Path("outputs")
+    min_free_disk_mb: int = Field(100, ge=0)
+    png_compress_level: int = Field(1, ge=0, le=9)
+
+    # Security.
+    api_token: Optional[str] = None  # bearer token for /api/* and /outputs/*; None: open (loopback default)
+    admin_token: Optional[str] = None  # for /admin/*; None: read or create admin_token_file
+    admin_token_file: Path = Path("run/admin.token")
+    fault_injection: bool = False  # /admin/fault exists only when true (and needs the admin token)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("model_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value):
+        if value in ("", "tiny", "none", None):
+            return None
+        return value
+
+    @field_validator("api_token", "admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value):
+        return value or None
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device {value!r} is not one of auto, cpu, cuda, cuda:N")
+
+    @model_validator(mode="after")
+    def _check_limits(self):
+        for name in ("min_size", "max_size"):
+            if getattr(self, name) % 64:
+                raise ValueError(f"{name} {getattr(self, name)} is not a multiple of 64")
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size {self.min_size} is larger than max_size {self.max_size}")
+        if self.model_dir is not None:
+            self.model_dir = _under_repo(self.model_dir)
+            if not (self.model_dir / "model_index.json").is_file():
+                raise ValueError(
+                    f"model_dir {self.model_dir} has no model_index.json; point it at a Z-Image-Turbo "
+                    "directory in diffusers layout, or leave it empty for the demo model"
+                )
+        self.outputs_dir = _under_repo(self.outputs_dir)
+        self.admin_token_file = _under_repo(self.admin_token_file)
+        self.compile_cache_dir = _under_repo(self.compile_cache_dir)
+        return self
+
+    @property
+    def is_demo_model(self) -> bool:
+        return self.model_dir is None
+
+
+def _under_repo(path: Path) -> Path:
+    """Relative paths are relative to the checkout, so the stack works from any cwd."""
+    return path if path.is_absolute() else (REPO_ROOT / path)
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides) -> AppSettings:
+    return load_section(AppSettings, "app", env, overrides)

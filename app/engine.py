@@ -1,0 +1,387 @@
+"""The engine: owns the pipeline on one thread, runs one generation (or one merged batch) at a time.
+
+Read top to bottom it is: load → warm up → loop { take job(s) → encode/denoise/decode through the
+diffusers pipeline → hand results back }. A heartbeat is written on every denoising step so the
+monitor can tell a long generation that progresses from one that is stuck (gunicorn's worker
+heartbeat, per step). A CUDA OOM fails only the request that hit it; an unrecoverable CUDA error
+marks the engine unhealthy so the monitor replaces the process.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from app import errors
+from app.config import AppSettings
+from app.faults import FaultInjector
+from app.loader import LoadedPipeline, load_pipeline
+
+log = logging.getLogger("app.engine")
+
+# Error texts after which the CUDA context cannot be trusted: only a new process helps.
+_FATAL_CUDA_MARKERS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                       "CUBLAS_STATUS_EXECUTION_FAILED", "CUDA error: an illegal instruction",
+                       "uncorrectable ECC error", "CUDA error: unknown error")
+
+
+def _resolve(future: Future, outcome) -> None:
+    """Set a job's result or exception once; a waiter that gave up may have cancelled it already."""
+    if future.done():
+        return
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except Exception:  # InvalidStateError from a concurrent cancel: nobody is waiting any more
+        pass
+
+
+class _Cancelled(Exception):
+    """Raised from the step callback when every request of the running batch was abandoned."""
+
+
+@dataclass
+class GenerationParams:
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_inference_steps: int
+    cfg_scale: float
+    num_images: int
+    seed: int
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call without changing their images."""
+        return (self.width, self.height, self.num_inference_steps, self.cfg_scale)
+
+
+@dataclass
+class JobResult:
+    images: list  # PIL images
+    seed: int
+    queue_wait_s: float
+    generation_s: float
+    batch_size: int
+    peak_memory_bytes: Optional[int]
+
+
+@dataclass
+class Job:
+    params: GenerationParams
+    request_id: str
+    enqueued_at: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    started_at: Optional[float] = None
+
+
+@dataclass
+class Heartbeat:
+    """Written by the engine thread, read by /healthz. Plain attribute writes are atomic in CPython."""
+
+    busy_since: Optional[float] = None  # wall-clock time (epoch seconds) the running batch started
+    last_step_at: Optional[float] = None  # wall-clock time of the last finished denoising step
+    steps_done: int = 0
+    steps_total: int = 0
+    request_ids: tuple = ()
+    step_seconds_ewma: Optional[float] = None  # typical step duration, for the monitor's hang bound
+    step_seconds_max: float = 0.0
+    generations: int = 0
+
+    def snapshot(self) -> dict:
+        return {
+            "busy": self.busy_since is not None,
+            "busy_since": self.busy_since,
+            "last_step_at": self.last_step_at,
+            "steps_done": self.steps_done,
+            "steps_total": self.steps_total,
+            "request_ids": list(self.request_ids),
+            "step_seconds_ewma": self.step_seconds_ewma,
+            "step_seconds_max": self.step_seconds_max,
+            "generations": self.generations,
+        }
+
+
+class Engine:
+    STATES = ("starting", "loading", "warming", "ready", "failed", "unhealthy", "stopped")
+
+    def __init__(self, settings: AppSettings, faults: Optional[FaultInjector] = None,
+                 on_batch_done: Optional[Callable[[int, float, int], None]] = None,
+                 wall_clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self.faults = faults or FaultInjector(enabled=False)
+        self.on_batch_done = on_batch_done  # (images, seconds, steps) → metrics
+        self.wall_clock = wall_clock
+        self.state = "starting"
+        self.state_reason = ""
+        self.heartbeat = Heartbeat()
+        self.loaded: Optional[LoadedPipeline] = None
+        self.warmup_seconds: Optional[float] = None
+        self._jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._running = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._jobs.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.state = "stopped" if self.state not in ("failed", "unhealthy") else self.state
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def idle(self) -> bool:
+        return self._waiting == 0 and self._running == 0
+
+    def _run(self) -> None:
+        try:
+            self.state = "loading"
+            self.loaded = load_pipeline(self.settings)
+            log.info("model loaded", extra={"event": "model_loaded", "source": self.loaded.source,
+                                            "device": str(self.loaded.device), "dtype": str(self.loaded.dtype),
+                                            "seconds": round(self.loaded.load_seconds, 2)})
+            if self.settings.warmup:
+                self.state = "warming"
+                self._warm_up()
+            self.state = "ready"
+            log.info("engine ready", extra={"event": "ready", "warmup_s": self.warmup_seconds})
+        except Exception as exc:
+            self.state, self.state_reason = "failed", f"{exc.__class__.__name__}: {exc}"
+            log.exception("engine failed to start", extra={"event": "engine_failed"})
+            return
+        self._serve()
+
+    def _warm_up(self) -> None:
+        device = self.loaded.device
+        size = self.settings.warmup_size or (1024 if device.type == "cuda" else 256)
+        size = max(64, size - size % 64)
+        params = GenerationParams(prompt="warm-up: a lighthouse at dusk", negative_prompt="", width=size,
+                                  height=size, num_inference_steps=self.settings.warmup_steps, cfg_scale=0.0,
+                                  num_images=1, seed=0)
+        started = time.perf_counter()
+        self._generate([Job(params=params, request_id="warmup")])
+        self.warmup_seconds = round(time.perf_counter() - started, 3)
+
+    # ---- admission -------------------------------------------------------------------------
+    def submit(self, params: GenerationParams, request_id: Optional[str] = None) -> Job:
+        """Queue a generation. Raises NotReady, EngineUnhealthy or QueueFull instead of waiting."""
+        if self.state == "unhealthy":
+            raise errors.EngineUnhealthy(f"the engine is unhealthy ({self.state_reason}); it is being replaced",
+                                         retry_after_s=30)
+        if self.state != "ready":
+            raise errors.NotReady(f"the model is {self.state}; try again shortly", retry_after_s=5)
+        job = Job(params=params, request_id=request_id or uuid.uuid4().hex[:16])
+        with self._lock:
+            if self._waiting >= self.settings.queue_size and (self._running or self._waiting):
+                raise errors.QueueFull(
+                    f"the queue is full ({self._waiting} waiting, {self._running} running)",
+                    hint="retry after the time in Retry-After", retry_after_s=self._retry_after())
+            self._waiting += 1
+        self._jobs.put(job)
+        return job
+
+    def _retry_after(self) -> int:
+        per_job = (self.heartbeat.step_seconds_ewma or 1.0) * 9
+        return max(1, int(per_job * (self._waiting + 1)))
+
+    # ---- the serving loop ------------------------------------------------------------------
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            job = self._jobs.get()
+            if job is None:
+                break
+            batch = self._take_batch(job)
+            live = [j for j in batch if not j.abandoned.is_set()]
+            for j in batch:
+                if j.abandoned.is_set():
+                    _resolve(j.future, errors.GenerationTimeout("abandoned before it started"))
+            if live:
+                self._generate(live)
+            with self._lock:
+                self._running = 0
+
+    def _take_batch(self, first: Job) -> list[Job]:
+        """The first job plus queued jobs of the same shape, up to max_batch images in all."""
+        with self._lock:
+            self._waiting -= 1
+            batch, images = [first], first.params.num_images
+            if self.settings.max_batch > 1:
+                keep = []
+                while True:
+                    try:
+                        nxt = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if (nxt is not None and nxt.params.batch_key() == first.params.batch_key()
+                            and images + nxt.params.num_images <= self.settings.max_batch):
+                        batch.append(nxt)
+                        images += nxt.params.num_images
+                        self._waiting -= 1
+                    else:
+                        keep.append(nxt)
+                for item in keep:  # order among the others is kept
+                    self._jobs.put(item)
+            self._running = len(batch)
+        return batch
+
+    def _generate(self, batch: list[Job]) -> None:
+        pipe = self.loaded.pipe
+        first = batch[0].params
+        prompts, negatives, generators = [], [], []
+        for job in batch:
+            p = job.params
+            for i in range(p.num_images):
+                prompts.append(p.prompt)
+                negatives.append(p.negative_prompt)
+                # One CPU generator per image, seeded seed+i: an image depends on its request only,
+                # never on what it was batched with, and a seed gives the same picture on CPU and GPU.
+                generators.append(torch.Generator("cpu").manual_seed((p.seed + i) % 2**63))
+        hb = self.heartbeat
+        now = self.wall_clock()
+        started = time.perf_counter()
+        for job in batch:
+            job.started_at = time.monotonic()
+        hb.request_ids = tuple(j.request_id for j in batch)
+        hb.steps_total, hb.steps_done, hb.last_step_at, hb.busy_since = first.num_inference_steps, 0, now, now
+        last_step_perf = [started]
+        cuda = self.loaded.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.loaded.device)
+
+        def on_step_end(_pipe, step, _timestep, callback_kwargs):
+            self.faults.on_step()
+            now_perf = time.perf_counter()
+            step_s = now_perf - last_step_perf[0]
+            last_step_perf[0] = now_perf
+            hb.steps_done = step + 1
+            hb.last_step_at = self.wall_clock()
+            hb.step_seconds_max = max(hb.step_seconds_max, step_s)
+            hb.step_seconds_ewma = step_s if hb.step_seconds_ewma is None else 0.8 * hb.step_seconds_ewma + 0.2 * step_s
+            if all(j.abandoned.is_set() for j in batch):
+                raise _Cancelled()
+            return callback_kwargs
+
+        try:
+            self.faults.before_generation()
+            with torch.inference_mode():
+                out = pipe(
+                    prompt=prompts,
+                    negative_prompt=negatives if first.cfg_scale > 1 else None,
+                    height=first.height,
+                    width=first.width,
+                    num_inference_steps=first.num_inference_steps,
+                    guidance_scale=first.cfg_scale,
+                    num_images_per_prompt=1,
+                    generator=generators,
+                    callback_on_step_end=on_step_end,
+                    output_type="pil",
+                )
+            images = out.images
+        except _Cancelled:
+            self._fail(batch, errors.GenerationTimeout("the request timed out and was cancelled mid-generation"))
+            return
+        except torch.OutOfMemoryError as exc:
+            self._handle_oom(batch, exc)
+            return
+        except Exception as exc:
+            self._handle_error(batch, exc)
+            return
+        finally:
+            hb.busy_since = None
+            hb.request_ids = ()
+            try:
+                pipe.maybe_free_model_hooks()
+            except Exception:  # hooks are best effort; never mask the real outcome
+                pass
+        seconds = time.perf_counter() - started
+        peak = torch.cuda.max_memory_allocated(self.loaded.device) if cuda else None
+        hb.generations += 1
+        if self.on_batch_done:
+            self.on_batch_done(len(images), seconds, first.num_inference_steps)
+        offset = 0
+        for job in batch:
+            n = job.params.num_images
+            _resolve(job.future, JobResult(
+                images=images[offset:offset + n], seed=job.params.seed,
+                queue_wait_s=job.started_at - job.enqueued_at, generation_s=seconds,
+                batch_size=len(batch), peak_memory_bytes=peak))
+            offset += n
+
+    def _fail(self, batch: list[Job], exc: Exception) -> None:
+        for job in batch:
+            _resolve(job.future, exc)
+
+    def _handle_oom(self, batch: list[Job], exc: BaseException) -> None:
+        p = batch[0].params
+        # The log line keeps torch's own words: operators grep for them and the monitor counts them.
+        log.error("CUDA out of memory during generation; cache freed, request failed, still serving",
+                  extra={"event": "oom", "request_ids": [j.request_id for j in batch],
+                         "width": p.width, "height": p.height, "images": len(batch), "error": str(exc)[:300]})
+        self.free_cache()
+        smaller = max(self.settings.min_size, (min(p.width, p.height) // 2) // 64 * 64)
+        self._fail(batch, errors.OutOfMemory(
+            "the GPU ran out of memory for this request",
+            hint=f"try a smaller size (e.g. {smaller}x{smaller}) or fewer images", retry_after_s=5))
+
+    def _handle_error(self, batch: list[Job], exc: Exception) -> None:
+        text = f"{exc.__class__.__name__}: {exc}"
+        if any(marker in text for marker in _FATAL_CUDA_MARKERS):
+            self.state, self.state_reason = "unhealthy", text[:200]
+            log.critical("unrecoverable CUDA error; engine unhealthy, process must be replaced",
+                         extra={"event": "cuda_fatal", "error": text[:500]})
+            self._fail(batch, errors.EngineUnhealthy("the GPU failed; the service is restarting", retry_after_s=30))
+            return
+        log.exception("generation failed", extra={"event": "generation_failed",
+                                                  "request_ids": [j.request_id for j in batch]})
+        self._fail(batch, errors.GenerationFailed(f"generation failed: {exc.__class__.__name__}"))
+
+    # ---- admin -----------------------------------------------------------------------------
+    def free_cache(self) -> dict:
+        """Return unused cached GPU memory to the driver (safe while a generation runs)."""
+        gc.collect()
+        if not torch.cuda.is_available() or self.loaded is None or self.loaded.device.type != "cuda":
+            return {"device": "cpu", "freed_bytes": 0}
+        before = torch.cuda.memory_reserved(self.loaded.device)
+        torch.cuda.empty_cache()
+        after = torch.cuda.memory_reserved(self.loaded.device)
+        log.info("freed GPU cache", extra={"event": "free_cache", "freed_bytes": before - after})
+        return {"device": str(self.loaded.device), "reserved_before": before, "reserved_after": after,
+                "freed_bytes": before - after}
+
+    def memory(self) -> dict:
+        if self.loaded is None or self.loaded.device.type != "cuda":
+            return {}
+        d = self.loaded.device
+        free, total = torch.cuda.mem_get_info(d)
+        return {"allocated_bytes": torch.cuda.memory_allocated(d), "reserved_bytes": torch.cuda.memory_reserved(d),
+                "device_free_bytes": free, "device_total_bytes": total}

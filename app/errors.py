@@ -1,0 +1,56 @@
+"""Errors a generation can end with, each carrying the HTTP status and the words a user can act on."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class ServiceError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, hint: Optional[str] = None, retry_after_s: Optional[int] = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(ServiceError):
+    status = 503
+    code = "queue_full"
+
+
+class NotReady(ServiceError):
+    status = 503
+    code = "not_ready"
+
+
+class Draining(ServiceError):
+    status = 503
+    code = "draining"
+
+
+class OutOfMemory(ServiceError):
+    status = 507
+    code = "out_of_memory"
+
+
+class GenerationTimeout(ServiceError):
+    status = 504
+    code = "timeout"
+
+
+class GenerationFailed(ServiceError):
+    status = 500
+    code = "generation_failed"
+
+
+class EngineUnhealthy(ServiceError):
+    status = 503
+    code = "engine_unhealthy"
+
+
+class StorageError(ServiceError):
+    status = 507
+    code = "storage_error"

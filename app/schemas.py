@@ -1,0 +1,137 @@
+"""Request and response models: the single source of input limits, for the API and the UI alike.
+
+The request model is built from the configured limits at start, so the OpenAPI schema shows the
+bounds this deployment really enforces. Messages say what is wrong and what would be accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SIZE_STEP = 64
+SEED_MAX = 2**32 - 1  # torch generators take any int; 32 bits keeps seeds easy to copy and type
+TURBO_DEFAULT_STEPS = 9
+TURBO_DEFAULT_CFG = 0.0
+DEFAULT_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    min_size: int = 256
+    max_size: int = 2048
+    max_steps: int = 50
+    max_images: int = 4
+    max_prompt_chars: int = 4000
+    max_cfg: float = 20.0
+
+    @classmethod
+    def from_settings(cls, settings) -> "Limits":
+        return cls(
+            min_size=settings.min_size,
+            max_size=settings.max_size,
+            max_steps=settings.max_steps,
+            max_images=settings.max_images,
+            max_prompt_chars=settings.max_prompt_chars,
+            max_cfg=settings.max_cfg,
+        )
+
+    def nearest_size(self, value: int) -> int:
+        rounded = max(self.min_size, min(self.max_size, int(round(value / SIZE_STEP)) * SIZE_STEP))
+        return rounded
+
+
+class GenerateRequestBase(BaseModel):
+    """Fields and checks shared by every deployment; limits come from the subclass made at start."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    limits: ClassVar[Limits] = Limits()
+
+    @field_validator("prompt", check_fields=False)
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is empty; describe the image you want")
+        if "\x00" in value:
+            raise ValueError("prompt contains a NUL character")
+        return value
+
+    @field_validator("negative_prompt", check_fields=False)
+    @classmethod
+    def _negative_no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("negative_prompt contains a NUL character")
+        return value
+
+    @field_validator("width", "height", check_fields=False)
+    @classmethod
+    def _size_multiple(cls, value: int, info) -> int:
+        limits = cls.limits
+        if value % SIZE_STEP:
+            raise ValueError(
+                f"{info.field_name} {value} is not a multiple of {SIZE_STEP}; try {limits.nearest_size(value)}"
+            )
+        if not limits.min_size <= value <= limits.max_size:
+            raise ValueError(
+                f"{info.field_name} {value} is outside {limits.min_size}..{limits.max_size}; "
+                f"try {limits.nearest_size(value)}"
+            )
+        return value
+
+
+def build_request_model(limits: Limits) -> type[GenerateRequestBase]:
+    """The POST /api/generate body for these limits."""
+    frozen_limits = limits
+
+    class GenerateRequest(GenerateRequestBase):
+        limits: ClassVar[Limits] = frozen_limits
+        prompt: str = Field(..., max_length=limits.max_prompt_chars, description="What to draw (any language).")
+        negative_prompt: str = Field("", max_length=limits.max_prompt_chars,
+                                     description="What to avoid; used only when cfg_scale > 1.")
+        width: int = Field(DEFAULT_SIZE, description=f"Multiple of 64 in {limits.min_size}..{limits.max_size}.")
+        height: int = Field(DEFAULT_SIZE, description=f"Multiple of 64 in {limits.min_size}..{limits.max_size}.")
+        num_inference_steps: int = Field(TURBO_DEFAULT_STEPS, ge=1, le=limits.max_steps)
+        cfg_scale: float = Field(TURBO_DEFAULT_CFG, ge=0.0, le=limits.max_cfg, allow_inf_nan=False,
+                                 description="Classifier-free guidance; Turbo is distilled to need none (0).")
+        num_images: int = Field(1, ge=1, le=limits.max_images)
+        seed: int = Field(-1, ge=-1, le=SEED_MAX, description="-1 picks a random seed (returned in the response).")
+        response_format: Literal["url", "base64"] = Field("url", description="Image URLs, or base64 PNGs inline.")
+
+    return GenerateRequest
+
+
+class ImageOut(BaseModel):
+    url: Optional[str] = None
+    b64_png: Optional[str] = None
+    filename: str
+    width: int
+    height: int
+
+
+class Timings(BaseModel):
+    queue_wait_s: float
+    generation_s: float
+    save_s: float
+    total_s: float
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    seed: int
+    images: list[ImageOut]
+    width: int
+    height: int
+    num_inference_steps: int
+    cfg_scale: float
+    timings: Timings
+    peak_memory_bytes: Optional[int] = None
+    model: str
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    message: str
+    request_id: Optional[str] = None
+    hint: Optional[str] = None

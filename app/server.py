@@ -1,0 +1,56 @@
+"""uvicorn with a drain: SIGTERM first stops readiness and new work, waits for in-flight requests up
+to drain_timeout_s, then lets uvicorn shut down and the process exit 0. A second SIGINT/SIGTERM
+forces the exit. Signal handlers only set flags; the tick acts on them (gunicorn's rule)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import uvicorn
+
+log = logging.getLogger("app.server")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, service, drain_timeout_s: float):
+        super().__init__(config)
+        self.service = service
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_requested = False
+        self.drain_started_at: float | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # Not calling super(): uvicorn would re-raise the captured signal at exit, and supervisord
+        # would see a death by SIGTERM instead of a clean exit 0.
+        if self.drain_requested:
+            self.should_exit = True
+            self.force_exit = True
+        self.drain_requested = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_requested and not self.should_exit:
+            now = time.monotonic()
+            if self.drain_started_at is None:
+                self.drain_started_at = now
+                self.service.draining = True
+                log.warning("drain started", extra={"event": "drain_start", "in_flight": self.service.in_flight,
+                                                    "timeout_s": self.drain_timeout_s})
+            idle = self.service.idle()
+            late = now - self.drain_started_at >= self.drain_timeout_s
+            if idle or late:
+                log.warning("drain finished" if idle else "drain timed out; exiting with work in flight",
+                            extra={"event": "drain_done", "idle": idle, "in_flight": self.service.in_flight,
+                                   "seconds": round(now - self.drain_started_at, 2)})
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def serve(app, settings) -> None:
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=5, lifespan="on", server_header=False)
+    server = DrainingServer(config, app.state.service, settings.drain_timeout_s)
+    server.run()
+    # Restore default SIGTERM behaviour so a wedged atexit cannot keep the process alive.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -1,0 +1,120 @@
+"""The one generation service behind both the JSON API and the Gradio UI: admission, waiting with a
+deadline, saving, and the response. Validation lives in the request model (app.schemas)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from typing import Any, Optional
+
+from starlette.concurrency import run_in_threadpool
+
+from app import errors
+from app.config import AppSettings
+from app.engine import Engine, GenerationParams
+from app.metrics import AppMetrics
+from app.outputs import OutputStore
+from app.schemas import GenerateResponse, ImageOut, Limits, Timings, build_request_model
+
+log = logging.getLogger("app.service")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class GenerationService:
+    def __init__(self, settings: AppSettings, engine: Engine, store: OutputStore, metrics: AppMetrics):
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.metrics = metrics
+        self.limits = Limits.from_settings(settings)
+        self.request_model = build_request_model(self.limits)
+        self.draining = False
+        self.in_flight = 0  # requests inside generate(), waiting or running or saving
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready and not self.draining
+
+    @property
+    def model_label(self) -> str:
+        return "demo (tiny random weights)" if self.settings.is_demo_model else str(self.settings.model_dir)
+
+    def validate(self, data: dict[str, Any]):
+        """Raise pydantic.ValidationError with readable messages; return the typed request."""
+        return self.request_model.model_validate(data)
+
+    def idle(self) -> bool:
+        return self.in_flight == 0 and self.engine.idle()
+
+    async def generate(self, req, request_id: Optional[str] = None, url_prefix: str = "/outputs/") -> GenerateResponse:
+        request_id = request_id or new_request_id()
+        started = time.perf_counter()
+        status = "error"
+        self.in_flight += 1
+        try:
+            response = await self._generate(req, request_id, started, url_prefix)
+            status = "ok"
+            return response
+        except errors.ServiceError as exc:
+            status = exc.code
+            if isinstance(exc, errors.OutOfMemory):
+                self.metrics.oom.inc()
+            raise
+        finally:
+            self.in_flight -= 1
+            self.metrics.requests.labels(status=status).inc()
+            self.metrics.request_seconds.observe(time.perf_counter() - started)
+
+    async def _generate(self, req, request_id: str, started: float, url_prefix: str) -> GenerateResponse:
+        if self.draining:
+            raise errors.Draining("the server is draining for a restart; retry shortly", retry_after_s=10)
+        seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32)
+        params = GenerationParams(prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width,
+                                  height=req.height, num_inference_steps=req.num_inference_steps,
+                                  cfg_scale=float(req.cfg_scale), num_images=req.num_images, seed=seed)
+        job = self.engine.submit(params, request_id)
+        timeout = self.settings.request_timeout_s
+        try:
+            # shield: a timeout here must not cancel the engine's future; we flag the job instead.
+            result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout)
+        except asyncio.TimeoutError:
+            job.abandoned.set()
+            raise errors.GenerationTimeout(f"generation did not finish within {timeout:.0f} s",
+                                           hint="try fewer steps, a smaller size, or retry when the queue is shorter",
+                                           retry_after_s=5) from None
+        except asyncio.CancelledError:
+            job.abandoned.set()  # the client went away: free the engine for someone else
+            raise
+        self.metrics.queue_wait_seconds.observe(result.queue_wait_s)
+        metadata = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "width": req.width,
+                    "height": req.height, "num_inference_steps": req.num_inference_steps,
+                    "cfg_scale": req.cfg_scale, "seed": seed, "model": self.model_label, "request_id": request_id}
+        save_started = time.perf_counter()
+        saved = await run_in_threadpool(self.store.save, result.images, request_id, metadata)
+        save_s = time.perf_counter() - save_started
+        images = []
+        for name, data in saved:
+            image = ImageOut(filename=name, width=req.width, height=req.height)
+            if req.response_format == "base64":
+                image.b64_png = self.store.to_base64(data)
+            else:
+                image.url = url_prefix + name
+            images.append(image)
+        total = time.perf_counter() - started
+        log.info("generated", extra={"event": "generated", "request_id": request_id, "seed": seed,
+                                     "width": req.width, "height": req.height, "steps": req.num_inference_steps,
+                                     "images": req.num_images, "batch": result.batch_size,
+                                     "queue_wait_s": round(result.queue_wait_s, 3),
+                                     "generation_s": round(result.generation_s, 3), "total_s": round(total, 3)})
+        return GenerateResponse(
+            request_id=request_id, seed=seed, images=images, width=req.width, height=req.height,
+            num_inference_steps=req.num_inference_steps, cfg_scale=req.cfg_scale,
+            timings=Timings(queue_wait_s=round(result.queue_wait_s, 4), generation_s=round(result.generation_s, 4),
+                            save_s=round(save_s, 4), total_s=round(total, 4)),
+            peak_memory_bytes=result.peak_memory_bytes, model=self.model_label)

@@ -1,0 +1,5 @@
+"""Placeholder replaced by the Gradio UI."""
+
+
+def mount_ui(app, service, gpu):
+    return app

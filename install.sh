@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: a virtual environment in .venv with the runtime and test deps.
+# Picks torch for the machine (CPU wheel here, CUDA build where nvidia-smi works); never downloads
+# model weights. Safe and fast to re-run: pip skips what is already satisfied.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+log() { printf '[install] %s\n' "$*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtual environment in $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || log "pip upgrade skipped (offline?)"
+
+if "$PY" -c "import torch" >/dev/null 2>&1; then
+  log "torch already installed: $("$PY" -c 'import torch; print(torch.__version__)')"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  log "GPU found (nvidia-smi works): installing the CUDA build of torch"
+  "$PY" -m pip install -q "torch>=2.6"
+else
+  # The CPU build lies on this machine's disk; pip takes it for an exact pin.
+  log "no GPU: installing the CPU build torch==$TORCH_VERSION"
+  "$PY" -m pip install -q "torch==$TORCH_VERSION"
+fi
+
+log "installing zimage-serve and its test dependencies"
+"$PY" -m pip install -q -e ".[test]"
+
+# Headless Chromium for the browser test: Debian's package (no browser download from a test tool).
+if ! command -v chromium >/dev/null 2>&1 && [ "${SKIP_BROWSER:-0}" != 1 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing Debian's chromium for the UI test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || log "chromium install failed: the browser test will be skipped"
+  else
+    log "chromium not found and not root: the browser test will be skipped (apt-get install chromium)"
+  fi
+fi
+
+mkdir -p logs outputs
+log "done. Start: $VENV/bin/zimagectl up   Test: $VENV/bin/python -m pytest"
