@@ -1,0 +1,53 @@
+import subprocess
+
+import pytest
+
+from app.config import load_settings
+from common.configfile import ConfigError
+from tests.helpers import PYTHON, REPO
+
+
+def test_defaults_are_safe(tmp_path):
+    (tmp_path / "none.toml").write_text("")
+    s = load_settings({"ZIMAGE_CONFIG": str(tmp_path / "none.toml")})
+    assert s.host == "127.0.0.1"  # loopback unless the operator says otherwise
+    assert s.is_demo_model and s.model_dir is None
+    assert s.outputs_dir.is_absolute()
+
+
+def test_file_then_env_precedence(tmp_path):
+    cfg = tmp_path / "z.toml"
+    cfg.write_text('[app]\nport = 9000\nqueue_size = 3\n')
+    s = load_settings({"ZIMAGE_CONFIG": str(cfg), "ZIMAGE_APP_QUEUE_SIZE": "5"})
+    assert s.port == 9000 and s.queue_size == 5
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"ZIMAGE_APP_PORT": "99999"}, "app.port"),
+    ({"ZIMAGE_APP_MAX_SIZE": "1000"}, "not a multiple of 64"),
+    ({"ZIMAGE_APP_MODEL_DIR": "/nonexistent/model"}, "model_index.json"),
+    ({"ZIMAGE_APP_DEVICE": "tpu"}, "device"),
+    ({"ZIMAGE_APP_BOGUS": "1"}, None),  # unknown env vars are ignored (only known fields are read)
+])
+def test_invalid_values_are_one_clear_line(env, needle):
+    if needle is None:
+        load_settings(env)
+        return
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path):
+    cfg = tmp_path / "z.toml"
+    cfg.write_text('[app]\nmem_limit = "10G"\n')
+    with pytest.raises(ConfigError, match="mem_limit"):
+        load_settings({"ZIMAGE_CONFIG": str(cfg)})
+
+
+def test_bad_config_exits_2_before_loading_the_model(tmp_path):
+    env = {"ZIMAGE_CONFIG": str(tmp_path / "none.toml"), "ZIMAGE_APP_MIN_SIZE": "100", "PATH": "/usr/bin:/bin"}
+    (tmp_path / "none.toml").write_text("")
+    proc = subprocess.run([PYTHON, "-m", "app"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "min_size" in proc.stderr

@@ -1,0 +1,142 @@
+"""The engine on the real tiny Z-Image pipeline, in-process: sizes, determinism, batching, faults."""
+
+import numpy as np
+import pytest
+
+from app import errors
+from app.config import load_settings
+from app.engine import Engine, GenerationParams
+from app.faults import FaultInjector
+from tests.helpers import wait_for
+
+
+def make_engine(tmp_path, **overrides):
+    (tmp_path / "none.toml").write_text("")
+    settings = load_settings({"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}, outputs_dir=tmp_path / "out",
+                             admin_token_file=tmp_path / "tok", warmup_size=128, warmup_steps=1, min_size=64,
+                             **overrides)
+    engine = Engine(settings, faults=FaultInjector(enabled=True))
+    engine.start()
+    wait_for(lambda: engine.state in ("ready", "failed"), 120, what="engine start")
+    assert engine.state == "ready", engine.state_reason
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    e = make_engine(tmp_path_factory.mktemp("engine"), max_batch=4, queue_size=16)
+    yield e
+    e.stop()
+
+
+def params(**kw):
+    base = dict(prompt="a red fox in snow", negative_prompt="", width=256, height=192, num_inference_steps=3,
+                cfg_scale=0.0, num_images=1, seed=7)
+    base.update(kw)
+    return GenerationParams(**base)
+
+
+def run(engine, p, timeout=60):
+    return engine.submit(p).future.result(timeout)
+
+
+def pixels(image):
+    return np.asarray(image).astype(np.int16)
+
+
+def test_images_have_the_requested_size_and_count(engine):
+    result = run(engine, params(width=320, height=192, num_images=3))
+    assert [im.size for im in result.images] == [(320, 192)] * 3
+    assert result.seed == 7 and result.generation_s > 0
+
+
+def test_same_seed_same_image_other_seed_other_image(engine):
+    a = pixels(run(engine, params(seed=11)).images[0])
+    b = pixels(run(engine, params(seed=11)).images[0])
+    c = pixels(run(engine, params(seed=12)).images[0])
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).mean() > 1.0
+    assert a.std() > 1.0  # a real picture, not a flat fill
+
+
+def test_cfg_uses_the_negative_prompt(engine):
+    a = pixels(run(engine, params(cfg_scale=4.0, negative_prompt="blurry")).images[0])
+    b = pixels(run(engine, params(cfg_scale=4.0, negative_prompt="sharp, vivid")).images[0])
+    assert np.abs(a - b).mean() > 0.0
+
+
+def test_batched_requests_give_the_same_images_as_alone(engine):
+    alone = [pixels(run(engine, params(seed=s)).images[0]) for s in (21, 22)]
+    # Occupy the engine with a slow job so that the next two queue up and get merged into one call.
+    engine.faults.inject("slow", seconds=0.2)
+    try:
+        blocker = engine.submit(params(seed=1))
+        wait_for(lambda: engine.heartbeat.busy_since, 10, 0.01, "blocker running")
+        jobs = [engine.submit(params(seed=s)) for s in (21, 22)]
+        blocker.future.result(60)
+    finally:
+        engine.faults.inject("clear")
+    results = [j.future.result(60) for j in jobs]
+    assert results[0].batch_size == 2
+    for got, want in zip(results, alone):
+        assert np.abs(pixels(got.images[0]) - want).max() <= 1  # same picture (fp rounding aside)
+
+
+def test_heartbeat_counts_steps(engine):
+    before = engine.heartbeat.generations
+    run(engine, params(num_inference_steps=4))
+    hb = engine.heartbeat.snapshot()
+    assert hb["steps_done"] == 4 and hb["steps_total"] == 4 and not hb["busy"]
+    assert hb["generations"] == before + 1 and hb["step_seconds_ewma"] > 0
+
+
+def test_injected_oom_fails_only_that_request(engine):
+    engine.faults.inject("oom")
+    with pytest.raises(errors.OutOfMemory) as info:
+        run(engine, params())
+    assert "smaller size" in info.value.hint
+    assert engine.state == "ready"
+    assert run(engine, params()).images  # still serving
+
+
+def test_queue_full_is_refused_not_waited(tmp_path):
+    engine = make_engine(tmp_path, queue_size=1)
+    try:
+        engine.faults.inject("slow", seconds=0.3)
+        first = engine.submit(params(num_inference_steps=3))
+        wait_for(lambda: engine.running == 1, 10, what="first job running")
+        second = engine.submit(params())
+        with pytest.raises(errors.QueueFull) as info:
+            engine.submit(params())
+        assert info.value.retry_after_s >= 1
+        engine.faults.inject("clear")
+        assert first.future.result(60).images and second.future.result(60).images
+    finally:
+        engine.stop()
+
+
+def test_abandoned_job_is_cancelled_mid_generation(tmp_path):
+    engine = make_engine(tmp_path)
+    try:
+        engine.faults.inject("slow", seconds=0.2)
+        job = engine.submit(params(num_inference_steps=40))
+        wait_for(lambda: engine.heartbeat.steps_done >= 1 and engine.heartbeat.busy_since, 20, what="steps")
+        job.abandoned.set()
+        with pytest.raises(errors.GenerationTimeout):
+            job.future.result(20)
+        assert engine.heartbeat.steps_done < 40
+    finally:
+        engine.stop()
+
+
+def test_fatal_cuda_error_marks_the_engine_unhealthy(tmp_path):
+    engine = make_engine(tmp_path)
+    try:
+        engine.faults.inject("cuda_fatal")
+        with pytest.raises(errors.EngineUnhealthy):
+            run(engine, params())
+        assert engine.state == "unhealthy"
+        with pytest.raises(errors.EngineUnhealthy):
+            engine.submit(params())
+    finally:
+        engine.stop()

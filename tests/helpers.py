@@ -1,0 +1,94 @@
+"""Helpers for tests that start real processes: free ports, a started app, polling with a bound."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Poll until predicate() is truthy; return its value or raise AssertionError after timeout."""
+    deadline = time.monotonic() + timeout
+    last_exc: Optional[BaseException] = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # a probe that cannot connect yet
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
+
+
+def app_env(tmp: Path, port: int, **settings) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}
+    env.update({"ZIMAGE_CONFIG": str(tmp / "none.toml"), "PYTHONUNBUFFERED": "1",
+                "ZIMAGE_APP_PORT": str(port), "ZIMAGE_APP_OUTPUTS_DIR": str(tmp / "outputs"),
+                "ZIMAGE_APP_ADMIN_TOKEN_FILE": str(tmp / "admin.token")})
+    (tmp / "none.toml").write_text("")
+    for key, value in settings.items():
+        env[f"ZIMAGE_APP_{key.upper()}"] = str(value)
+    return env
+
+
+class AppProcess:
+    """The real app (`python -m app`) on the tiny model, in a subprocess with its own port and dirs."""
+
+    def __init__(self, tmp: Path, **settings):
+        self.tmp = tmp
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = app_env(tmp, self.port, **settings)
+        self.log_path = tmp / "app.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "AppProcess":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([PYTHON, "-m", "app"], cwd=REPO, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 90) -> "AppProcess":
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"app exited with {self.proc.returncode}:\n{self.log()}")
+            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+        try:
+            wait_for(ready, timeout, 0.2, "app readiness")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- app log ---\n{self.log()[-4000:]}") from None
+        return self
+
+    def admin_token(self) -> str:
+        return (self.tmp / "admin.token").read_text().strip()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
