@@ -7,7 +7,7 @@ from typing import Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from common.configfile import REPO_ROOT, load_section
+from common.configfile import load_section, resolve_under
 
 OffloadMode = Literal["none", "model", "text-encoder"]
 Switch = Literal["auto", "on", "off"]
@@ -16,6 +16,8 @@ DTypeName = Literal["auto", "bfloat16", "float16", "float32"]
 
 class AppSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    home: Path = Path(".")  # set by the loader: $ZIMAGE_HOME or the checkout
 
     # Network: loopback unless the operator says otherwise.
     host: str = "127.0.0.1"
@@ -48,8 +50,10 @@ class AppSettings(BaseModel):
 
     # Admission and lifecycle.
     queue_size: int = Field(8, ge=0, le=10_000)  # waiting requests beyond the one running
-    request_timeout_s: float = Field(300.0, gt=0)
-    drain_timeout_s: float = Field(120.0, ge=0)
+    # A generation may take request_timeout_s; a drain waits at least that long so it can finish,
+    # and supervisord's stopwaitsecs (180) exceeds the drain so the drain is never cut short.
+    request_timeout_s: float = Field(120.0, gt=0)
+    drain_timeout_s: float = Field(150.0, ge=0)
 
     # Outputs.
     outputs_dir: Path = Path("outputs")
@@ -91,25 +95,20 @@ class AppSettings(BaseModel):
         if self.min_size > self.max_size:
             raise ValueError(f"min_size {self.min_size} is larger than max_size {self.max_size}")
         if self.model_dir is not None:
-            self.model_dir = _under_repo(self.model_dir)
+            self.model_dir = resolve_under(self.home, self.model_dir)
             if not (self.model_dir / "model_index.json").is_file():
                 raise ValueError(
                     f"model_dir {self.model_dir} has no model_index.json; point it at a Z-Image-Turbo "
                     "directory in diffusers layout, or leave it empty for the demo model"
                 )
-        self.outputs_dir = _under_repo(self.outputs_dir)
-        self.admin_token_file = _under_repo(self.admin_token_file)
-        self.compile_cache_dir = _under_repo(self.compile_cache_dir)
+        self.outputs_dir = resolve_under(self.home, self.outputs_dir)
+        self.admin_token_file = resolve_under(self.home, self.admin_token_file)
+        self.compile_cache_dir = resolve_under(self.home, self.compile_cache_dir)
         return self
 
     @property
     def is_demo_model(self) -> bool:
         return self.model_dir is None
-
-
-def _under_repo(path: Path) -> Path:
-    """Relative paths are relative to the checkout, so the stack works from any cwd."""
-    return path if path.is_absolute() else (REPO_ROOT / path)
 
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides) -> AppSettings:

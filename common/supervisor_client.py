@@ -1,0 +1,130 @@
+"""supervisord's XML-RPC interface over its unix socket, through supervisor's own transport, with a
+timeout on every call (supervisor's transport has none: a wedged supervisord must not wedge us)."""
+
+from __future__ import annotations
+
+import socket
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from supervisor.xmlrpc import SupervisorTransport, UnixStreamHTTPConnection
+
+
+class _TimeoutUnixConnection(UnixStreamHTTPConnection):
+    def __init__(self, socketfile: str, timeout: float):
+        super().__init__("localhost")
+        self.socketfile = socketfile
+        self._timeout = timeout
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self._timeout)
+        self.sock.connect(self.socketfile)
+
+
+class _TimeoutTransport(SupervisorTransport):
+    def __init__(self, socket_path: str, timeout: float):
+        super().__init__(None, None, "unix://" + socket_path)
+        self._get_connection = lambda: _TimeoutUnixConnection(socket_path, timeout)
+
+
+class SupervisorUnavailable(Exception):
+    """supervisord does not answer on its socket (not started, or wedged)."""
+
+
+@dataclass
+class ProcessInfo:
+    name: str
+    state: str  # RUNNING, STARTING, STOPPED, BACKOFF, EXITED, FATAL, STOPPING, UNKNOWN
+    pid: int
+    start: int  # epoch seconds of the last start
+    now: int
+    exitstatus: int
+    description: str
+
+    @property
+    def uptime_s(self) -> int:
+        return max(0, self.now - self.start) if self.state == "RUNNING" else 0
+
+
+class SupervisorClient:
+    def __init__(self, socket_path: Path, timeout: float = 5.0):
+        self.socket_path = Path(socket_path)
+        self.timeout = timeout
+
+    def _proxy(self):
+        return xmlrpc.client.ServerProxy("http://127.0.0.1",
+                                         transport=_TimeoutTransport(str(self.socket_path), self.timeout))
+
+    def _call(self, method: str, *args):
+        try:
+            target = self._proxy()
+            for part in method.split("."):
+                target = getattr(target, part)
+            return target(*args)
+        except xmlrpc.client.Fault:
+            raise
+        except (OSError, xmlrpc.client.ProtocolError) as exc:
+            raise SupervisorUnavailable(f"supervisord not answering on {self.socket_path}: {exc}") from None
+
+    def is_running(self) -> bool:
+        try:
+            return self._call("supervisor.getState")["statename"] == "RUNNING"
+        except SupervisorUnavailable:
+            return False
+
+    def state(self) -> str:
+        return self._call("supervisor.getState")["statename"]
+
+    def pid(self) -> int:
+        return self._call("supervisor.getPID")
+
+    def process(self, name: str) -> ProcessInfo:
+        info = self._call("supervisor.getProcessInfo", name)
+        return ProcessInfo(name=info["name"], state=info["statename"], pid=info["pid"], start=info["start"],
+                           now=info["now"], exitstatus=info["exitstatus"], description=info["description"])
+
+    def processes(self) -> list[ProcessInfo]:
+        return [ProcessInfo(name=i["name"], state=i["statename"], pid=i["pid"], start=i["start"], now=i["now"],
+                            exitstatus=i["exitstatus"], description=i["description"])
+                for i in self._call("supervisor.getAllProcessInfo")]
+
+    def start(self, name: str, wait: bool = False) -> bool:
+        try:
+            return self._call("supervisor.startProcess", name, wait)
+        except xmlrpc.client.Fault as fault:
+            if "ALREADY_STARTED" in fault.faultString:
+                return True
+            raise
+
+    def stop(self, name: str, wait: bool = True) -> bool:
+        """Sends the program's stopsignal (TERM: the app drains) and, with wait, returns once stopped.
+        The socket timeout must exceed stopwaitsecs for a waited stop; callers pass a client for that."""
+        try:
+            return self._call("supervisor.stopProcess", name, wait)
+        except xmlrpc.client.Fault as fault:
+            if "NOT_RUNNING" in fault.faultString:
+                return True
+            raise
+
+    def signal(self, name: str, signal_name: str) -> bool:
+        return self._call("supervisor.signalProcess", name, signal_name)
+
+    def shutdown(self) -> bool:
+        return self._call("supervisor.shutdown")
+
+    def read_log(self, name: str, offset: int, length: int) -> str:
+        return self._call("supervisor.tailProcessStdoutLog", name, offset, length)
+
+    def with_timeout(self, timeout: float) -> "SupervisorClient":
+        return SupervisorClient(self.socket_path, timeout)
+
+
+def default_socket(home: Path) -> Path:
+    return home / "run" / "supervisor.sock"
+
+
+def find_socket(home: Path, override: Optional[str] = None) -> Path:
+    return Path(override) if override else default_socket(home)

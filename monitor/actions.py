@@ -1,0 +1,211 @@
+"""Actions: do what the policy decided. Free the app's cache, drain and restart gracefully, kill and
+restart a hung process, start a FATAL one; every restart ends with a checked warm-up request.
+Every wait here has a deadline; `should_stop` lets a SIGTERM to the monitor cut a wait short."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import httpx
+from PIL import Image
+
+from common.supervisor_client import SupervisorClient, SupervisorUnavailable
+from common.tokenfile import read_token
+
+log = logging.getLogger("monitor.actions")
+
+
+@dataclass
+class WarmupResult:
+    ok: bool
+    seconds: float
+    ready_after_s: float
+    error: Optional[str] = None
+
+    def note(self) -> str:
+        if self.ok:
+            return f"ready after {self.ready_after_s:.1f} s, warm-up image in {self.seconds:.2f} s"
+        return f"warm-up failed: {self.error}"
+
+
+@dataclass
+class ActionResult:
+    action: str
+    ok: bool
+    seconds: float
+    detail: str = ""
+    warmup: Optional[WarmupResult] = None
+    old_pid: int = 0
+    new_pid: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Actions:
+    def __init__(self, app_url: str, supervisor: SupervisorClient, program: str, admin_token_file: Path,
+                 admin_token: Optional[str], api_token: Optional[str], cfg,
+                 should_stop: Callable[[], bool] = lambda: False):
+        self.app_url = app_url.rstrip("/")
+        self.supervisor = supervisor
+        self.program = program
+        self.admin_token_file = admin_token_file
+        self.admin_token = admin_token
+        self.api_token = api_token
+        self.cfg = cfg
+        self.should_stop = should_stop
+
+    def _admin_headers(self) -> dict:
+        token = self.admin_token or read_token(self.admin_token_file)
+        return {"authorization": f"Bearer {token}"} if token else {}
+
+    # ---- tier 1 ------------------------------------------------------------------------------
+    def free_cache(self) -> ActionResult:
+        started = time.perf_counter()
+        try:
+            r = httpx.post(self.app_url + "/admin/free-cache", headers=self._admin_headers(),
+                           timeout=self.cfg.probe_timeout_s * 4)
+            ok = r.status_code == 200
+            return ActionResult("free_cache", ok, time.perf_counter() - started,
+                                detail=str(r.json() if ok else f"HTTP {r.status_code}"))
+        except httpx.HTTPError as exc:
+            return ActionResult("free_cache", False, time.perf_counter() - started, detail=exc.__class__.__name__)
+
+    # ---- tier 2: drain, then a graceful restart ------------------------------------------------
+    def graceful_restart(self) -> ActionResult:
+        started = time.perf_counter()
+        old_pid = self._pid()
+        drained = self._drain()
+        self.supervisor.stop(self.program, wait=False)  # TERM: the app drains what is left and exits 0
+        stopped = self._wait_state({"STOPPED", "EXITED", "FATAL"}, self.cfg.stop_timeout_s)
+        if not stopped:
+            self._kill_group(old_pid)
+            self._wait_state({"STOPPED", "EXITED", "FATAL"}, 15)
+        return self._start_and_warm("restart", started, old_pid,
+                                    f"drained={drained}" + ("" if stopped else ", stop timed out: killed"))
+
+    def _drain(self) -> bool:
+        """Readiness off (a balancer stops sending work), then wait for in-flight work to finish."""
+        try:
+            httpx.post(self.app_url + "/admin/drain", json={"enable": True}, headers=self._admin_headers(),
+                       timeout=self.cfg.probe_timeout_s * 2)
+        except httpx.HTTPError:
+            return False
+        deadline = time.monotonic() + self.cfg.drain_wait_s
+        while time.monotonic() < deadline and not self.should_stop():
+            try:
+                body = httpx.get(self.app_url + "/healthz", timeout=self.cfg.probe_timeout_s).json()
+                if body.get("in_flight", 0) == 0 and not body.get("heartbeat", {}).get("busy"):
+                    return True
+            except (httpx.HTTPError, ValueError):
+                return False
+            time.sleep(0.2)
+        return False
+
+    # ---- tier 3: kill (a stopped or wedged process cannot drain) ----------------------------------
+    def kill_restart(self) -> ActionResult:
+        started = time.perf_counter()
+        old_pid = self._pid()
+        try:
+            # stop first so supervisord expects the exit (no autorestart race), then KILL the group:
+            # the TERM it sent stays pending in a stopped process, KILL does not.
+            self.supervisor.stop(self.program, wait=False)
+        except SupervisorUnavailable:
+            raise
+        except Exception as exc:
+            log.warning("stopProcess failed before kill", extra={"error": str(exc)[:200]})
+        self._kill_group(old_pid)
+        self._wait_state({"STOPPED", "EXITED", "FATAL"}, 15)
+        return self._start_and_warm("kill", started, old_pid, f"killed pid {old_pid}")
+
+    def start(self) -> ActionResult:
+        return self._start_and_warm("start", time.perf_counter(), 0, "started from FATAL")
+
+    def _kill_group(self, pid: int) -> None:
+        if not pid:
+            return
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)  # supervisord makes each program a group leader
+        except (ProcessLookupError, PermissionError):
+            try:
+                self.supervisor.signal(self.program, "KILL")
+            except Exception:
+                pass
+
+    # ---- shared ----------------------------------------------------------------------------------
+    def _pid(self) -> int:
+        try:
+            return self.supervisor.process(self.program).pid
+        except Exception:
+            return 0
+
+    def _wait_state(self, states: set[str], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.supervisor.process(self.program).state in states:
+                    return True
+            except SupervisorUnavailable:
+                pass
+            time.sleep(0.1)
+        return False
+
+    def _start_and_warm(self, action: str, started: float, old_pid: int, detail: str) -> ActionResult:
+        self.supervisor.start(self.program, wait=False)
+        warm = self.warm_up()
+        new_pid = self._pid()
+        log.warning("app %s done", action, extra={"event": "restart_done", "action": action, "old_pid": old_pid,
+                                                  "new_pid": new_pid, "warmup_ok": warm.ok,
+                                                  "warmup_s": round(warm.seconds, 3),
+                                                  "seconds": round(time.perf_counter() - started, 2)})
+        return ActionResult(action, warm.ok, time.perf_counter() - started, detail=detail, warmup=warm,
+                            old_pid=old_pid, new_pid=new_pid)
+
+    def warm_up(self) -> WarmupResult:
+        """Wait for readiness, send one small generation, check it really returns an image."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.cfg.warmup_ready_timeout_s
+        ready = False
+        while time.monotonic() < deadline and not self.should_stop():
+            try:
+                if httpx.get(self.app_url + "/readyz", timeout=self.cfg.probe_timeout_s).status_code == 200:
+                    ready = True
+                    break
+            except httpx.HTTPError:
+                pass
+            try:
+                if self.supervisor.process(self.program).state == "FATAL":
+                    break
+            except Exception:
+                pass
+            time.sleep(0.2)
+        ready_after = time.perf_counter() - t0
+        if not ready:
+            return WarmupResult(False, 0.0, ready_after, f"not ready within {self.cfg.warmup_ready_timeout_s:.0f} s")
+        size = self.cfg.warmup_size
+        body = {"prompt": "warm-up check: a lighthouse on a cliff", "width": size, "height": size,
+                "num_inference_steps": self.cfg.warmup_steps, "seed": 1, "response_format": "base64"}
+        headers = {"authorization": f"Bearer {self.api_token}"} if self.api_token else {}
+        headers["x-request-id"] = "monitor-warmup"
+        t1 = time.perf_counter()
+        try:
+            r = httpx.post(self.app_url + "/api/generate", json=body, headers=headers,
+                           timeout=self.cfg.warmup_timeout_s)
+        except httpx.HTTPError as exc:
+            return WarmupResult(False, time.perf_counter() - t1, ready_after, exc.__class__.__name__)
+        seconds = time.perf_counter() - t1
+        if r.status_code != 200:
+            return WarmupResult(False, seconds, ready_after, f"HTTP {r.status_code}: {r.text[:200]}")
+        try:
+            image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["b64_png"])))
+            if image.size != (size, size):
+                return WarmupResult(False, seconds, ready_after, f"image is {image.size}, expected {size}x{size}")
+        except Exception as exc:
+            return WarmupResult(False, seconds, ready_after, f"no valid image in the response ({exc})")
+        return WarmupResult(True, seconds, ready_after)

@@ -1,0 +1,141 @@
+"""The monitor's one typed settings object: zimage.toml [monitor] + ZIMAGE_MONITOR_* env.
+
+The app's address, tokens and log location are read from the [app] section, so the two processes
+cannot disagree about where the app listens.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from common.configfile import load_section, resolve_under
+
+Tier = Literal["alert", "free_cache", "restart", "kill"]
+
+
+class LogPattern(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pattern: str  # a regular expression, searched in each new log line
+    severity: Literal["warning", "error", "critical"] = "error"
+    # The app frees its cache itself when it catches an OOM (that is tier 1), and the line is
+    # written after it did: a line in the log therefore starts at tier 2, a graceful restart.
+    action: Tier = "restart"
+
+
+DEFAULT_PATTERNS = [
+    LogPattern(pattern=r"CUDA out of memory", severity="error", action="restart"),
+    LogPattern(pattern=r"OutOfMemoryError", severity="error", action="restart"),
+    LogPattern(pattern=r"CUBLAS_STATUS_ALLOC_FAILED", severity="error", action="restart"),
+    LogPattern(pattern=r"illegal memory access", severity="critical", action="restart"),
+    LogPattern(pattern=r"CUDA error: (device-side assert|unspecified launch failure)", severity="critical",
+               action="restart"),
+]
+
+
+class WebhookTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    format: Literal["generic", "slack", "alertmanager"] = "generic"
+
+
+class MonitorSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    home: Path = Path(".")
+    program: str = "app"  # the supervisord program to watch
+    supervisor_socket: Path = Path("run/supervisor.sock")
+    app_url: Optional[str] = None  # default: http://<app.host>:<app.port>
+    app_log: Path = Path("logs/app.log")
+    state_file: Path = Path("run/monitor-state.json")
+    log_position_file: Path = Path("run/monitor-logpos.json")
+    maintenance_file: Path = Path("run/maintenance")
+    metrics_file: Path = Path("run/monitor.prom")  # node_exporter textfile format, written every tick
+    metrics_port: Optional[int] = Field(None, ge=1, le=65535)  # also serve /metrics on 127.0.0.1:port
+
+    interval_s: float = Field(1.0, gt=0, le=60)
+    probe_timeout_s: float = Field(1.5, gt=0, le=60)
+    startup_grace_s: float = Field(30.0, ge=0)  # after a (re)start: refused connections are not a hang yet
+
+    # hang
+    hang_liveness_failures: int = Field(3, ge=1)  # consecutive timed-out liveness probes
+    hang_stopped_samples: int = Field(2, ge=1)  # consecutive samples with the process in state T (stopped)
+    stall_floor_s: float = Field(60.0, gt=0)  # busy with no step for longer than this is a stall...
+    stall_factor: float = Field(10.0, gt=1)  # ...or than this many times the slowest step seen
+
+    # GPU memory
+    vram_threshold: float = Field(0.92, gt=0, le=1)
+    vram_samples: int = Field(5, ge=1)
+    vram_trend_window_s: float = Field(30.0, gt=0)
+    vram_trend_horizon_s: float = Field(60.0, gt=0)  # warn when the trend crosses the threshold this soon
+    vram_escalate_after_s: float = Field(60.0, gt=0)  # pressure persisting after free-cache → restart
+
+    # process memory (the memory limit supervisord has no key for)
+    rss_limit_mb: Optional[int] = Field(None, ge=1)  # hard limit on the app tree's RSS → graceful restart
+    leak_window_s: float = Field(600.0, gt=0)
+    leak_growth_mb: int = Field(2048, ge=1)  # RSS growth within the window that counts as a leak
+    leak_min_span_s: float = Field(60.0, ge=0)  # need at least this much history before judging
+
+    # crash loop (supervisord restarting the app by itself)
+    crash_loop_count: int = Field(3, ge=2)
+    crash_loop_window_s: float = Field(300.0, gt=0)
+
+    # policy
+    restart_budget: int = Field(3, ge=1)
+    restart_budget_window_s: float = Field(900.0, gt=0)
+    backoff_initial_s: float = Field(10.0, ge=0)
+    backoff_max_s: float = Field(300.0, ge=0)
+    drain_wait_s: float = Field(150.0, ge=0)  # graceful restart: wait for in-flight work this long
+    stop_timeout_s: float = Field(200.0, gt=0)  # > supervisord's stopwaitsecs
+    resolve_quiet_samples: int = Field(3, ge=1)  # an incident resolves after this many clean samples
+
+    # warm-up after every restart
+    warmup_ready_timeout_s: float = Field(600.0, gt=0)
+    warmup_size: int = Field(256, ge=64)
+    warmup_steps: int = Field(2, ge=1)
+    warmup_timeout_s: float = Field(120.0, gt=0)
+
+    log_patterns: list[LogPattern] = Field(default_factory=lambda: list(DEFAULT_PATTERNS))
+
+    # alerts
+    webhooks: list[WebhookTarget] = Field(default_factory=list)
+    webhook_secret: Optional[str] = None
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60)
+    webhook_retries: int = Field(3, ge=0, le=10)
+    webhook_backoff_s: float = Field(1.0, ge=0)
+    alert_queue_size: int = Field(1000, ge=1)
+    service_name: str = "zimage-serve"
+    host_name: str = Field(default_factory=socket.gethostname)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("webhooks", mode="before")
+    @classmethod
+    def _webhooks_from_text(cls, value):
+        """Env form: comma-separated URLs, each optionally suffixed with #format."""
+        if isinstance(value, str):
+            targets = []
+            for item in filter(None, (v.strip() for v in value.split(","))):
+                url, _, fmt = item.partition("#")
+                targets.append({"url": url, "format": fmt or "generic"})
+            return targets
+        return value
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _empty_secret(cls, value):
+        return value or None
+
+    @model_validator(mode="after")
+    def _paths(self):
+        for name in ("supervisor_socket", "app_log", "state_file", "log_position_file", "maintenance_file",
+                     "metrics_file"):
+            setattr(self, name, resolve_under(self.home, getattr(self, name)))
+        return self
+
+
+def load_monitor_settings(env: Mapping[str, str] | None = None, **overrides) -> MonitorSettings:
+    return load_section(MonitorSettings, "monitor", env, overrides)

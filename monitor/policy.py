@@ -1,0 +1,106 @@
+"""Policy: findings → one action, in tiers, with backoff, a restart budget and a circuit breaker.
+Pure: the state is a plain dataclass the loop keeps; `now` is passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from monitor.config import MonitorSettings
+from monitor.detectors import Finding
+
+RESTARTING_ACTIONS = ("restart", "kill", "start")
+
+
+@dataclass
+class PolicyState:
+    restarts: list[float] = field(default_factory=list)  # when the monitor restarted the app (monotonic)
+    circuit_open: bool = False
+    circuit_opened_at: Optional[float] = None
+    free_cache_at: dict[str, float] = field(default_factory=dict)  # finding kind → last free-cache
+
+    def restarts_in_window(self, now: float, cfg: MonitorSettings) -> list[float]:
+        return [t for t in self.restarts if t > now - cfg.restart_budget_window_s]
+
+    def budget_left(self, now: float, cfg: MonitorSettings) -> int:
+        return max(0, cfg.restart_budget - len(self.restarts_in_window(now, cfg)))
+
+    def next_restart_at(self, now: float, cfg: MonitorSettings) -> Optional[float]:
+        recent = self.restarts_in_window(now, cfg)
+        if not recent:
+            return None
+        return recent[-1] + backoff_seconds(len(recent), cfg)
+
+
+@dataclass
+class Decision:
+    action: str  # none | alert | free_cache | restart | kill | start | wait | page
+    reason: str
+    finding: Optional[Finding] = None
+    wait_s: float = 0.0
+
+
+def backoff_seconds(restarts_in_window: int, cfg: MonitorSettings) -> float:
+    """Doubling delay after each restart in the window: initial, 2×, 4×, … capped."""
+    if restarts_in_window <= 0:
+        return 0.0
+    return min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (restarts_in_window - 1))
+
+
+def decide(findings: list[Finding], state: PolicyState, now: float, cfg: MonitorSettings) -> Decision:
+    if not findings:
+        return Decision("none", "healthy")
+    finding = findings[0]  # most urgent first (detect_all sorts)
+    action = finding.action
+
+    if action == "free_cache":
+        last = state.free_cache_at.get(finding.kind)
+        if last is None:
+            return Decision("free_cache", f"tier 1 for {finding.kind}: ask the app to free its cache", finding)
+        if now - last < cfg.vram_escalate_after_s:
+            return Decision("none", f"cache freed {now - last:.0f} s ago; watching whether it helps", finding)
+        app_bytes = finding.evidence.get("app_bytes")
+        used = finding.evidence.get("used_bytes") or 0
+        if app_bytes is not None and used and app_bytes < used / 2:
+            # Most of the memory belongs to other processes: restarting ours would not help.
+            return Decision("alert", "memory pressure comes mostly from other processes; alert only", finding)
+        action = "restart"
+
+    if action == "alert":
+        return Decision("alert", finding.reason, finding)
+
+    if action in RESTARTING_ACTIONS:
+        if state.circuit_open:
+            return Decision("none", "restart budget exhausted: auto-restart stopped until an operator resets",
+                            finding)
+        if state.budget_left(now, cfg) == 0:
+            return Decision("page", f"restart budget exhausted ({cfg.restart_budget} per "
+                                    f"{cfg.restart_budget_window_s:.0f} s): stopping auto-restarts", finding)
+        next_at = state.next_restart_at(now, cfg)
+        if next_at is not None and now < next_at:
+            return Decision("wait", f"backing off: next restart allowed in {next_at - now:.0f} s", finding,
+                            wait_s=next_at - now)
+        return Decision(action, f"tier {'3' if action == 'kill' else '2'} for {finding.kind}: {finding.reason}",
+                        finding)
+    return Decision("none", f"no action for {finding.kind}", finding)
+
+
+def record(decision: Decision, state: PolicyState, now: float) -> None:
+    """Apply what an executed decision changes in the policy state."""
+    if decision.action in RESTARTING_ACTIONS:
+        state.restarts.append(now)
+    elif decision.action == "free_cache" and decision.finding:
+        state.free_cache_at[decision.finding.kind] = now
+    elif decision.action == "page":
+        state.circuit_open, state.circuit_opened_at = True, now
+
+
+def reset_circuit(state: PolicyState) -> None:
+    state.circuit_open, state.circuit_opened_at = False, None
+    state.restarts.clear()
+
+
+def forget_old(state: PolicyState, now: float, cfg: MonitorSettings) -> None:
+    state.restarts = state.restarts_in_window(now, cfg)
+    quiet_after = cfg.vram_escalate_after_s * 4
+    state.free_cache_at = {k: t for k, t in state.free_cache_at.items() if now - t < quiet_after}

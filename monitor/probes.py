@@ -1,0 +1,133 @@
+"""Probes: read the world, each with a timeout. HTTP (live/ready + heartbeat), supervisord's view of
+the program, psutil RSS of the app's process tree, NVML GPU memory, and the log follower."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import psutil
+
+from common.gpu import GpuReader
+from common.supervisor_client import SupervisorClient, SupervisorUnavailable
+from monitor.logwatch import LogFollower
+from monitor.samples import HttpResult, Sample
+
+log = logging.getLogger("monitor.probes")
+
+
+def http_get(client: httpx.Client, url: str, timeout: float) -> HttpResult:
+    started = time.perf_counter()
+    try:
+        response = client.get(url, timeout=timeout)
+    except httpx.TimeoutException:
+        return HttpResult(ok=False, latency_s=time.perf_counter() - started, error="timeout")
+    except httpx.ConnectError:
+        return HttpResult(ok=False, latency_s=time.perf_counter() - started, error="refused")
+    except httpx.HTTPError as exc:
+        return HttpResult(ok=False, latency_s=time.perf_counter() - started, error=exc.__class__.__name__)
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    return HttpResult(ok=response.status_code == 200, status=response.status_code,
+                      latency_s=time.perf_counter() - started, error=None if response.status_code == 200
+                      else f"HTTP {response.status_code}", body=body if isinstance(body, dict) else None)
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root] + root.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+class Probes:
+    def __init__(self, app_url: str, supervisor: SupervisorClient, program: str, gpu: GpuReader,
+                 follower: Optional[LogFollower], timeout_s: float, maintenance_file: Optional[Path] = None):
+        self.app_url = app_url.rstrip("/")
+        self.supervisor = supervisor
+        self.program = program
+        self.gpu = gpu
+        self.follower = follower
+        self.timeout_s = timeout_s
+        self.maintenance_file = maintenance_file
+        # A fresh connection per probe: a keep-alive socket to a stopped process would hide a hang.
+        self.http = httpx.Client(headers={"connection": "close"})
+        self.latencies: dict[str, float] = {}
+
+    def sample(self, now: float, wall: float) -> Sample:
+        s = Sample(now=now, wall=wall)
+        t0 = time.perf_counter()
+        try:
+            info = self.supervisor.process(self.program)
+            s.program_state, s.pid, s.uptime_s = info.state, info.pid, float(info.uptime_s)
+        except SupervisorUnavailable as exc:
+            s.supervisor_ok = False
+            log.debug("supervisord unavailable", extra={"error": str(exc)})
+        except Exception as exc:  # a Fault (unknown program name): say so, keep probing the rest
+            s.supervisor_ok = False
+            log.warning("supervisord query failed", extra={"event": "probe_error", "error": str(exc)[:200]})
+        self.latencies["supervisor"] = time.perf_counter() - t0
+
+        if s.pid:
+            tree = process_tree(s.pid)
+            try:
+                s.process_status = tree[0].status() if tree else None
+            except psutil.Error:
+                s.process_status = None
+            rss = 0
+            for proc in tree:
+                try:
+                    rss += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            s.rss_bytes = rss if tree else None
+            pids = {p.pid for p in tree}
+        else:
+            pids = set()
+
+        if s.process_status != "stopped":
+            s.live = http_get(self.http, self.app_url + "/healthz", self.timeout_s)
+            self.latencies["live"] = s.live.latency_s
+            if s.live.ok:
+                s.ready = http_get(self.http, self.app_url + "/readyz", self.timeout_s)
+                self.latencies["ready"] = s.ready.latency_s
+        else:
+            # Probing a stopped process only burns the timeout; the state already says it all.
+            s.live = HttpResult(ok=False, error="timeout")
+
+        t0 = time.perf_counter()
+        if self.gpu.available:
+            try:
+                devices = self.gpu.sample()
+                if devices:
+                    d = devices[0]
+                    s.gpu_used_bytes, s.gpu_total_bytes, s.gpu_name = d.used_bytes, d.total_bytes, d.name
+                    if d.process_used_bytes:
+                        s.gpu_app_bytes = sum(v for pid, v in d.process_used_bytes.items() if pid in pids)
+            except Exception as exc:  # NVML hiccup: this tick has no GPU reading, next one may
+                log.warning("NVML read failed", extra={"event": "probe_error", "error": str(exc)[:200]})
+        self.latencies["gpu"] = time.perf_counter() - t0
+
+        if self.follower is not None:
+            s.log_events = self.follower.poll()
+        return s
+
+    def maintenance(self, wall: float) -> Optional[dict]:
+        """An operator's maintenance window (zimagectl restart/down): observe, but do not heal."""
+        if not self.maintenance_file:
+            return None
+        try:
+            data = json.loads(self.maintenance_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if data.get("until", 0) > wall else None
+
+    def close(self) -> None:
+        self.http.close()

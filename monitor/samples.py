@@ -1,0 +1,72 @@
+"""What one tick of the monitor saw. Probes fill these; detectors read them; nothing here does I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class HttpResult:
+    ok: bool  # got an answer with the expected status
+    status: Optional[int] = None
+    latency_s: float = 0.0
+    error: Optional[str] = None  # "timeout", "refused", or another short reason
+    body: Optional[dict] = None
+
+    @property
+    def timed_out(self) -> bool:
+        return self.error == "timeout"
+
+
+@dataclass
+class LogEvent:
+    line: str
+    pattern: str
+    severity: str
+    action: str
+
+
+@dataclass
+class Sample:
+    now: float  # monotonic seconds (the injected clock)
+    wall: float  # epoch seconds, to compare with the app's heartbeat
+    supervisor_ok: bool = True
+    program_state: Optional[str] = None  # RUNNING, STARTING, BACKOFF, STOPPED, EXITED, FATAL, ...
+    pid: int = 0
+    uptime_s: float = 0.0
+    live: Optional[HttpResult] = None
+    ready: Optional[HttpResult] = None
+    process_status: Optional[str] = None  # psutil status: running, sleeping, stopped, zombie, ...
+    rss_bytes: Optional[int] = None  # whole process tree
+    gpu_used_bytes: Optional[int] = None  # device
+    gpu_total_bytes: Optional[int] = None
+    gpu_app_bytes: Optional[int] = None  # the app tree's share, when NVML can attribute it
+    gpu_name: Optional[str] = None
+    log_events: list[LogEvent] = field(default_factory=list)
+
+    @property
+    def heartbeat(self) -> Optional[dict]:
+        if self.live and self.live.body:
+            return self.live.body.get("heartbeat")
+        return None
+
+    @property
+    def engine_state(self) -> Optional[str]:
+        if self.live and self.live.body:
+            return self.live.body.get("state")
+        return None
+
+    def summary(self) -> dict:
+        return {
+            "program_state": self.program_state, "pid": self.pid, "uptime_s": round(self.uptime_s, 1),
+            "live": None if self.live is None else {"ok": self.live.ok, "status": self.live.status,
+                                                    "latency_s": round(self.live.latency_s, 4),
+                                                    "error": self.live.error},
+            "ready": None if self.ready is None else self.ready.ok,
+            "engine_state": self.engine_state, "heartbeat": self.heartbeat,
+            "process_status": self.process_status, "rss_bytes": self.rss_bytes,
+            "gpu": None if self.gpu_total_bytes is None else {
+                "name": self.gpu_name, "used_bytes": self.gpu_used_bytes, "total_bytes": self.gpu_total_bytes,
+                "app_bytes": self.gpu_app_bytes},
+        }

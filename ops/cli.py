@@ -1,0 +1,297 @@
+"""zimagectl: the operator's commands on top of supervisord's XML-RPC and the app's endpoints.
+
+    zimagectl up          start supervisord (if needed) and wait until the app is ready and warm
+    zimagectl down        graceful stop: monitor, then app (drains), then supervisord
+    zimagectl status      supervisord + app readiness/busy/queue + GPU + monitor incidents and budget
+    zimagectl restart     graceful restart of the app, waits for ready and a checked warm-up
+    zimagectl logs [app|monitor|supervisord] [-f] [-n N]
+    zimagectl warmup      send one warm-up generation and check the image
+    zimagectl chaos FAULT inject a fault into the running stack (see `zimagectl chaos -h`)
+    zimagectl drill       the fault-injection drill against a temporary stack, with its table
+    zimagectl bench       the performance benchmark table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from common.configfile import ConfigError
+from common.supervisor_client import SupervisorUnavailable
+from ops.stack import Stack, program_states, wait_until
+
+PROGRAMS = ("app", "monitor")
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def cmd_up(stack: Stack, args) -> int:
+    client = stack.supervisor()
+    if client.is_running():
+        say(f"supervisord already running (pid {client.pid()})")
+        for name in PROGRAMS:
+            if program_states(client).get(name) not in ("RUNNING", "STARTING"):
+                say(f"starting {name}")
+                client.start(name, wait=False)
+    else:
+        say(f"starting supervisord -c {stack.conf}")
+        try:
+            stack.start_supervisord()
+        except Exception as exc:
+            say(f"error: supervisord did not start: {exc}")
+            return 1
+        if not wait_until(client.is_running, 20):
+            say(f"error: supervisord not answering on {stack.monitor.supervisor_socket}; see logs/supervisord.log")
+            return 1
+    started = time.monotonic()
+    last = [""]
+
+    def progress():
+        states = program_states(client)
+        health = stack.healthz()
+        line = (f"  {time.monotonic() - started:5.1f}s  app={states.get('app', '?')}"
+                f"  monitor={states.get('monitor', '?')}  engine={(health or {}).get('state', 'not answering')}")
+        if line.split("s ", 1)[1] != last[0]:
+            say(line)
+            last[0] = line.split("s ", 1)[1]
+        if states.get("app") == "FATAL":
+            raise SystemExit(f"error: app is FATAL (crashed at start); see: zimagectl logs app")
+
+    ready = wait_until(lambda: (stack.readyz() or {}).get("ready"), args.timeout, progress=progress,
+                       progress_every=1.0)
+    if not ready:
+        say(f"error: app not ready after {args.timeout:.0f} s; see: zimagectl logs app")
+        return 1
+    info = stack.readyz() or {}
+    say(f"ready in {time.monotonic() - started:.1f} s (warm-up {info.get('warmup_seconds')} s): {stack.app_url}/")
+    if stack.app.is_demo_model:
+        say("note: serving the built-in DEMO model (random weights); set app.model_dir for Z-Image-Turbo")
+    return 0
+
+
+def cmd_down(stack: Stack, args) -> int:
+    client = stack.supervisor()
+    if not client.is_running():
+        say("supervisord is not running")
+        return 0
+    stack.set_maintenance(args.timeout + 30, "zimagectl down")
+    slow = stack.supervisor(timeout=args.timeout + 10)
+    for name in ("monitor", "app"):  # the monitor first, so it does not "heal" the planned stop
+        say(f"stopping {name}{' (draining in-flight requests)' if name == 'app' else ''}")
+        try:
+            slow.stop(name, wait=True)
+        except Exception as exc:
+            say(f"  {name}: {exc}")
+    pid = client.pid()
+    say("stopping supervisord")
+    client.shutdown()
+    gone = wait_until(lambda: not _alive(pid), 30)
+    stack.clear_maintenance()
+    say("stopped" if gone else f"warning: supervisord pid {pid} still alive")
+    return 0 if gone else 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def cmd_status(stack: Stack, args) -> int:
+    from monitor.status import read_state
+
+    client = stack.supervisor()
+    report: dict = {"home": str(stack.home), "url": stack.app_url}
+    try:
+        report["supervisord"] = {"state": client.state(), "pid": client.pid()}
+        report["programs"] = {p.name: {"state": p.state, "pid": p.pid, "uptime_s": p.uptime_s}
+                              for p in client.processes()}
+    except SupervisorUnavailable:
+        report["supervisord"] = {"state": "not running"}
+    health, ready = stack.healthz(), stack.readyz()
+    if health:
+        hb = health.get("heartbeat", {})
+        report["app"] = {"engine": health.get("state"), "ready": bool(ready and ready.get("ready")),
+                         "draining": health.get("draining"), "busy": hb.get("busy"),
+                         "steps": f"{hb.get('steps_done')}/{hb.get('steps_total')}",
+                         "queue_waiting": health.get("queue_waiting"), "in_flight": health.get("in_flight")}
+    else:
+        report["app"] = {"engine": "not answering"}
+    state = read_state(stack.monitor.state_file)
+    if state:
+        report["monitor"] = {"updated_s_ago": round(time.time() - state["updated_at"], 1),
+                             "incidents_open": [f"{i['kind']} ({i['severity']}): {i['reason']}"
+                                                for i in state["incidents_open"]],
+                             "budget": state["budget"], "restarts": state["restarts"][-3:],
+                             "gpu_reader": state.get("gpu_reader"), "alerts": state.get("alerts")}
+        gpu = (state.get("sample") or {}).get("gpu")
+        if gpu:
+            report["gpu"] = {"name": gpu["name"], "used_gib": round(gpu["used_bytes"] / 2**30, 2),
+                             "total_gib": round(gpu["total_bytes"] / 2**30, 2),
+                             "app_gib": None if gpu["app_bytes"] is None else round(gpu["app_bytes"] / 2**30, 2)}
+        rss = (state.get("sample") or {}).get("rss_bytes")
+        if rss:
+            report["app"]["rss_mib"] = round(rss / 2**20)
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        _print_status(report)
+    ok = report.get("app", {}).get("ready") and not (state or {}).get("budget", {}).get("circuit_open")
+    return 0 if ok else 3
+
+
+def _print_status(r: dict) -> None:
+    say(f"zimage-serve  {r['home']}  {r['url']}")
+    say(f"supervisord   {r['supervisord'].get('state')}  pid {r['supervisord'].get('pid', '-')}")
+    for name, p in r.get("programs", {}).items():
+        say(f"  {name:<10}  {p['state']:<9} pid {p['pid']:<7} up {p['uptime_s']} s")
+    a = r.get("app", {})
+    say(f"app           engine={a.get('engine')} ready={a.get('ready')} draining={a.get('draining')} "
+        f"busy={a.get('busy')} steps={a.get('steps')} queue={a.get('queue_waiting')} "
+        f"in_flight={a.get('in_flight')} rss={a.get('rss_mib', '?')} MiB")
+    if "gpu" in r:
+        g = r["gpu"]
+        say(f"gpu           {g['name']}: {g['used_gib']}/{g['total_gib']} GiB used (app {g['app_gib']} GiB)")
+    m = r.get("monitor")
+    if not m:
+        say("monitor       no state file yet")
+        return
+    b = m["budget"]
+    circuit = "OPEN: auto-restart STOPPED (zimagectl restart resets)" if b["circuit_open"] else "closed"
+    say(f"monitor       updated {m['updated_s_ago']} s ago, gpu reader: {m['gpu_reader']}")
+    say(f"  budget      {b['left']}/{b['limit']} restarts left per {b['window_s']:.0f} s, circuit {circuit}")
+    for line in m["incidents_open"] or ["none"]:
+        say(f"  incident    {line}")
+    for rs in m["restarts"]:
+        say(f"  restart     {time.strftime('%H:%M:%S', time.localtime(rs['at']))} {rs['action']} for {rs['kind']}: "
+            f"{rs['warmup']}")
+
+
+def cmd_restart(stack: Stack, args) -> int:
+    import httpx
+
+    client = stack.supervisor()
+    if not client.is_running():
+        say("supervisord is not running: use zimagectl up")
+        return 1
+    stack.set_maintenance(args.timeout + 30, "zimagectl restart")
+    try:
+        try:
+            httpx.post(stack.app_url + "/admin/drain", json={"enable": True}, headers=stack.admin_headers(),
+                       timeout=5)
+            say("draining: readiness off, waiting for in-flight requests")
+        except httpx.HTTPError:
+            say("app not answering: restarting without a drain")
+        started = time.monotonic()
+        say("stopping app (TERM: in-flight requests finish first)")
+        stack.supervisor(timeout=args.timeout + 10).stop("app", wait=True)
+        say(f"stopped after {time.monotonic() - started:.1f} s; starting")
+        client.start("app", wait=False)
+        if not wait_until(lambda: (stack.readyz() or {}).get("ready"), args.timeout):
+            say(f"error: not ready after {args.timeout:.0f} s")
+            return 1
+        say(f"ready after {time.monotonic() - started:.1f} s")
+        code = cmd_warmup(stack, args)
+    finally:
+        stack.clear_maintenance()
+    try:  # an operator's restart also closes the monitor's circuit if it had given up
+        client.signal("monitor", "HUP")
+    except Exception:
+        pass
+    return code
+
+
+def cmd_warmup(stack: Stack, args) -> int:
+    from monitor.actions import Actions
+
+    actions = Actions(stack.app_url, stack.supervisor(), "app", stack.app.admin_token_file, stack.app.admin_token,
+                      stack.app.api_token, stack.monitor)
+    result = actions.warm_up()
+    say(("warm-up ok: " if result.ok else "warm-up FAILED: ") + result.note())
+    return 0 if result.ok else 1
+
+
+def cmd_logs(stack: Stack, args) -> int:
+    path = stack.home / "logs" / f"{args.program}.log"
+    if not path.exists():
+        say(f"no log yet at {path}")
+        return 1
+    with open(path, "rb") as fh:
+        lines = fh.readlines()[-args.lines:]
+        sys.stdout.write(b"".join(lines).decode(errors="replace"))
+        sys.stdout.flush()
+        if not args.follow:
+            return 0
+        inode = os.fstat(fh.fileno()).st_ino
+        try:
+            while True:
+                chunk = fh.read()
+                if chunk:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.3)
+                    if path.exists() and os.stat(path).st_ino != inode:  # rotated
+                        fh.close()
+                        fh = open(path, "rb")
+                        inode = os.fstat(fh.fileno()).st_ino
+        except KeyboardInterrupt:
+            return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zimagectl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("up", help="start the stack and wait until ready")
+    p.add_argument("--timeout", type=float, default=900)
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop the stack gracefully")
+    p.add_argument("--timeout", type=float, default=200)
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("status", help="one view of supervisord, the app and the monitor")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("restart", help="graceful restart of the app, then a checked warm-up")
+    p.add_argument("--timeout", type=float, default=900)
+    p.set_defaults(func=cmd_restart)
+    p = sub.add_parser("logs", help="show a program's log")
+    p.add_argument("program", nargs="?", default="app", choices=["app", "monitor", "supervisord"])
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-n", "--lines", type=int, default=50)
+    p.set_defaults(func=cmd_logs)
+    p = sub.add_parser("warmup", help="send a warm-up generation and check the image")
+    p.set_defaults(func=cmd_warmup)
+    try:
+        from ops import chaos
+
+        chaos.add_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        stack = Stack.load()
+    except ConfigError as exc:
+        say(f"zimagectl: {exc}")
+        return 2
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    return args.func(stack, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
