@@ -61,8 +61,8 @@ class Monitor:
             self.reset_circuit()
         now, wall = self.clock(), self.wall()
         sample = self.probes.sample(now, wall)
-        self._record_sample(sample)
         maintenance = self.probes.maintenance(wall)
+        self._record_sample(sample, planned=maintenance is not None)
         findings: list[Finding] = []
         if sample.supervisor_ok and not maintenance:
             findings = detect_all(list(self.history), self.unexpected_restarts, self.cfg)
@@ -88,13 +88,13 @@ class Monitor:
         if self.probes.follower is not None:
             self.probes.follower.save_position()
 
-    def _record_sample(self, sample: Sample) -> None:
+    def _record_sample(self, sample: Sample, planned: bool) -> None:
         self.history.append(sample)
         keep = max(self.cfg.leak_window_s, self.cfg.vram_trend_window_s, 60.0) + 5
         while self.history and self.history[0].now < sample.now - keep:
             self.history.popleft()
         if sample.pid:
-            if self.known_pid and sample.pid != self.known_pid and not self.expect_new_pid:
+            if self.known_pid and sample.pid != self.known_pid and not (self.expect_new_pid or planned):
                 self.unexpected_restarts.append(sample.now)
                 log.warning("app restarted outside the monitor", extra={"event": "unexpected_restart",
                                                                         "old_pid": self.known_pid,

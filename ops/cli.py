@@ -64,8 +64,10 @@ def cmd_up(stack: Stack, args) -> int:
         if states.get("app") == "FATAL":
             raise SystemExit(f"error: app is FATAL (crashed at start); see: zimagectl logs app")
 
-    ready = wait_until(lambda: (stack.readyz() or {}).get("ready"), args.timeout, progress=progress,
-                       progress_every=1.0)
+    # Ready means both: the app answers /readyz, and supervisord counts it started (startsecs passed).
+    ready = wait_until(lambda: (stack.readyz() or {}).get("ready") and
+                       all(program_states(client).get(n) == "RUNNING" for n in PROGRAMS),
+                       args.timeout, progress=progress, progress_every=1.0)
     if not ready:
         say(f"error: app not ready after {args.timeout:.0f} s; see: zimagectl logs app")
         return 1

@@ -1,0 +1,95 @@
+"""A real supervisord with the repo's own config files, in a temp home, driven by zimagectl."""
+
+import concurrent.futures as cf
+import os
+import signal
+import stat
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers import wait_for
+from tests.stackutil import StackHome, wait_ready
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = StackHome(tmp_path_factory.mktemp("sup"), app={"fault_injection": True})
+    try:
+        s.up()
+        yield s
+    finally:
+        s.stop()
+
+
+def test_up_brings_app_and_monitor_running_over_a_private_socket(stack):
+    out = stack.supervisorctl("status").stdout
+    assert "app" in out and "monitor" in out and out.count("RUNNING") == 2, out
+    sock = stack.home / "run" / "supervisor.sock"
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o700
+    assert "inet_http_server" not in (stack.conf.read_text().replace(";[inet_http_server]", ""))
+    assert stack.ready()
+    status = stack.ctl("status")
+    assert status.returncode == 0 and "engine=ready" in status.stdout and "budget" in status.stdout
+
+
+def test_default_bind_is_loopback(stack):
+    conns = psutil.Process(stack.pid()).net_connections(kind="inet")
+    listening = [c.laddr for c in conns if c.status == psutil.CONN_LISTEN]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
+
+
+def test_app_log_and_rotation_settings_are_real(stack):
+    assert '"event": "ready"' in stack.log("app")
+    conf = (stack.home / "supervisor" / "app.conf").read_text()
+    for key in ("stdout_logfile_maxbytes=20MB", "stdout_logfile_backups=5", "stopasgroup=true",
+                "killasgroup=true", "stopsignal=TERM", "startsecs=10", "startretries=3"):
+        assert key in conf
+
+
+def test_killed_app_is_restarted_by_supervisord(stack):
+    old = stack.pid()
+    os.kill(old, signal.SIGKILL)
+    new = wait_for(lambda: (p := stack.pid()) and p != old and p, 30, what="new app pid")
+    wait_ready(stack)
+    assert new != old
+
+
+def test_restart_is_graceful_a_request_in_flight_completes(stack):
+    admin = stack.admin_headers()
+    httpx.post(stack.url + "/admin/fault", json={"kind": "slow", "seconds": 0.4}, headers=admin, timeout=5)
+    old = stack.pid()
+    body = {"prompt": "finish me first", "width": 128, "height": 128, "num_inference_steps": 8}
+    with cf.ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(httpx.post, stack.url + "/api/generate", json=body, timeout=60)
+        wait_for(lambda: httpx.get(stack.url + "/healthz").json()["heartbeat"]["busy"], 10, 0.05, "busy")
+        result = stack.ctl("restart", "--timeout", "120")
+        response = in_flight.result(60)
+    assert response.status_code == 200, response.text
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "warm-up ok" in result.stdout
+    assert stack.pid() != old and stack.ready()
+    # the monitor saw a planned restart, not an incident
+    assert stack.restarts() == [] and stack.state()["unexpected_restarts_in_window"] <= 1
+
+
+def test_down_leaves_no_process_behind(tmp_path):
+    s = StackHome(tmp_path)
+    try:
+        s.up()
+        sup = s.supervisord_pid()
+        tree = [sup] + s.child_pids(sup)
+        assert len(tree) >= 3
+        started = time.monotonic()
+        result = s.ctl("down")
+        assert result.returncode == 0, result.stdout
+        assert time.monotonic() - started < 60
+        alive = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert alive == []
+        assert not (s.home / "run" / "supervisor.sock").exists()
+    finally:
+        s.stop()

@@ -1,0 +1,121 @@
+from monitor.detectors import (detect_all, detect_crash_loop, detect_engine_unhealthy, detect_hang,
+                               detect_memory, detect_oom_in_log, detect_vram_pressure)
+from tests.monitor.factories import GiB, cfg, oom_event, sample
+
+C = cfg()
+
+
+# ---- hang -------------------------------------------------------------------------------------
+def test_stopped_process_is_a_hang_after_two_samples():
+    h = [sample(0, status="stopped", live="timeout")]
+    assert detect_hang(h, C) is None
+    h.append(sample(1, status="stopped", live="timeout"))
+    f = detect_hang(h, C)
+    assert f.kind == "hang" and f.action == "kill" and "stopped" in f.reason
+
+
+def test_liveness_timeouts_in_a_row_are_a_hang():
+    h = [sample(t, live="timeout") for t in range(2)]
+    assert detect_hang(h, C) is None
+    h.append(sample(2, live="timeout"))
+    assert detect_hang(h, C).evidence["failures"] == 3
+    # one good answer in between resets the count
+    h2 = [sample(0, live="timeout"), sample(1, live="timeout"), sample(2), sample(3, live="timeout")]
+    assert detect_hang(h2, C) is None
+
+
+def test_refused_during_startup_is_not_a_hang_but_after_grace_it_is():
+    starting = [sample(t, live="refused", uptime=5 + t) for t in range(5)]
+    assert detect_hang(starting, C) is None
+    gone = [sample(t, live="refused", uptime=100 + t) for t in range(3)]
+    assert detect_hang(gone, C) is not None
+
+
+def test_failures_of_an_older_pid_do_not_count():
+    h = [sample(0, pid=1, live="timeout"), sample(1, pid=1, live="timeout"), sample(2, pid=2, live="timeout")]
+    assert detect_hang(h, C) is None
+
+
+def test_not_running_in_supervisord_is_not_our_hang():
+    h = [sample(t, state="STARTING", live="timeout") for t in range(5)]
+    assert detect_hang(h, C) is None
+
+
+def test_long_generation_that_progresses_is_never_a_hang():
+    # Busy for 10 minutes, but the last step was 2 s ago and steps take 1.5 s: progressing.
+    h = [sample(t, busy=True, last_step_ago=2.0, step_max=1.5) for t in range(0, 600, 10)]
+    assert detect_hang(h, C) is None
+
+
+def test_busy_without_steps_past_the_bound_is_a_stall():
+    c = cfg(stall_floor_s=30, stall_factor=10)
+    assert detect_hang([sample(0, busy=True, last_step_ago=29, step_max=0.5)], c) is None
+    f = detect_hang([sample(0, busy=True, last_step_ago=31, step_max=0.5)], c)
+    assert f is not None and "stalled" in f.reason
+    # slow steps raise the bound: 5 s steps → 50 s bound
+    assert detect_hang([sample(0, busy=True, last_step_ago=45, step_max=5.0)], c) is None
+    assert detect_hang([sample(0, busy=True, last_step_ago=55, step_max=5.0)], c) is not None
+
+
+# ---- OOM in log ---------------------------------------------------------------------------------
+def test_oom_lines_are_one_finding_with_evidence():
+    assert detect_oom_in_log(sample(0)) is None
+    f = detect_oom_in_log(sample(0, events=[oom_event(), oom_event("second")]))
+    assert f.kind == "oom_in_log" and f.action == "restart" and len(f.evidence["lines"]) == 2
+
+
+# ---- VRAM ----------------------------------------------------------------------------------------
+def test_no_gpu_keeps_vram_rule_quiet():
+    assert detect_vram_pressure([sample(t) for t in range(10)], C) is None
+
+
+def test_vram_over_threshold_for_n_samples():
+    c = cfg(vram_threshold=0.9, vram_samples=3)
+    h = [sample(t, gpu_used=int(0.95 * 80 * GiB), gpu_total=80 * GiB) for t in range(2)]
+    assert detect_vram_pressure(h, c) is None
+    h.append(sample(2, gpu_used=int(0.95 * 80 * GiB), gpu_total=80 * GiB))
+    f = detect_vram_pressure(h, c)
+    assert f.action == "free_cache" and f.evidence["used_fraction"] > 0.9
+
+
+def test_rising_vram_trend_is_a_precursor():
+    c = cfg(vram_threshold=0.9, vram_samples=3, vram_trend_window_s=20, vram_trend_horizon_s=60)
+    # 50 % → 70 % over 20 s: +1 %/s, crosses 90 % in ~20 s
+    h = [sample(t, gpu_used=int((0.5 + 0.01 * t) * 80 * GiB), gpu_total=80 * GiB) for t in range(21)]
+    f = detect_vram_pressure(h, c)
+    assert f is not None and "precursor" in f.reason and 10 < f.evidence["crosses_in_s"] < 30
+    flat = [sample(t, gpu_used=int(0.7 * 80 * GiB), gpu_total=80 * GiB) for t in range(21)]
+    assert detect_vram_pressure(flat, c) is None
+
+
+# ---- memory --------------------------------------------------------------------------------------
+def test_rss_limit_and_leak():
+    c = cfg(rss_limit_mb=1000, leak_growth_mb=200, leak_window_s=100, leak_min_span_s=10)
+    assert detect_memory([sample(0, rss=1200 * 2**20)], c).kind == "memory_limit"
+    growing = [sample(t, rss=(500 + 30 * t) * 2**20) for t in range(12)]  # +330 MiB in 11 s
+    assert detect_memory(growing, c).kind == "leak"
+    steady = [sample(t, rss=500 * 2**20) for t in range(30)]
+    assert detect_memory(steady, c) is None
+    short = [sample(t, rss=(500 + 100 * t) * 2**20) for t in range(5)]  # under leak_min_span_s of history
+    assert detect_memory(short, c) is None
+
+
+# ---- crash loop / unhealthy ----------------------------------------------------------------------
+def test_crash_loop_and_fatal():
+    c = cfg(crash_loop_count=3, crash_loop_window_s=60)
+    assert detect_crash_loop([10, 20], sample(30), c) is None
+    assert detect_crash_loop([10, 20, 25], sample(30), c).kind == "crash_loop"
+    assert detect_crash_loop([1, 2, 3], sample(100), c) is None  # outside the window
+    assert detect_crash_loop([], sample(0, state="FATAL"), c).kind == "app_fatal"
+
+
+def test_engine_unhealthy_reported_by_the_app():
+    assert detect_engine_unhealthy(sample(0, live="unhealthy")).action == "restart"
+    assert detect_engine_unhealthy(sample(0)) is None
+
+
+def test_detect_all_orders_by_severity():
+    h = [sample(0, status="stopped", live="timeout", events=[oom_event()]),
+         sample(1, status="stopped", live="timeout", events=[oom_event()])]
+    kinds = [f.kind for f in detect_all(h, [], C)]
+    assert kinds[0] == "hang" and "oom_in_log" in kinds

@@ -1,0 +1,165 @@
+"""A real supervisord stack (app + monitor on the tiny model) in a temp home, and a real webhook
+receiver. Every process started here is stopped in `stop()`, even when a test failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+from tests.helpers import PYTHON, REPO, free_port, wait_for
+
+ZIMAGECTL = [PYTHON, "-m", "ops.cli"]
+
+
+class WebhookReceiver:
+    """A local HTTP server that records every POST (body bytes + headers)."""
+
+    def __init__(self, status: int = 200):
+        self.requests: list[dict] = []
+        self.status = status
+        received = self.requests
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("content-length", 0))
+                body = self.rfile.read(length)
+                received.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                 "body": body, "json": json.loads(body), "at": time.time()})
+                self.send_response(outer.status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def alerts(self, kind: Optional[str] = None) -> list[dict]:
+        out = [r["json"] for r in self.requests]
+        return [a for a in out if kind is None or a.get("kind") == kind]
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class StackHome:
+    """A checkout-like home: supervisor/ copied, .venv linked, its own zimage.toml, run/ and logs/."""
+
+    def __init__(self, root: Path, app: Optional[dict] = None, monitor: Optional[dict] = None):
+        self.home = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        shutil.copytree(REPO / "supervisor", root / "supervisor")
+        (root / ".venv").symlink_to(REPO / ".venv")
+        (root / "logs").mkdir()
+        app_cfg = {"port": self.port, "warmup_size": 128, "warmup_steps": 1, "min_size": 64, **(app or {})}
+        mon_cfg = {"interval_s": 0.5, "probe_timeout_s": 1.0, "backoff_initial_s": 1.0, "restart_budget": 20,
+                   "warmup_size": 128, "warmup_steps": 1, "resolve_quiet_samples": 2, **(monitor or {})}
+        (root / "zimage.toml").write_text(_toml({"app": app_cfg, "monitor": mon_cfg}))
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}
+        self.env.update(ZIMAGE_HOME=str(root), PYTHONUNBUFFERED="1")
+
+    @property
+    def conf(self) -> Path:
+        return self.home / "supervisor" / "supervisord.conf"
+
+    def ctl(self, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(ZIMAGECTL + list(args), cwd=REPO, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def supervisorctl(self, *args) -> subprocess.CompletedProcess:
+        return subprocess.run([str(REPO / ".venv" / "bin" / "supervisorctl"), "-c", str(self.conf), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    def up(self) -> "StackHome":
+        result = self.ctl("up", "--timeout", "180")
+        assert result.returncode == 0, f"up failed:\n{result.stdout}\n{result.stderr}\n{self.logs()}"
+        return self
+
+    def pid(self, program: str = "app") -> int:
+        out = self.supervisorctl("pid", program).stdout.strip()
+        return int(out) if out.isdigit() else 0
+
+    def supervisord_pid(self) -> int:
+        try:
+            return int((self.home / "run" / "supervisord.pid").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def admin_headers(self) -> dict:
+        return {"authorization": "Bearer " + (self.home / "run" / "admin.token").read_text().strip()}
+
+    def state(self) -> dict:
+        try:
+            return json.loads((self.home / "run" / "monitor-state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def restarts(self) -> list[dict]:
+        return self.state().get("restarts", [])
+
+    def log(self, name: str) -> str:
+        path = self.home / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n} ---\n{self.log(n)[-3000:]}" for n in ("supervisord", "app", "monitor"))
+
+    def stop(self) -> None:
+        """Graceful down, then make sure: nothing this stack started survives the test."""
+        sup = self.supervisord_pid()
+        try:
+            self.ctl("down", "--timeout", "30", timeout=90)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in [sup, *self.child_pids(sup)]:
+            if pid <= 0:  # kill(0) would hit our own process group
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    @staticmethod
+    def child_pids(pid: int) -> list[int]:
+        if not pid:
+            return []
+        import psutil
+
+        try:
+            return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+
+
+def _toml(sections: dict) -> str:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def wait_ready(stack: StackHome, timeout: float = 60) -> None:
+    wait_for(stack.ready, timeout, 0.2, "stack ready")
