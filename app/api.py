@@ -243,7 +243,7 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
         return {"draining": service.draining, "in_flight": service.in_flight, "idle": service.idle()}
 
     @app.post("/admin/fault", tags=["admin"], dependencies=[Depends(require_admin_token)])
-    async def admin_fault(body: FaultRequest):
+    def admin_fault(body: FaultRequest):  # sync: a leak touches GBs, off the event loop (threadpool)
         if not faults.enabled:
             raise StarletteHTTPException(404, "fault injection is disabled (app.fault_injection = false)")
         try:

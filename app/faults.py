@@ -36,11 +36,12 @@ class FaultInjector:
             elif kind == "slow":
                 self.step_delay_s = seconds
             elif kind == "leak":
-                # Touch every page so the memory is resident (RSS), not just reserved.
-                block = bytearray(megabytes * 2**20)
-                for i in range(0, len(block), 4096):
-                    block[i] = 1
-                self.leaked.append(block)
+                # Non-zero fill: every page is written, so the memory is resident (RSS), not just
+                # reserved. 32 MiB at a time with a GIL release between: one multi-GB fill would
+                # starve the event loop for seconds, and the monitor would rightly call that a hang.
+                for _ in range(0, megabytes, 32):
+                    self.leaked.append(bytearray(b"\x01") * (32 * 2**20))
+                    time.sleep(0.001)
             elif kind == "clear":
                 self.oom_pending = self.fatal_pending = 0
                 self.step_delay_s = 0.0

@@ -65,7 +65,7 @@ class StackHome:
         self.url = f"http://127.0.0.1:{self.port}"
         shutil.copytree(REPO / "supervisor", root / "supervisor")
         (root / ".venv").symlink_to(REPO / ".venv")
-        (root / "logs").mkdir()
+        (root / "logs").mkdir(exist_ok=True)
         app_cfg = {"port": self.port, "warmup_size": 128, "warmup_steps": 1, "min_size": 64, **(app or {})}
         mon_cfg = {"interval_s": 0.5, "probe_timeout_s": 1.0, "backoff_initial_s": 1.0, "restart_budget": 20,
                    "warmup_size": 128, "warmup_steps": 1, "resolve_quiet_samples": 2, **(monitor or {})}
