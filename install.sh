@@ -32,14 +32,18 @@ fi
 log "installing zimage-serve and its test dependencies"
 "$PY" -m pip install -q -e ".[test]"
 
-# Headless Chromium for the browser test: Debian's package (no browser download from a test tool).
-if ! command -v chromium >/dev/null 2>&1 && [ "${SKIP_BROWSER:-0}" != 1 ]; then
+# Headless Chromium for the browser test (Debian's package: no browser download from a test tool),
+# and a CJK font so Chinese prompts render in it.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+dpkg -s fonts-wqy-zenhei >/dev/null 2>&1 || missing+=(fonts-wqy-zenhei)
+if [ "${#missing[@]}" -gt 0 ] && [ "${SKIP_BROWSER:-0}" != 1 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    log "installing Debian's chromium for the UI test"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-      || log "chromium install failed: the browser test will be skipped"
+    log "installing Debian packages for the UI test: ${missing[*]}"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+      || log "apt-get install failed: the browser test will be skipped"
   else
-    log "chromium not found and not root: the browser test will be skipped (apt-get install chromium)"
+    log "missing ${missing[*]} and not root: the browser test will be skipped (apt-get install ${missing[*]})"
   fi
 fi
 

@@ -10,6 +10,7 @@ marks the engine unhealthy so the monitor replaces the process.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import queue
 import threading
@@ -85,6 +86,8 @@ class Job:
     future: Future = field(default_factory=Future)
     abandoned: threading.Event = field(default_factory=threading.Event)
     started_at: Optional[float] = None
+    priority: int = 1  # 0: health checks (the monitor's warm-up) go before user work
+    seq: int = 0
 
 
 @dataclass
@@ -129,7 +132,9 @@ class Engine:
         self.heartbeat = Heartbeat()
         self.loaded: Optional[LoadedPipeline] = None
         self.warmup_seconds: Optional[float] = None
-        self._jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
+        # (priority, arrival order, job): FIFO within a priority; None is the stop sentinel.
+        self._jobs: "queue.PriorityQueue[tuple[int, int, Optional[Job]]]" = queue.PriorityQueue()
+        self._seq = itertools.count()
         self._lock = threading.Lock()
         self._waiting = 0
         self._running = 0
@@ -143,7 +148,7 @@ class Engine:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._jobs.put(None)
+        self._jobs.put((-1, next(self._seq), None))
         if self._thread is not None:
             self._thread.join(timeout)
         self.state = "stopped" if self.state not in ("failed", "unhealthy") else self.state
@@ -193,21 +198,24 @@ class Engine:
         self.warmup_seconds = round(time.perf_counter() - started, 3)
 
     # ---- admission -------------------------------------------------------------------------
-    def submit(self, params: GenerationParams, request_id: Optional[str] = None) -> Job:
-        """Queue a generation. Raises NotReady, EngineUnhealthy or QueueFull instead of waiting."""
+    def submit(self, params: GenerationParams, request_id: Optional[str] = None, priority: bool = False) -> Job:
+        """Queue a generation. Raises NotReady, EngineUnhealthy or QueueFull instead of waiting.
+        A priority job (the monitor's post-restart check) skips the line and the queue limit: it is
+        one small request, and it must not be starved by the traffic it is there to protect."""
         if self.state == "unhealthy":
             raise errors.EngineUnhealthy(f"the engine is unhealthy ({self.state_reason}); it is being replaced",
                                          retry_after_s=30)
         if self.state != "ready":
             raise errors.NotReady(f"the model is {self.state}; try again shortly", retry_after_s=5)
-        job = Job(params=params, request_id=request_id or uuid.uuid4().hex[:16])
+        job = Job(params=params, request_id=request_id or uuid.uuid4().hex[:16], priority=0 if priority else 1,
+                  seq=next(self._seq))
         with self._lock:
-            if self._waiting >= self.settings.queue_size and (self._running or self._waiting):
+            if not priority and self._waiting >= self.settings.queue_size and (self._running or self._waiting):
                 raise errors.QueueFull(
                     f"the queue is full ({self._waiting} waiting, {self._running} running)",
                     hint="retry after the time in Retry-After", retry_after_s=self._retry_after())
             self._waiting += 1
-        self._jobs.put(job)
+        self._jobs.put((job.priority, job.seq, job))
         return job
 
     def _retry_after(self) -> int:
@@ -217,7 +225,7 @@ class Engine:
     # ---- the serving loop ------------------------------------------------------------------
     def _serve(self) -> None:
         while not self._stop.is_set():
-            job = self._jobs.get()
+            _, _, job = self._jobs.get()
             if job is None:
                 break
             batch = self._take_batch(job)
@@ -239,17 +247,18 @@ class Engine:
                 keep = []
                 while True:
                     try:
-                        nxt = self._jobs.get_nowait()
+                        item = self._jobs.get_nowait()
                     except queue.Empty:
                         break
+                    nxt = item[2]
                     if (nxt is not None and nxt.params.batch_key() == first.params.batch_key()
                             and images + nxt.params.num_images <= self.settings.max_batch):
                         batch.append(nxt)
                         images += nxt.params.num_images
                         self._waiting -= 1
                     else:
-                        keep.append(nxt)
-                for item in keep:  # order among the others is kept
+                        keep.append(item)
+                for item in keep:  # (priority, seq) keys keep their order
                     self._jobs.put(item)
             self._running = len(batch)
         return batch

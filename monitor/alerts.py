@@ -37,6 +37,9 @@ class AlertDispatcher:
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.on_result = on_result  # (target url, "delivered"|"failed"|"dropped") → metrics
         self.counters = AlertCounters()
+        # Drill hook (zimagectl chaos receiver-down): until this epoch time, deliveries go to a closed
+        # local port, so the real failure path (refused, retries, counted failure) runs.
+        self.blackhole_until = 0.0
         self._queues = [queue.Queue(maxsize=queue_size) for _ in targets]
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._worker, args=(t, q), name=f"alerts-{i}", daemon=True)
@@ -75,8 +78,9 @@ class AlertDispatcher:
         if self.secret:
             headers[SIGNATURE_HEADER] = sign(body, self.secret)
         for attempt in range(self.retries + 1):
+            url = "http://127.0.0.1:9/receiver-down" if time.time() < self.blackhole_until else target.url
             try:
-                response = client.post(target.url, content=body, headers=headers)
+                response = client.post(url, content=body, headers=headers)
                 if response.status_code < 300:
                     self.counters.delivered += 1
                     self._report(target.url, "delivered")

@@ -82,6 +82,7 @@ class MonitorSettings(BaseModel):
     # crash loop (supervisord restarting the app by itself)
     crash_loop_count: int = Field(3, ge=2)
     crash_loop_window_s: float = Field(300.0, gt=0)
+    crash_report_s: float = Field(10.0, gt=0)  # a single crash is reported (alert only) for this long
 
     # policy
     restart_budget: int = Field(3, ge=1)

@@ -174,6 +174,13 @@ def detect_crash_loop(unexpected_restarts: Sequence[float], sample: Sample, cfg:
                        reason=f"the app died and was restarted by supervisord {len(recent)} times in "
                               f"{cfg.crash_loop_window_s:.0f} s",
                        evidence={"restarts_in_window": len(recent), "state": sample.program_state})
+    fresh = [t for t in recent if t >= sample.now - cfg.crash_report_s]
+    if fresh:
+        # One crash: supervisord already restarted it; on-call hears of it, the monitor need not act.
+        return Finding(kind="crash", severity="warning", action="alert",
+                       reason="the app died and supervisord restarted it",
+                       evidence={"restarts_in_window": len(recent), "state": sample.program_state,
+                                 "pid": sample.pid})
     return None
 
 

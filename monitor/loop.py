@@ -60,6 +60,9 @@ class Monitor:
             log.warning("restart budget reset by an operator", extra={"event": "circuit_reset"})
             self.reset_circuit()
         now, wall = self.clock(), self.wall()
+        chaos = self.probes.receiver_down_until(wall)
+        if chaos is not None:
+            self.alerts.blackhole_until = chaos
         sample = self.probes.sample(now, wall)
         maintenance = self.probes.maintenance(wall)
         self._record_sample(sample, planned=maintenance is not None)

@@ -49,7 +49,8 @@ def process_tree(pid: int) -> list[psutil.Process]:
 
 class Probes:
     def __init__(self, app_url: str, supervisor: SupervisorClient, program: str, gpu: GpuReader,
-                 follower: Optional[LogFollower], timeout_s: float, maintenance_file: Optional[Path] = None):
+                 follower: Optional[LogFollower], timeout_s: float, maintenance_file: Optional[Path] = None,
+                 chaos_file: Optional[Path] = None):
         self.app_url = app_url.rstrip("/")
         self.supervisor = supervisor
         self.program = program
@@ -57,6 +58,7 @@ class Probes:
         self.follower = follower
         self.timeout_s = timeout_s
         self.maintenance_file = maintenance_file
+        self.chaos_file = chaos_file  # only set when fault injection is enabled in the config
         # A fresh connection per probe: a keep-alive socket to a stopped process would hide a hang.
         self.http = httpx.Client(headers={"connection": "close"})
         self.latencies: dict[str, float] = {}
@@ -128,6 +130,15 @@ class Probes:
         except (OSError, ValueError):
             return None
         return data if data.get("until", 0) > wall else None
+
+    def receiver_down_until(self, wall: float) -> Optional[float]:
+        """`zimagectl chaos receiver-down` (fault injection only): until when alerts cannot be delivered."""
+        if not self.chaos_file:
+            return None
+        try:
+            return float(json.loads(self.chaos_file.read_text()).get("receiver_down_until", 0))
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def close(self) -> None:
         self.http.close()

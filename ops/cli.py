@@ -275,12 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_logs)
     p = sub.add_parser("warmup", help="send a warm-up generation and check the image")
     p.set_defaults(func=cmd_warmup)
-    try:
-        from ops import chaos
+    from ops import chaos, drill
 
-        chaos.add_parser(sub)
-    except ImportError:
-        pass
+    chaos.add_parser(sub)
+    drill.add_parser(sub)
     return parser
 
 

@@ -4,38 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):
-    """Poll until predicate() is truthy; return its value or raise AssertionError after timeout."""
-    deadline = time.monotonic() + timeout
-    last_exc: Optional[BaseException] = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # a probe that cannot connect yet
-            last_exc = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
+from ops.tempstack import PYTHON, REPO, free_port, wait_for  # noqa: F401  (re-exported for the tests)
 
 
 def app_env(tmp: Path, port: int, **settings) -> dict:

@@ -9,7 +9,7 @@ import pytest
 
 from monitor.alert_payloads import verify
 from tests.helpers import wait_for
-from tests.stackutil import StackHome, WebhookReceiver, wait_ready
+from ops.tempstack import StackHome, WebhookReceiver, wait_ready
 
 pytestmark = pytest.mark.integration
 SECRET = "hook-secret-for-tests"

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from tests.helpers import wait_for
-from tests.stackutil import StackHome, wait_ready
+from ops.tempstack import StackHome, wait_ready
 
 pytestmark = pytest.mark.integration
 

@@ -103,7 +103,9 @@ def test_rss_limit_and_leak():
 # ---- crash loop / unhealthy ----------------------------------------------------------------------
 def test_crash_loop_and_fatal():
     c = cfg(crash_loop_count=3, crash_loop_window_s=60)
-    assert detect_crash_loop([10, 20], sample(30), c) is None
+    assert detect_crash_loop([10, 19], sample(30), c) is None  # older than crash_report_s, under the count
+    single = detect_crash_loop([25], sample(30), c)
+    assert single.kind == "crash" and single.action == "alert"
     assert detect_crash_loop([10, 20, 25], sample(30), c).kind == "crash_loop"
     assert detect_crash_loop([1, 2, 3], sample(100), c) is None  # outside the window
     assert detect_crash_loop([], sample(0, state="FATAL"), c).kind == "app_fatal"

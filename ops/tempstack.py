@@ -1,5 +1,6 @@
-"""A real supervisord stack (app + monitor on the tiny model) in a temp home, and a real webhook
-receiver. Every process started here is stopped in `stop()`, even when a test failed."""
+"""A real supervisord stack (app + monitor on the tiny model) in a temporary home, and a real local
+webhook receiver: what the integration tests and `zimagectl drill` run against. Every process
+started here is stopped in `stop()`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,9 +19,30 @@ from typing import Optional
 
 import httpx
 
-from tests.helpers import PYTHON, REPO, free_port, wait_for
-
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
 ZIMAGECTL = [PYTHON, "-m", "ops.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Poll until predicate() is truthy; return its value or raise AssertionError after timeout."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # a probe that cannot connect yet
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
 
 
 class WebhookReceiver:

@@ -1,0 +1,99 @@
+"""The Gradio UI in a real headless Chromium (Debian's, driven by Playwright; no browser download),
+and its generate event through gradio_client."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.helpers import REPO, AppProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    proc = AppProcess(tmp_path_factory.mktemp("ui"), warmup_size=128, warmup_steps=1).start().wait_ready()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium not installed (install.sh installs it as root)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        yield b
+        b.close()
+
+
+def test_generate_in_the_browser(app, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    problems = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.goto(app.url + "/")
+    page.wait_for_selector("#demo-banner")
+    page.wait_for_selector("#generate-btn:not([disabled])", timeout=30000)
+    page.fill("#prompt textarea", "一只红狐狸 in fresh snow, soft light")
+    page.click("#preset-768x768")
+    page.wait_for_function("document.querySelector('#width input[type=number]').value === '768'")
+    page.click("#preset-1024x576")
+    page.wait_for_function("document.querySelector('#height input[type=number]').value === '576'")
+    page.click("#generate-btn")
+    page.wait_for_selector("#gallery img", timeout=60000)
+    page.wait_for_function("document.querySelector('#gallery img').naturalWidth > 0")
+    sizes = page.eval_on_selector_all("#gallery img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+    assert sizes == [[1024, 576]]
+    info = page.inner_text("#generation-info")
+    assert "1024×576" in info and "Seed" in info
+    # The download button hands the PNG itself to the user.
+    page.locator("#gallery button.thumbnail-item").first.click(force=True)  # open the preview
+    with page.expect_download(timeout=15000) as download_info:
+        page.locator("#gallery button[aria-label='Download']").first.click()
+    saved = tmp_path / "download.png"
+    download_info.value.save_as(saved)
+    assert Image.open(saved).size == (1024, 576)
+    # A validation problem is a readable message, not a stack trace.
+    page.fill("#prompt textarea", "   ")
+    page.click("#generate-btn")
+    toast = page.wait_for_selector("text=prompt is empty", timeout=15000)
+    assert toast is not None
+    page.get_by_role("tab", name="Advanced").click()
+    page.wait_for_selector("text=attention_backend", timeout=10000)
+    assert problems == [], problems
+    page.close()
+
+
+def test_screenshot_of_the_generate_tab(app, browser, tmp_path):
+    """A full-page screenshot; with UPDATE_SCREENSHOTS=1 it refreshes docs/ui-generate.png (README)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app.url + "/")
+    page.wait_for_selector("#generate-btn:not([disabled])", timeout=30000)
+    page.fill("#prompt textarea", "A lighthouse on a cliff at dusk, waves, cinematic light")
+    page.click("#preset-512x512")
+    page.click("#generate-btn")
+    page.wait_for_selector("#gallery img", timeout=60000)
+    page.wait_for_function("document.querySelector('#gallery img').naturalWidth > 0")
+    out = REPO / "docs" / "ui-generate.png" if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path / "ui.png"
+    page.screenshot(path=str(out), full_page=True)
+    assert Image.open(out).size[0] >= 1400
+    page.close()
+
+
+def test_gradio_client_calls_the_generate_event(app):
+    from gradio_client import Client
+
+    client = Client(app.url + "/", verbose=False)
+    # (the last-seed State is UI-only; API clients get the gallery and the info text)
+    gallery, info = client.predict("a lighthouse", "", 256, 320, 2, 0, 7, False, 2, api_name="/generate")
+    assert "`7`" in info and len(gallery) == 2
+    assert Image.open(gallery[0]["image"]).size == (256, 320)
+    assert "256×320" in info
