@@ -34,6 +34,8 @@ class AppSettings(BaseModel):
     compile_cache_dir: Path = Path("run/compile-cache")
     offload: OffloadMode = "none"
     max_batch: int = Field(1, ge=1, le=16)  # queued requests of one shape merged into one pipeline call
+    memory_cap_gib: Optional[float] = Field(None, gt=0)  # per-process GPU memory cap (e.g. a 16 GiB card)
+    ui: bool = True  # mount the Gradio UI at / (the JSON API works either way)
 
     # Warm-up before ready: one generation of this size (None: 1024 on GPU, 256 on CPU).
     warmup: bool = True

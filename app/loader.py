@@ -67,6 +67,11 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
     dtype = resolve_dtype(settings.dtype, device)
     vae_dtype = dtype if settings.vae_dtype == "auto" else _DTYPES[settings.vae_dtype]
     notes: list[str] = []
+    if settings.memory_cap_gib and device.type == "cuda":
+        # Behave like a smaller card: the caching allocator refuses to grow past the cap.
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, settings.memory_cap_gib * 2**30 / total), device)
+        notes.append(f"GPU memory capped at {settings.memory_cap_gib:g} GiB")
 
     if settings.model_dir is None:
         from app.tiny import build_tiny_pipeline
