@@ -112,8 +112,14 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
     if compiled:
         _configure_compile_cache(settings)
         # Regional compilation: the 30 identical transformer blocks compile once and are reused,
-        # which is most of full-graph speed at a fraction of the compile time.
-        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=False, mode=settings.compile_mode)
+        # which is most of full-graph speed at a fraction of the compile time. dynamic=None lets
+        # dynamo mark the sequence length dynamic after the first change: the caption length differs
+        # with every prompt, and static shapes would recompile per prompt (seen on the H100: the
+        # recompile limit was hit after 8 prompts and requests failed).
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=None, mode=settings.compile_mode)
     return LoadedPipeline(
         pipe=pipe, device=device, dtype=dtype, vae_dtype=vae_dtype, compiled=compiled,
         attention_backend=settings.attention_backend, offload=settings.offload, source=source,

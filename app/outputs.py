@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import re
@@ -11,10 +10,11 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from app import errors
+from app.png import encode_png
 
 # Names we create: <utc timestamp>-<request id>-<index>.png. Anything else is refused when served.
 SAFE_NAME = re.compile(r"^[0-9]{8}T[0-9]{6}-[A-Za-z0-9_-]{1,64}-[0-9]{1,2}\.png$")
@@ -42,12 +42,9 @@ class OutputStore:
                 f"{self.min_free_bytes // 2**20} MiB required", hint="free disk space or prune old outputs")
 
     def encode(self, image: Image.Image, metadata: dict) -> bytes:
-        info = PngInfo()
-        info.add_text("parameters", json.dumps(metadata, ensure_ascii=False))
-        info.add_text("Software", "zimage-serve")
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", pnginfo=info, compress_level=self.compress_level)
-        return buf.getvalue()
+        pixels = np.asarray(image if image.mode in ("RGB", "RGBA") else image.convert("RGB"))
+        return encode_png(pixels, {"parameters": json.dumps(metadata, ensure_ascii=False),
+                                   "Software": "zimage-serve"}, level=self.compress_level)
 
     def save(self, images: list, request_id: str, metadata: dict) -> list[tuple[str, bytes]]:
         """Write each image atomically; return (file name, PNG bytes) pairs."""

@@ -211,6 +211,14 @@ def main(argv=None) -> int:
                      first_image_s=round(first, 2), total_s=round(ready + first, 1))
             finally:
                 app.stop()
+    if "cudnn" in phases and gpu:
+        app = AppRun(port + 3, home, **{**model, "attention_backend": "_native_cudnn"})
+        try:
+            emit(results, event="cold_start", cache="partial", label="cudnn attention",
+                 ready_s=round(app.wait_ready(), 1))
+            measure_latency(app, results, "attention _native_cudnn", args.size, args.n)
+        finally:
+            app.stop()
     if "cap16" in phases and gpu:
         app = AppRun(port + 2, home, offload="text-encoder", memory_cap_gib=16, **model)
         try:

@@ -60,8 +60,9 @@ def rotate_log(stack: Stack, name: str = "app") -> str:
     return str(rotated)
 
 
-def gpu_fill(fill: float, hold: float) -> subprocess.Popen:
-    """A separate process that takes device memory until the device is `fill` full, then holds it."""
+def gpu_fill(fill: float, hold: float, rate_gib_s: float = 0.0) -> subprocess.Popen:
+    """A separate process that takes device memory until the device is `fill` full, then holds it.
+    With a rate, it grows steadily (GiB/s), the way a leak or a neighbour's job does."""
     code = f"""
 import time, torch
 free, total = torch.cuda.mem_get_info()
@@ -69,9 +70,11 @@ target = int(total * {fill}) - (total - free)
 blocks, chunk = [], 256 * 2**20
 while target > chunk:
     try:
-        blocks.append(torch.empty(chunk, dtype=torch.uint8, device="cuda")); target -= chunk
+        blocks.append(torch.ones(chunk, dtype=torch.uint8, device="cuda")); target -= chunk
     except torch.OutOfMemoryError:
         break
+    if {rate_gib_s} > 0:
+        time.sleep(chunk / 2**30 / {rate_gib_s})
 print(f"holding {{len(blocks) * chunk / 2**30:.1f}} GiB", flush=True)
 time.sleep({hold})
 """
