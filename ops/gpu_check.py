@@ -31,7 +31,12 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--compile-cache", default="/tmp/zimage-bench/compile-cache")
     parser.add_argument("--out", default="/tmp")
+    parser.add_argument("--reference", default=".bench/zimage_gpu_baseline.py")
     args = parser.parse_args(argv)
+    if not (Path(args.model_dir) / "model_index.json").exists():
+        from ops.bench import build_model_dir, load_reference
+
+        build_model_dir(load_reference(args.reference), Path(args.model_dir), [])
     home = REPO
     venv_python = home / ".venv" / "bin" / "python"
     if not venv_python.exists():  # the device image has no venv: point the programs at its python
