@@ -40,8 +40,11 @@ def main(argv=None) -> int:
     home = REPO
     venv_python = home / ".venv" / "bin" / "python"
     if not venv_python.exists():  # the device image has no venv: point the programs at its python
+        # A wrapper, not a symlink: a symlinked venv python would look for pyvenv.cfg next to the
+        # link and lose the image's site-packages.
         venv_python.parent.mkdir(parents=True, exist_ok=True)
-        venv_python.symlink_to(sys.executable)
+        venv_python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        venv_python.chmod(0o755)
     (home / "zimage.toml").write_text(
         f'[app]\nmodel_dir = "{args.model_dir}"\ncompile_cache_dir = "{args.compile_cache}"\n'
         'fault_injection = true\nui = true\n'
@@ -53,7 +56,10 @@ def main(argv=None) -> int:
     up = subprocess.run(ctl + ["up", "--timeout", "400"], env=env, capture_output=True, text=True)
     log(event="up", rc=up.returncode, seconds=round(time.time() - t0, 1), out=up.stdout[-1500:])
     state_file = home / "run" / "monitor-state.json"
+    filler = None
     try:
+        if up.returncode != 0:
+            return 1
         status = subprocess.run(ctl + ["status"], env=env, capture_output=True, text=True)
         print(status.stdout, flush=True)
         from common.gpu import open_gpu_reader
@@ -92,6 +98,7 @@ def main(argv=None) -> int:
             crossed_at is None or seen < crossed_at), decision=json.loads(state_file.read_text())["decision"])
         filler.kill()
         filler.wait()
+        filler = None
         # A hang on the GPU stack: SIGSTOP → kill → restart → ready and warm.
         pid = app_pid
         t_hang = time.time()
@@ -103,6 +110,9 @@ def main(argv=None) -> int:
         status = subprocess.run(ctl + ["status"], env=env, capture_output=True, text=True)
         print(status.stdout, flush=True)
     finally:
+        if filler is not None:
+            filler.kill()
+            filler.wait()
         for name in ("app.log", "monitor.log", "supervisord.log"):
             src = home / "logs" / name
             if src.exists():
