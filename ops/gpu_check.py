@@ -39,10 +39,11 @@ def main(argv=None) -> int:
         build_model_dir(load_reference(args.reference), Path(args.model_dir), [])
     home = REPO
     venv_python = home / ".venv" / "bin" / "python"
-    if not venv_python.exists():  # the device image has no venv: point the programs at its python
+    if venv_python.is_symlink() or not venv_python.exists():  # no venv there: point at the image's python
         # A wrapper, not a symlink: a symlinked venv python would look for pyvenv.cfg next to the
         # link and lose the image's site-packages.
         venv_python.parent.mkdir(parents=True, exist_ok=True)
+        venv_python.unlink(missing_ok=True)
         venv_python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
         venv_python.chmod(0o755)
     (home / "zimage.toml").write_text(
