@@ -116,9 +116,9 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         # dynamo mark the sequence length dynamic after the first change: the caption length differs
         # with every prompt, and static shapes would recompile per prompt (seen on the H100: the
         # recompile limit was hit after 8 prompts and requests failed).
-        import torch._dynamo
+        import torch._dynamo as dynamo  # (a bare `import torch._dynamo` would make `torch` local here)
 
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
         pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=None, mode=settings.compile_mode)
     return LoadedPipeline(
         pipe=pipe, device=device, dtype=dtype, vae_dtype=vae_dtype, compiled=compiled,

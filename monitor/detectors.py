@@ -49,7 +49,9 @@ def detect_vram_pressure(history: Sequence[Sample], cfg: MonitorSettings) -> Opt
                                                for s in recent):
         return Finding(kind="vram_pressure", severity="warning", action="free_cache", evidence=evidence,
                        reason=f"GPU memory at {frac:.0%} (≥ {cfg.vram_threshold:.0%}) for {len(recent)} samples")
-    window = [s for s in gpu if s.now >= last.now - cfg.vram_trend_window_s]
+    # The trend only counts while the app is serving: loading a model is memory rising on purpose
+    # (seen on the H100: a "precursor" at 26 % while the weights were being loaded).
+    window = [s for s in gpu if s.now >= last.now - cfg.vram_trend_window_s and s.ready is not None and s.ready.ok]
     slope = _slope([(s.now, s.gpu_used_bytes / s.gpu_total_bytes) for s in window])
     if slope is not None and slope > 0 and len(window) >= max(3, cfg.vram_samples) \
             and window[-1].now - window[0].now >= cfg.vram_trend_window_s / 2:

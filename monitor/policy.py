@@ -18,6 +18,7 @@ class PolicyState:
     circuit_open: bool = False
     circuit_opened_at: Optional[float] = None
     free_cache_at: dict[str, float] = field(default_factory=dict)  # finding kind → last free-cache
+    app_bytes_at_free: dict[str, Optional[int]] = field(default_factory=dict)  # the app's GPU share then
 
     def restarts_in_window(self, now: float, cfg: MonitorSettings) -> list[float]:
         return [t for t in self.restarts if t > now - cfg.restart_budget_window_s]
@@ -60,10 +61,15 @@ def decide(findings: list[Finding], state: PolicyState, now: float, cfg: Monitor
         if now - last < cfg.vram_escalate_after_s:
             return Decision("none", f"cache freed {now - last:.0f} s ago; watching whether it helps", finding)
         app_bytes = finding.evidence.get("app_bytes")
+        before = state.app_bytes_at_free.get(finding.kind)
         used = finding.evidence.get("used_bytes") or 0
         if app_bytes is not None and used and app_bytes < used / 2:
             # Most of the memory belongs to other processes: restarting ours would not help.
             return Decision("alert", "memory pressure comes mostly from other processes; alert only", finding)
+        if app_bytes is not None and before is not None and app_bytes <= before * 1.05:
+            # Our share did not grow after the cache was freed: the growth is someone else's
+            # (seen on the H100 while a neighbour filled the card), so a restart would not help.
+            return Decision("alert", "the app's own GPU memory is not growing; alert only", finding)
         action = "restart"
 
     if action == "alert":
@@ -91,6 +97,7 @@ def record(decision: Decision, state: PolicyState, now: float) -> None:
         state.restarts.append(now)
     elif decision.action == "free_cache" and decision.finding:
         state.free_cache_at[decision.finding.kind] = now
+        state.app_bytes_at_free[decision.finding.kind] = decision.finding.evidence.get("app_bytes")
     elif decision.action == "page":
         state.circuit_open, state.circuit_opened_at = True, now
 
@@ -104,3 +111,4 @@ def forget_old(state: PolicyState, now: float, cfg: MonitorSettings) -> None:
     state.restarts = state.restarts_in_window(now, cfg)
     quiet_after = cfg.vram_escalate_after_s * 4
     state.free_cache_at = {k: t for k, t in state.free_cache_at.items() if now - t < quiet_after}
+    state.app_bytes_at_free = {k: v for k, v in state.app_bytes_at_free.items() if k in state.free_cache_at}

@@ -121,3 +121,10 @@ def test_detect_all_orders_by_severity():
          sample(1, status="stopped", live="timeout", events=[oom_event()])]
     kinds = [f.kind for f in detect_all(h, [], C)]
     assert kinds[0] == "hang" and "oom_in_log" in kinds
+
+
+def test_memory_rising_while_the_app_loads_is_not_a_precursor():
+    c = cfg(vram_threshold=0.9, vram_samples=3, vram_trend_window_s=20, vram_trend_horizon_s=60)
+    loading = [sample(t, ready=False, gpu_used=int((0.1 + 0.02 * t) * 80 * GiB), gpu_total=80 * GiB)
+               for t in range(21)]
+    assert detect_vram_pressure(loading, c) is None

@@ -75,3 +75,16 @@ def test_pressure_from_other_processes_only_alerts():
 def test_crash_loop_alerts_and_fatal_starts():
     assert decide([finding("crash_loop", "alert")], PolicyState(), 0, C).action == "alert"
     assert decide([finding("app_fatal", "start")], PolicyState(), 0, C).action == "start"
+
+
+def test_neighbour_growth_is_not_blamed_on_the_app():
+    """As seen on the H100: the app holds 26 GB, a neighbour grows from 12 to 40 GB."""
+    state = PolicyState()
+    first = finding("vram_pressure", "free_cache", app_bytes=26, used_bytes=38)
+    d = decide([first], state, 0, C)
+    record(d, state, 0)
+    assert d.action == "free_cache"
+    later = finding("vram_pressure", "free_cache", app_bytes=26, used_bytes=45)  # app still > half, not growing
+    assert decide([later], state, 40, C).action == "alert"
+    growing = finding("vram_pressure", "free_cache", app_bytes=34, used_bytes=45)  # the app itself grew
+    assert decide([growing], state, 40, C).action == "restart"
