@@ -63,7 +63,8 @@ def test_vram_pressure_frees_cache_first_then_escalates():
     assert d.action == "free_cache"
     record(d, state, 0)
     assert decide([f], state, 10, C).action == "none"  # give tier 1 time to work
-    assert decide([f], state, 31, C).action == "restart"  # still there: tier 2
+    grown = finding("vram_pressure", "free_cache", app_bytes=74, used_bytes=76)
+    assert decide([grown], state, 31, C).action == "restart"  # still there and ours: tier 2
 
 
 def test_pressure_from_other_processes_only_alerts():
