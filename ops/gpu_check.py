@@ -69,9 +69,12 @@ def main(argv=None) -> int:
         reader = open_gpu_reader()
         free, total = torch.cuda.mem_get_info()
         samples = [s.as_dict() for s in reader.sample()]
-        app_pid = int(subprocess.run([str(home / ".venv/bin/python"), "-m", "supervisor.supervisorctl", "-c",
-                                      str(home / "supervisor/supervisord.conf"), "pid", "app"],
-                                     capture_output=True, text=True, env=env).stdout.strip() or 0)
+        def current_app_pid() -> int:
+            return int(subprocess.run([str(home / ".venv/bin/python"), "-m", "supervisor.supervisorctl", "-c",
+                                       str(home / "supervisor/supervisord.conf"), "pid", "app"],
+                                      capture_output=True, text=True, env=env).stdout.strip() or 0)
+
+        app_pid = current_app_pid()
         log(event="nvml", reader=reader.reason, samples=samples, torch_used=total - free, torch_total=total,
             app_pid=app_pid)
         # VRAM pressure from a neighbour, growing 2 GiB/s towards 97 %.
@@ -101,7 +104,9 @@ def main(argv=None) -> int:
         filler.wait()
         filler = None
         # A hang on the GPU stack: SIGSTOP → kill → restart → ready and warm.
-        pid = app_pid
+        restarts_so_far = len(json.loads(state_file.read_text())["restarts"])
+        log(event="restarts_during_vram_pressure", count=restarts_so_far)
+        pid = current_app_pid()
         t_hang = time.time()
         os.kill(pid, signal.SIGSTOP)
         wait_for(lambda: any(r["kind"] == "hang" for r in json.loads(state_file.read_text())["restarts"]),
