@@ -69,8 +69,9 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
     notes: list[str] = []
     if settings.memory_cap_gib and device.type == "cuda":
         # Behave like a smaller card: the caching allocator refuses to grow past the cap.
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, settings.memory_cap_gib * 2**30 / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, settings.memory_cap_gib * 2**30 / total), index)
         notes.append(f"GPU memory capped at {settings.memory_cap_gib:g} GiB")
 
     if settings.model_dir is None:

@@ -139,8 +139,10 @@ def detect_memory(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[F
         return Finding(kind="memory_limit", severity="error", action="restart",
                        reason=f"app RSS {rss_mb:.0f} MiB is over the limit {cfg.rss_limit_mb} MiB",
                        evidence={"rss_bytes": last.rss_bytes, "limit_mb": cfg.rss_limit_mb, "pid": last.pid})
-    same = [s for s in history if s.pid == last.pid and s.rss_bytes is not None
-            and s.now >= last.now - cfg.leak_window_s]
+    # Growth counts only while the app serves: loading a model grows RSS on purpose (seen on the
+    # H100: 1 → 9.7 GB during from_pretrained, which a naive rule restarted as a "leak").
+    same = [s for s in history if s.pid == last.pid and s.rss_bytes is not None and s.ready is not None
+            and s.ready.ok and s.now >= last.now - cfg.leak_window_s]
     if not same or last.now - same[0].now < cfg.leak_min_span_s:
         return None
     low = min(same, key=lambda s: s.rss_bytes)

@@ -128,3 +128,11 @@ def test_memory_rising_while_the_app_loads_is_not_a_precursor():
     loading = [sample(t, ready=False, gpu_used=int((0.1 + 0.02 * t) * 80 * GiB), gpu_total=80 * GiB)
                for t in range(21)]
     assert detect_vram_pressure(loading, c) is None
+
+
+def test_rss_growth_while_loading_is_not_a_leak():
+    c = cfg(leak_growth_mb=200, leak_window_s=100, leak_min_span_s=10)
+    loading = [sample(t, ready=False, rss=(500 + 300 * t) * 2**20) for t in range(30)]
+    assert detect_memory(loading, c) is None
+    serving = loading + [sample(30 + t, rss=9500 * 2**20) for t in range(20)]  # loaded, flat
+    assert detect_memory(serving, c) is None
