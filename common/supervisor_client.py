@@ -81,15 +81,16 @@ class SupervisorClient:
     def pid(self) -> int:
         return self._call("supervisor.getPID")
 
+    @staticmethod
+    def _info(raw: dict) -> ProcessInfo:
+        return ProcessInfo(name=raw["name"], state=raw["statename"], pid=raw["pid"], start=raw["start"],
+                           now=raw["now"], exitstatus=raw["exitstatus"], description=raw["description"])
+
     def process(self, name: str) -> ProcessInfo:
-        info = self._call("supervisor.getProcessInfo", name)
-        return ProcessInfo(name=info["name"], state=info["statename"], pid=info["pid"], start=info["start"],
-                           now=info["now"], exitstatus=info["exitstatus"], description=info["description"])
+        return self._info(self._call("supervisor.getProcessInfo", name))
 
     def processes(self) -> list[ProcessInfo]:
-        return [ProcessInfo(name=i["name"], state=i["statename"], pid=i["pid"], start=i["start"], now=i["now"],
-                            exitstatus=i["exitstatus"], description=i["description"])
-                for i in self._call("supervisor.getAllProcessInfo")]
+        return [self._info(raw) for raw in self._call("supervisor.getAllProcessInfo")]
 
     def start(self, name: str, wait: bool = False) -> bool:
         try:
