@@ -170,17 +170,20 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
         return resp
 
     # ---- auth ----------------------------------------------------------------------------------
+    def _token_ok(supplied: str, expected: str) -> bool:
+        return hmac.compare_digest(supplied.encode(), expected.encode())
+
     def _bearer(request: Request) -> str:
         header = request.headers.get("authorization", "")
         return header[7:].strip() if header.lower().startswith("bearer ") else ""
 
     def require_api_token(request: Request) -> None:
-        if settings.api_token and not hmac.compare_digest(_bearer(request).encode(), settings.api_token.encode()):
+        if settings.api_token and not _token_ok(_bearer(request), settings.api_token):
             raise StarletteHTTPException(401, "missing or wrong API token (Authorization: Bearer ...)",
                                          headers={"WWW-Authenticate": "Bearer"})
 
     def require_admin_token(request: Request) -> None:
-        if not hmac.compare_digest(_bearer(request).encode(), admin_token.encode()):
+        if not _token_ok(_bearer(request), admin_token):
             raise StarletteHTTPException(401, "missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"})
 
     # ---- probes --------------------------------------------------------------------------------
@@ -217,7 +220,7 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
         """Generate 1–4 images. Defaults follow the Turbo model card: 1024×1024, 9 steps, cfg 0."""
         # The monitor's warm-up check carries the admin token and goes ahead of user traffic.
         priority_token = request.headers.get("x-admin-token", "")
-        priority = bool(priority_token) and hmac.compare_digest(priority_token.encode(), admin_token.encode())
+        priority = bool(priority_token) and _token_ok(priority_token, admin_token)
         return await service.generate(body, request.state.request_id, priority=priority)
 
     @app.get("/api/info", tags=["api"], dependencies=[Depends(require_api_token)])

@@ -112,6 +112,12 @@ class AppSettings(BaseModel):
     def is_demo_model(self) -> bool:
         return self.model_dir is None
 
+    @property
+    def local_url(self) -> str:
+        """Where a process on this host reaches the app (a wildcard bind is reached on loopback)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides) -> AppSettings:
     return load_section(AppSettings, "app", env, overrides)

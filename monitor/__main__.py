@@ -34,8 +34,7 @@ def main() -> int:
     from monitor.status import MonitorMetrics
 
     log = logging.getLogger("monitor")
-    host = "127.0.0.1" if app_cfg.host in ("0.0.0.0", "::", "") else app_cfg.host
-    app_url = cfg.app_url or f"http://{host}:{app_cfg.port}"
+    app_url = cfg.app_url or app_cfg.local_url
     metrics = MonitorMetrics()
     metrics.serve(cfg.metrics_port)
     gpu = open_gpu_reader()

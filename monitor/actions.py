@@ -61,8 +61,11 @@ class Actions:
         self.cfg = cfg
         self.should_stop = should_stop
 
+    def _admin_token(self) -> Optional[str]:
+        return self.admin_token or read_token(self.admin_token_file)
+
     def _admin_headers(self) -> dict:
-        token = self.admin_token or read_token(self.admin_token_file)
+        token = self._admin_token()
         return {"authorization": f"Bearer {token}"} if token else {}
 
     # ---- tier 1 ------------------------------------------------------------------------------
@@ -193,7 +196,7 @@ class Actions:
                 "num_inference_steps": self.cfg.warmup_steps, "seed": 1, "response_format": "base64"}
         headers = {"authorization": f"Bearer {self.api_token}"} if self.api_token else {}
         headers["x-request-id"] = "monitor-warmup"
-        admin = self.admin_token or read_token(self.admin_token_file)
+        admin = self._admin_token()
         if admin:
             headers["x-admin-token"] = admin  # priority lane: the check is not starved by user traffic
         t1 = time.perf_counter()

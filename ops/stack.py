@@ -38,14 +38,10 @@ class Stack:
 
     @property
     def app_url(self) -> str:
-        host = "127.0.0.1" if self.app.host in ("0.0.0.0", "::", "") else self.app.host
-        return self.monitor.app_url or f"http://{host}:{self.app.port}"
+        return self.monitor.app_url or self.app.local_url
 
     def supervisor(self, timeout: float = 5.0) -> SupervisorClient:
         return SupervisorClient(self.monitor.supervisor_socket, timeout)
-
-    def api_headers(self) -> dict:
-        return {"authorization": f"Bearer {self.app.api_token}"} if self.app.api_token else {}
 
     def admin_headers(self) -> dict:
         token = self.app.admin_token or read_token(self.app.admin_token_file)
