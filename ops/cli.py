@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 from common.configfile import ConfigError
 from common.supervisor_client import SupervisorUnavailable
@@ -180,46 +179,37 @@ def _print_status(r: dict) -> None:
             f"{rs['warmup']}")
 
 
-def cmd_restart(stack: Stack, args) -> int:
-    import httpx
+def _actions(stack: Stack, **cfg_overrides):
+    """The monitor's own actions (drain, graceful restart, checked warm-up), for an operator's hand."""
+    from monitor.actions import Actions
 
+    return Actions(stack.app_url, stack.supervisor(), "app", stack.app.admin_token_file, stack.app.admin_token,
+                   stack.app.api_token, stack.monitor.model_copy(update=cfg_overrides))
+
+
+def cmd_restart(stack: Stack, args) -> int:
     client = stack.supervisor()
     if not client.is_running():
         say("supervisord is not running: use zimagectl up")
         return 1
     stack.set_maintenance(args.timeout + 30, "zimagectl restart")
     try:
-        try:
-            httpx.post(stack.app_url + "/admin/drain", json={"enable": True}, headers=stack.admin_headers(),
-                       timeout=5)
-            say("draining: readiness off, waiting for in-flight requests")
-        except httpx.HTTPError:
-            say("app not answering: restarting without a drain")
-        started = time.monotonic()
-        say("stopping app (TERM: in-flight requests finish first)")
-        stack.supervisor(timeout=args.timeout + 10).stop("app", wait=True)
-        say(f"stopped after {time.monotonic() - started:.1f} s; starting")
-        client.start("app", wait=False)
-        if not wait_until(lambda: (stack.readyz() or {}).get("ready"), args.timeout):
-            say(f"error: not ready after {args.timeout:.0f} s")
-            return 1
-        say(f"ready after {time.monotonic() - started:.1f} s")
-        code = cmd_warmup(stack, args)
+        say("draining (readiness off, in-flight requests finish), then stopping and starting the app")
+        result = _actions(stack, warmup_ready_timeout_s=args.timeout).graceful_restart()
     finally:
         stack.clear_maintenance()
+    say(f"restarted in {result.seconds:.1f} s: pid {result.old_pid} → {result.new_pid} ({result.detail})")
+    warm = result.warmup
+    say(("warm-up ok: " if result.ok else "warm-up FAILED: ") + (warm.note() if warm else result.detail))
     try:  # an operator's restart also closes the monitor's circuit if it had given up
         client.signal("monitor", "HUP")
     except Exception:
         pass
-    return code
+    return 0 if result.ok else 1
 
 
 def cmd_warmup(stack: Stack, args) -> int:
-    from monitor.actions import Actions
-
-    actions = Actions(stack.app_url, stack.supervisor(), "app", stack.app.admin_token_file, stack.app.admin_token,
-                      stack.app.api_token, stack.monitor)
-    result = actions.warm_up()
+    result = _actions(stack).warm_up()
     say(("warm-up ok: " if result.ok else "warm-up FAILED: ") + result.note())
     return 0 if result.ok else 1
 
