@@ -31,6 +31,15 @@ class AppSettings(BaseModel):
     attention_backend: str = "native"  # a diffusers attention backend name (native, _native_flash, flash, _flash_3, ...)
     compile: Switch = "auto"  # torch.compile of the transformer; auto: on for CUDA, off on CPU
     compile_mode: str = "default"
+    # What else compiles when compile is on (measured on the H100 in docs/PERFORMANCE.md): the text
+    # encoder (36 eager layers are launch-bound) and the VAE decoder.
+    compile_text_encoder: bool = True
+    compile_vae: bool = True
+    # Lossy, opt-in: FP8 (e4m3, per-row scales) linear layers in the transformer blocks; Hopper/Ada only
+    # for speed (elsewhere it runs, emulated and slow). See app/fp8.py and the quality figure.
+    quantize: Literal["none", "fp8"] = "none"
+    # Load transformer and text encoder concurrently (safetensors reads and host→GPU copies overlap).
+    parallel_load: bool = True
     compile_cache_dir: Path = Path("run/compile-cache")
     offload: OffloadMode = "none"
     max_batch: int = Field(1, ge=1, le=16)  # queued requests of one shape merged into one pipeline call
@@ -41,6 +50,7 @@ class AppSettings(BaseModel):
     warmup: bool = True
     warmup_size: Optional[int] = Field(None, ge=64, le=4096)
     warmup_steps: int = Field(2, ge=1, le=50)
+    prompt_cache_size: int = Field(64, ge=0, le=4096)  # recent prompt embeddings kept on the GPU (re-rolls)
 
     # Input limits (the request schema is built from these).
     min_size: int = Field(256, ge=64)

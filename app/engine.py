@@ -1,7 +1,7 @@
 """The engine: owns the pipeline on one thread, runs one generation (or one merged batch) at a time.
 
 Read top to bottom it is: load → warm up → loop { take job(s) → encode/denoise/decode through the
-diffusers pipeline → hand results back }. A heartbeat is written on every denoising step so the
+diffusers pipeline (app/stages.py) → hand results back }. A heartbeat is written on every denoising step so the
 monitor can tell a long generation that progresses from one that is stuck (gunicorn's worker
 heartbeat, per step). A CUDA OOM fails only the request that hit it; an unrecoverable CUDA error
 marks the engine unhealthy so the monitor replaces the process.
@@ -9,6 +9,7 @@ marks the engine unhealthy so the monitor replaces the process.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import logging
@@ -26,6 +27,7 @@ from app import errors
 from app.config import AppSettings
 from app.faults import FaultInjector
 from app.loader import LoadedPipeline, load_pipeline
+from app.stages import BatchRequest, PromptEmbeddingCache, run_batch
 
 log = logging.getLogger("app.engine")
 
@@ -76,6 +78,7 @@ class JobResult:
     generation_s: float
     batch_size: int
     peak_memory_bytes: Optional[int]
+    stages: dict = field(default_factory=dict)  # encode_s, denoise_s, decode_s of the batch
 
 
 @dataclass
@@ -132,6 +135,7 @@ class Engine:
         self.heartbeat = Heartbeat()
         self.loaded: Optional[LoadedPipeline] = None
         self.warmup_seconds: Optional[float] = None
+        self.prompt_cache = PromptEmbeddingCache(settings.prompt_cache_size)
         # (priority, arrival order, job): FIFO within a priority; None is the stop sentinel.
         self._jobs: "queue.PriorityQueue[tuple[int, int, Optional[Job]]]" = queue.PriorityQueue()
         self._seq = itertools.count()
@@ -174,7 +178,8 @@ class Engine:
             self.loaded = load_pipeline(self.settings)
             log.info("model loaded", extra={"event": "model_loaded", "source": self.loaded.source,
                                             "device": str(self.loaded.device), "dtype": str(self.loaded.dtype),
-                                            "seconds": round(self.loaded.load_seconds, 2)})
+                                            "quantize": self.loaded.quantize, "notes": self.loaded.notes,
+                                            "seconds": round(self.loaded.load_seconds, 2), **self.loaded.phases})
             if self.settings.warmup:
                 self.state = "warming"
                 self._warm_up()
@@ -195,6 +200,12 @@ class Engine:
                                   num_images=1, seed=0)
         started = time.perf_counter()
         self._generate([Job(params=params, request_id="warmup")])
+        if self.settings.max_batch > 1:
+            # Merged batches are new shapes for the compiled graphs; compile them now, not in a user's request.
+            jobs = [Job(params=dataclasses.replace(params, prompt=f"warm-up batch {i}", seed=i),
+                        request_id=f"warmup-{i}") for i in range(self.settings.max_batch)]
+            self._generate(jobs)
+        self.prompt_cache.clear()
         self.warmup_seconds = round(time.perf_counter() - started, 3)
 
     # ---- admission -------------------------------------------------------------------------
@@ -275,6 +286,9 @@ class Engine:
                 # One CPU generator per image, seeded seed+i: an image depends on its request only,
                 # never on what it was batched with, and a seed gives the same picture on CPU and GPU.
                 generators.append(torch.Generator("cpu").manual_seed((p.seed + i) % 2**63))
+        request = BatchRequest(prompts=prompts, negatives=negatives if first.cfg_scale > 1 else None,
+                               width=first.width, height=first.height, steps=first.num_inference_steps,
+                               cfg_scale=first.cfg_scale, generators=generators)
         hb = self.heartbeat
         now = self.wall_clock()
         started = time.perf_counter()
@@ -303,19 +317,7 @@ class Engine:
         try:
             self.faults.before_generation()
             with torch.inference_mode():
-                out = pipe(
-                    prompt=prompts,
-                    negative_prompt=negatives if first.cfg_scale > 1 else None,
-                    height=first.height,
-                    width=first.width,
-                    num_inference_steps=first.num_inference_steps,
-                    guidance_scale=first.cfg_scale,
-                    num_images_per_prompt=1,
-                    generator=generators,
-                    callback_on_step_end=on_step_end,
-                    output_type="pil",
-                )
-            images = out.images
+                images, stages = run_batch(pipe, request, self.loaded.exec_device, self.prompt_cache, on_step_end)
         except _Cancelled:
             self._fail(batch, errors.GenerationTimeout("the request timed out and was cancelled mid-generation"))
             return
@@ -343,7 +345,7 @@ class Engine:
             _resolve(job.future, JobResult(
                 images=images[offset:offset + n], seed=job.params.seed,
                 queue_wait_s=job.started_at - job.enqueued_at, generation_s=seconds,
-                batch_size=len(batch), peak_memory_bytes=peak))
+                batch_size=len(batch), peak_memory_bytes=peak, stages=stages))
             offset += n
 
     def _fail(self, batch: list[Job], exc: Exception) -> None:
@@ -377,6 +379,7 @@ class Engine:
     # ---- admin -----------------------------------------------------------------------------
     def free_cache(self) -> dict:
         """Return unused cached GPU memory to the driver (safe while a generation runs)."""
+        self.prompt_cache.clear()
         gc.collect()
         if not torch.cuda.is_available() or self.loaded is None or self.loaded.device.type != "cuda":
             return {"device": "cpu", "freed_bytes": 0}

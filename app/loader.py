@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,8 @@ class LoadedPipeline:
     source: str  # "tiny" or the model directory
     load_seconds: float
     notes: list[str] = field(default_factory=list)
+    quantize: str = "none"
+    phases: dict[str, float] = field(default_factory=dict)  # read_s, place_s, quantize_s: where start-up time goes
 
     @property
     def exec_device(self) -> torch.device:
@@ -67,6 +70,7 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
     dtype = resolve_dtype(settings.dtype, device)
     vae_dtype = dtype if settings.vae_dtype == "auto" else _DTYPES[settings.vae_dtype]
     notes: list[str] = []
+    phases: dict[str, float] = {}
     if settings.memory_cap_gib and device.type == "cuda":
         # Behave like a smaller card: the caching allocator refuses to grow past the cap.
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -82,26 +86,16 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         pipe = build_tiny_pipeline(dtype=dtype)
         source = "tiny"
     else:
-        from diffusers import ZImagePipeline
-
         log.info("loading model", extra={"event": "model_loading", "model_dir": str(settings.model_dir)})
-        kwargs = {"torch_dtype": dtype}
-        if device.type == "cuda" and settings.offload == "none":
-            # Load safetensors straight onto the GPU instead of CPU first and then .to(): one copy, not two.
-            kwargs["device_map"] = "cuda" if device.index is None else f"cuda:{device.index}"
-        try:
-            pipe = ZImagePipeline.from_pretrained(str(settings.model_dir), **kwargs)
-        except (TypeError, ValueError, NotImplementedError) as exc:
-            if "device_map" not in kwargs:
-                raise
-            notes.append(f"device_map load unavailable ({exc.__class__.__name__}); loaded on CPU then moved")
-            kwargs.pop("device_map")
-            pipe = ZImagePipeline.from_pretrained(str(settings.model_dir), **kwargs)
+        pipe = _from_directory(settings, device, dtype, notes)
         source = str(settings.model_dir)
         pipe.set_progress_bar_config(disable=True)
+    phases["read_s"] = time.perf_counter() - started
 
+    mark = time.perf_counter()
     pipe.vae.to(vae_dtype)
     _place(pipe, settings.offload, device, notes)
+    phases["place_s"] = time.perf_counter() - mark
 
     if settings.attention_backend != "native":
         try:
@@ -109,23 +103,88 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         except Exception as exc:  # an unavailable kernel is a config error, said clearly
             raise RuntimeError(f"attention backend {settings.attention_backend!r} unavailable: {exc}") from exc
 
+    if settings.quantize == "fp8":
+        from app.fp8 import fp8_matmul_supported, quantize_transformer
+
+        mark = time.perf_counter()
+        count = quantize_transformer(pipe.transformer, min_features=min(512, pipe.transformer.config.dim))
+        phases["quantize_s"] = time.perf_counter() - mark
+        notes.append(f"FP8 linear layers: {count}" + ("" if fp8_matmul_supported(device) else " (emulated: no FP8 matmul here)"))
+
     compiled = settings.compile == "on" or (settings.compile == "auto" and device.type == "cuda")
     if compiled:
-        _configure_compile_cache(settings)
-        # Regional compilation: the 30 identical transformer blocks compile once and are reused,
-        # which is most of full-graph speed at a fraction of the compile time. dynamic=None lets
-        # dynamo mark the sequence length dynamic after the first change: the caption length differs
-        # with every prompt, and static shapes would recompile per prompt (seen on the H100: the
-        # recompile limit was hit after 8 prompts and requests failed).
-        import torch._dynamo as dynamo  # (a bare `import torch._dynamo` would make `torch` local here)
-
-        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
-        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=None, mode=settings.compile_mode)
+        compile_pipeline(pipe, settings, text_encoder=settings.compile_text_encoder and settings.offload == "none",
+                         vae=settings.compile_vae)
     return LoadedPipeline(
         pipe=pipe, device=device, dtype=dtype, vae_dtype=vae_dtype, compiled=compiled,
         attention_backend=settings.attention_backend, offload=settings.offload, source=source,
-        load_seconds=time.perf_counter() - started, notes=notes,
+        load_seconds=time.perf_counter() - started, notes=notes, quantize=settings.quantize,
+        phases={k: round(v, 2) for k, v in phases.items()},
     )
+
+
+def _from_directory(settings: AppSettings, device: torch.device, dtype: torch.dtype, notes: list[str]):
+    """from_pretrained, with safetensors read straight onto the GPU and the two big components
+    (transformer 12 GiB, text encoder 8 GiB) read concurrently: file reads and host→GPU copies
+    release the GIL, so the second component no longer waits for the first."""
+    from diffusers import ZImagePipeline
+
+    kwargs = {"torch_dtype": dtype}
+    if device.type == "cuda" and settings.offload == "none":
+        # One copy (file → GPU), not two (file → CPU → GPU).
+        kwargs["device_map"] = "cuda" if device.index is None else f"cuda:{device.index}"
+    if settings.parallel_load:
+        try:
+            kwargs.update(_read_big_components(settings.model_dir, kwargs))
+        except Exception as exc:  # a layout we do not know: the plain path below reads everything
+            notes.append(f"parallel load skipped ({exc.__class__.__name__}: {exc})")
+    try:
+        return ZImagePipeline.from_pretrained(str(settings.model_dir), **kwargs)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        if "device_map" not in kwargs:
+            raise
+        notes.append(f"device_map load unavailable ({exc.__class__.__name__}); loaded on CPU then moved")
+        kwargs.pop("device_map")
+        return ZImagePipeline.from_pretrained(str(settings.model_dir), **kwargs)
+
+
+def _read_big_components(model_dir: Path, kwargs: dict) -> dict:
+    """The classes model_index.json names (diffusers' transformer, transformers' text encoder)."""
+    import concurrent.futures as cf
+    import importlib
+    import json
+
+    index = json.loads((model_dir / "model_index.json").read_text())
+    common = {k: v for k, v in kwargs.items() if k in ("torch_dtype", "device_map")}
+    with cf.ThreadPoolExecutor(2, thread_name_prefix="load") as pool:
+        futures = {}
+        for name in ("transformer", "text_encoder"):
+            library, class_name = index[name]
+            cls = getattr(importlib.import_module(library), class_name)
+            futures[name] = pool.submit(cls.from_pretrained, str(model_dir / name), **common)
+        return {name: future.result() for name, future in futures.items()}
+
+
+def compile_pipeline(pipe, settings: AppSettings, text_encoder: bool, vae: bool) -> None:
+    """torch.compile where it pays. Compiled code is produced at the first call of each shape (the
+    warm-up) and cached on disk under compile_cache_dir for the next start."""
+    _configure_compile_cache(settings)
+    import torch._dynamo as dynamo  # (a bare `import torch._dynamo` would make `torch` local here)
+
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+    # Regional compilation: the 30 identical transformer blocks compile once and are reused,
+    # which is most of full-graph speed at a fraction of the compile time. dynamic=None lets
+    # dynamo mark the sequence length dynamic after the first change: the caption length differs
+    # with every prompt, and static shapes would recompile per prompt (seen on the H100: the
+    # recompile limit was hit after 8 prompts and requests failed).
+    pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=None, mode=settings.compile_mode)
+    if text_encoder:
+        # The pipeline pads every prompt to 512 tokens, so the encoder sees one static shape per
+        # batch size; compiled, its 36 layers stop paying eager launch overhead.
+        for layer in pipe.text_encoder.layers:
+            layer.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
+    if vae:
+        pipe.vae.decoder.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
 
 
 def _place(pipe, offload: str, device: torch.device, notes: list[str]) -> None:

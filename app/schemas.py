@@ -112,7 +112,10 @@ class ImageOut(BaseModel):
 
 class Timings(BaseModel):
     queue_wait_s: float
-    generation_s: float
+    generation_s: float  # encode + denoise + decode of the batch this request ran in
+    encode_s: Optional[float] = None
+    denoise_s: Optional[float] = None
+    decode_s: Optional[float] = None
     save_s: float
     total_s: float
 

@@ -118,5 +118,6 @@ class GenerationService:
             request_id=request_id, seed=seed, images=images, width=req.width, height=req.height,
             num_inference_steps=req.num_inference_steps, cfg_scale=req.cfg_scale,
             timings=Timings(queue_wait_s=round(result.queue_wait_s, 4), generation_s=round(result.generation_s, 4),
-                            save_s=round(save_s, 4), total_s=round(total, 4)),
+                            save_s=round(save_s, 4), total_s=round(total, 4),
+                            **{k: round(v, 4) for k, v in result.stages.items()}),
             peak_memory_bytes=result.peak_memory_bytes, model=self.model_label)

@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_logs)
     p = sub.add_parser("warmup", help="send a warm-up generation and check the image")
     p.set_defaults(func=cmd_warmup)
+    # Listed for --help; main() hands its arguments to ops.bench untouched (argparse mangles a REMAINDER of options).
+    sub.add_parser("bench", add_help=False, help="the performance table (zimagectl bench --help)")
     from ops import chaos, drill
 
     chaos.add_parser(sub)
@@ -272,7 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # needs no running stack
+        from ops import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         stack = Stack.load()

@@ -1,0 +1,31 @@
+"""zimagectl bench on this machine (tiny model, CPU): the tool that makes docs/PERFORMANCE.md runs
+end to end through the real app and prints its table, FP8 quality row included."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ops.bench import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_prints_the_table_with_stage_split_and_fp8_quality(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "ops.cli", "bench", "--phases", "latency,fp8", "--n", "2",
+                           "--home", str(tmp_path / "home"), "--images-dir", str(tmp_path / "img"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {(r["event"], r.get("label")): r for r in json.loads(out.read_text())}
+    default = rows[("latency", "default settings")]
+    fp8 = rows[("latency", "opt-in quantize=fp8")]
+    for row in (default, fp8):
+        stages = row["encode_p50_s"] + row["denoise_p50_s"] + row["decode_p50_s"]
+        assert 0 < stages <= row["pipeline_p50_s"] * 1.05 and row["e2e_p50_s"] >= row["pipeline_p50_s"]
+    quality = rows[("quality", "fp8 vs default, same prompt and seed")]
+    assert 30 < quality["psnr_db"] < float("inf")  # changed (FP8 ran), but only a little
+    assert (tmp_path / "img" / "quality-fp8.png").stat().st_size > 0
+    table = proc.stdout[proc.stdout.index("measurement"):]
+    assert "latency 256²: opt-in quantize=fp8" in table and "quality: fp8 vs default" in table
