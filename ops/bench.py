@@ -35,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = ("Young Chinese woman in red Hanfu, intricate embroidery, impeccable makeup, elaborate high bun with a "
           "golden phoenix headdress, soft-lit outdoor night, silhouetted pagoda, blurred colorful lights, photorealistic")
-ALL_PHASES = "reference,latency,throughput,fp8,coldstart,parts,cap16"
+ALL_PHASES = "reference,latency,throughput,fp8,coldstart,parts,dynamic,cap16"
 
 
 def emit(results: list, **row) -> dict:
@@ -111,7 +111,7 @@ class AppRun:
         self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 900) -> float:
+    def wait_ready(self, timeout: float = 300) -> float:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -122,7 +122,7 @@ class AppRun:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise TimeoutError("app not ready")
+        raise TimeoutError(f"app not ready in {timeout:.0f} s: " + self.log_path.read_text()[-3000:])
 
     def startup_breakdown(self) -> dict:
         """Where the start went, from the app's own log: interpreter + imports until its first
@@ -184,7 +184,7 @@ def measure_latency(app: AppRun, results: list, label: str, size: int, n: int) -
 
     return emit(results, event="latency", label=label, size=size, n=n, e2e_p50_s=round(statistics.median(e2e), 3),
                 e2e_min_s=round(min(e2e), 3), pipeline_p50_s=round(gen, 3), encode_p50_s=p50("encode_s"),
-                denoise_p50_s=p50("denoise_s"), decode_p50_s=p50("decode_s"),
+                denoise_p50_s=p50("denoise_s"), decode_p50_s=p50("decode_s"), save_p50_s=p50("save_s"),
                 overhead_pct=round(100 * (statistics.median(e2e) - gen) / gen, 1),
                 peak_gib=round((body.get("peak_memory_bytes") or 0) / 2**30, 1))
 
@@ -354,11 +354,22 @@ def main(argv=None) -> int:
         finally:
             app.stop()
 
+    def dynamic_phase():
+        # Dynamic sequence length from the start: one graph fewer to compile. Started twice so the
+        # second start shows the warm-cache figure.
+        for cache in ("partial", "warm"):
+            app = started("compile_dynamic=on", cache, compile_dynamic="on")
+            try:
+                if cache == "warm":
+                    speedup(measure_latency(app, results, "compile_dynamic=on", args.size, max(3, args.n // 2)))
+            finally:
+                app.stop()
+
     def parts_phase():
-        # Side by side: what compiling the text encoder and the VAE decoder buys.
-        app = started("transformer compiled only", "partial", compile_text_encoder="false", compile_vae="false")
+        # Side by side: what compiling the VAE decoder buys, and what compiling the text encoder costs.
+        app = started("VAE eager, text encoder compiled", "partial", compile_text_encoder="true", compile_vae="false")
         try:
-            speedup(measure_latency(app, results, "transformer compiled only (text encoder, VAE eager)",
+            speedup(measure_latency(app, results, "VAE decoder eager, text encoder compiled",
                                     args.size, max(3, args.n // 2)))
         finally:
             app.stop()
@@ -378,6 +389,7 @@ def main(argv=None) -> int:
     guarded("fp8", fp8_phase)
     guarded("coldstart", coldstart_phase)
     guarded("parts", parts_phase)
+    guarded("dynamic", dynamic_phase)
     guarded("cap16", cap16_phase)
     print_table(results)
     if args.out:
