@@ -111,6 +111,8 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         phases["quantize_s"] = time.perf_counter() - mark
         notes.append(f"FP8 linear layers: {count}" + ("" if fp8_matmul_supported(device) else " (emulated: no FP8 matmul here)"))
 
+    if device.type == "cuda":
+        phases["allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
     compiled = settings.compile == "on" or (settings.compile == "auto" and device.type == "cuda")
     if compiled:
         compile_pipeline(pipe, settings, text_encoder=settings.compile_text_encoder and settings.offload == "none",

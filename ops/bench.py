@@ -35,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = ("Young Chinese woman in red Hanfu, intricate embroidery, impeccable makeup, elaborate high bun with a "
           "golden phoenix headdress, soft-lit outdoor night, silhouetted pagoda, blurred colorful lights, photorealistic")
-ALL_PHASES = "reference,latency,throughput,fp8,coldstart,parts,dynamic,cap16"
+ALL_PHASES = "reference,latency,throughput,fp8,coldstart,fastload,parts,dynamic,cap16"
 
 
 def emit(results: list, **row) -> dict:
@@ -139,7 +139,7 @@ class AppRun:
         if "starting" in events:
             out["imports_s"] = round(_log_time(events["starting"]["ts"]) - self.started_wall, 1)
         loaded = events.get("model_loaded", {})
-        for key in ("read_s", "place_s", "quantize_s"):
+        for key in ("read_s", "place_s", "quantize_s", "allocated_gib"):
             if key in loaded:
                 out[key] = loaded[key]
         if "warmup_s" in events.get("ready", {}):
@@ -365,6 +365,13 @@ def main(argv=None) -> int:
             finally:
                 app.stop()
 
+    def fastload_phase():
+        app = started("fast_load=false (diffusers from_pretrained)", "warm", fast_load="false")
+        try:
+            measure_latency(app, results, "fast_load=false", args.size, 3)
+        finally:
+            app.stop()
+
     def parts_phase():
         # Side by side: what compiling the VAE decoder buys, and what compiling the text encoder costs.
         app = started("VAE eager, text encoder compiled", "partial", compile_text_encoder="true", compile_vae="false")
@@ -388,6 +395,7 @@ def main(argv=None) -> int:
     guarded("default", default_phases)
     guarded("fp8", fp8_phase)
     guarded("coldstart", coldstart_phase)
+    guarded("fastload", fastload_phase)
     guarded("parts", parts_phase)
     guarded("dynamic", dynamic_phase)
     guarded("cap16", cap16_phase)
