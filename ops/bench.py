@@ -127,7 +127,7 @@ class AppRun:
     def startup_breakdown(self) -> dict:
         """Where the start went, from the app's own log: interpreter + imports until its first
         line, reading the weights, placing them, and the warm-up (compiling included)."""
-        events = {}
+        events, out = {}, {}
         for line in self.log_path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
@@ -135,11 +135,12 @@ class AppRun:
                 continue
             if record.get("event") in ("starting", "model_loading", "model_loaded", "ready"):
                 events.setdefault(record["event"], record)
-        out = {}
+            elif record.get("event") == "weights_read":
+                out.setdefault("reads", []).append(f"{record['gib']} GiB {record['seconds']} s")
         if "starting" in events:
             out["imports_s"] = round(_log_time(events["starting"]["ts"]) - self.started_wall, 1)
         loaded = events.get("model_loaded", {})
-        for key in ("read_s", "place_s", "quantize_s", "allocated_gib"):
+        for key in ("import_and_cuda_init_s", "read_s", "place_s", "quantize_s", "allocated_gib"):
             if key in loaded:
                 out[key] = loaded[key]
         if "warmup_s" in events.get("ready", {}):
