@@ -19,6 +19,10 @@ def main() -> int:
     from common.jsonlog import setup_logging
 
     setup_logging("app", settings.log_level, secrets=[settings.api_token or "", settings.admin_token or ""])
+    from app.loader import start_weight_prefetch
+
+    # The weights start streaming to the GPU now, under the imports below (docs/PERFORMANCE.md).
+    start_weight_prefetch(settings)
     from app.api import create_app
     from app.server import serve
 

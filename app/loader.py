@@ -55,6 +55,36 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def apply_memory_cap(settings: AppSettings, device: torch.device) -> bool:
+    """Behave like a smaller card: the caching allocator refuses to grow past the cap."""
+    if not settings.memory_cap_gib or device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, settings.memory_cap_gib * 2**30 / total), index)
+    return True
+
+
+def start_weight_prefetch(settings: AppSettings) -> bool:
+    """Begin reading the big components' weights now, on a background thread, when the fast loader
+    will want them (a model directory, nothing offloaded, a GPU). Called by `python -m app` before it
+    imports the web stack; load_pipeline picks the reads up later."""
+    if settings.model_dir is None or not settings.fast_load or settings.offload != "none":
+        return False
+    try:
+        device = resolve_device(settings.device)
+        if device.type != "cuda":
+            return False
+        from app.fastload import start_prefetch
+
+        apply_memory_cap(settings, device)
+        start_prefetch(settings.model_dir, device)
+    except Exception as exc:  # the engine's own load reports the problem properly (readiness, reason)
+        log.warning("weight prefetch not started", extra={"event": "prefetch_skipped", "error": str(exc)[:300]})
+        return False
+    return True
+
+
 def _configure_compile_cache(settings: AppSettings) -> None:
     """Inductor's on-disk caches make the second start of a process reuse compiled kernels."""
     settings.compile_cache_dir.mkdir(parents=True, exist_ok=True)
@@ -71,11 +101,7 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
     vae_dtype = dtype if settings.vae_dtype == "auto" else _DTYPES[settings.vae_dtype]
     notes: list[str] = []
     phases: dict[str, float] = {}
-    if settings.memory_cap_gib and device.type == "cuda":
-        # Behave like a smaller card: the caching allocator refuses to grow past the cap.
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        total = torch.cuda.get_device_properties(index).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, settings.memory_cap_gib * 2**30 / total), index)
+    if apply_memory_cap(settings, device):
         notes.append(f"GPU memory capped at {settings.memory_cap_gib:g} GiB")
 
     if settings.model_dir is None:
@@ -167,7 +193,7 @@ def _read_big_components(model_dir: Path, device: torch.device, dtype: torch.dty
     import importlib
     import json
 
-    from app.fastload import build_model
+    from app.fastload import build_model, take_prefetched
 
     index = json.loads((model_dir / "model_index.json").read_text())
     with cf.ThreadPoolExecutor(2, thread_name_prefix="load") as pool:
@@ -175,7 +201,8 @@ def _read_big_components(model_dir: Path, device: torch.device, dtype: torch.dty
         for name in ("transformer", "text_encoder"):
             library, class_name = index[name]
             cls = getattr(importlib.import_module(library), class_name)
-            futures[name] = pool.submit(build_model, cls, model_dir / name, device, dtype)
+            futures[name] = pool.submit(build_model, cls, model_dir / name, device, dtype,
+                                        take_prefetched(model_dir, name))
         return {name: future.result() for name, future in futures.items()}
 
 

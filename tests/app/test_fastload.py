@@ -84,3 +84,15 @@ def test_a_directory_without_safetensors_loads_through_from_pretrained(tmp_path)
     loaded = load_pipeline(settings_for(tmp_path, legacy, dtype="float32"))
     assert any("fast load skipped (FileNotFoundError" in n for n in loaded.notes), loaded.notes
     assert one_image(loaded).shape == (64, 128, 3)
+
+
+def test_prefetched_weights_are_the_ones_the_loader_uses(tmp_path, model_dir, monkeypatch):
+    monkeypatch.setattr(fastload, "_prefetch", None)
+    fastload.start_prefetch(model_dir, CPU)  # python -m app does this on a GPU before its imports
+    reads = dict(fastload._prefetch._futures)
+    loaded = load_pipeline(settings_for(tmp_path, model_dir, fast_load=True, dtype="float32"))
+    assert fastload._prefetch._futures == {}  # both taken by the loader
+    prefetched = reads["transformer"].result()
+    used = dict(loaded.pipe.transformer.named_parameters())
+    assert all(used[name] is tensor or used[name].data_ptr() == tensor.data_ptr() for name, tensor in prefetched.items())
+    assert fastload.take_prefetched(tmp_path / "other", "transformer") is None
