@@ -35,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = ("Young Chinese woman in red Hanfu, intricate embroidery, impeccable makeup, elaborate high bun with a "
           "golden phoenix headdress, soft-lit outdoor night, silhouetted pagoda, blurred colorful lights, photorealistic")
-ALL_PHASES = "reference,latency,throughput,fp8,coldstart,fastload,parts,dynamic,cap16"
+ALL_PHASES = "reference,latency,throughput,fp8,coldstart,loadspeed,fastload,parts,dynamic,cap16"
 
 
 def emit(results: list, **row) -> dict:
@@ -243,6 +243,9 @@ def print_table(results: list) -> None:
             rows.append((f"throughput {r['size']}²: {r['label']}", f"{r['images_per_hour']} img/h ({r['images']} in {r['wall_s']} s)"))
         elif e == "quality":
             rows.append((f"quality: {r['label']}", f"PSNR {r['psnr_db']} dB (4× downscaled {r['psnr_4x_down_db']} dB)"))
+        elif e == "loadspeed":
+            rows.append((f"reading a {r['file_gb']} GB file to the GPU", ", ".join(f"{k} {v}" for k, v in r.items()
+                                                                        if k.endswith("_s"))))
         elif e == "error":
             rows.append((f"FAILED phase {r['phase']}", r["error"][-200:]))
         elif e == "cold_start":
@@ -366,6 +369,31 @@ def main(argv=None) -> int:
             finally:
                 app.stop()
 
+    def loadspeed_phase():
+        """The fast reader alone against safetensors' own, on the largest transformer file."""
+        if not gpu:
+            return
+        from safetensors.torch import load_file as safetensors_load
+
+        from app import fastload
+
+        path = max(Path(args.model_dir, "transformer").glob("*.safetensors"), key=lambda p: p.stat().st_size)
+        row = {"event": "loadspeed", "file_gb": round(path.stat().st_size / 1e9, 2)}
+
+        def timed(label, read):
+            t0 = time.perf_counter()
+            tensors = read()
+            torch.cuda.synchronize()
+            row[label] = round(time.perf_counter() - t0, 2)
+            del tensors
+
+        timed("safetensors_s", lambda: safetensors_load(str(path), device="cuda"))
+        for readers in (1, 2, 4, 8):
+            fastload.READERS = readers
+            timed(f"fast_{readers}_readers_s", lambda: fastload.load_file(path, torch.device("cuda")))
+        fastload.READERS = 4
+        emit(results, **row)
+
     def fastload_phase():
         app = started("fast_load=false (diffusers from_pretrained)", "warm", fast_load="false")
         try:
@@ -396,6 +424,7 @@ def main(argv=None) -> int:
     guarded("default", default_phases)
     guarded("fp8", fp8_phase)
     guarded("coldstart", coldstart_phase)
+    guarded("loadspeed", loadspeed_phase)
     guarded("fastload", fastload_phase)
     guarded("parts", parts_phase)
     guarded("dynamic", dynamic_phase)
