@@ -86,10 +86,13 @@ def start_weight_prefetch(settings: AppSettings) -> bool:
 
 
 def _configure_compile_cache(settings: AppSettings) -> None:
-    """Inductor's on-disk caches make the second start of a process reuse compiled kernels."""
+    """Inductor's on-disk caches make the next start of a process reuse compiled kernels.
+    Assigned, not setdefault: torch writes its default into TORCHINDUCTOR_CACHE_DIR the first time
+    anything asks for the cache dir (an import can), and a setdefault after that silently kept
+    the caches in /tmp (caught by tests/app/test_compile.py)."""
     settings.compile_cache_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache_dir / "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(settings.compile_cache_dir / "triton"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings.compile_cache_dir / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(settings.compile_cache_dir / "triton")
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
