@@ -36,7 +36,7 @@ class AppSettings(BaseModel):
     # compile at start-up); off: static, one graph per length (recompiles per prompt length).
     compile_dynamic: Switch = "auto"
     # What else compiles when compile is on (measured on the H100, docs/PERFORMANCE.md): the VAE
-    # decoder (99 → 47 ms at 1024²) pays; the text encoder does not (46 → 54 ms, +10 s of warm-up).
+    # decoder (100 → 47 ms at 1024²) pays; the text encoder does not (no reliable gain, +10–20 s of warm-up).
     compile_text_encoder: bool = False
     compile_vae: bool = True
     # Lossy, opt-in: FP8 (e4m3, per-row scales) linear layers in the transformer blocks; Hopper/Ada only

@@ -145,6 +145,11 @@ def take_prefetched(model_dir: Path, name: str) -> "cf.Future | None":
     return _prefetch.take(model_dir, name) if _prefetch else None
 
 
+def discard_prefetch() -> None:
+    global _prefetch
+    _prefetch = None
+
+
 def build_model(cls, folder: Path, device: torch.device, dtype: torch.dtype, reading: "cf.Future | None" = None):
     """`cls` (a diffusers ModelMixin or a transformers PreTrainedModel) from `folder`'s config and
     weights, parameters on `device` in `dtype` (modules the class keeps in fp32 excepted), eval mode.

@@ -31,7 +31,7 @@ class LoadedPipeline:
     load_seconds: float
     notes: list[str] = field(default_factory=list)
     quantize: str = "none"
-    phases: dict[str, float] = field(default_factory=dict)  # read_s, place_s, quantize_s: where start-up time goes
+    phases: dict[str, float] = field(default_factory=dict)  # where start-up time went (…_s) and allocated_gib
 
     @property
     def exec_device(self) -> torch.device:
@@ -165,7 +165,8 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
 def _from_directory(settings: AppSettings, device: torch.device, dtype: torch.dtype, notes: list[str]):
     """from_pretrained, except that when everything stays on one device the two big components
     (transformer 12 GiB, text encoder 8 GiB) are read by app/fastload.py, concurrently: large
-    sequential reads into pinned buffers, straight to the GPU (15.8 s → see docs/PERFORMANCE.md)."""
+    sequential reads into pinned buffers, straight to the GPU, started under the process's imports
+    (diffusers' own loader spent 18.8 s on this on the H100; docs/PERFORMANCE.md)."""
     from diffusers import ZImagePipeline
 
     kwargs = {"torch_dtype": dtype}
@@ -174,6 +175,9 @@ def _from_directory(settings: AppSettings, device: torch.device, dtype: torch.dt
             try:
                 kwargs.update(_read_big_components(settings.model_dir, device, dtype))
             except Exception as exc:  # a layout we do not know: the library's loader reads everything
+                from app.fastload import discard_prefetch
+
+                discard_prefetch()  # reads nobody will take would hold GPU memory for good
                 notes.append(f"fast load skipped ({exc.__class__.__name__}: {exc})")
                 log.warning("fast load failed; using from_pretrained", extra={"event": "fast_load_failed",
                                                                               "error": str(exc)[:300]})
@@ -225,7 +229,8 @@ def compile_pipeline(pipe, settings: AppSettings, text_encoder: bool, vae: bool)
     pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=settings.compile_mode)
     if text_encoder:
         # The pipeline pads every prompt to 512 tokens: one static shape per batch size. Off by
-        # default: on the H100 it made encoding slower (46 → 54 ms) and the start 10 s longer.
+        # default: on the H100 encoding took 31–54 ms compiled against 46–49 ms eager (the tokenizer
+        # and mask building dominate), for 10–20 s more warm-up.
         for layer in pipe.text_encoder.layers:
             layer.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
     if vae:

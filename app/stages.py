@@ -10,6 +10,7 @@ in numpy on the host (same operations, same bytes as diffusers' postprocess).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,31 +22,36 @@ from PIL import Image
 
 class PromptEmbeddingCache:
     """prompt text → text-encoder embedding (on the GPU), least recently used dropped first.
-    Embeddings depend only on the text (the model is fixed for the process's lifetime)."""
+    Embeddings depend only on the text (the model is fixed for the process's lifetime). Used by the
+    engine thread; cleared from others (free-cache under memory pressure), hence the lock."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def get(self, prompt: str) -> Optional[torch.Tensor]:
-        value = self._items.get(prompt)
-        if value is not None:
-            self._items.move_to_end(prompt)
-            self.hits += 1
-        return value
+        with self._lock:
+            value = self._items.get(prompt)
+            if value is not None:
+                self._items.move_to_end(prompt)
+                self.hits += 1
+            return value
 
     def put(self, prompt: str, embedding: torch.Tensor) -> None:
         if self.capacity <= 0:
             return
-        self._items[prompt] = embedding
-        self._items.move_to_end(prompt)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[prompt] = embedding
+            self._items.move_to_end(prompt)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
 
     def __len__(self) -> int:
         return len(self._items)

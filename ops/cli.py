@@ -274,7 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # needs no running stack

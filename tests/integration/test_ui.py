@@ -53,7 +53,7 @@ def test_generate_in_the_browser(app, browser, tmp_path):
     sizes = page.eval_on_selector_all("#gallery img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
     assert sizes == [[1024, 576]]
     info = page.inner_text("#generation-info")
-    assert "1024×576" in info and "Seed" in info
+    assert "1024×576" in info and "Seed" in info and "denoise" in info  # the stage split is shown
     # The download button hands the PNG itself to the user.
     page.locator("#gallery button.thumbnail-item").first.click(force=True)  # open the preview
     with page.expect_download(timeout=15000) as download_info:
