@@ -35,7 +35,10 @@ def test_generate_returns_a_real_png_with_parameters(app):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["seed"] == 42 and body["request_id"] == r.headers["x-request-id"]
-    assert set(body["timings"]) == {"queue_wait_s", "generation_s", "save_s", "total_s"}
+    timings = body["timings"]
+    assert set(timings) == {"queue_wait_s", "generation_s", "encode_s", "denoise_s", "decode_s", "save_s", "total_s"}
+    stages = timings["encode_s"] + timings["denoise_s"] + timings["decode_s"]
+    assert 0 < stages <= timings["generation_s"] <= timings["total_s"]
     img = httpx.get(app.url + body["images"][0]["url"], timeout=10)
     assert img.headers["content-type"] == "image/png"
     png = Image.open(io.BytesIO(img.content))
