@@ -4,8 +4,8 @@
 small pageable copy per tensor. Here each file is read with large sequential reads into pinned
 staging buffers by a few threads, each with its own CUDA stream, and scattered into the model's
 tensors (one allocation each), which are then assigned to a model whose parameters were never
-allocated (meta device). Used when everything is resident on one device (on a CPU it reads straight into
-host memory); the offload modes keep the library's loader.
+allocated (meta device). Used when everything is resident on one device (on a CPU the same chunks
+are copied into host tensors); the offload modes keep the library's loader.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def load_state_dict(folder: Path, device: torch.device) -> dict[str, torch.Tenso
 
 class Prefetch:
     """Component weights read in the background from the first moments of the process, while it
-    imports the rest (diffusers, transformers, the web stack: ~10 s of a start on the H100 host,
-    against ~3 s of reading). The loader takes them with take(); a failed read re-raises there."""
+    imports the rest (diffusers, transformers, the web stack: 6–14 s of a start on the H100 host,
+    against ~3.5 s of reading). The loader takes them with take(); a failed read re-raises there."""
 
     def __init__(self, model_dir: Path, device: torch.device, names: tuple[str, ...]):
         self.model_dir = Path(model_dir)
@@ -174,7 +174,8 @@ def build_model(cls, folder: Path, device: torch.device, dtype: torch.dtype, rea
                 if tensor.is_floating_point() and tensor.dtype != dtype and not keep_fp32 & set(name.split(".")):
                     state[name] = tensor.to(dtype)
             _, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    # Tied or derived weights may be absent from the file (the model re-creates them); anything else is an error.
+    # A weight the file lacks would stay on meta: refuse (the loader falls back to from_pretrained)
+    # rather than serve a model with a hole in it.
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta or unexpected:
         raise ValueError(f"{folder}: weights do not match the config (missing {still_meta[:5]}, "
