@@ -199,12 +199,21 @@ class Engine:
                                   height=size, num_inference_steps=self.settings.warmup_steps, cfg_scale=0.0,
                                   num_images=1, seed=0)
         started = time.perf_counter()
-        self._generate([Job(params=params, request_id="warmup")])
+        job = Job(params=params, request_id="warmup")
+        self._generate([job])
+        # A model that cannot make one image is not ready: the warm-up's own error fails the start
+        # (and the supervisor's retries / the monitor take over) instead of being reported as ready.
+        job.future.result(timeout=0)
         if self.settings.max_batch > 1:
             # Merged batches are new shapes for the compiled graphs; compile them now, not in a user's request.
             jobs = [Job(params=dataclasses.replace(params, prompt=f"warm-up batch {i}", seed=i),
                         request_id=f"warmup-{i}") for i in range(self.settings.max_batch)]
             self._generate(jobs)
+            error = jobs[0].future.exception(timeout=0)
+            if error is not None:  # e.g. no room for a full batch on a small card: single images still work
+                log.warning("batch warm-up failed; a full batch may fail the same way when it comes",
+                            extra={"event": "warmup_batch_failed", "max_batch": self.settings.max_batch,
+                                   "error": str(error)[:300]})
         self.prompt_cache.clear()
         self.warmup_seconds = round(time.perf_counter() - started, 3)
 

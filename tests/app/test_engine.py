@@ -140,3 +140,20 @@ def test_fatal_cuda_error_marks_the_engine_unhealthy(tmp_path):
             engine.submit(params())
     finally:
         engine.stop()
+
+
+def test_a_failed_warm_up_fails_the_start_instead_of_reporting_ready(tmp_path):
+    (tmp_path / "none.toml").write_text("")
+    settings = load_settings({"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}, outputs_dir=tmp_path / "out",
+                             admin_token_file=tmp_path / "tok", warmup_size=128, warmup_steps=1, min_size=64)
+    faults = FaultInjector(enabled=True)
+    faults.inject("cuda_fatal")  # armed before start: the warm-up generation hits it
+    engine = Engine(settings, faults=faults)
+    engine.start()
+    try:
+        wait_for(lambda: engine.state in ("ready", "failed"), 120, what="engine start")
+        assert engine.state == "failed" and "GPU failed" in engine.state_reason
+        with pytest.raises(errors.NotReady):
+            engine.submit(params())
+    finally:
+        engine.stop()
