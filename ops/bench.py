@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ops.bench_app import PROMPT, REPO, AppRun, emit, measure_latency, measure_throughput, quality_row
+from ops.tempstack import free_port
 
 __all__ = ["main", "REPO"]
 ALL_PHASES = "reference,latency,throughput,fp8,coldstart,loadspeed,fastload,parts,dynamic,cap16"
@@ -136,11 +137,9 @@ def main(argv=None) -> int:
         if "reference" in phases:
             run_reference(reference, results, args.size)
             reference_s = results[-1]["median_s"]
-        ports = iter(range(7900, 7999))
     else:
         args.size = min(args.size, 256)
         model = {"min_size": 64, "warmup_size": 128, "compile_cache_dir": str(home / "compile-cache")}
-        ports = iter(range(17900, 17999))
 
     def speedup(row):
         if reference_s:
@@ -148,7 +147,7 @@ def main(argv=None) -> int:
             print(json.dumps({"event": "speedup", "label": row["label"], "x": row["speedup"]}), flush=True)
 
     def started(label: str, cache: str, **settings) -> AppRun:
-        app = AppRun(next(ports), home, **{**model, **settings})
+        app = AppRun(free_port(), home, **{**model, **settings})
         try:
             ready = app.wait_ready()
         except BaseException:
@@ -194,7 +193,7 @@ def main(argv=None) -> int:
             app.stop()
 
     def coldstart_phase():
-        app = AppRun(next(ports), home, **model)
+        app = AppRun(free_port(), home, **model)
         try:
             ready = app.wait_ready()
             t0 = time.perf_counter()
