@@ -97,7 +97,7 @@ def run_batch(pipe, request: BatchRequest, device: torch.device, cache: PromptEm
               on_step_end: Optional[Callable] = None) -> tuple[list[Image.Image], dict[str, float]]:
     """Images for `request` and the seconds each stage took (the GPU is synchronised between stages
     so the figures are the GPU's, not the launch queue's)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     prompt_embeds = encode(pipe, request.prompts, device, cache)
     negative_embeds = encode(pipe, request.negatives, device, cache) if request.negatives else None
