@@ -146,13 +146,17 @@ def main(argv=None) -> int:
             row["speedup"] = round(reference_s / row["e2e_p50_s"], 2)
             print(json.dumps({"event": "speedup", "label": row["label"], "x": row["speedup"]}), flush=True)
 
-    def started(label: str, cache: str, **settings) -> AppRun:
+    def start(**settings) -> tuple[AppRun, float]:
+        """The app with the model settings plus `settings`, ready; and how long that took."""
         app = AppRun(free_port(), home, **{**model, **settings})
         try:
-            ready = app.wait_ready()
+            return app, app.wait_ready()
         except BaseException:
             app.stop()
             raise
+
+    def started(label: str, cache: str, **settings) -> AppRun:
+        app, ready = start(**settings)
         emit(results, event="cold_start", label=label, cache=cache, ready_s=round(ready, 1),
              breakdown=app.startup_breakdown())
         return app
@@ -193,9 +197,8 @@ def main(argv=None) -> int:
             app.stop()
 
     def coldstart_phase():
-        app = AppRun(free_port(), home, **model)
+        app, ready = start()
         try:
-            ready = app.wait_ready()
             t0 = time.perf_counter()
             app.generate(args.size, seed=5)
             first = time.perf_counter() - t0
