@@ -99,6 +99,8 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
             "zimage_ready": ("1 when loaded, warmed and not draining", 1 if service.ready else 0),
             "zimage_draining": ("1 while draining for a restart", 1 if service.draining else 0),
             "zimage_busy": ("1 while a generation runs", 1 if engine.heartbeat.busy_since else 0),
+            "zimage_compiles_after_warmup": ("torch.compile runs a request waited for (0 when the warm-up "
+                                             "covered every shape)", engine.compiles_after_warmup),
         }
         memory = engine.memory()
         if memory:

@@ -31,10 +31,13 @@ class AppSettings(BaseModel):
     attention_backend: str = "native"  # a diffusers attention backend name (native, _native_flash, flash, _flash_3, ...)
     compile: Switch = "auto"  # torch.compile of the transformer; auto: on for CUDA, off on CPU
     compile_mode: str = "default"
-    # Sequence-length handling of the compiled transformer blocks. auto: static first, dynamic after
-    # the first change (dynamo's automatic dynamic); on: dynamic from the start (one graph fewer to
-    # compile at start-up); off: static, one graph per length (recompiles per prompt length).
-    compile_dynamic: Switch = "auto"
+    # Shape handling of the compiled graphs. on: dynamic from the start, so the warm-up's graphs
+    # serve every image size and prompt length; auto: static first, dynamic after the first change
+    # (that change compiles inside a request); off: one graph per shape.
+    compile_dynamic: Switch = "on"
+    # After the warm-up, a shape no compiled graph covers runs eagerly (slower for that call) rather
+    # than compiling inside a request (seconds, a minute with an empty cache). true: compile it.
+    compile_in_requests: bool = False
     # What else compiles when compile is on (measured on the H100, docs/PERFORMANCE.md): the VAE
     # decoder (100 → 47 ms at 1024²) pays; the text encoder does not (no reliable gain, +10–20 s of warm-up).
     compile_text_encoder: bool = False

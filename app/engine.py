@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from app import errors
+from app.compilewatch import CompileWatch, compile_watch
 from app.config import AppSettings
 from app.faults import FaultInjector
 from app.loader import LoadedPipeline, load_pipeline
@@ -105,8 +106,21 @@ class Heartbeat:
     step_seconds_ewma: Optional[float] = None  # typical step duration, for the monitor's hang bound
     step_seconds_max: float = 0.0
     generations: int = 0
+    compile_watch: Optional[CompileWatch] = None  # says when torch.compile is working (no steps then)
+
+    def record_step(self, step: int, step_s: float, now: float, compiled: bool) -> None:
+        """A finished denoising step. A step that contained a compile is progress but not a step
+        time: counted in, it would stretch the monitor's stall bound (10x the slowest step) to
+        minutes for the life of the process."""
+        self.steps_done = step + 1
+        self.last_step_at = now
+        if compiled:
+            return
+        self.step_seconds_max = max(self.step_seconds_max, step_s)
+        self.step_seconds_ewma = step_s if self.step_seconds_ewma is None else 0.8 * self.step_seconds_ewma + 0.2 * step_s
 
     def snapshot(self) -> dict:
+        watch = self.compile_watch
         return {
             "busy": self.busy_since is not None,
             "busy_since": self.busy_since,
@@ -117,6 +131,7 @@ class Heartbeat:
             "step_seconds_ewma": self.step_seconds_ewma,
             "step_seconds_max": self.step_seconds_max,
             "generations": self.generations,
+            "compiling_since": watch.active_since if watch else None,
         }
 
 
@@ -135,6 +150,9 @@ class Engine:
         self.heartbeat = Heartbeat()
         self.loaded: Optional[LoadedPipeline] = None
         self.warmup_seconds: Optional[float] = None
+        self.warmup_compile: dict = {}  # what the warm-up compiled: compiles, compile_s
+        self.warmup_stages: dict = {}  # encode_s, denoise_s, decode_s of the first warm-up image
+        self.compiles_after_warmup = 0
         self.prompt_cache = PromptEmbeddingCache(settings.prompt_cache_size)
         # (priority, arrival order, job): FIFO within a priority; None is the stop sentinel.
         self._jobs: "queue.PriorityQueue[tuple[int, int, Optional[Job]]]" = queue.PriorityQueue()
@@ -176,6 +194,8 @@ class Engine:
         try:
             self.state = "loading"
             self.loaded = load_pipeline(self.settings)
+            if self.loaded.compiled:
+                self.heartbeat.compile_watch = compile_watch()
             log.info("model loaded", extra={"event": "model_loaded", "source": self.loaded.source,
                                             "device": str(self.loaded.device), "dtype": str(self.loaded.dtype),
                                             "quantize": self.loaded.quantize, "notes": self.loaded.notes,
@@ -184,7 +204,8 @@ class Engine:
                 self.state = "warming"
                 self._warm_up()
             self.state = "ready"
-            log.info("engine ready", extra={"event": "ready", "warmup_s": self.warmup_seconds})
+            log.info("engine ready", extra={"event": "ready", "warmup_s": self.warmup_seconds,
+                                            "warmup_stages": self.warmup_stages, **self.warmup_compile})
         except Exception as exc:
             self.state, self.state_reason = "failed", f"{exc.__class__.__name__}: {exc}"
             log.exception("engine failed to start", extra={"event": "engine_failed"})
@@ -192,30 +213,53 @@ class Engine:
         self._serve()
 
     def _warm_up(self) -> None:
+        """Make one image (a model that cannot is not ready), and with compiled graphs run every
+        kind of batch a request can bring, so that no request compiles (docs/PERFORMANCE.md):
+        the compiled transformer blocks take any size and prompt length (dynamic shapes) but
+        specialise on one image against several, and on a batch whose prompts differ in length
+        (it carries an attention mask). After that, what is still new runs eagerly."""
         device = self.loaded.device
         size = self.settings.warmup_size or (1024 if device.type == "cuda" else 256)
         size = max(64, size - size % 64)
         params = GenerationParams(prompt="warm-up: a lighthouse at dusk", negative_prompt="", width=size,
                                   height=size, num_inference_steps=self.settings.warmup_steps, cfg_scale=0.0,
                                   num_images=1, seed=0)
+        watch = self.heartbeat.compile_watch
+        compiled_before = watch.mark() if watch else (0, 0.0)
         started = time.perf_counter()
         job = Job(params=params, request_id="warmup")
         self._generate([job])
         # A model that cannot make one image is not ready: the warm-up's own error fails the start
         # (and the supervisor's retries / the monitor take over) instead of being reported as ready.
-        job.future.result(timeout=0)
-        if self.settings.max_batch > 1:
-            # Merged batches are new shapes for the compiled graphs; compile them now, not in a user's request.
-            jobs = [Job(params=dataclasses.replace(params, prompt=f"warm-up batch {i}", seed=i),
-                        request_id=f"warmup-{i}") for i in range(self.settings.max_batch)]
+        result = job.future.result(timeout=0)
+        batches = []
+        if self.loaded.compiled:  # a request for 2-4 images of one prompt
+            batches.append([dataclasses.replace(params, num_images=2, seed=1)])
+        if self.settings.max_batch > 1:  # merged requests, prompts of different lengths, a full batch
+            long_prompt = "warm-up: " + ", ".join(["a lighthouse on a cliff at dusk, waves below"] * 8)
+            batches.append([dataclasses.replace(params, prompt=long_prompt if i == 0 else f"warm-up batch {i}", seed=i)
+                            for i in range(self.settings.max_batch)])
+        for batch_params in batches:
+            jobs = [Job(params=p, request_id=f"warmup-{i}") for i, p in enumerate(batch_params)]
             self._generate(jobs)
             error = jobs[0].future.exception(timeout=0)
             if error is not None:  # e.g. no room for a full batch on a small card: single images still work
-                log.warning("batch warm-up failed; a full batch may fail the same way when it comes",
-                            extra={"event": "warmup_batch_failed", "max_batch": self.settings.max_batch,
+                log.warning("batch warm-up failed; a batch of this size may fail the same way when it comes",
+                            extra={"event": "warmup_batch_failed", "images": sum(p.num_images for p in batch_params),
                                    "error": str(error)[:300]})
         self.prompt_cache.clear()
         self.warmup_seconds = round(time.perf_counter() - started, 3)
+        if watch:
+            count, seconds = watch.mark()
+            self.warmup_compile = {"compiles": count - compiled_before[0],
+                                   "compile_s": round(seconds - compiled_before[1], 2)}
+        self.warmup_stages = {k: round(v, 3) for k, v in result.stages.items()}
+        if self.loaded.compiled and not self.settings.compile_in_requests:
+            import torch.compiler
+
+            # From here a shape the warm-up did not compile (a VAE decode at a new size, say) runs
+            # eagerly instead of compiling for seconds to a minute inside somebody's request.
+            torch.compiler.set_stance("eager_on_recompile")
 
     # ---- admission -------------------------------------------------------------------------
     def submit(self, params: GenerationParams, request_id: Optional[str] = None, priority: bool = False) -> Job:
@@ -310,15 +354,18 @@ class Engine:
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.loaded.device)
 
+        watch = hb.compile_watch
+        compiled_before = watch.mark() if watch else (0, 0.0)
+        last_compiles = [compiled_before[0]]
+
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
             self.faults.on_step()
             now_perf = time.perf_counter()
             step_s = now_perf - last_step_perf[0]
             last_step_perf[0] = now_perf
-            hb.steps_done = step + 1
-            hb.last_step_at = self.wall_clock()
-            hb.step_seconds_max = max(hb.step_seconds_max, step_s)
-            hb.step_seconds_ewma = step_s if hb.step_seconds_ewma is None else 0.8 * hb.step_seconds_ewma + 0.2 * step_s
+            compiles = watch.mark()[0] if watch else 0
+            hb.record_step(step, step_s, self.wall_clock(), compiled=compiles != last_compiles[0])
+            last_compiles[0] = compiles
             if all(j.abandoned.is_set() for j in batch):
                 raise _Cancelled()
             return callback_kwargs
@@ -344,6 +391,8 @@ class Engine:
             except Exception:  # hooks are best effort; never mask the real outcome
                 pass
         seconds = time.perf_counter() - started
+        if watch and self.state == "ready":
+            self._note_compiles(batch, compiled_before, watch.mark())
         peak = torch.cuda.max_memory_allocated(self.loaded.device) if cuda else None
         hb.generations += 1
         if self.on_batch_done:
@@ -356,6 +405,20 @@ class Engine:
                 queue_wait_s=job.started_at - job.enqueued_at, generation_s=seconds,
                 batch_size=len(batch), peak_memory_bytes=peak, stages=stages))
             offset += n
+
+    def _note_compiles(self, batch: list[Job], before: tuple[int, float], after: tuple[int, float]) -> None:
+        """A request that had to compile waited seconds (a minute with an empty cache) for it: the
+        warm-up is meant to have compiled every shape a request can bring. Said loudly, counted."""
+        count = after[0] - before[0]
+        if count <= 0:
+            return
+        self.compiles_after_warmup += count
+        p = batch[0].params
+        log.warning("a request had to compile (a shape the warm-up did not cover)",
+                    extra={"event": "compiled_in_request", "compiles": count,
+                           "compile_s": round(after[1] - before[1], 2), "width": p.width, "height": p.height,
+                           "images": sum(j.params.num_images for j in batch),
+                           "request_ids": [j.request_id for j in batch]})
 
     def _fail(self, batch: list[Job], exc: Exception) -> None:
         for job in batch:

@@ -117,14 +117,16 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
     else:
         log.info("loading model", extra={"event": "model_loading", "model_dir": str(settings.model_dir)})
         mark = time.perf_counter()
-        import diffusers  # noqa: F401  (timed on its own: a few seconds of a cold start are imports)
-        import transformers  # noqa: F401
+        from diffusers import ZImagePipeline  # noqa: F401  (timed on its own: seconds of a cold start are imports)
+        from transformers import PreTrainedModel  # noqa: F401
 
+        phases["import_s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.init()
-        phases["import_and_cuda_init_s"] = time.perf_counter() - mark
+        phases["cuda_init_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        pipe = _from_directory(settings, device, dtype, notes)
+        pipe = _from_directory(settings, device, dtype, notes, phases)
         phases["read_s"] = time.perf_counter() - mark
         source = str(settings.model_dir)
         pipe.set_progress_bar_config(disable=True)
@@ -152,7 +154,9 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         phases["allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
     compiled = settings.compile == "on" or (settings.compile == "auto" and device.type == "cuda")
     if compiled:
+        mark = time.perf_counter()
         compile_pipeline(pipe, settings)
+        phases["compile_setup_s"] = time.perf_counter() - mark
     return LoadedPipeline(
         pipe=pipe, device=device, dtype=dtype, vae_dtype=vae_dtype, compiled=compiled,
         attention_backend=settings.attention_backend, offload=settings.offload, source=source,
@@ -161,7 +165,8 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
     )
 
 
-def _from_directory(settings: AppSettings, device: torch.device, dtype: torch.dtype, notes: list[str]):
+def _from_directory(settings: AppSettings, device: torch.device, dtype: torch.dtype, notes: list[str],
+                    phases: dict[str, float]):
     """from_pretrained, except that when everything stays on one device the two big components
     (transformer 12 GiB, text encoder 8 GiB) are read by app/fastload.py, concurrently: large
     sequential reads into pinned buffers, straight to the GPU, started under the process's imports
@@ -172,7 +177,9 @@ def _from_directory(settings: AppSettings, device: torch.device, dtype: torch.dt
     if settings.offload == "none":
         if settings.fast_load:
             try:
+                mark = time.perf_counter()
                 kwargs.update(_read_big_components(settings.model_dir, device, dtype))
+                phases["build_big_s"] = time.perf_counter() - mark
             except Exception as exc:  # a layout we do not know: the library's loader reads everything
                 from app.fastload import discard_prefetch
 
@@ -184,7 +191,10 @@ def _from_directory(settings: AppSettings, device: torch.device, dtype: torch.dt
             # What is left (VAE, or everything after a fallback): file → GPU, not file → CPU → GPU.
             kwargs["device_map"] = "cuda" if device.index is None else f"cuda:{device.index}"
     try:
-        return ZImagePipeline.from_pretrained(str(settings.model_dir), **kwargs)
+        mark = time.perf_counter()
+        pipe = ZImagePipeline.from_pretrained(str(settings.model_dir), **kwargs)
+        phases["from_pretrained_s"] = time.perf_counter() - mark
+        return pipe
     except (TypeError, ValueError, NotImplementedError) as exc:
         if "device_map" not in kwargs:
             raise
@@ -233,7 +243,7 @@ def compile_pipeline(pipe, settings: AppSettings) -> None:
         for layer in pipe.text_encoder.layers:
             layer.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
     if settings.compile_vae:
-        pipe.vae.decoder.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
+        pipe.vae.decoder.compile(fullgraph=False, dynamic=dynamic, mode=settings.compile_mode)
 
 
 def _place(pipe, offload: str, device: torch.device, notes: list[str]) -> None:

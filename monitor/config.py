@@ -65,6 +65,9 @@ class MonitorSettings(BaseModel):
     hang_stopped_samples: int = Field(2, ge=1)  # consecutive samples with the process in state T (stopped)
     stall_floor_s: float = Field(60.0, gt=0)  # busy with no step for longer than this is a stall...
     stall_factor: float = Field(10.0, gt=1)  # ...or than this many times the slowest step seen
+    # ...unless the app says torch.compile is at work (a first start with an empty compile cache
+    # compiles for 40-100 s before its first step ends): then this long.
+    compile_stall_s: float = Field(600.0, gt=0)
 
     # GPU memory
     vram_threshold: float = Field(0.92, gt=0, le=1)

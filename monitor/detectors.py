@@ -109,6 +109,8 @@ def detect_hang(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Fin
     if last.live and last.live.ok and hb and hb.get("busy") and hb.get("last_step_at"):
         slowest = max(hb.get("step_seconds_max") or 0.0, hb.get("step_seconds_ewma") or 0.0)
         bound = max(cfg.stall_floor_s, cfg.stall_factor * slowest)
+        if hb.get("compiling_since"):
+            bound = max(bound, cfg.compile_stall_s)
         silent = last.wall - hb["last_step_at"]
         if silent > bound:
             return Finding(kind="hang", severity="critical", action="kill",

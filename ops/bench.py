@@ -96,6 +96,8 @@ def print_table(results: list) -> None:
                                                                         if k.endswith("_s"))))
         elif e == "error":
             rows.append((f"FAILED phase {r['phase']}", r["error"][-200:]))
+        elif e == "first_requests":
+            rows.append(("first requests after start", ", ".join(f"{k} {v}" for k, v in r.items() if k != "event")))
         elif e == "cold_start":
             parts = ", ".join(f"{k} {v}" for k, v in r.get("breakdown", {}).items())
             first = f" + first image {r['first_image_s']} s" if "first_image_s" in r else ""
@@ -204,8 +206,22 @@ def main(argv=None) -> int:
             first = time.perf_counter() - t0
             emit(results, event="cold_start", label="default (max_batch=1)", cache="warm", ready_s=round(ready, 1),
                  first_image_s=round(first, 2), total_s=round(ready + first, 1), breakdown=app.startup_breakdown())
+            first_requests(app)
         finally:
             app.stop()
+
+    def first_requests(app: AppRun) -> None:
+        """Right after a start: requests the warm-up did not make (another size, a long prompt,
+        several images), each timed on its first occurrence, and whether any of them compiled."""
+        wide = (args.size * 3 // 4 // 64 * 64, args.size * 5 // 4 // 64 * 64)
+        row = {"event": "first_requests"}
+        for label, size, extra in (("long_prompt", (args.size, args.size), {"prompt": PROMPT + ", " + PROMPT}),
+                                   ("other_size", wide, {}), ("two_images", (args.size, args.size), {"num_images": 2})):
+            t0 = time.perf_counter()
+            app.generate(size[0], height=size[1], **extra)
+            row[f"{label}_s"] = round(time.perf_counter() - t0, 2)
+        row["compiles_after_warmup"] = app.metric("zimage_compiles_after_warmup")
+        emit(results, **row)
 
     def dynamic_phase():
         # Dynamic sequence length from the start: one graph fewer to compile. Started twice so the

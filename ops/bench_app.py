@@ -83,11 +83,16 @@ class AppRun:
         if "starting" in events:
             out["imports_s"] = round(_log_time(events["starting"]["ts"]) - self.started_wall, 1)
         loaded = events.get("model_loaded", {})
-        for key in ("import_and_cuda_init_s", "read_s", "place_s", "quantize_s", "allocated_gib"):
+        for key in ("import_s", "cuda_init_s", "read_s", "build_big_s", "from_pretrained_s", "place_s",
+                    "quantize_s", "compile_setup_s", "allocated_gib"):
             if key in loaded:
                 out[key] = loaded[key]
-        if "warmup_s" in events.get("ready", {}):
-            out["warmup_s"] = round(events["ready"]["warmup_s"], 1)
+        ready = events.get("ready", {})
+        if "warmup_s" in ready:
+            out["warmup_s"] = round(ready["warmup_s"], 1)
+        for key in ("compiles", "compile_s", "warmup_stages"):
+            if key in ready:
+                out[f"warmup_{key}" if key != "warmup_stages" else key] = ready[key]
         return out
 
     def generate(self, size: int, steps: int = 9, seed: int = 0, prompt: str = PROMPT, **extra) -> dict:
@@ -96,6 +101,13 @@ class AppRun:
                                    "seed": seed, **extra})
         r.raise_for_status()
         return r.json()
+
+    def metric(self, name: str) -> float | None:
+        """One unlabelled value from the app's /metrics."""
+        for line in self.client.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
 
     def image(self, size: int, seed: int) -> np.ndarray:
         from PIL import Image

@@ -10,14 +10,15 @@ from app.faults import FaultInjector
 from tests.helpers import wait_for
 
 
-def make_engine(tmp_path, **overrides):
+def make_engine(tmp_path, ready_timeout=120, **overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "none.toml").write_text("")
     settings = load_settings({"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}, outputs_dir=tmp_path / "out",
                              admin_token_file=tmp_path / "tok", warmup_size=128, warmup_steps=1, min_size=64,
                              **overrides)
     engine = Engine(settings, faults=FaultInjector(enabled=True))
     engine.start()
-    wait_for(lambda: engine.state in ("ready", "failed"), 120, what="engine start")
+    wait_for(lambda: engine.state in ("ready", "failed"), ready_timeout, what="engine start")
     assert engine.state == "ready", engine.state_reason
     return engine
 

@@ -57,6 +57,16 @@ def test_busy_without_steps_past_the_bound_is_a_stall():
     assert detect_hang([sample(0, busy=True, last_step_ago=55, step_max=5.0)], c) is not None
 
 
+def test_a_compile_under_way_extends_the_bound_but_not_forever():
+    c = cfg(stall_floor_s=30, stall_factor=10, compile_stall_s=300)
+    compiling = sample(0, busy=True, last_step_ago=120, step_max=0.5)
+    compiling.heartbeat["compiling_since"] = compiling.wall - 119
+    assert detect_hang([compiling], c) is None  # a first start's compile: progress of another kind
+    stuck = sample(0, busy=True, last_step_ago=301, step_max=0.5)
+    stuck.heartbeat["compiling_since"] = stuck.wall - 300
+    assert detect_hang([stuck], c) is not None
+
+
 # ---- OOM in log ---------------------------------------------------------------------------------
 def test_oom_lines_are_one_finding_with_evidence():
     assert detect_oom_in_log(sample(0)) is None
