@@ -29,7 +29,7 @@ def main() -> int:
     log = logging.getLogger("app")
     log.info("starting", extra={"event": "starting", "host": settings.host, "port": settings.port,
                                 "model": "demo" if settings.is_demo_model else str(settings.model_dir)})
-    serve(create_app(settings, with_ui=settings.ui), settings)
+    serve(create_app(settings, with_ui=settings.ui, start_engine=True), settings)
     log.info("stopped", extra={"event": "stopped"})
     return 0
 

@@ -81,7 +81,8 @@ class FaultRequest(BaseModel):
     megabytes: int = Field(0, ge=0, le=16384)
 
 
-def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, with_ui: bool = True) -> FastAPI:
+def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, with_ui: bool = True,
+               start_engine: bool = False) -> FastAPI:
     metrics = AppMetrics()
     faults = FaultInjector(enabled=settings.fault_injection)
     engine = Engine(settings, faults=faults, on_batch_done=metrics.on_batch_done)
@@ -259,6 +260,10 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
         except ValueError as exc:
             return error_response(422, "invalid_request", str(exc))
 
+    if start_engine:
+        # The model starts loading now, while the UI is built and the server starts (seconds of a
+        # cold start), not when the server's lifespan begins; lifespan's start is then a no-op.
+        engine.start()
     if with_ui:
         from app.ui import mount_ui
 

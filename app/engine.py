@@ -152,6 +152,7 @@ class Engine:
         self.warmup_seconds: Optional[float] = None
         self.warmup_compile: dict = {}  # what the warm-up compiled: compiles, compile_s
         self.warmup_stages: dict = {}  # encode_s, denoise_s, decode_s of the first warm-up image
+        self.warmup_parts: dict = {}  # seconds of each warm-up generation
         self.compiles_after_warmup = 0
         self.prompt_cache = PromptEmbeddingCache(settings.prompt_cache_size)
         # (priority, arrival order, job): FIFO within a priority; None is the stop sentinel.
@@ -165,6 +166,9 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        """Load, warm up and serve on the engine's thread; a second call does nothing."""
+        if self._thread is not None:
+            return
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -205,7 +209,8 @@ class Engine:
                 self._warm_up()
             self.state = "ready"
             log.info("engine ready", extra={"event": "ready", "warmup_s": self.warmup_seconds,
-                                            "warmup_stages": self.warmup_stages, **self.warmup_compile})
+                                            "warmup_stages": self.warmup_stages, "warmup_parts": self.warmup_parts,
+                                            **self.warmup_compile})
         except Exception as exc:
             self.state, self.state_reason = "failed", f"{exc.__class__.__name__}: {exc}"
             log.exception("engine failed to start", extra={"event": "engine_failed"})
@@ -229,19 +234,22 @@ class Engine:
         started = time.perf_counter()
         job = Job(params=params, request_id="warmup")
         self._generate([job])
+        self.warmup_parts = {"one_image_s": round(time.perf_counter() - started, 2)}
         # A model that cannot make one image is not ready: the warm-up's own error fails the start
         # (and the supervisor's retries / the monitor take over) instead of being reported as ready.
         result = job.future.result(timeout=0)
-        batches = []
+        batches = {}
         if self.loaded.compiled:  # a request for 2-4 images of one prompt
-            batches.append([dataclasses.replace(params, num_images=2, seed=1)])
+            batches["two_images_s"] = [dataclasses.replace(params, num_images=2, seed=1)]
         if self.settings.max_batch > 1:  # merged requests, prompts of different lengths, a full batch
             long_prompt = "warm-up: " + ", ".join(["a lighthouse on a cliff at dusk, waves below"] * 8)
-            batches.append([dataclasses.replace(params, prompt=long_prompt if i == 0 else f"warm-up batch {i}", seed=i)
-                            for i in range(self.settings.max_batch)])
-        for batch_params in batches:
+            batches["merged_batch_s"] = [dataclasses.replace(params, prompt=long_prompt if i == 0 else f"warm-up batch {i}",
+                                                             seed=i) for i in range(self.settings.max_batch)]
+        for label, batch_params in batches.items():
+            mark = time.perf_counter()
             jobs = [Job(params=p, request_id=f"warmup-{i}") for i, p in enumerate(batch_params)]
             self._generate(jobs)
+            self.warmup_parts[label] = round(time.perf_counter() - mark, 2)
             error = jobs[0].future.exception(timeout=0)
             if error is not None:  # e.g. no room for a full batch on a small card: single images still work
                 log.warning("batch warm-up failed; a batch of this size may fail the same way when it comes",

@@ -199,12 +199,12 @@ def main(argv=None) -> int:
             app.stop()
 
     def coldstart_phase():
-        app, ready = start()
+        app, ready = start(ui="true")  # as deployed: the UI is built while the model loads
         try:
             t0 = time.perf_counter()
             app.generate(args.size, seed=5)
             first = time.perf_counter() - t0
-            emit(results, event="cold_start", label="default (max_batch=1)", cache="warm", ready_s=round(ready, 1),
+            emit(results, event="cold_start", label="default (UI on, max_batch=1)", cache="warm", ready_s=round(ready, 1),
                  first_image_s=round(first, 2), total_s=round(ready + first, 1), breakdown=app.startup_breakdown())
             first_requests(app)
         finally:

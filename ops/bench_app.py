@@ -90,9 +90,9 @@ class AppRun:
         ready = events.get("ready", {})
         if "warmup_s" in ready:
             out["warmup_s"] = round(ready["warmup_s"], 1)
-        for key in ("compiles", "compile_s", "warmup_stages"):
+        for key in ("compiles", "compile_s", "warmup_stages", "warmup_parts"):
             if key in ready:
-                out[f"warmup_{key}" if key != "warmup_stages" else key] = ready[key]
+                out[key if key.startswith("warmup_") else f"warmup_{key}"] = ready[key]
         return out
 
     def generate(self, size: int, steps: int = 9, seed: int = 0, prompt: str = PROMPT, **extra) -> dict:
