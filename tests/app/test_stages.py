@@ -27,15 +27,21 @@ def plain_call(pipe, prompts, negatives=None, cfg=0.0, seed=3):
 
 
 @pytest.mark.parametrize("cfg", [0.0, 4.0])
-def test_same_pixels_as_the_pipelines_own_call(pipe, cfg):
-    prompts = ["a red fox in snow", "a lighthouse at dusk"]
-    negatives = ["blurry", "blurry"] if cfg else None
+@pytest.mark.parametrize("prompts", [["a red fox in snow"], ["a red fox in snow", "a lighthouse at dusk"]])
+def test_same_pixels_as_the_pipelines_own_call(pipe, cfg, prompts):
+    negatives = ["blurry"] * len(prompts) if cfg else None
     with torch.inference_mode():
         ours, stages = run_batch(pipe, request(prompts, negatives, cfg), CPU, PromptEmbeddingCache(8))
         theirs = plain_call(pipe, list(prompts), list(negatives) if negatives else None, cfg)
-    assert [im.size for im in ours] == [(128, 64)] * 2
+    assert [im.size for im in ours] == [(128, 64)] * len(prompts)
     for a, b in zip(ours, theirs):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+        a, b = np.asarray(a).astype(int), np.asarray(b).astype(int)
+        if len(prompts) == 1:
+            assert np.array_equal(a, b)  # one image: the same bytes
+        else:
+            # We decode a batch one image at a time (app/stages.py), the pipeline all at once: the
+            # convolutions round differently in the last float bit, a few pixels by one level.
+            assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.001
     assert set(stages) == {"encode_s", "denoise_s", "decode_s"} and all(v >= 0 for v in stages.values())
 
 
