@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="/tmp")
     parser.add_argument("--reference", default=".bench/zimage_gpu_baseline.py")
     args = parser.parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # (a missing one used to fail the log copy and skip `down`)
     if not (Path(args.model_dir) / "model_index.json").exists():
         from ops.bench import build_model_dir, load_reference
 

@@ -12,9 +12,9 @@ from ops.bench import REPO
 pytestmark = pytest.mark.integration
 
 
-def test_bench_prints_the_table_with_stage_split_and_fp8_quality(tmp_path):
+def test_bench_prints_the_table_with_stage_split_fp8_quality_and_start_up(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "ops.cli", "bench", "--phases", "latency,fp8", "--n", "2",
+    proc = subprocess.run([sys.executable, "-m", "ops.cli", "bench", "--phases", "latency,fp8,coldstart", "--n", "2",
                            "--home", str(tmp_path / "home"), "--images-dir", str(tmp_path / "img"), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -27,5 +27,13 @@ def test_bench_prints_the_table_with_stage_split_and_fp8_quality(tmp_path):
     quality = rows[("quality", "fp8 vs default, same prompt and seed")]
     assert 30 < quality["psnr_db"] < float("inf")  # changed (FP8 ran), but only a little
     assert (tmp_path / "img" / "quality-fp8.png").stat().st_size > 0
+    for ui in ("on", "off"):  # the start as deployed and the API alone, each with where the time went
+        start = rows[("cold_start", f"default, UI {ui}, max_batch=1")]
+        assert 0 < start["ready_s"] < 300 and start["first_image_s"] > 0
+        assert start["breakdown"]["warmup_s"] >= 0 and "one_image_s" in start["breakdown"]["warmup_parts"]
+    first = rows[("first_requests", None)]
+    assert all(first[k] > 0 for k in ("long_prompt_s", "other_size_s", "two_images_s"))
+    assert first["compiles_after_warmup"] == 0
     table = proc.stdout[proc.stdout.index("measurement"):]
     assert "latency 256²: opt-in quantize=fp8" in table and "quality: fp8 vs default" in table
+    assert "start to ready: default, UI on" in table and "first requests after start" in table
