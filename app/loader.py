@@ -230,17 +230,18 @@ def compile_pipeline(pipe, settings: AppSettings) -> None:
 
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
     # Regional compilation: the 30 identical transformer blocks compile once and are reused,
-    # which is most of full-graph speed at a fraction of the compile time. dynamic=None lets
-    # dynamo mark the sequence length dynamic after the first change: the caption length differs
-    # with every prompt, and static shapes would recompile per prompt (seen on the H100: the
-    # recompile limit was hit after 8 prompts and requests failed).
+    # which is most of full-graph speed at a fraction of the compile time. Dynamic shapes from the
+    # first call (compile_dynamic = "on"): the caption length differs with every prompt and the
+    # image size with every preset; static shapes recompiled per prompt (on the H100 the recompile
+    # limit was hit after 8 prompts and requests failed), and "auto" left that change to a request.
     dynamic = {"auto": None, "on": True, "off": False}[settings.compile_dynamic]
     if dynamic:
         import torch.fx.experimental._config as fx_config
 
-        # Dynamic sizes still specialise on 1: a graph made for one image recompiled for two
-        # (seen on CPU and H100). Size-oblivious reasoning keeps the batch size symbolic, so the
-        # warm-up's one-image graphs serve 1-4 images; the CPU compile test checks the pixels.
+        # Dynamic sizes still specialise on 1: a graph made for one image recompiled for two.
+        # Size-oblivious reasoning keeps the batch size symbolic: on the CPU one graph then serves
+        # 1-4 images; on the H100 an Inductor guard still splits 1 from 2+, which the warm-up's
+        # 2-image request covers (docs/PERFORMANCE.md). The CPU compile test checks the pixels.
         fx_config.backed_size_oblivious = True
     pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=settings.compile_mode)
     if settings.compile_text_encoder and settings.offload == "none":  # (group-offload hooks and compile do not mix)
@@ -251,7 +252,7 @@ def compile_pipeline(pipe, settings: AppSettings) -> None:
             layer.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
     if settings.compile_vae:
         # Static shapes: dynamic VAE graphs took 17-21 s to load from a warm cache at start-up (static:
-        # ~1 s) and still recompiled per size. Sizes the warm-up did not decode run eagerly (+50 ms).
+        # ~2 s) and still recompiled per size. Sizes the warm-up did not decode run eagerly (+50 ms).
         pipe.vae.decoder.compile(fullgraph=False, dynamic=False, mode=settings.compile_mode)
 
 
