@@ -248,13 +248,15 @@ class Engine:
         for label, batch_params in batches.items():
             mark = time.perf_counter()
             jobs = [Job(params=p, request_id=f"warmup-{i}") for i, p in enumerate(batch_params)]
-            self._generate(jobs)
+            self._generate(jobs, probe=True)
             self.warmup_parts[label] = round(time.perf_counter() - mark, 2)
             error = jobs[0].future.exception(timeout=0)
-            if error is not None:  # e.g. no room for a full batch on a small card: single images still work
+            if error is not None:  # e.g. no room for a batch on a small card: single images still work
                 log.warning("batch warm-up failed; a batch of this size may fail the same way when it comes",
                             extra={"event": "warmup_batch_failed", "images": sum(p.num_images for p in batch_params),
-                                   "error": str(error)[:300]})
+                                   "error": error.__class__.__name__})
+            if self.state == "unhealthy":  # a fatal CUDA error in a batch: this process cannot serve
+                raise RuntimeError(f"warm-up: {self.state_reason}")
         self.prompt_cache.clear()
         self.warmup_seconds = round(time.perf_counter() - started, 3)
         if watch:
@@ -335,7 +337,9 @@ class Engine:
             self._running = len(batch)
         return batch
 
-    def _generate(self, batch: list[Job]) -> None:
+    def _generate(self, batch: list[Job], probe: bool = False) -> None:
+        """Run `batch` and resolve its jobs. probe: a warm-up batch finding out what fits; running
+        out of memory is then an answer, not an incident (see _handle_oom)."""
         pipe = self.loaded.pipe
         first = batch[0].params
         prompts, negatives, generators = [], [], []
@@ -386,7 +390,7 @@ class Engine:
             self._fail(batch, errors.GenerationTimeout("the request timed out and was cancelled mid-generation"))
             return
         except torch.OutOfMemoryError as exc:
-            self._handle_oom(batch, exc)
+            self._handle_oom(batch, exc, probe)
             return
         except Exception as exc:
             self._handle_error(batch, exc)
@@ -432,8 +436,14 @@ class Engine:
         for job in batch:
             _resolve(job.future, exc)
 
-    def _handle_oom(self, batch: list[Job], exc: BaseException) -> None:
+    def _handle_oom(self, batch: list[Job], exc: BaseException, probe: bool = False) -> None:
         p = batch[0].params
+        if probe:
+            # Not torch's words: the monitor restarts on them, and a warm-up that meets them at
+            # every start would restart the app in a loop on a card too small for the batch.
+            self.free_cache()
+            self._fail(batch, errors.OutOfMemory("the warm-up batch did not fit in GPU memory"))
+            return
         # The log line keeps torch's own words: operators grep for them and the monitor counts them.
         log.error("CUDA out of memory during generation; cache freed, request failed, still serving",
                   extra={"event": "oom", "request_ids": [j.request_id for j in batch],

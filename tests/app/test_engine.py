@@ -158,3 +158,58 @@ def test_a_failed_warm_up_fails_the_start_instead_of_reporting_ready(tmp_path):
             engine.submit(params())
     finally:
         engine.stop()
+
+
+class _FaultsAfterFirst(FaultInjector):
+    """The drill's fault injector, armed for the generations after the first (the warm-up's
+    one image succeeds, its batch meets the fault)."""
+
+    def __init__(self, kind):
+        super().__init__(enabled=True)
+        self.kind, self.calls = kind, 0
+
+    def before_generation(self) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.inject(self.kind)
+        super().before_generation()
+
+
+def test_a_warm_up_batch_that_does_not_fit_is_no_incident(tmp_path, caplog):
+    """On a small card the warm-up's batch may run out of memory. That is an answer, not an OOM:
+    torch's words in the log make the monitor restart the app, at every start, in a loop."""
+    import re
+
+    from monitor.config import DEFAULT_PATTERNS
+
+    (tmp_path / "none.toml").write_text("")
+    settings = load_settings({"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}, outputs_dir=tmp_path / "out",
+                             admin_token_file=tmp_path / "tok", warmup_size=128, warmup_steps=1, min_size=64,
+                             max_batch=2)
+    engine = Engine(settings, faults=_FaultsAfterFirst("oom"))
+    with caplog.at_level("INFO"):
+        engine.start()
+        try:
+            wait_for(lambda: engine.state in ("ready", "failed"), 120, what="engine start")
+            assert engine.state == "ready", engine.state_reason
+            assert run(engine, params()).images  # single images still work
+        finally:
+            engine.stop()
+    assert [r for r in caplog.records if getattr(r, "event", None) == "warmup_batch_failed"]
+    text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert not [p.pattern for p in DEFAULT_PATTERNS if re.search(p.pattern, text)], "a restart trigger in the log"
+
+
+def test_a_fatal_error_in_a_warm_up_batch_fails_the_start(tmp_path):
+    (tmp_path / "none.toml").write_text("")
+    settings = load_settings({"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}, outputs_dir=tmp_path / "out",
+                             admin_token_file=tmp_path / "tok", warmup_size=128, warmup_steps=1, min_size=64,
+                             max_batch=2)
+    engine = Engine(settings, faults=_FaultsAfterFirst("cuda_fatal"))
+    engine.start()
+    try:
+        # (it used to be overwritten with "ready" once the warm-up returned)
+        wait_for(lambda: engine.state in ("ready", "failed"), 120, what="engine start")
+        assert engine.state == "failed" and "illegal memory access" in engine.state_reason
+    finally:
+        engine.stop()
