@@ -6,6 +6,7 @@ monitor's stall bound is made from. Slow on 2 cores (~2-3 min), so one test does
 
 import numpy as np
 import torch
+import torch.fx.experimental._config
 
 from app.engine import GenerationParams
 from tests.app.test_engine import make_engine
@@ -49,4 +50,6 @@ def test_warm_up_compiles_what_requests_bring_and_requests_compile_nothing(tmp_p
     finally:
         eager.stop()
         compiled.stop()
-        torch.compiler.set_stance("default")  # process-wide: later tests compile as usual
+        # process-wide settings the compiled engine made: later tests compile as usual
+        torch.compiler.set_stance("default")
+        torch.fx.experimental._config.backed_size_oblivious = False
