@@ -36,9 +36,14 @@ class CompileWatch:
             self.active_since = None
 
     def mark(self) -> tuple[int, float]:
-        """(count, seconds) now: compare with a later mark to see what compiled in between."""
+        """(count, seconds) now: give it to since() later to see what compiled in between."""
         with self._lock:
             return self.count, self.seconds
+
+    def since(self, mark: tuple[int, float]) -> tuple[int, float]:
+        """Compilations and their seconds since `mark`."""
+        count, seconds = self.mark()
+        return count - mark[0], seconds - mark[1]
 
 
 _WATCH: Optional[CompileWatch] = None

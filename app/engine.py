@@ -230,7 +230,7 @@ class Engine:
                                   height=size, num_inference_steps=self.settings.warmup_steps, cfg_scale=0.0,
                                   num_images=1, seed=0)
         watch = self.heartbeat.compile_watch
-        compiled_before = watch.mark() if watch else (0, 0.0)
+        compiled_before = watch.mark() if watch else None
         started = time.perf_counter()
         job = Job(params=params, request_id="warmup")
         self._generate([job])
@@ -260,9 +260,8 @@ class Engine:
         self.prompt_cache.clear()
         self.warmup_seconds = round(time.perf_counter() - started, 3)
         if watch:
-            count, seconds = watch.mark()
-            self.warmup_compile = {"compiles": count - compiled_before[0],
-                                   "compile_s": round(seconds - compiled_before[1], 2)}
+            count, seconds = watch.since(compiled_before)
+            self.warmup_compile = {"compiles": count, "compile_s": round(seconds, 2)}
         self.warmup_stages = {k: round(v, 3) for k, v in result.stages.items()}
         if self.loaded.compiled and not self.settings.compile_in_requests:
             import torch.compiler
@@ -367,8 +366,8 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(self.loaded.device)
 
         watch = hb.compile_watch
-        compiled_before = watch.mark() if watch else (0, 0.0)
-        last_compiles = [compiled_before[0]]
+        compiled_before = watch.mark() if watch else None
+        last_compiles = [compiled_before[0] if watch else 0]
 
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
             self.faults.on_step()
@@ -404,7 +403,7 @@ class Engine:
                 pass
         seconds = time.perf_counter() - started
         if watch and self.state == "ready":
-            self._note_compiles(batch, compiled_before, watch.mark())
+            self._note_compiles(batch, *watch.since(compiled_before))
         peak = torch.cuda.max_memory_allocated(self.loaded.device) if cuda else None
         hb.generations += 1
         if self.on_batch_done:
@@ -418,17 +417,16 @@ class Engine:
                 batch_size=len(batch), peak_memory_bytes=peak, stages=stages))
             offset += n
 
-    def _note_compiles(self, batch: list[Job], before: tuple[int, float], after: tuple[int, float]) -> None:
+    def _note_compiles(self, batch: list[Job], count: int, seconds: float) -> None:
         """A request that had to compile waited seconds (a minute with an empty cache) for it: the
         warm-up is meant to have compiled every shape a request can bring. Said loudly, counted."""
-        count = after[0] - before[0]
         if count <= 0:
             return
         self.compiles_after_warmup += count
         p = batch[0].params
         log.warning("a request had to compile (a shape the warm-up did not cover)",
                     extra={"event": "compiled_in_request", "compiles": count,
-                           "compile_s": round(after[1] - before[1], 2), "width": p.width, "height": p.height,
+                           "compile_s": round(seconds, 2), "width": p.width, "height": p.height,
                            "images": sum(j.params.num_images for j in batch),
                            "request_ids": [j.request_id for j in batch]})
 
@@ -437,13 +435,13 @@ class Engine:
             _resolve(job.future, exc)
 
     def _handle_oom(self, batch: list[Job], exc: BaseException, probe: bool = False) -> None:
-        p = batch[0].params
         if probe:
             # Not torch's words: the monitor restarts on them, and a warm-up that meets them at
             # every start would restart the app in a loop on a card too small for the batch.
             self.free_cache()
             self._fail(batch, errors.OutOfMemory("the warm-up batch did not fit in GPU memory"))
             return
+        p = batch[0].params
         # The log line keeps torch's own words: operators grep for them and the monitor counts them.
         log.error("CUDA out of memory during generation; cache freed, request failed, still serving",
                   extra={"event": "oom", "request_ids": [j.request_id for j in batch],

@@ -15,6 +15,8 @@ def test_watch_counts_real_compiles_and_their_time():
     fn(torch.ones(3))
     after_first = watch.mark()
     assert after_first[0] == count + 1 and after_first[1] > seconds
+    compiled, compile_s = watch.since((count, seconds))
+    assert compiled == 1 and compile_s > 0
     fn(torch.ones(3))  # cached graph: nothing compiles
     assert watch.mark() == after_first
     fn(torch.ones(5))  # a new shape compiles again

@@ -10,13 +10,17 @@ from app.faults import FaultInjector
 from tests.helpers import wait_for
 
 
-def make_engine(tmp_path, ready_timeout=120, **overrides):
+def make_settings(tmp_path, **overrides):
+    """Settings for an engine on the tiny model with a small, quick warm-up."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "none.toml").write_text("")
-    settings = load_settings({"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}, outputs_dir=tmp_path / "out",
-                             admin_token_file=tmp_path / "tok", warmup_size=128, warmup_steps=1, min_size=64,
-                             **overrides)
-    engine = Engine(settings, faults=FaultInjector(enabled=True))
+    return load_settings({"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}, outputs_dir=tmp_path / "out",
+                         admin_token_file=tmp_path / "tok", **{"warmup_size": 128, "warmup_steps": 1, "min_size": 64,
+                                                               **overrides})
+
+
+def make_engine(tmp_path, ready_timeout=120, **overrides):
+    engine = Engine(make_settings(tmp_path, **overrides), faults=FaultInjector(enabled=True))
     engine.start()
     wait_for(lambda: engine.state in ("ready", "failed"), ready_timeout, what="engine start")
     assert engine.state == "ready", engine.state_reason
@@ -144,9 +148,7 @@ def test_fatal_cuda_error_marks_the_engine_unhealthy(tmp_path):
 
 
 def test_a_failed_warm_up_fails_the_start_instead_of_reporting_ready(tmp_path):
-    (tmp_path / "none.toml").write_text("")
-    settings = load_settings({"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}, outputs_dir=tmp_path / "out",
-                             admin_token_file=tmp_path / "tok", warmup_size=128, warmup_steps=1, min_size=64)
+    settings = make_settings(tmp_path)
     faults = FaultInjector(enabled=True)
     faults.inject("cuda_fatal")  # armed before start: the warm-up generation hits it
     engine = Engine(settings, faults=faults)
@@ -182,10 +184,7 @@ def test_a_warm_up_batch_that_does_not_fit_is_no_incident(tmp_path, caplog):
 
     from monitor.config import DEFAULT_PATTERNS
 
-    (tmp_path / "none.toml").write_text("")
-    settings = load_settings({"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}, outputs_dir=tmp_path / "out",
-                             admin_token_file=tmp_path / "tok", warmup_size=128, warmup_steps=1, min_size=64,
-                             max_batch=2)
+    settings = make_settings(tmp_path, max_batch=2)
     engine = Engine(settings, faults=_FaultsAfterFirst("oom"))
     with caplog.at_level("INFO"):
         engine.start()
@@ -201,10 +200,7 @@ def test_a_warm_up_batch_that_does_not_fit_is_no_incident(tmp_path, caplog):
 
 
 def test_a_fatal_error_in_a_warm_up_batch_fails_the_start(tmp_path):
-    (tmp_path / "none.toml").write_text("")
-    settings = load_settings({"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}, outputs_dir=tmp_path / "out",
-                             admin_token_file=tmp_path / "tok", warmup_size=128, warmup_steps=1, min_size=64,
-                             max_batch=2)
+    settings = make_settings(tmp_path, max_batch=2)
     engine = Engine(settings, faults=_FaultsAfterFirst("cuda_fatal"))
     engine.start()
     try:
