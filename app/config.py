@@ -31,6 +31,11 @@ class AppSettings(BaseModel):
     attention_backend: str = "native"  # a diffusers attention backend name (native, _native_flash, flash, _flash_3, ...)
     compile: Switch = "auto"  # torch.compile of the transformer; auto: on for CUDA, off on CPU
     compile_mode: str = "default"
+    # How the transformer blocks are compiled. aot: exported once and compiled by AOTInductor into
+    # packages under compile_cache_dir, which later starts load without tracing anything (the
+    # start-up time; app/aotblocks.py); jit: torch.compile, re-traced by dynamo at every start. aot
+    # falls back to jit where it cannot serve (a failed export, offload = "model").
+    compile_backend: Literal["aot", "jit"] = "aot"
     # Shape handling of the compiled graphs. on: dynamic from the start, so the warm-up's graphs
     # serve every image size and prompt length; auto: static first, dynamic after the first change
     # (that change compiles inside a request); off: one graph per shape.

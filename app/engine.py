@@ -218,11 +218,12 @@ class Engine:
         self._serve()
 
     def _warm_up(self) -> None:
-        """Make one image (a model that cannot is not ready), and with compiled graphs run every
-        kind of batch a request can bring, so that no request compiles (docs/PERFORMANCE.md):
+        """Make one image (a model that cannot is not ready), and with torch.compile'd graphs run
+        every kind of batch a request can bring, so that no request compiles (docs/PERFORMANCE.md):
         the compiled transformer blocks take any size and prompt length (dynamic shapes) but
         specialise on one image against several, and on a batch whose prompts differ in length
-        (it carries an attention mask). After that, what is still new runs eagerly."""
+        (it carries an attention mask). After that, what is still new runs eagerly. AOT-compiled
+        blocks (app/aotblocks.py) were made for every batch size and mask before the warm-up."""
         device = self.loaded.device
         size = self.settings.warmup_size or (1024 if device.type == "cuda" else 256)
         size = max(64, size - size % 64)
@@ -239,7 +240,9 @@ class Engine:
         # (and the supervisor's retries / the monitor take over) instead of being reported as ready.
         result = job.future.result(timeout=0)
         batches = {}
-        if self.loaded.compiled:  # a request for 2-4 images of one prompt
+        # A request for 2-4 images of one prompt: torch.compile's blocks specialise on one image
+        # against several. AOT packages take any batch size, so with them this is not needed.
+        if self.loaded.compile_backend == "jit":
             batches["two_images_s"] = [dataclasses.replace(params, num_images=2, seed=1)]
         if self.settings.max_batch > 1:  # merged requests, prompts of different lengths, a full batch
             long_prompt = "warm-up: " + ", ".join(["a lighthouse on a cliff at dusk, waves below"] * 8)

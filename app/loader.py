@@ -31,6 +31,7 @@ class LoadedPipeline:
     load_seconds: float
     notes: list[str] = field(default_factory=list)
     quantize: str = "none"
+    compile_backend: str = "none"  # aot | jit | none: how the transformer blocks run
     phases: dict[str, float] = field(default_factory=dict)  # where start-up time went (…_s) and allocated_gib
 
     @property
@@ -153,12 +154,13 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
     if device.type == "cuda":
         phases["allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
     compiled = settings.compile == "on" or (settings.compile == "auto" and device.type == "cuda")
+    backend = "none"
     if compiled:
         mark = time.perf_counter()
-        compile_pipeline(pipe, settings)
+        backend = compile_pipeline(pipe, settings, device, dtype, notes, phases)
         phases["compile_setup_s"] = time.perf_counter() - mark
     return LoadedPipeline(
-        pipe=pipe, device=device, dtype=dtype, vae_dtype=vae_dtype, compiled=compiled,
+        pipe=pipe, device=device, dtype=dtype, vae_dtype=vae_dtype, compiled=compiled, compile_backend=backend,
         attention_backend=settings.attention_backend, offload=settings.offload, source=source,
         load_seconds=time.perf_counter() - started, notes=notes, quantize=settings.quantize,
         phases={k: round(v, 2) for k, v in phases.items()},
@@ -222,13 +224,63 @@ def _read_big_components(model_dir: Path, device: torch.device, dtype: torch.dty
         return {name: future.result() for name, future in futures.items()}
 
 
-def compile_pipeline(pipe, settings: AppSettings) -> None:
-    """torch.compile where it pays. Compiled code is produced at the first call of each shape (the
-    warm-up) and cached on disk under compile_cache_dir for the next start."""
+def compile_pipeline(pipe, settings: AppSettings, device: torch.device, dtype: torch.dtype,
+                     notes: list[str], phases: dict[str, float]) -> str:
+    """Compile where it pays; returns how the transformer blocks run ("aot" or "jit"). Compiled code
+    is cached on disk under compile_cache_dir for the next start: AOT packages are made here (once
+    per GPU/torch/architecture), torch.compile's graphs at the first call of each shape (the warm-up)."""
     _configure_compile_cache(settings)
     import torch._dynamo as dynamo  # (a bare `import torch._dynamo` would make `torch` local here)
 
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+    backend = "jit"
+    if settings.compile_backend == "aot":
+        backend = "aot" if _install_aot_blocks(pipe, settings, device, dtype, notes, phases) else "jit"
+    if backend == "jit":
+        _compile_blocks_jit(pipe, settings)
+    if settings.compile_text_encoder and settings.offload == "none":  # (group-offload hooks and compile do not mix)
+        # The pipeline pads every prompt to 512 tokens: one static shape per batch size. Off by
+        # default: on the H100 encoding took 31–54 ms compiled against 46–49 ms eager (the tokenizer
+        # and mask building dominate), for 10–20 s more warm-up.
+        for layer in pipe.text_encoder.layers:
+            layer.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
+    if settings.compile_vae:
+        # Static shapes: dynamic VAE graphs took 17-21 s to load from a warm cache at start-up (static:
+        # ~2 s) and still recompiled per size. Sizes the warm-up did not decode run eagerly (+50 ms).
+        pipe.vae.decoder.compile(fullgraph=False, dynamic=False, mode=settings.compile_mode)
+    return backend
+
+
+def _install_aot_blocks(pipe, settings: AppSettings, device: torch.device, dtype: torch.dtype,
+                        notes: list[str], phases: dict[str, float]) -> bool:
+    """The AOT packages, or False (said in the notes and the log) to fall back to torch.compile:
+    a model that exports differently must still start, only slower."""
+    from app import aotblocks
+
+    reason = aotblocks.supported(settings.offload)
+    if reason is None:
+        try:
+            report = aotblocks.install(pipe.transformer, settings.compile_cache_dir, dtype, device,
+                                       settings.quantize, settings.attention_backend)
+        except Exception as exc:
+            aotblocks.uninstall(pipe.transformer)
+            reason = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+            log.warning("AOT compile of the transformer blocks failed; using torch.compile",
+                        extra={"event": "aot_failed", "error": reason})
+        else:
+            phases["aot_load_s"] = report.load_s
+            if report.compiled:
+                phases["aot_compile_s"] = report.compile_s
+                log.info("compiled the transformer blocks ahead of time", extra={
+                    "event": "aot_compiled", "kinds": report.compiled, "seconds": report.compile_s,
+                    "directory": report.directory})
+            notes.append(f"transformer blocks: AOT packages ({len(report.loaded)} kinds, {report.blocks} blocks)")
+            return True
+    notes.append(f"transformer blocks: torch.compile (AOT unavailable: {reason})")
+    return False
+
+
+def _compile_blocks_jit(pipe, settings: AppSettings) -> None:
     # Regional compilation: the 30 identical transformer blocks compile once and are reused,
     # which is most of full-graph speed at a fraction of the compile time. Dynamic shapes from the
     # first call (compile_dynamic = "on"): the caption length differs with every prompt and the
@@ -244,16 +296,6 @@ def compile_pipeline(pipe, settings: AppSettings) -> None:
         # 2-image request covers (docs/PERFORMANCE.md). The CPU compile test checks the pixels.
         fx_config.backed_size_oblivious = True
     pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=settings.compile_mode)
-    if settings.compile_text_encoder and settings.offload == "none":  # (group-offload hooks and compile do not mix)
-        # The pipeline pads every prompt to 512 tokens: one static shape per batch size. Off by
-        # default: on the H100 encoding took 31–54 ms compiled against 46–49 ms eager (the tokenizer
-        # and mask building dominate), for 10–20 s more warm-up.
-        for layer in pipe.text_encoder.layers:
-            layer.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
-    if settings.compile_vae:
-        # Static shapes: dynamic VAE graphs took 17-21 s to load from a warm cache at start-up (static:
-        # ~2 s) and still recompiled per size. Sizes the warm-up did not decode run eagerly (+50 ms).
-        pipe.vae.decoder.compile(fullgraph=False, dynamic=False, mode=settings.compile_mode)
 
 
 def _place(pipe, offload: str, device: torch.device, notes: list[str]) -> None:

@@ -30,6 +30,7 @@ def model_info(service) -> dict:
         "vae_dtype": str(loaded.vae_dtype).replace("torch.", "") if loaded else settings.vae_dtype,
         "attention_backend": settings.attention_backend,
         "compile": loaded.compiled if loaded else settings.compile,
+        "compile_backend": loaded.compile_backend if loaded else settings.compile_backend,
         "offload": settings.offload,
         "max_batch": settings.max_batch,
         "load_seconds": round(loaded.load_seconds, 3) if loaded else None,

@@ -27,7 +27,7 @@ from ops.bench_app import PROMPT, REPO, AppRun, emit, measure_latency, measure_t
 from ops.tempstack import free_port
 
 __all__ = ["main", "REPO"]
-ALL_PHASES = "reference,latency,throughput,fp8,coldstart,startopts,loadspeed,fastload,parts,dynamic,cap16"
+ALL_PHASES = "reference,latency,throughput,fp8,coldstart,startopts,loadspeed,fastload,parts,dynamic,jit,cap16"
 
 
 def load_reference(path: str):
@@ -244,6 +244,18 @@ def main(argv=None) -> int:
             finally:
                 app.stop()
 
+    def jit_phase():
+        # The previous default side by side: torch.compile'd blocks, re-traced by dynamo at every
+        # start. Started twice so the second start shows the warm-cache figure.
+        for cache in ("partial", "warm"):
+            app = started("compile_backend=jit", cache, compile_backend="jit", ui="false")
+            try:
+                if cache == "warm":
+                    speedup(measure_latency(app, results, "compile_backend=jit", args.size, max(3, args.n // 2)))
+                    first_requests(app)
+            finally:
+                app.stop()
+
     def loadspeed_phase():
         """The fast reader alone against safetensors' own, on the largest transformer file."""
         if not gpu:
@@ -304,6 +316,7 @@ def main(argv=None) -> int:
     guarded("fastload", fastload_phase)
     guarded("parts", parts_phase)
     guarded("dynamic", dynamic_phase)
+    guarded("jit", jit_phase)
     guarded("cap16", cap16_phase)
     print_table(results)
     if args.out:

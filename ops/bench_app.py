@@ -54,7 +54,7 @@ class AppRun:
         self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 300) -> float:
+    def wait_ready(self, timeout: float = 480) -> float:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -84,9 +84,11 @@ class AppRun:
             out["imports_s"] = round(_log_time(events["starting"]["ts"]) - self.started_wall, 1)
         loaded = events.get("model_loaded", {})
         for key in ("import_s", "cuda_init_s", "read_s", "build_big_s", "from_pretrained_s", "place_s",
-                    "quantize_s", "compile_setup_s", "allocated_gib"):
+                    "quantize_s", "aot_compile_s", "aot_load_s", "compile_setup_s", "allocated_gib"):
             if key in loaded:
                 out[key] = loaded[key]
+        if loaded.get("notes"):
+            out["notes"] = loaded["notes"]
         ready = events.get("ready", {})
         if "warmup_s" in ready:
             out["warmup_s"] = round(ready["warmup_s"], 1)

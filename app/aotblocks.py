@@ -1,0 +1,223 @@
+"""Ahead-of-time compiled transformer blocks (`compile_backend = "aot"`): the start-up half of speed.
+
+torch.compile (the "jit" backend) keeps its kernels in an on-disk cache, but every start still
+re-traces the Python of the blocks with dynamo and loads the cached graphs one by one: ~8 s of an
+18-24 s warm start on the H100 (docs/PERFORMANCE.md). Here each kind of block is exported once with
+torch.export (dynamic batch and sequence length) and compiled by AOTInductor into a .pt2 package
+under compile_cache_dir; a later start only loads the packages (a shared library each) and no
+dynamo runs at all, at start or in a request.
+
+The 30 main blocks and the refiner blocks share one package per kind because the weights are not
+baked in: the exported function takes them as inputs (torch.func.functional_call), and each block
+instance calls the package with its own tensors. Kinds: with or without adaLN modulation (the
+caption refiner has none) × with or without an attention mask (a batch whose prompts differ in
+length carries one; a single prompt does not, and takes the faster unmasked attention kernel).
+
+A package is keyed by everything that changes the generated code (torch/CUDA/diffusers versions,
+GPU, dtype, block dimensions, FP8, attention backend), never by weight values, so a fine-tune of the
+same architecture reuses it. Anything the packages do not cover (the omni model's per-token
+modulation, a complex dtype other than complex64) runs the block's own eager forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger("app.aotblocks")
+
+FORMAT = 1  # bump when the exported signature below changes: old packages are then ignored
+_MAX_BATCH = 64
+_MAX_SEQ = 1 << 16
+_EXAMPLE_SEQ = 96  # small: export traces with fake tensors, the size only has to be unspecial
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Which package a block call needs."""
+
+    modulated: bool
+    masked: bool
+
+    @property
+    def name(self) -> str:
+        return f"{'mod' if self.modulated else 'plain'}-{'mask' if self.masked else 'nomask'}"
+
+
+ALL_KINDS = tuple(Kind(m, k) for m in (True, False) for k in (False, True))
+
+
+def weight_names(block: nn.Module) -> list[str]:
+    """The block's tensors in the order the exported function takes them."""
+    return sorted([n for n, _ in block.named_parameters()] + [n for n, _ in block.named_buffers()])
+
+
+def weights_of(block: nn.Module, names: list[str]) -> list[torch.Tensor]:
+    tensors = dict(block.named_parameters())
+    tensors.update(block.named_buffers())
+    return [tensors[n] for n in names]
+
+
+class _ExportedCall(nn.Module):
+    """The function a package holds: (x, [mask], freqs as real pairs, [adaln], weights) → x.
+    RoPE frequencies travel as real pairs because a package's inputs are plain real tensors."""
+
+    def __init__(self, block: nn.Module, names: list[str], kind: Kind):
+        super().__init__()
+        self.block, self.names, self.kind = block, names, kind
+
+    def forward(self, x, mask, freqs_real, adaln, weights):
+        params = dict(zip(self.names, weights))
+        args = (x, mask, torch.view_as_complex(freqs_real))
+        if self.kind.modulated:
+            args = args + (adaln,)
+        return torch.func.functional_call(self.block, params, args)
+
+
+def _examples(block: nn.Module, kind: Kind, dtype: torch.dtype, device: torch.device, names: list[str]):
+    from torch.export import Dim
+
+    batch, seq = Dim("batch", min=1, max=_MAX_BATCH), Dim("seq", min=2, max=_MAX_SEQ)
+    dim, head_dim = block.dim, block.head_dim
+    x = torch.randn(2, _EXAMPLE_SEQ, dim, dtype=dtype, device=device)
+    mask = torch.ones(2, _EXAMPLE_SEQ, dtype=torch.bool, device=device) if kind.masked else None
+    freqs = torch.randn(2, _EXAMPLE_SEQ, head_dim // 2, 2, dtype=torch.float32, device=device)
+    adaln = None
+    if kind.modulated:
+        adaln = torch.randn(2, block.adaLN_modulation[0].in_features, dtype=dtype, device=device)
+    weights = tuple(weights_of(block, names))
+    args = (x, mask, freqs, adaln, weights)
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq} if kind.masked else None, {0: batch, 1: seq},
+              {0: batch} if kind.modulated else None, tuple(None for _ in weights))
+    return args, shapes
+
+
+def cache_key(block: nn.Module, dtype: torch.dtype, device: torch.device, quantize: str, attention_backend: str) -> str:
+    """Everything that changes the generated code, hashed; weight values are not part of it."""
+    import diffusers
+
+    parts = {
+        "format": FORMAT, "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+        "device": device.type, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
+        "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else [],
+        "dtype": str(dtype), "quantize": quantize, "attention": attention_backend,
+        "block": {"dim": block.dim, "head_dim": block.head_dim, "heads": block.attention.heads,
+                  "shapes": {n: list(t.shape) + [str(t.dtype)] for n, t in zip(weight_names(block),
+                                                                              weights_of(block, weight_names(block)))}},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@dataclass
+class AotReport:
+    """What installing the packages did, for the start-up log and the bench."""
+
+    compiled: list[str] = field(default_factory=list)  # kinds compiled in this start (an empty cache)
+    loaded: list[str] = field(default_factory=list)
+    compile_s: float = 0.0
+    load_s: float = 0.0
+    blocks: int = 0
+    directory: str = ""
+
+
+def _package(block: nn.Module, kind: Kind, path: Path, dtype: torch.dtype, device: torch.device) -> None:
+    """Export and compile one kind into path (atomically: a crash mid-way leaves no half package)."""
+    names = weight_names(block)
+    args, shapes = _examples(block, kind, dtype, device, names)
+    with torch.no_grad():
+        exported = torch.export.export(_ExportedCall(block, names, kind), args, dynamic_shapes=shapes, strict=False)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # (the packager wants .pt2)
+    torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp))
+    os.replace(tmp, path)
+
+
+class _BlockForward:
+    """Installed as a block instance's forward: the block's own tensors into the package of its kind."""
+
+    def __init__(self, block: nn.Module, runners: dict[Kind, object], eager: Callable):
+        self.weights = weights_of(block, weight_names(block))
+        self.modulated = bool(block.modulation)
+        self.runners, self.eager = runners, eager
+
+    def __call__(self, x, attn_mask, freqs_cis, adaln_input=None, noise_mask=None, adaln_noisy=None, adaln_clean=None):
+        if noise_mask is not None or freqs_cis.dtype != torch.complex64 or (self.modulated and adaln_input is None):
+            return self.eager(x, attn_mask, freqs_cis, adaln_input, noise_mask, adaln_noisy, adaln_clean)
+        kind = Kind(self.modulated, attn_mask is not None)
+        inputs = [x.contiguous()]
+        if kind.masked:
+            inputs.append(attn_mask.contiguous())
+        inputs.append(torch.view_as_real(freqs_cis.contiguous()))
+        if kind.modulated:
+            inputs.append(adaln_input.contiguous())
+        inputs.extend(self.weights)
+        return self.runners[kind].loader.boxed_run(inputs)[0]  # (boxed: the list is consumed)
+
+
+def blocks_of(transformer: nn.Module) -> list[nn.Module]:
+    block_class = {cls for cls in getattr(transformer, "_repeated_blocks", [])}
+    return [m for m in transformer.modules() if type(m).__name__ in block_class]
+
+
+def install(transformer: nn.Module, cache_dir: Path, dtype: torch.dtype, device: torch.device,
+            quantize: str, attention_backend: str, kinds: tuple[Kind, ...] = ALL_KINDS) -> AotReport:
+    """Load (compiling first where the cache has none) one package per kind and route every block
+    of the transformer through them. Raises when a package cannot be made; the caller decides."""
+    uninstall(transformer)  # export must trace the blocks' own forward
+    blocks = blocks_of(transformer)
+    if not blocks:
+        raise RuntimeError("no repeated transformer blocks to compile ahead of time")
+    examples: dict[bool, nn.Module] = {}
+    for block in blocks:
+        examples.setdefault(bool(block.modulation), block)
+    key = cache_key(examples.get(True) or blocks[0], dtype, device, quantize, attention_backend)
+    directory = cache_dir / "aot" / key
+    directory.mkdir(parents=True, exist_ok=True)
+    report = AotReport(directory=str(directory), blocks=len(blocks))
+    runners: dict[Kind, object] = {}
+    for kind in kinds:
+        if kind.modulated not in examples:
+            continue
+        path = directory / f"{kind.name}.pt2"
+        if not path.exists():
+            mark = time.perf_counter()
+            _package(examples[kind.modulated], kind, path, dtype, device)
+            report.compile_s += time.perf_counter() - mark
+            report.compiled.append(kind.name)
+        mark = time.perf_counter()
+        runners[kind] = torch._inductor.aoti_load_package(str(path), device_index=_device_index(device))
+        report.load_s += time.perf_counter() - mark
+        report.loaded.append(kind.name)
+    for block in blocks:
+        eager = type(block).forward.__get__(block)
+        block.forward = _BlockForward(block, runners, eager)
+    report.compile_s, report.load_s = round(report.compile_s, 2), round(report.load_s, 2)
+    return report
+
+
+def _device_index(device: torch.device) -> int:
+    if device.type != "cuda":
+        return -1
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def uninstall(transformer: nn.Module) -> None:
+    """Back to the blocks' own forward (tests; a fallback after a failed install)."""
+    for block in blocks_of(transformer):
+        block.__dict__.pop("forward", None)
+
+
+def supported(offload: str) -> Optional[str]:
+    """Why the packages cannot serve this set-up, or None. The blocks' weights must stay put on the
+    device: group offload moves them under hooks that a functional call would bypass."""
+    if offload not in ("none", "text-encoder"):
+        return f"offload={offload} moves the transformer's weights"
+    return None
