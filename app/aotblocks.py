@@ -35,7 +35,7 @@ from torch import nn
 
 log = logging.getLogger("app.aotblocks")
 
-FORMAT = 1  # bump when the exported signature below changes: old packages are then ignored
+FORMAT = 2  # bump when the exported signature below changes: old packages are then ignored
 _MAX_BATCH = 64
 _MAX_SEQ = 1 << 16
 _EXAMPLE_SEQ = 96  # small: export traces with fake tensors, the size only has to be unspecial
@@ -67,9 +67,50 @@ def weights_of(block: nn.Module, names: list[str]) -> list[torch.Tensor]:
     return [tensors[n] for n in names]
 
 
+def rotate_real(x_in: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Z-Image's RoPE, x · e^{iθ} on (real, imag) pairs, in real arithmetic: the same fp32 products
+    as diffusers' complex multiply, but without complex tensors, which Inductor does not generate
+    code for. Complex ops in a package run through AOTInductor's proxy executor: on the H100 such a
+    package took ~5 s to load and crashed a process that loaded it before importing diffusers.
+    x_in (B, S, H, D); freqs (B, S, D/2, 2) as torch.view_as_real gives them."""
+    x = x_in.float().unflatten(-1, (-1, 2))
+    xr, xi = x[..., 0], x[..., 1]
+    fr, fi = freqs[..., 0].unsqueeze(2), freqs[..., 1].unsqueeze(2)
+    return torch.stack((xr * fr - xi * fi, xr * fi + xi * fr), dim=-1).flatten(3).type_as(x_in)
+
+
+class RealRopeAttnProcessor:
+    """diffusers' ZSingleStreamAttnProcessor (0.42) with rotate_real for its complex RoPE; used only
+    while a block is exported. `freqs_cis` keeps its name: Attention passes it on by name."""
+
+    def __init__(self, backend=None):
+        self.backend = backend  # the attention backend the replaced processor was set to
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if freqs_cis is not None:
+            query, key = rotate_real(query, freqs_cis), rotate_real(key, freqs_cis)
+        if attention_mask is not None and attention_mask.ndim == 2:
+            attention_mask = attention_mask[:, None, None, :]  # (B, S) → broadcast over heads and queries
+        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                              is_causal=False, backend=self.backend)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        output = attn.to_out[0](hidden_states)
+        if len(attn.to_out) > 1:  # dropout
+            output = attn.to_out[1](output)
+        return output
+
+
 class _ExportedCall(nn.Module):
-    """The function a package holds: (x, [mask], freqs as real pairs, [adaln], weights) → x.
-    RoPE frequencies travel as real pairs because a package's inputs are plain real tensors."""
+    """The function a package holds: (x, [mask], freqs as real pairs, [adaln], weights) → x."""
 
     def __init__(self, block: nn.Module, names: list[str], kind: Kind):
         super().__init__()
@@ -77,7 +118,7 @@ class _ExportedCall(nn.Module):
 
     def forward(self, x, mask, freqs_real, adaln, weights):
         params = dict(zip(self.names, weights))
-        args = (x, mask, torch.view_as_complex(freqs_real))
+        args = (x, mask, freqs_real)
         if self.kind.modulated:
             args = args + (adaln,)
         return torch.func.functional_call(self.block, params, args)
@@ -133,10 +174,18 @@ def _package(block: nn.Module, kind: Kind, path: Path, dtype: torch.dtype, devic
     """Export and compile one kind into path (atomically: a crash mid-way leaves no half package)."""
     names = weight_names(block)
     args, shapes = _examples(block, kind, dtype, device, names)
-    with torch.no_grad():
-        exported = torch.export.export(_ExportedCall(block, names, kind), args, dynamic_shapes=shapes, strict=False)
+    processor = block.attention.processor
+    block.attention.processor = RealRopeAttnProcessor(getattr(processor, "_attention_backend", None))
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(_ExportedCall(block, names, kind), args, dynamic_shapes=shapes,
+                                           strict=False)
+    finally:
+        block.attention.processor = processor
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # (the packager wants .pt2)
-    torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp))
+    # Kernels inside the shared library: one file to map at load instead of one per kernel.
+    torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp),
+                                             inductor_configs={"aot_inductor.embed_kernel_binary": True})
     os.replace(tmp, path)
 
 
