@@ -33,7 +33,7 @@ class AppSettings(BaseModel):
     compile_mode: str = "default"
     # How the transformer blocks are compiled. aot: exported once and compiled by AOTInductor into
     # packages under compile_cache_dir, which later starts load without tracing anything (the
-    # start-up time; app/aotblocks.py); jit: torch.compile, re-traced by dynamo at every start. aot
+    # start-up time; app/aot.py); jit: torch.compile, re-traced by dynamo at every start. aot
     # falls back to jit where it cannot serve (a failed export, offload = "model").
     compile_backend: Literal["aot", "jit"] = "aot"
     # Shape handling of the compiled graphs. on: dynamic from the start, so the warm-up's graphs
@@ -130,6 +130,11 @@ class AppSettings(BaseModel):
         self.admin_token_file = resolve_under(self.home, self.admin_token_file)
         self.compile_cache_dir = resolve_under(self.home, self.compile_cache_dir)
         return self
+
+    def warmup_pixels(self, device_type: str) -> int:
+        """The warm-up image's side: warmup_size, or 1024 on a GPU and 256 on a CPU (a multiple of 64)."""
+        size = self.warmup_size or (1024 if device_type == "cuda" else 256)
+        return max(64, size - size % 64)
 
     @property
     def is_demo_model(self) -> bool:

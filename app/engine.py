@@ -223,10 +223,9 @@ class Engine:
         the compiled transformer blocks take any size and prompt length (dynamic shapes) but
         specialise on one image against several, and on a batch whose prompts differ in length
         (it carries an attention mask). After that, what is still new runs eagerly. AOT-compiled
-        blocks (app/aotblocks.py) were made for every batch size and mask before the warm-up."""
+        blocks (app/aot.py) were made for every batch size and mask before the warm-up."""
         device = self.loaded.device
-        size = self.settings.warmup_size or (1024 if device.type == "cuda" else 256)
-        size = max(64, size - size % 64)
+        size = self.settings.warmup_pixels(device.type)
         params = GenerationParams(prompt="warm-up: a lighthouse at dusk", negative_prompt="", width=size,
                                   height=size, num_inference_steps=self.settings.warmup_steps, cfg_scale=0.0,
                                   num_images=1, seed=0)

@@ -86,7 +86,7 @@ def start_weight_prefetch(settings: AppSettings) -> bool:
     return True
 
 
-def _configure_compile_cache(settings: AppSettings) -> None:
+def _configure_compile_cache(settings: AppSettings, device: torch.device) -> None:
     """Inductor's on-disk caches make the next start of a process reuse compiled kernels.
     Assigned, not setdefault: torch writes its default into TORCHINDUCTOR_CACHE_DIR the first time
     anything asks for the cache dir (an import can), and a setdefault after that silently kept
@@ -96,6 +96,15 @@ def _configure_compile_cache(settings: AppSettings) -> None:
     os.environ["TRITON_CACHE_DIR"] = str(settings.compile_cache_dir / "triton")
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    if device.type == "cuda":
+        import torch._inductor.config as inductor_config
+
+        # Inductor (AOT packaging and loading, and graph cache keys) asks which CPU vector ISA
+        # to generate C++ for, and finds out by building and loading a test library per ISA: 24-60 s
+        # of every start on the lent H100, for CPU code a GPU deployment never runs. Trust the CPU's
+        # flags instead.
+        if inductor_config.cpp.vec_isa_ok is None:
+            inductor_config.cpp.vec_isa_ok = True
 
 
 def load_pipeline(settings: AppSettings) -> LoadedPipeline:
@@ -229,13 +238,13 @@ def compile_pipeline(pipe, settings: AppSettings, device: torch.device, dtype: t
     """Compile where it pays; returns how the transformer blocks run ("aot" or "jit"). Compiled code
     is cached on disk under compile_cache_dir for the next start: AOT packages are made here (once
     per GPU/torch/architecture), torch.compile's graphs at the first call of each shape (the warm-up)."""
-    _configure_compile_cache(settings)
+    _configure_compile_cache(settings, device)
     import torch._dynamo as dynamo  # (a bare `import torch._dynamo` would make `torch` local here)
 
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
     backend = "jit"
     if settings.compile_backend == "aot":
-        backend = "aot" if _install_aot_blocks(pipe, settings, device, dtype, notes, phases) else "jit"
+        backend = "aot" if _install_aot(pipe, settings, device, dtype, notes, phases) else "jit"
     if backend == "jit":
         _compile_blocks_jit(pipe, settings)
     if settings.compile_text_encoder and settings.offload == "none":  # (group-offload hooks and compile do not mix)
@@ -244,40 +253,63 @@ def compile_pipeline(pipe, settings: AppSettings, device: torch.device, dtype: t
         # and mask building dominate), for 10–20 s more warm-up.
         for layer in pipe.text_encoder.layers:
             layer.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
-    if settings.compile_vae:
+    if settings.compile_vae and not (backend == "aot" and _install_aot_decoder(pipe, settings, device, notes, phases)):
         # Static shapes: dynamic VAE graphs took 17-21 s to load from a warm cache at start-up (static:
         # ~2 s) and still recompiled per size. Sizes the warm-up did not decode run eagerly (+50 ms).
         pipe.vae.decoder.compile(fullgraph=False, dynamic=False, mode=settings.compile_mode)
     return backend
 
 
-def _install_aot_blocks(pipe, settings: AppSettings, device: torch.device, dtype: torch.dtype,
-                        notes: list[str], phases: dict[str, float]) -> bool:
-    """The AOT packages, or False (said in the notes and the log) to fall back to torch.compile:
-    a model that exports differently must still start, only slower."""
-    from app import aotblocks
+def _install_aot(pipe, settings: AppSettings, device: torch.device, dtype: torch.dtype,
+                 notes: list[str], phases: dict[str, float]) -> bool:
+    """The blocks' AOT packages, or False (said in the notes and the log) to fall back to
+    torch.compile: a model that exports differently must still start, only slower."""
+    from app import aot
 
-    reason = aotblocks.supported(settings.offload)
+    reason = aot.supported(settings.offload)
     if reason is None:
         try:
-            report = aotblocks.install(pipe.transformer, settings.compile_cache_dir, dtype, device,
-                                       settings.quantize, settings.attention_backend)
+            report = aot.install(pipe.transformer, settings.compile_cache_dir, dtype, device,
+                                 settings.quantize, settings.attention_backend)
         except Exception as exc:
-            aotblocks.uninstall(pipe.transformer)
+            aot.uninstall(pipe.transformer)
             reason = f"{exc.__class__.__name__}: {str(exc)[:300]}"
             log.warning("AOT compile of the transformer blocks failed; using torch.compile",
-                        extra={"event": "aot_failed", "error": reason})
+                        extra={"event": "aot_failed", "part": "transformer", "error": reason})
         else:
-            phases["aot_load_s"] = report.load_s
-            if report.compiled:
-                phases["aot_compile_s"] = report.compile_s
-                log.info("compiled the transformer blocks ahead of time", extra={
-                    "event": "aot_compiled", "kinds": report.compiled, "seconds": report.compile_s,
-                    "directory": report.directory})
+            _note_aot(report, "transformer blocks", phases)
             notes.append(f"transformer blocks: AOT packages ({len(report.loaded)} kinds, {report.blocks} blocks)")
             return True
     notes.append(f"transformer blocks: torch.compile (AOT unavailable: {reason})")
     return False
+
+
+def _install_aot_decoder(pipe, settings: AppSettings, device: torch.device, notes: list[str],
+                         phases: dict[str, float]) -> bool:
+    from app import aot
+
+    vae = pipe.vae
+    side = settings.warmup_pixels(device.type) // pipe.vae_scale_factor
+    shape = (1, vae.config.latent_channels, side, side)
+    try:
+        report = aot.install_decoder(vae.decoder, settings.compile_cache_dir, shape, vae.dtype, device)
+    except Exception as exc:
+        vae.decoder.__dict__.pop("forward", None)
+        log.warning("AOT compile of the VAE decoder failed; using torch.compile",
+                    extra={"event": "aot_failed", "part": "vae_decoder", "error": f"{exc.__class__.__name__}: {str(exc)[:300]}"})
+        return False
+    _note_aot(report, "VAE decoder", phases)
+    notes.append(f"VAE decoder: AOT package for {side * pipe.vae_scale_factor}² (other sizes eager)")
+    return True
+
+
+def _note_aot(report, part: str, phases: dict[str, float]) -> None:
+    phases["aot_load_s"] = phases.get("aot_load_s", 0.0) + report.load_s
+    if report.compiled:
+        phases["aot_compile_s"] = phases.get("aot_compile_s", 0.0) + report.compile_s
+        log.info(f"compiled the {part} ahead of time", extra={
+            "event": "aot_compiled", "part": part, "kinds": report.compiled, "seconds": report.compile_s,
+            "directory": report.directory})
 
 
 def _compile_blocks_jit(pipe, settings: AppSettings) -> None:
