@@ -181,8 +181,23 @@ def _compile_package(exported, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class PreviousLoadCrashed(RuntimeError):
+    """A start died while loading these packages (a native crash leaves no exception behind)."""
+
+
 def _load_package(path: Path, device: torch.device):
-    return torch._inductor.aoti_load_package(str(path), device_index=_device_index(device))
+    """Load with a marker around it: loading runs native code, and a crash there (seen on the H100
+    while probing how to load) kills the process without an exception. Supervisord would restart it
+    into the same crash; with the marker the next start refuses these packages and the caller
+    falls back to torch.compile."""
+    marker = path.with_name(path.name + ".loading")
+    if marker.exists():
+        raise PreviousLoadCrashed(f"a previous start crashed while loading {path.name}; remove {marker} to retry")
+    marker.write_text(str(os.getpid()))
+    try:
+        return torch._inductor.aoti_load_package(str(path), device_index=_device_index(device))
+    finally:  # reached unless the process died
+        marker.unlink(missing_ok=True)
 
 
 @dataclass
