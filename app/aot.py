@@ -234,6 +234,7 @@ class _BlockForward:
         self.weights = weights_of(block, weight_names(block))
         self.modulated = bool(block.modulation)
         self.runners, self.eager = runners, eager
+        self.packaged_calls = 0  # (tests: the packages did run)
 
     def __call__(self, x, attn_mask, freqs_cis, adaln_input=None, noise_mask=None, adaln_noisy=None, adaln_clean=None):
         if noise_mask is not None or freqs_cis.dtype != torch.complex64 or (self.modulated and adaln_input is None):
@@ -246,6 +247,7 @@ class _BlockForward:
         if kind.modulated:
             inputs.append(adaln_input.contiguous())
         inputs.extend(self.weights)
+        self.packaged_calls += 1
         return self.runners[kind].loader.boxed_run(inputs)[0]  # (boxed: the list is consumed)
 
 
@@ -305,10 +307,12 @@ class _DecoderForward:
     def __init__(self, decoder: nn.Module, shape: tuple, runner, eager: Callable):
         self.weights = weights_of(decoder, weight_names(decoder))
         self.shape, self.runner, self.eager = shape, runner, eager
+        self.packaged_calls = 0
 
     def __call__(self, sample, latent_embeds=None):
         if latent_embeds is not None or tuple(sample.shape) != self.shape:
             return self.eager(sample, latent_embeds)
+        self.packaged_calls += 1
         return self.runner.loader.boxed_run([sample.contiguous(), *self.weights])[0]
 
 

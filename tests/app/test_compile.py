@@ -1,4 +1,5 @@
-"""The compile path (transformer blocks + VAE decoder, FP8 layers inside) on the CPU's Inductor,
+"""The torch.compile path (compile_backend = "jit": transformer blocks + VAE decoder, FP8 layers
+inside) on the CPU's Inductor,
 through the engine as it serves: the same code the GPU runs. Checked: the same picture as eager;
 the warm-up compiles everything a request can bring (other sizes, longer prompts, several images)
 so no request compiles; the compile shows up in the warm-up's report, not in the step times the
@@ -29,9 +30,10 @@ def psnr(a, b):
 def test_warm_up_compiles_what_requests_bring_and_requests_compile_nothing(tmp_path):
     common = dict(quantize="fp8", compile_cache_dir=tmp_path / "cache", max_batch=2)
     eager = make_engine(tmp_path / "eager", compile="off", **common)
-    compiled = make_engine(tmp_path / "compiled", compile="on", ready_timeout=900, **common)
+    compiled = make_engine(tmp_path / "compiled", compile="on", compile_backend="jit", ready_timeout=900, **common)
     try:
         assert compiled.loaded.compiled and not eager.loaded.compiled
+        assert compiled.loaded.compile_backend == "jit"
         # the warm-up compiled (single image, a 2-image request, a merged batch with a mask) ...
         assert compiled.warmup_compile["compiles"] >= 3 and compiled.warmup_compile["compile_s"] > 0
         # ... and its compiled first step is not in the step figures: steps of the tiny model on a CPU

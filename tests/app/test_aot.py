@@ -1,0 +1,118 @@
+"""The AOT path (compile_backend = "aot", app/aot.py) on the CPU: the same torch.export and
+AOTInductor packaging the GPU runs, through the engine as it serves. Checked: the same pictures as
+eager for every kind of request (one image, a 2-image request, a merged batch whose prompts differ
+in length, other sizes); nothing compiles at the warm-up or in requests; a second start only loads
+the packages; and the guards around them (a crashed load, a failed export) fall back to
+torch.compile instead of failing the start. Packaging on 2 CPU cores takes ~2 min, done once."""
+
+
+import numpy as np
+import pytest
+import torch
+
+from app import aot
+from app.engine import GenerationParams
+from tests.app.test_compile import LONG, psnr
+from tests.app.test_engine import make_engine
+
+
+def image(engine, prompt, width=128, height=128, num_images=1, seed=9):
+    p = GenerationParams(prompt=prompt, negative_prompt="", width=width, height=height, num_inference_steps=2,
+                         cfg_scale=0.0, num_images=num_images, seed=seed)
+    result = engine.submit(p).future.result(600)
+    return [np.asarray(im).astype(float) for im in result.images]
+
+
+def merged(engine, prompts, seed=3):
+    """Two requests of one shape queued together: the engine merges them (max_batch=2)."""
+    jobs = [engine.submit(GenerationParams(prompt=p, negative_prompt="", width=128, height=128, num_inference_steps=2,
+                                           cfg_scale=0.0, num_images=1, seed=seed + i)) for i, p in enumerate(prompts)]
+    return [np.asarray(j.future.result(600).images[0]).astype(float) for j in jobs]
+
+
+def packaged_calls(engine):
+    transformer = engine.loaded.pipe.transformer
+    blocks = sum(b.forward.packaged_calls for b in aot.blocks_of(transformer))
+    return blocks, engine.loaded.pipe.vae.decoder.forward.packaged_calls
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("aot-cache")
+
+
+def test_rotate_real_is_the_complex_rope():
+    x = torch.randn(2, 7, 3, 16)
+    freqs = torch.polar(torch.ones(2, 7, 8), torch.randn(2, 7, 8))
+    reference = torch.view_as_real(torch.view_as_complex(x.reshape(2, 7, 3, 8, 2)) * freqs.unsqueeze(2)).flatten(3)
+    torch.testing.assert_close(aot.rotate_real(x, torch.view_as_real(freqs)), reference, rtol=1e-6, atol=1e-6)
+
+
+def test_packages_serve_every_request_kind_and_nothing_compiles(tmp_path, cache):
+    common = dict(compile_cache_dir=cache, max_batch=2, queue_size=8)
+    eager = make_engine(tmp_path / "eager", compile="off", **common)
+    packaged = make_engine(tmp_path / "aot", compile="on", compile_backend="aot", ready_timeout=900, **common)
+    try:
+        loaded = packaged.loaded
+        assert loaded.compile_backend == "aot", loaded.notes
+        assert loaded.phases["aot_compile_s"] > 0  # made in this start: the cache was empty
+        names = sorted(p.name for p in (cache / "aot").glob("*/*.pt2"))
+        assert names == ["decoder-1x16x16x16.pt2", "mod-mask.pt2", "mod-nomask.pt2", "plain-mask.pt2",
+                         "plain-nomask.pt2"], names
+        assert packaged.warmup_compile["compiles"] == 0  # no dynamo: nothing traced at the warm-up
+        # the warm-up's one image went through the packages: every block, and the decoder at its size
+        blocks, decodes = packaged_calls(packaged)
+        assert blocks >= len(aot.blocks_of(loaded.pipe.transformer)) and decodes == 1
+
+        for prompt, width, height, n in (("a fox", 128, 128, 1), (LONG, 192, 128, 1), ("a fox", 128, 128, 2),
+                                         (LONG, 128, 256, 1)):
+            for a, b in zip(image(eager, prompt, width, height, n), image(packaged, prompt, width, height, n)):
+                assert psnr(a, b) > 45, (prompt[:10], width, height, n)  # same picture, up to kernel rounding
+        # a merged batch of prompts of different lengths (the masked kinds)
+        for a, b in zip(merged(eager, ["a fox", LONG]), merged(packaged, ["a fox", LONG])):
+            assert psnr(a, b) > 45
+        assert packaged.compiles_after_warmup == 0
+        blocks_after, decodes_after = packaged_calls(packaged)
+        assert blocks_after > blocks and decodes_after > decodes  # (192x128 and 128x256 decode eagerly)
+    finally:
+        eager.stop()
+        packaged.stop()
+        torch.compiler.set_stance("default")  # (process-wide, set after a compiled warm-up)
+
+
+def test_next_start_loads_the_packages_without_compiling(tmp_path, cache):
+    if not any((cache / "aot").glob("*/*.pt2")):
+        pytest.skip("needs the packages of the test above")
+    engine = make_engine(tmp_path, compile="on", compile_backend="aot", max_batch=2, compile_cache_dir=cache)
+    try:
+        assert engine.loaded.compile_backend == "aot"
+        assert "aot_compile_s" not in engine.loaded.phases and engine.loaded.phases["aot_load_s"] < 10
+        first = image(engine, "a lighthouse")[0]
+        assert np.array_equal(first, image(engine, "a lighthouse")[0])  # deterministic on the packages
+    finally:
+        engine.stop()
+        torch.compiler.set_stance("default")
+
+
+def test_a_load_that_crashed_before_is_not_retried(tmp_path):
+    package = tmp_path / "mod-nomask.pt2"
+    package.write_bytes(b"not loaded")
+    (tmp_path / "mod-nomask.pt2.loading").write_text("12345")  # what a start that died mid-load leaves
+    with pytest.raises(aot.PreviousLoadCrashed):
+        aot._load_package(package, torch.device("cpu"))
+
+
+def test_a_failed_export_falls_back_to_torch_compile(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("export failed for this model")
+
+    monkeypatch.setattr(aot, "install", broken)
+    # no warm-up: torch.compile compiles at the first call, and this test is about the start
+    engine = make_engine(tmp_path, compile="on", compile_backend="aot", warmup=False,
+                         compile_cache_dir=tmp_path / "cache")
+    try:
+        assert engine.loaded.compile_backend == "jit"
+        assert any("AOT unavailable: RuntimeError: export failed" in note for note in engine.loaded.notes)
+        assert not any("forward" in vars(b) for b in aot.blocks_of(engine.loaded.pipe.transformer))
+    finally:
+        engine.stop()
