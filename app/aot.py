@@ -182,49 +182,52 @@ def _compile_package(exported, path: Path) -> None:
 
 
 class PreviousLoadCrashed(RuntimeError):
-    """A start died while loading these packages (a native crash leaves no exception behind)."""
+    """Starts kept dying while loading these packages (a native crash leaves no exception behind)."""
+
+
+CRASHED_LOADS_LIMIT = 3  # unfinished loads in a row before the packages are refused
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _load_package(path: Path, device: torch.device):
     """Load with a marker around it: loading runs native code, and a crash there (seen on the H100
-    while probing how to load) kills the process without an exception. Supervisord would restart it
-    into the same crash; with the marker the next start refuses these packages and the caller
-    falls back to torch.compile."""
+    while probing how to load) kills the process without an exception; supervisord would restart it
+    into the same crash. The marker lists the processes whose load has not finished. Any one of
+    them may have been killed for another reason (a stop during start-up), so only
+    CRASHED_LOADS_LIMIT of them, none still running, make a start refuse the packages; the caller
+    then falls back to torch.compile. A finished load clears its own entry."""
     marker = path.with_name(path.name + ".loading")
-    if marker.exists():
-        raise PreviousLoadCrashed(f"a previous start crashed while loading {path.name}; remove {marker} to retry")
-    marker.write_text(str(os.getpid()))
+    try:
+        pids = [int(p) for p in marker.read_text().split()]
+    except (OSError, ValueError):
+        pids = []
+    gone = [p for p in pids if p != os.getpid() and not _pid_alive(p)]
+    if gone:
+        log.warning("an earlier load of this package did not finish", extra={
+            "event": "aot_unfinished_load", "package": path.name, "pids": gone})
+    if len(gone) >= CRASHED_LOADS_LIMIT:
+        raise PreviousLoadCrashed(f"{len(gone)} starts died while loading {path.name}; remove {marker} to retry")
+    marker.write_text(" ".join(str(p) for p in pids + [os.getpid()]))
     try:
         return torch._inductor.aoti_load_package(str(path), device_index=_device_index(device))
-    finally:  # reached unless the process died
-        marker.unlink(missing_ok=True)
+    finally:  # reached unless the process died: a finished load is no evidence of a crash
+        _clear_marker(marker)
 
 
-@dataclass
-class AotReport:
-    """What installing the packages did, for the start-up log and the bench."""
-
-    compiled: list[str] = field(default_factory=list)  # kinds compiled in this start (an empty cache)
-    loaded: list[str] = field(default_factory=list)
-    compile_s: float = 0.0
-    load_s: float = 0.0
-    blocks: int = 0
-    directory: str = ""
-
-
-def _package(block: nn.Module, kind: Kind, path: Path, dtype: torch.dtype, device: torch.device) -> None:
-    """Export one kind of block and compile it into path."""
-    names = weight_names(block)
-    args, shapes = _examples(block, kind, dtype, device, names)
-    processor = block.attention.processor
-    block.attention.processor = RealRopeAttnProcessor(getattr(processor, "_attention_backend", None))
+def _clear_marker(marker: Path) -> None:
     try:
-        with torch.no_grad():
-            exported = torch.export.export(_ExportedCall(block, names, kind), args, dynamic_shapes=shapes,
-                                           strict=False)
-    finally:
-        block.attention.processor = processor
-    _compile_package(exported, path)
+        marker.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 class _BlockForward:

@@ -60,9 +60,10 @@ def test_packages_serve_every_request_kind_and_nothing_compiles(tmp_path, cache)
         assert names == ["decoder-1x16x16x16.pt2", "mod-mask.pt2", "mod-nomask.pt2", "plain-mask.pt2",
                          "plain-nomask.pt2"], names
         assert packaged.warmup_compile["compiles"] == 0  # no dynamo: nothing traced at the warm-up
-        # the warm-up's one image went through the packages: every block, and the decoder at its size
+        # the warm-up went through the packages: every block, and the decoder at its size for its
+        # one image and the merged batch's two (a batch is decoded one image at a time)
         blocks, decodes = packaged_calls(packaged)
-        assert blocks >= len(aot.blocks_of(loaded.pipe.transformer)) and decodes == 1
+        assert blocks >= len(aot.blocks_of(loaded.pipe.transformer)) and decodes == 1 + 2
 
         for prompt, width, height, n in (("a fox", 128, 128, 1), (LONG, 192, 128, 1), ("a fox", 128, 128, 2),
                                          (LONG, 128, 256, 1)):
@@ -94,12 +95,37 @@ def test_next_start_loads_the_packages_without_compiling(tmp_path, cache):
         torch.compiler.set_stance("default")
 
 
-def test_a_load_that_crashed_before_is_not_retried(tmp_path):
+def dead_pid():
+    """A pid no process has: a child that has exited and been reaped."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_loads_that_kept_dying_make_the_next_start_refuse_the_package(tmp_path):
     package = tmp_path / "mod-nomask.pt2"
-    package.write_bytes(b"not loaded")
-    (tmp_path / "mod-nomask.pt2.loading").write_text("12345")  # what a start that died mid-load leaves
+    package.write_bytes(b"not a package")
+    marker = tmp_path / "mod-nomask.pt2.loading"
+    # one start that died mid-load (killed during start-up, say) is forgiven: the load is retried,
+    # and finishing (here: failing with an exception) clears the marker
+    marker.write_text(str(dead_pid()))
+    with pytest.raises(Exception) as raised:
+        aot._load_package(package, torch.device("cpu"))
+    assert not isinstance(raised.value, aot.PreviousLoadCrashed) and not marker.exists()
+    # as many as the limit, all gone: a crash that repeats, so the package is refused
+    marker.write_text(" ".join(str(dead_pid()) for _ in range(aot.CRASHED_LOADS_LIMIT)))
     with pytest.raises(aot.PreviousLoadCrashed):
         aot._load_package(package, torch.device("cpu"))
+    # a load still running in another process (this one's parent, alive) is not a crash
+    import os
+
+    marker.write_text(" ".join([str(os.getppid())] * aot.CRASHED_LOADS_LIMIT))
+    with pytest.raises(Exception) as raised:
+        aot._load_package(package, torch.device("cpu"))
+    assert not isinstance(raised.value, aot.PreviousLoadCrashed)
 
 
 def test_a_failed_export_falls_back_to_torch_compile(tmp_path, monkeypatch):
