@@ -230,6 +230,33 @@ def _clear_marker(marker: Path) -> None:
         pass
 
 
+@dataclass
+class AotReport:
+    """What installing the packages did, for the start-up log and the bench."""
+
+    compiled: list[str] = field(default_factory=list)  # kinds compiled in this start (an empty cache)
+    loaded: list[str] = field(default_factory=list)
+    compile_s: float = 0.0
+    load_s: float = 0.0
+    blocks: int = 0
+    directory: str = ""
+
+
+def _package(block: nn.Module, kind: Kind, path: Path, dtype: torch.dtype, device: torch.device) -> None:
+    """Export one kind of block and compile it into path."""
+    names = weight_names(block)
+    args, shapes = _examples(block, kind, dtype, device, names)
+    processor = block.attention.processor
+    block.attention.processor = RealRopeAttnProcessor(getattr(processor, "_attention_backend", None))
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(_ExportedCall(block, names, kind), args, dynamic_shapes=shapes,
+                                           strict=False)
+    finally:
+        block.attention.processor = processor
+    _compile_package(exported, path)
+
+
 class _BlockForward:
     """Installed as a block instance's forward: the block's own tensors into the package of its kind."""
 
