@@ -216,7 +216,10 @@ def _load_package(path: Path, device: torch.device):
             "event": "aot_unfinished_load", "package": path.name, "pids": gone})
     if len(gone) >= CRASHED_LOADS_LIMIT:
         raise PreviousLoadCrashed(f"{len(gone)} starts died while loading {path.name}; remove {marker} to retry")
-    marker.write_text(" ".join(str(p) for p in pids + [os.getpid()]))
+    try:
+        marker.write_text(" ".join(str(p) for p in pids + [os.getpid()]))
+    except OSError:  # a read-only cache: load without the guard rather than not at all
+        pass
     try:
         return torch._inductor.aoti_load_package(str(path), device_index=_device_index(device))
     finally:  # reached unless the process died: a finished load is no evidence of a crash
@@ -267,7 +270,8 @@ class _BlockForward:
         self.packaged_calls = 0  # (tests: the packages did run)
 
     def __call__(self, x, attn_mask, freqs_cis, adaln_input=None, noise_mask=None, adaln_noisy=None, adaln_clean=None):
-        if noise_mask is not None or freqs_cis.dtype != torch.complex64 or (self.modulated and adaln_input is None):
+        if (noise_mask is not None or freqs_cis.dtype != torch.complex64 or (self.modulated and adaln_input is None)
+                or x.shape[0] > _MAX_BATCH or x.shape[1] > _MAX_SEQ):  # (outside the exported ranges)
             return self.eager(x, attn_mask, freqs_cis, adaln_input, noise_mask, adaln_noisy, adaln_clean)
         kind = Kind(self.modulated, attn_mask is not None)
         inputs = [x.contiguous()]
@@ -282,14 +286,15 @@ class _BlockForward:
 
 
 def blocks_of(transformer: nn.Module) -> list[nn.Module]:
-    block_class = {cls for cls in getattr(transformer, "_repeated_blocks", [])}
+    block_class = set(getattr(transformer, "_repeated_blocks", []))
     return [m for m in transformer.modules() if type(m).__name__ in block_class]
 
 
 def install(transformer: nn.Module, cache_dir: Path, dtype: torch.dtype, device: torch.device,
             quantize: str, attention_backend: str, kinds: tuple[Kind, ...] = ALL_KINDS) -> AotReport:
     """Load (compiling first where the cache has none) one package per kind and route every block
-    of the transformer through them. Raises when a package cannot be made; the caller decides."""
+    of the transformer through them. Raises when a package cannot be made; the caller decides.
+    Call it once the weights are where they will stay: each block keeps references to its tensors."""
     uninstall(transformer)  # export must trace the blocks' own forward
     blocks = blocks_of(transformer)
     if not blocks:
