@@ -25,6 +25,8 @@ sizes run eagerly (+50 ms).
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import json
 import logging
@@ -201,10 +203,10 @@ def _pid_alive(pid: int) -> bool:
 def _load_package(path: Path, device: torch.device):
     """Load with a marker around it: loading runs native code, and a crash there (seen on the H100
     while probing how to load) kills the process without an exception; supervisord would restart it
-    into the same crash. The marker lists the processes whose load has not finished. Any one of
-    them may have been killed for another reason (a stop during start-up), so only
-    CRASHED_LOADS_LIMIT of them, none still running, make a start refuse the packages; the caller
-    then falls back to torch.compile. A finished load clears its own entry."""
+    into the same crash. The marker lists the processes whose load has not finished. One of them
+    may have been killed for another reason (SIGKILL during start-up), so only CRASHED_LOADS_LIMIT
+    of them, none still running, make a start refuse the packages; the caller then falls back to
+    torch.compile. A finished load clears the marker; a normal exit mid-load, its own entry."""
     marker = path.with_name(path.name + ".loading")
     try:
         pids = [int(p) for p in marker.read_text().split()]
@@ -220,10 +222,26 @@ def _load_package(path: Path, device: torch.device):
         marker.write_text(" ".join(str(p) for p in pids + [os.getpid()]))
     except OSError:  # a read-only cache: load without the guard rather than not at all
         pass
+    # A process that exits normally mid-load (stopped by SIGTERM during start-up: the main thread
+    # exits while the engine thread loads) did not crash: it takes its entry back on the way out.
+    forget = functools.partial(_forget_pid, marker, os.getpid())
+    atexit.register(forget)
     try:
         return torch._inductor.aoti_load_package(str(path), device_index=_device_index(device))
     finally:  # reached unless the process died: a finished load is no evidence of a crash
+        atexit.unregister(forget)
         _clear_marker(marker)
+
+
+def _forget_pid(marker: Path, pid: int) -> None:
+    try:
+        pids = [p for p in marker.read_text().split() if p != str(pid)]
+        if pids:
+            marker.write_text(" ".join(pids))
+        else:
+            marker.unlink()
+    except OSError:
+        pass
 
 
 def _clear_marker(marker: Path) -> None:

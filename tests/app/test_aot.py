@@ -128,6 +128,29 @@ def test_loads_that_kept_dying_make_the_next_start_refuse_the_package(tmp_path):
     assert not isinstance(raised.value, aot.PreviousLoadCrashed)
 
 
+def test_a_process_that_exits_normally_mid_load_leaves_no_crash_evidence(tmp_path):
+    """SIGTERM during start-up: the main thread exits while the engine thread is still loading."""
+    import subprocess
+    import sys
+
+    script = f"""
+import threading, time, torch, pathlib
+from app import aot
+loading = threading.Event()
+def load(*args, **kwargs):  # a load that is still running when the process exits
+    loading.set()
+    time.sleep(30)
+torch._inductor.aoti_load_package = load
+package = pathlib.Path({str(tmp_path / "mod-nomask.pt2")!r})
+threading.Thread(target=aot._load_package, args=(package, torch.device("cpu")), daemon=True).start()
+assert loading.wait(60)
+print("loading", package.with_name(package.name + ".loading").exists(), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "loading True" in done.stdout, done.stderr[-2000:]  # (marked while loading)
+    assert not (tmp_path / "mod-nomask.pt2.loading").exists()
+
+
 def test_a_failed_export_falls_back_to_torch_compile(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("export failed for this model")
