@@ -263,8 +263,23 @@ class AotReport:
     directory: str = ""
 
 
-def _package(block: nn.Module, kind: Kind, path: Path, dtype: torch.dtype, device: torch.device) -> None:
-    """Export one kind of block and compile it into path."""
+def _ensure_loaded(path: Path, export: Callable[[], object], device: torch.device, report: AotReport):
+    """The package at path, made first (export(), then AOTInductor) where the cache has none; the
+    time each took goes into report."""
+    if not path.exists():
+        mark = time.perf_counter()
+        _compile_package(export(), path)
+        report.compile_s += time.perf_counter() - mark
+        report.compiled.append(path.stem)
+    mark = time.perf_counter()
+    runner = _load_package(path, device)
+    report.load_s += time.perf_counter() - mark
+    report.loaded.append(path.stem)
+    return runner
+
+
+def _export_block(block: nn.Module, kind: Kind, dtype: torch.dtype, device: torch.device):
+    """One kind of block as an exported program (RoPE in real arithmetic while it is traced)."""
     names = weight_names(block)
     args, shapes = _examples(block, kind, dtype, device, names)
     processor = block.attention.processor
@@ -275,7 +290,7 @@ def _package(block: nn.Module, kind: Kind, path: Path, dtype: torch.dtype, devic
                                            strict=False)
     finally:
         block.attention.processor = processor
-    _compile_package(exported, path)
+    return exported
 
 
 class _BlockForward:
@@ -328,16 +343,9 @@ def install(transformer: nn.Module, cache_dir: Path, dtype: torch.dtype, device:
     for kind in kinds:
         if kind.modulated not in examples:
             continue
-        path = directory / f"{kind.name}.pt2"
-        if not path.exists():
-            mark = time.perf_counter()
-            _package(examples[kind.modulated], kind, path, dtype, device)
-            report.compile_s += time.perf_counter() - mark
-            report.compiled.append(kind.name)
-        mark = time.perf_counter()
-        runners[kind] = _load_package(path, device)
-        report.load_s += time.perf_counter() - mark
-        report.loaded.append(kind.name)
+        block = examples[kind.modulated]
+        runners[kind] = _ensure_loaded(directory / f"{kind.name}.pt2",
+                                       lambda: _export_block(block, kind, dtype, device), device, report)
     for block in blocks:
         eager = type(block).forward.__get__(block)
         block.forward = _BlockForward(block, runners, eager)
@@ -379,20 +387,16 @@ def install_decoder(decoder: nn.Module, cache_dir: Path, latent_shape: tuple, dt
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"decoder-{'x'.join(str(n) for n in latent_shape)}.pt2"
     report = AotReport(directory=str(directory), blocks=1)
-    if not path.exists():
-        mark = time.perf_counter()
+
+    def export():
         sample = torch.randn(*latent_shape, dtype=dtype, device=device)
         with torch.no_grad():
-            exported = torch.export.export(_ExportedDecoder(decoder, names), (sample, tuple(weights_of(decoder, names))),
-                                           strict=False)
-        _compile_package(exported, path)
-        report.compile_s = round(time.perf_counter() - mark, 2)
-        report.compiled.append(path.stem)
-    mark = time.perf_counter()
-    runner = _load_package(path, device)
-    report.load_s = round(time.perf_counter() - mark, 2)
-    report.loaded.append(path.stem)
+            return torch.export.export(_ExportedDecoder(decoder, names), (sample, tuple(weights_of(decoder, names))),
+                                       strict=False)
+
+    runner = _ensure_loaded(path, export, device, report)
     decoder.forward = _DecoderForward(decoder, tuple(latent_shape), runner, type(decoder).forward.__get__(decoder))
+    report.compile_s, report.load_s = round(report.compile_s, 2), round(report.load_s, 2)
     return report
 
 

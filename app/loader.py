@@ -86,7 +86,7 @@ def start_weight_prefetch(settings: AppSettings) -> bool:
     return True
 
 
-def _configure_compile_cache(settings: AppSettings, device: torch.device) -> None:
+def _configure_compile_cache(settings: AppSettings) -> None:
     """Inductor's on-disk caches make the next start of a process reuse compiled kernels.
     Assigned, not setdefault: torch writes its default into TORCHINDUCTOR_CACHE_DIR the first time
     anything asks for the cache dir (an import can), and a setdefault after that silently kept
@@ -96,8 +96,6 @@ def _configure_compile_cache(settings: AppSettings, device: torch.device) -> Non
     os.environ["TRITON_CACHE_DIR"] = str(settings.compile_cache_dir / "triton")
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
-    if device.type == "cuda":
-        _trust_cpu_vector_flags()
 
 
 def _trust_cpu_vector_flags() -> None:
@@ -247,7 +245,9 @@ def compile_pipeline(pipe, settings: AppSettings, device: torch.device, dtype: t
     """Compile where it pays; returns how the transformer blocks run ("aot" or "jit"). Compiled code
     is cached on disk under compile_cache_dir for the next start: AOT packages are made here (once
     per GPU/torch/architecture), torch.compile's graphs at the first call of each shape (the warm-up)."""
-    _configure_compile_cache(settings, device)
+    _configure_compile_cache(settings)
+    if device.type == "cuda":
+        _trust_cpu_vector_flags()
     import torch._dynamo as dynamo  # (a bare `import torch._dynamo` would make `torch` local here)
 
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)

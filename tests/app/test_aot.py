@@ -12,15 +12,8 @@ import torch
 
 from app import aot
 from app.engine import GenerationParams
-from tests.app.test_compile import LONG, psnr
+from tests.app.test_compile import LONG, image, psnr
 from tests.app.test_engine import make_engine
-
-
-def image(engine, prompt, width=128, height=128, num_images=1, seed=9):
-    p = GenerationParams(prompt=prompt, negative_prompt="", width=width, height=height, num_inference_steps=2,
-                         cfg_scale=0.0, num_images=num_images, seed=seed)
-    result = engine.submit(p).future.result(600)
-    return [np.asarray(im).astype(float) for im in result.images]
 
 
 def merged(engine, prompts, seed=3):
