@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--attention", default="native")
+    parser.add_argument("--keep-cache", action="store_true", help="start the default phases on the compile "
+                        "cache an earlier run left instead of an empty one")
     parser.add_argument("--images-dir", type=Path, default=None, help="where the quality-check images are written")
     parser.add_argument("--out", default=None, help="write all rows as JSON here")
     args = parser.parse_args(argv)
@@ -175,8 +177,10 @@ def main(argv=None) -> int:
     default_image: list = []
 
     def default_phases():
-        shutil.rmtree(home / "compile-cache", ignore_errors=True)
-        app = started("default, batching on (max_batch=4)", "empty", max_batch=4, queue_size=16)
+        if not args.keep_cache:
+            shutil.rmtree(home / "compile-cache", ignore_errors=True)
+        app = started("default, batching on (max_batch=4)", "kept" if args.keep_cache else "empty",
+                      max_batch=4, queue_size=16)
         try:
             if "latency" in phases:
                 speedup(measure_latency(app, results, "default settings", args.size, args.n))
