@@ -5,6 +5,7 @@ in length, other sizes); nothing compiles at the warm-up or in requests; a secon
 the packages; and the guards around them (a crashed load, a failed export) fall back to
 torch.compile instead of failing the start. Packaging on 2 CPU cores takes ~2 min, done once."""
 
+import threading
 
 import numpy as np
 import pytest
@@ -83,6 +84,21 @@ def test_next_start_loads_the_packages_without_compiling(tmp_path, cache):
         assert "aot_compile_s" not in engine.loaded.phases and engine.loaded.phases["aot_load_s"] < 10
         first = image(engine, "a lighthouse")[0]
         assert np.array_equal(first, image(engine, "a lighthouse")[0])  # deterministic on the packages
+        # The packages run without AOTInductor's thread-safety protocol: only the engine's thread
+        # may call them; a call from any other thread runs the eager forward.
+        before = packaged_calls(engine)
+
+        def from_another_thread():
+            with torch.inference_mode():
+                engine.loaded.pipe(prompt="a lighthouse", height=128, width=128, num_inference_steps=2,
+                                   output_type="latent")
+
+        other = threading.Thread(target=from_another_thread)
+        other.start()
+        other.join(300)
+        assert not other.is_alive() and packaged_calls(engine) == before
+        image(engine, "a lighthouse")
+        assert packaged_calls(engine)[0] > before[0]  # (the engine's own calls still go through them)
     finally:
         engine.stop()
         torch.compiler.set_stance("default")
