@@ -46,6 +46,9 @@ class AppSettings(BaseModel):
     # What else compiles when compile is on (measured on the H100, docs/PERFORMANCE.md): the VAE
     # decoder (100 → 47 ms at 1024²) pays; the text encoder does not (no reliable gain, +10–20 s of warm-up).
     compile_text_encoder: bool = False
+    # The text encoder replayed from a CUDA graph per batch size (GPU, nothing offloaded): a new
+    # prompt's encoding is launch-bound, ~45 ms of wall time for ~15 ms of kernels (app/encoder_graph.py).
+    text_encoder_graph: bool = True
     compile_vae: bool = True
     # Lossy, opt-in: FP8 (e4m3, per-row scales) linear layers in the transformer blocks; Hopper/Ada only
     # for speed (elsewhere it runs, emulated and slow). See app/fp8.py and the quality figure.

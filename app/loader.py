@@ -175,12 +175,24 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         mark = time.perf_counter()
         backend = compile_pipeline(pipe, settings, device, dtype, notes, phases)
         phases["compile_setup_s"] = time.perf_counter() - mark
+    if _graph_text_encoder(settings, device, compiled):
+        from app import encoder_graph
+
+        encoder_graph.install(pipe.text_encoder)
+        notes.append("text encoder: CUDA graph per batch size (captured at its first use)")
     return LoadedPipeline(
         pipe=pipe, device=device, dtype=dtype, vae_dtype=vae_dtype, compiled=compiled, compile_backend=backend,
         attention_backend=settings.attention_backend, offload=settings.offload, source=source,
         load_seconds=time.perf_counter() - started, notes=notes, quantize=settings.quantize,
         phases={k: round(v, 2) for k, v in phases.items()},
     )
+
+
+def _graph_text_encoder(settings: AppSettings, device: torch.device, compiled: bool) -> bool:
+    """CUDA graphs need the encoder's weights to stay where they are (no offload hooks moving
+    them) and do not mix with a torch.compile'd encoder."""
+    return (settings.text_encoder_graph and device.type == "cuda" and settings.offload == "none"
+            and not (compiled and settings.compile_text_encoder))
 
 
 def _from_directory(settings: AppSettings, device: torch.device, dtype: torch.dtype, notes: list[str],
