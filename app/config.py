@@ -28,7 +28,10 @@ class AppSettings(BaseModel):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: DTypeName = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     vae_dtype: DTypeName = "auto"  # auto: the pipeline dtype
-    attention_backend: str = "native"  # a diffusers attention backend name (native, _native_flash, flash, _flash_3, ...)
+    # A diffusers attention backend name (native, _native_cudnn, _native_flash, flash, _flash_3, ...).
+    # native: PyTorch's SDPA, which inside the AOT packages already runs cuDNN's fused attention on
+    # Hopper; "_native_cudnn" measured slower there (its layout copies break a fusion; docs/PERFORMANCE.md).
+    attention_backend: str = "native"
     compile: Switch = "auto"  # torch.compile of the transformer; auto: on for CUDA, off on CPU
     compile_mode: str = "default"
     # How the transformer blocks are compiled. aot: exported once and compiled by AOTInductor into
