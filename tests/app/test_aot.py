@@ -104,6 +104,21 @@ def test_next_start_loads_the_packages_without_compiling(tmp_path, cache):
         torch.compiler.set_stance("default")
 
 
+def test_load_check_loads_each_package_in_a_child_and_reports_a_crash(tmp_path, cache, monkeypatch):
+    """ops/aot_load_check: every package of a cache loads in a fresh process; a load that kills its
+    process is reported with the signal and faulthandler's stack, and fails the check."""
+    from ops import aot_load_check
+
+    if not aot_load_check.packages(cache):
+        pytest.skip("needs the packages of the first test")
+    assert aot_load_check.main(["--compile-cache", str(cache)]) == 0
+    monkeypatch.setattr(aot_load_check, "_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)")
+    row = aot_load_check.load_in_child(aot_load_check.packages(cache)[0], after_imports=False)
+    assert not row["ok"] and row["returncode"] == -11 and "Segmentation fault" in row["stderr_tail"]
+    assert aot_load_check.main(["--compile-cache", str(cache)]) == 1
+    assert aot_load_check.main(["--compile-cache", str(tmp_path / "empty")]) == 1  # nothing to check is no pass
+
+
 def dead_pid():
     """A pid no process has: a child that has exited and been reaped."""
     import subprocess
