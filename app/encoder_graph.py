@@ -57,7 +57,7 @@ class GraphedTextEncoder:
         self.eager: Callable = type(encoder).forward.__get__(encoder)
         self.seq_len = seq_len
         self.graphs: dict[int, _Captured] = {}
-        self.pool = torch.cuda.graph_pool_handle()  # one memory pool for every batch size's graph
+        self.pool = None  # one memory pool for every batch size's graph, made at the first capture
         self.owner = threading.get_ident()  # captures and replays share static buffers: one thread
         self.broken: Optional[str] = None  # why graphs are off for good, once a capture failed
         self.replays = 0
@@ -95,6 +95,8 @@ class GraphedTextEncoder:
                 for _ in range(2):
                     self._penultimate(static_ids, static_mask)
             torch.cuda.current_stream().wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 hidden = self._penultimate(static_ids, static_mask)

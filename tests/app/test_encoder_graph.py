@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from app.config import load_settings
+from app import encoder_graph
 from app.encoder_graph import causal_padding_mask
 from app.loader import _graph_text_encoder
 from app.tiny import build_tiny_pipeline
@@ -52,3 +53,20 @@ def test_the_4d_mask_gives_the_embeddings_of_the_2d_mask(pipe, prompts):
 def test_where_graphs_are_installed(device, overrides, expected):
     settings = load_settings(env={}, **overrides)
     assert _graph_text_encoder(settings, torch.device(device), compiled=True) is expected
+
+
+def test_installed_forward_serves_diffusers_encode_prompt(pipe):
+    """Installed as the encoder's forward, it takes diffusers' own call (here on the CPU, where it
+    hands every call to the eager forward) and returns what encode_prompt reads."""
+    with torch.inference_mode():
+        before, _ = pipe.encode_prompt(prompt=["a fox", "a lighthouse"], device="cpu", do_classifier_free_guidance=False)
+        graphed = encoder_graph.install(pipe.text_encoder)
+        try:
+            after, _ = pipe.encode_prompt(prompt=["a fox", "a lighthouse"], device="cpu",
+                                          do_classifier_free_guidance=False)
+        finally:
+            encoder_graph.uninstall(pipe.text_encoder)
+    assert graphed.graphs == {} and graphed.replays == 0  # (no CUDA here: nothing captured)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b)
+    assert "forward" not in vars(pipe.text_encoder)  # uninstalled
