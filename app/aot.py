@@ -228,13 +228,13 @@ def _load_package(path: Path, device: torch.device):
     forget = functools.partial(_forget_pid, marker, os.getpid())
     atexit.register(forget)
     try:
-        return _aoti_load(path, device)
+        return aoti_load(path, device)
     finally:  # reached unless the process died: a finished load is no evidence of a crash
         atexit.unregister(forget)
         _clear_marker(marker)
 
 
-def _aoti_load(path: Path, device: torch.device):
+def aoti_load(path: Path, device: torch.device):
     """The package, run without AOTInductor's thread-safety protocol. That protocol hands each call
     a model instance and, with the default one instance per package, first waits on an event for
     the previous call's GPU work to finish: the CPU could never queue block N+1 while the GPU ran
@@ -316,7 +316,7 @@ class _BlockForward:
         self.weights = weights_of(block, weight_names(block))
         self.modulated = bool(block.modulation)
         self.runners, self.eager = runners, eager
-        self.owner = threading.get_ident()  # the packages run single-threaded (_aoti_load): this thread's
+        self.owner = threading.get_ident()  # the packages run single-threaded (aoti_load): this thread's
         self.packaged_calls = 0  # (tests: the packages did run)
 
     def __call__(self, x, attn_mask, freqs_cis, adaln_input=None, noise_mask=None, adaln_noisy=None, adaln_clean=None):

@@ -18,11 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+
+# the start's own entry point (app.aot.aoti_load), without the crash marker around it
 _LOAD = """
-import sys, torch
+import sys, pathlib, torch
 {imports}
-device = 0 if torch.cuda.is_available() else -1
-runner = torch._inductor.aoti_load_package(sys.argv[1], run_single_threaded=True, device_index=device)
+from app.aot import aoti_load
+aoti_load(pathlib.Path(sys.argv[1]), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 print("loaded", flush=True)
 """
 
@@ -34,8 +37,8 @@ def packages(cache: Path) -> list[Path]:
 def load_in_child(package: Path, after_imports: bool, timeout: float = 300) -> dict:
     imports = "import diffusers, transformers\nfrom diffusers import ZImagePipeline" if after_imports else ""
     try:
-        done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _LOAD.format(imports=imports), str(package)],
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _LOAD.format(imports=imports),
+                               str(package.resolve())], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"package": str(package), "ok": False, "returncode": None, "error": f"no answer in {timeout:.0f} s"}
     ok = done.returncode == 0 and "loaded" in done.stdout
