@@ -40,6 +40,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from app.aot_verify import cpp_compiler, load_in_child, why_failed
+
 log = logging.getLogger("app.aot")
 
 FORMAT = 2  # bump when the exported signature below changes: old packages are then ignored
@@ -188,6 +190,7 @@ class PreviousLoadCrashed(RuntimeError):
     """Starts kept dying while loading these packages (a native crash leaves no exception behind)."""
 
 
+CHILD_LOAD_TIMEOUT_S = 300.0  # a fresh interpreter: torch import + the load
 CRASHED_LOADS_LIMIT = 3  # unfinished loads in a row before the packages are refused
 
 
@@ -279,14 +282,52 @@ class AotReport:
     directory: str = ""
 
 
+class BrokenPackage(RuntimeError):
+    """A package built here killed the process that loaded it (checked in a child, app/aot_verify.py)."""
+
+
+def _verdict_path(path: Path) -> Path:
+    return path.with_name(path.name + ".broken")
+
+
 def _ensure_loaded(path: Path, export: Callable[[], object], device: torch.device, report: AotReport):
     """The package at path, made first (export(), then AOTInductor) where the cache has none; the
-    time each took goes into report."""
+    time each took goes into report. A package made in this start is loaded in a child process
+    before this one loads it: one that kills its loader (a signal, or no answer) is deleted and raises BrokenPackage (the
+    caller falls back to torch.compile), and the verdict is kept beside it with the compiler that
+    built it, so later starts do not rebuild it with the same compiler only to refuse it again (a
+    new compiler, e.g. CXX changed by the operator, gets a new try)."""
+    verdict_path = _verdict_path(path)
+    compiler = cpp_compiler()
+    try:
+        verdict = json.loads(verdict_path.read_text())
+    except (OSError, ValueError):
+        verdict = None
+    if verdict and verdict.get("compiler") == compiler:
+        raise BrokenPackage(f"{path.name} built by {compiler} crashed its loader ({verdict.get('why')}); set CXX to "
+                            f"another C++ compiler, or remove {verdict_path} to try again")
     if not path.exists():
         mark = time.perf_counter()
         _compile_package(export(), path)
-        report.compile_s += time.perf_counter() - mark
+        check = load_in_child(path, str(device), timeout=CHILD_LOAD_TIMEOUT_S)
+        report.compile_s += time.perf_counter() - mark  # (the check's few seconds count as compiling)
         report.compiled.append(path.stem)
+        if not check["ok"] and not check["crashed"]:
+            # an exception, not a crash: the load below raises it here too, with its own message
+            log.warning("the child's load of a new package failed", extra={
+                "event": "aot_check_failed", "package": path.name, "why": why_failed(check)})
+        elif not check["ok"]:
+            why = why_failed(check)
+            log.error("a package just compiled crashed the process that loaded it; not used", extra={
+                "event": "aot_package_broken", "package": path.name, "compiler": compiler, "why": why,
+                "stderr_tail": check.get("stderr_tail", "")[-1500:]})
+            path.unlink(missing_ok=True)
+            try:
+                verdict_path.write_text(json.dumps({"compiler": compiler, "why": why, "at": time.time()}))
+            except OSError:
+                pass
+            raise BrokenPackage(f"{path.name} built by {compiler} crashed its loader ({why})")
+        verdict_path.unlink(missing_ok=True)
     mark = time.perf_counter()
     runner = _load_package(path, device)
     report.load_s += time.perf_counter() - mark

@@ -7,45 +7,23 @@ and say which ones kill the process: for a start that keeps falling back to torc
 Each load runs with faulthandler on, so a native crash leaves the Python stack of the crash in the
 output; `--after-imports` imports diffusers and transformers first, as the app does. Exit status 1
 when any load died or failed. Loading runs the package's native code, which is why each gets its
-own process here: a crash ends that child, not the check.
+own process here: a crash ends that child, not the check. A start does the same for each package it
+has just compiled (app/aot_verify.py), so this is for a cache made elsewhere or before that check.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import torch
 
-# the start's own entry point (app.aot.aoti_load), without the crash marker around it
-_LOAD = """
-import sys, pathlib, torch
-{imports}
-from app.aot import aoti_load
-aoti_load(pathlib.Path(sys.argv[1]), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-print("loaded", flush=True)
-"""
+from app.aot_verify import load_in_child
 
 
 def packages(cache: Path) -> list[Path]:
     return sorted((cache / "aot").glob("*/*.pt2"))
-
-
-def load_in_child(package: Path, after_imports: bool, timeout: float = 300) -> dict:
-    imports = "import diffusers, transformers\nfrom diffusers import ZImagePipeline" if after_imports else ""
-    try:
-        done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _LOAD.format(imports=imports),
-                               str(package.resolve())], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"package": str(package), "ok": False, "returncode": None, "error": f"no answer in {timeout:.0f} s"}
-    ok = done.returncode == 0 and "loaded" in done.stdout
-    row = {"package": str(package), "ok": ok, "returncode": done.returncode}
-    if not ok:  # a negative code is the signal that killed it (-11: SIGSEGV, -6: abort)
-        row["stderr_tail"] = done.stderr[-3000:]
-    return row
 
 
 def main(argv=None) -> int:
@@ -57,7 +35,8 @@ def main(argv=None) -> int:
     if not found:
         print(json.dumps({"error": f"no AOT packages under {args.compile_cache / 'aot'}"}))
         return 1
-    rows = [load_in_child(p, args.after_imports) for p in found]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = [load_in_child(p, device, args.after_imports) for p in found]
     for row in rows:
         print(json.dumps(row), flush=True)
     return 0 if all(r["ok"] for r in rows) else 1

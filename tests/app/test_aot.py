@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from app import aot
+from app import aot, aot_verify
 from app.engine import GenerationParams
 from tests.app.test_compile import LONG, image, psnr
 from tests.app.test_engine import make_engine
@@ -112,11 +112,52 @@ def test_load_check_loads_each_package_in_a_child_and_reports_a_crash(tmp_path, 
     if not aot_load_check.packages(cache):
         pytest.skip("needs the packages of the first test")
     assert aot_load_check.main(["--compile-cache", str(cache)]) == 0
-    monkeypatch.setattr(aot_load_check, "_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)")
-    row = aot_load_check.load_in_child(aot_load_check.packages(cache)[0], after_imports=False)
-    assert not row["ok"] and row["returncode"] == -11 and "Segmentation fault" in row["stderr_tail"]
+    monkeypatch.setattr(aot_verify, "_CHILD_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)")
+    row = aot_verify.load_in_child(aot_load_check.packages(cache)[0], "cpu")
+    assert not row["ok"] and row["crashed"] and row["returncode"] == -11 and "Segmentation fault" in row["stderr_tail"]
     assert aot_load_check.main(["--compile-cache", str(cache)]) == 1
     assert aot_load_check.main(["--compile-cache", str(tmp_path / "empty")]) == 1  # nothing to check is no pass
+
+
+def test_a_package_that_crashes_its_loader_is_refused_and_the_verdict_kept(tmp_path, monkeypatch):
+    """A package just compiled is loaded in a child first (on the H100, packages built through the
+    machine's CXX wrapper all died with SIGSEGV at load): one that kills the child is deleted and
+    refused with BrokenPackage (the start falls back to torch.compile), and the verdict is kept with
+    the compiler's name: the same compiler is not asked again; another one is."""
+    linear = torch.nn.Linear(4, 3)
+    exports = []
+
+    def export():
+        exports.append(1)
+        return torch.export.export(linear, (torch.randn(2, 4),))
+
+    package, verdict = tmp_path / "mod-nomask.pt2", tmp_path / "mod-nomask.pt2.broken"
+    # a child whose load raises is no crash: the package is kept, and the load here decides
+    monkeypatch.setattr(aot_verify, "_CHILD_LOAD", "{imports}\nraise RuntimeError('no GPU left')")
+    aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
+    assert package.exists() and not verdict.exists() and exports == [1]
+    package.unlink()
+    exports.clear()
+    monkeypatch.setattr(aot_verify, "_CHILD_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(aot.BrokenPackage, match="SIGSEGV"):
+        aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
+    assert not package.exists() and exports == [1]
+    import json
+
+    assert json.loads(verdict.read_text())["compiler"] == aot_verify.cpp_compiler()
+    # the next start, same compiler: refused at once, nothing rebuilt
+    with pytest.raises(aot.BrokenPackage, match="remove .*broken"):
+        aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
+    assert exports == [1]
+    # another compiler (the operator set CXX): built again, checked in a child (the real load), used
+    monkeypatch.undo()
+    monkeypatch.setattr(aot, "cpp_compiler", lambda: "another-g++")
+    report = aot.AotReport()
+    runner = aot._ensure_loaded(package, export, torch.device("cpu"), report)
+    assert exports == [1, 1] and report.compiled == report.loaded == ["mod-nomask"] and not verdict.exists()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x), linear(x))
 
 
 def dead_pid():
@@ -159,7 +200,7 @@ def test_a_process_that_exits_normally_mid_load_leaves_no_crash_evidence(tmp_pat
 
     script = f"""
 import threading, time, torch, pathlib
-from app import aot
+from app import aot, aot_verify
 loading = threading.Event()
 def load(*args, **kwargs):  # a load that is still running when the process exits
     loading.set()
