@@ -8,7 +8,6 @@ import base64
 import concurrent.futures as cf
 import io
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -19,9 +18,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from ops.tempstack import REPO, app_env
+
 PROMPT = ("Young Chinese woman in red Hanfu, intricate embroidery, impeccable makeup, elaborate high bun with a "
           "golden phoenix headdress, soft-lit outdoor night, silhouetted pagoda, blurred colorful lights, photorealistic")
+
 
 def emit(results: list, **row) -> dict:
     results.append(row)
@@ -37,12 +38,8 @@ class AppRun:
 
     def __init__(self, port: int, home: Path, **settings):
         self.url = f"http://127.0.0.1:{port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}
-        env.update(ZIMAGE_HOME=str(home), ZIMAGE_CONFIG=str(home / "bench.toml"), PYTHONUNBUFFERED="1",
-                   ZIMAGE_APP_PORT=str(port), ZIMAGE_APP_UI="false")
-        (home / "bench.toml").write_text("")
-        for key, value in settings.items():
-            env[f"ZIMAGE_APP_{key.upper()}"] = str(value)
+        env = app_env(home / "bench.toml", port, **{"ui": "false", **settings})
+        env["ZIMAGE_HOME"] = str(home)
         self.env, self.home = env, home
         # One client with keep-alive, as an API client would hold: a new httpx client per request
         # costs its own setup (an SSL context even for http) and would be counted as our overhead.

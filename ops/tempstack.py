@@ -30,6 +30,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def app_env(config: Path, port: int, **settings) -> dict:
+    """The environment for `python -m app` with these settings (as ZIMAGE_APP_* variables) and an
+    empty config file: the caller's own ZIMAGE_* variables are dropped, so an operator's shell does
+    not leak into a test or a benchmark."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}
+    config.write_text("")
+    env.update(ZIMAGE_CONFIG=str(config), PYTHONUNBUFFERED="1", ZIMAGE_APP_PORT=str(port))
+    env.update({f"ZIMAGE_APP_{key.upper()}": str(value) for key, value in settings.items()})
+    return env
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
     """Poll until predicate() is truthy; return its value or raise AssertionError after timeout."""
     deadline = time.monotonic() + timeout

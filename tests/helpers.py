@@ -11,17 +11,13 @@ from typing import Optional
 import httpx
 
 from ops.tempstack import PYTHON, REPO, free_port, wait_for  # noqa: F401  (re-exported for the tests)
+from ops.tempstack import app_env as tempstack_app_env
 
 
 def app_env(tmp: Path, port: int, **settings) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}
-    env.update({"ZIMAGE_CONFIG": str(tmp / "none.toml"), "PYTHONUNBUFFERED": "1",
-                "ZIMAGE_APP_PORT": str(port), "ZIMAGE_APP_OUTPUTS_DIR": str(tmp / "outputs"),
-                "ZIMAGE_APP_ADMIN_TOKEN_FILE": str(tmp / "admin.token")})
-    (tmp / "none.toml").write_text("")
-    for key, value in settings.items():
-        env[f"ZIMAGE_APP_{key.upper()}"] = str(value)
-    return env
+    """The app's environment with its outputs and admin token inside tmp."""
+    return tempstack_app_env(tmp / "none.toml", port, **{"outputs_dir": tmp / "outputs",
+                                                         "admin_token_file": tmp / "admin.token", **settings})
 
 
 class AppProcess:
