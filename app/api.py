@@ -103,6 +103,10 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
             "zimage_compiles_after_warmup": ("torch.compile runs a request waited for (0 when the warm-up "
                                              "covered every shape)", engine.compiles_after_warmup),
         }
+        if engine.loaded is not None:  # an alert on jit where aot is configured catches a fallback
+            values["zimage_compile_backend"] = ("1 for how the transformer blocks run: aot (packages), jit "
+                                                "(torch.compile) or none; why a start fell back is in the log's "
+                                                "aot_* events", {engine.loaded.compile_backend: 1})
         memory = engine.memory()
         if memory:
             values["zimage_gpu_memory_bytes"] = ("GPU memory seen by torch", {

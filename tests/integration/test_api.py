@@ -86,7 +86,8 @@ def test_probes_and_metrics(app):
     assert httpx.get(app.url + "/readyz", timeout=5).json()["ready"] is True
     text = httpx.get(app.url + "/metrics", timeout=5).text
     for name in ("zimage_requests_total", "zimage_request_seconds_bucket", "zimage_queue_depth",
-                 "zimage_in_flight", "zimage_steps_per_second", "zimage_ready 1.0"):
+                 "zimage_in_flight", "zimage_steps_per_second", "zimage_ready 1.0",
+                 'zimage_compile_backend{kind="none"} 1.0'):  # (no compiling on the CPU)
         assert name in text
     info = httpx.get(app.url + "/api/info", timeout=5).json()
     assert info["demo_model"] is True and info["device"] == "cpu" and info["dtype"] == "float32"
