@@ -293,10 +293,10 @@ def _verdict_path(path: Path) -> Path:
 def _ensure_loaded(path: Path, export: Callable[[], object], device: torch.device, report: AotReport):
     """The package at path, made first (export(), then AOTInductor) where the cache has none; the
     time each took goes into report. A package made in this start is loaded in a child process
-    before this one loads it: one that kills its loader (a signal, or no answer) is deleted and raises BrokenPackage (the
-    caller falls back to torch.compile), and the verdict is kept beside it with the compiler that
-    built it, so later starts do not rebuild it with the same compiler only to refuse it again (a
-    new compiler, e.g. CXX changed by the operator, gets a new try)."""
+    before this one loads it: one that kills its loader (a signal, or no answer) is deleted and
+    raises BrokenPackage (the caller falls back to torch.compile), and the verdict is kept beside it
+    with the compiler that built it, so later starts do not rebuild it with the same compiler only
+    to refuse it again (a new compiler, e.g. CXX changed by the operator, gets a new try)."""
     verdict_path = _verdict_path(path)
     compiler = cpp_compiler()
     try:

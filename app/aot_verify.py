@@ -11,6 +11,7 @@ torch.compile (app/aot.py keeps the verdict, with the compiler that built it).
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +63,6 @@ def why_failed(row: dict) -> str:
         return row["error"]
     code = row["returncode"]
     if code is not None and code < 0:
-        import signal
-
         try:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
