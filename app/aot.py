@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -283,56 +284,115 @@ class AotReport:
 
 
 class BrokenPackage(RuntimeError):
-    """A package built here killed the process that loaded it (checked in a child, app/aot_verify.py)."""
+    """Every compiler tried built a package that killed the process loading it (checked in a child)."""
+
+
+FALLBACK_CXX = "g++"  # Inductor's own pick when CXX is unset
 
 
 def _verdict_path(path: Path) -> Path:
     return path.with_name(path.name + ".broken")
 
 
-def _ensure_loaded(path: Path, export: Callable[[], object], device: torch.device, report: AotReport):
-    """The package at path, made first (export(), then AOTInductor) where the cache has none; the
-    time each took goes into report. A package made in this start is loaded in a child process
-    before this one loads it: one that kills its loader (a signal, or no answer) is deleted and
-    raises BrokenPackage (the caller falls back to torch.compile), and the verdict is kept beside it
-    with the compiler that built it, so later starts do not rebuild it with the same compiler only
-    to refuse it again (a new compiler, e.g. CXX changed by the operator, gets a new try)."""
-    verdict_path = _verdict_path(path)
-    compiler = cpp_compiler()
+def _read_verdicts(path: Path) -> dict[str, str]:
+    """Compiler → why its package was refused."""
     try:
-        verdict = json.loads(verdict_path.read_text())
-    except (OSError, ValueError):
-        verdict = None
-    if verdict and verdict.get("compiler") == compiler:
-        raise BrokenPackage(f"{path.name} built by {compiler} crashed its loader ({verdict.get('why')}); set CXX to "
-                            f"another C++ compiler, or remove {verdict_path} to try again")
+        broken = json.loads(path.read_text()).get("broken", {})
+        return {str(k): str(v) for k, v in broken.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _compiler_candidates() -> list[str]:
+    """The compiler Inductor would use (CXX's, where set), then the system g++ if that is another."""
+    first = cpp_compiler()
+    fallback = shutil.which(FALLBACK_CXX)
+    first_path = shutil.which(first)
+    if fallback is None or (first_path and os.path.realpath(first_path) == os.path.realpath(fallback)):
+        return [first]
+    return [first, FALLBACK_CXX]
+
+
+def _compiler_failure(exc: BaseException) -> Optional[BaseException]:
+    """The C++ compiler's own failure (missing, or rejecting the generated code) inside exc, which
+    Inductor may wrap (InductorError), or None when the failure is not the compiler's."""
+    from torch._inductor import exc as inductor_exc
+
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (inductor_exc.InvalidCxxCompiler, inductor_exc.CppCompileError)):
+            return exc
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _ensure_loaded(path: Path, export: Callable[[], object], device: torch.device, report: AotReport):
+    """The package at path, made first where the cache has none (_build_checked); the time each
+    step took goes into report."""
     if not path.exists():
-        mark = time.perf_counter()
-        _compile_package(export(), path)
-        check = load_in_child(path, str(device), timeout=CHILD_LOAD_TIMEOUT_S)
-        report.compile_s += time.perf_counter() - mark  # (the check's few seconds count as compiling)
-        report.compiled.append(path.stem)
-        if not check["ok"] and not check["crashed"]:
-            # an exception, not a crash: the load below raises it here too, with its own message
-            log.warning("the child's load of a new package failed", extra={
-                "event": "aot_check_failed", "package": path.name, "why": why_failed(check)})
-        elif not check["ok"]:
-            why = why_failed(check)
-            log.error("a package just compiled crashed the process that loaded it; not used", extra={
-                "event": "aot_package_broken", "package": path.name, "compiler": compiler, "why": why,
-                "stderr_tail": check.get("stderr_tail", "")[-1500:]})
-            path.unlink(missing_ok=True)
-            try:
-                verdict_path.write_text(json.dumps({"compiler": compiler, "why": why, "at": time.time()}))
-            except OSError:
-                pass
-            raise BrokenPackage(f"{path.name} built by {compiler} crashed its loader ({why})")
-        verdict_path.unlink(missing_ok=True)
+        _build_checked(path, export, device, report)
     mark = time.perf_counter()
     runner = _load_package(path, device)
     report.load_s += time.perf_counter() - mark
     report.loaded.append(path.stem)
     return runner
+
+
+def _build_checked(path: Path, export: Callable[[], object], device: torch.device, report: AotReport) -> None:
+    """export(), then AOTInductor into path, then a load of the package in a child process before
+    this one trusts it. A package that kills its loader (a signal, or no answer) is deleted and the
+    compiler that built it recorded beside it (`*.pt2.broken`), as is a compiler that is missing or
+    rejects the generated code; the next candidate (CXX's compiler first, then the system g++) then
+    builds it. A compiler on record is not asked again: a later start goes straight to the one that
+    works or, all on record, raises BrokenPackage at once (the caller falls back to torch.compile).
+    A compiler not on record (CXX changed) gets a try."""
+    from torch._inductor import config as inductor_config
+
+    verdict_path = _verdict_path(path)
+    broken = _read_verdicts(verdict_path)
+    candidates = _compiler_candidates()
+    exported = None
+    for cxx in candidates:
+        if cxx in broken:
+            continue
+        mark = time.perf_counter()
+        if exported is None:
+            exported = export()
+        try:
+            with inductor_config.patch({"cpp.cxx": (None, cxx)}):
+                _compile_package(exported, path)
+        except Exception as exc:
+            failure = _compiler_failure(exc)
+            if failure is None:
+                raise  # not the compiler's doing: another would fail the same way
+            check = {"ok": False, "crashed": True, "returncode": None,
+                     "error": f"{failure.__class__.__name__}: {str(failure).strip()[:200]}"}
+        else:
+            check = load_in_child(path, str(device), timeout=CHILD_LOAD_TIMEOUT_S)
+        report.compile_s += time.perf_counter() - mark  # (the check's few seconds count as compiling)
+        if check["ok"] or not check["crashed"]:
+            if not check["ok"]:  # an exception, not a crash: the load in this process raises it too
+                log.warning("the child's load of a new package failed", extra={
+                    "event": "aot_check_failed", "package": path.name, "why": why_failed(check)})
+            if cxx != candidates[0]:
+                log.warning("package built by another C++ compiler", extra={
+                    "event": "aot_compiler_fallback", "package": path.name, "compiler": cxx,
+                    "refused": sorted(broken)})
+            report.compiled.append(path.stem)
+            return
+        broken[cxx] = why_failed(check)
+        log.error("a C++ compiler's package crashed its loader or was not built; not used", extra={
+            "event": "aot_package_broken", "package": path.name, "compiler": cxx, "why": broken[cxx],
+            "stderr_tail": check.get("stderr_tail", "")[-1500:]})
+        path.unlink(missing_ok=True)
+        try:
+            verdict_path.write_text(json.dumps({"broken": broken}))
+        except OSError:
+            pass
+    reasons = "; ".join(f"{cxx}: {why}" for cxx, why in sorted(broken.items()))
+    raise BrokenPackage(f"no C++ compiler made a {path.name} that loads ({reasons}); set CXX to a working one, "
+                        f"or remove {verdict_path} to try again")
 
 
 def _export_block(block: nn.Module, kind: Kind, dtype: torch.dtype, device: torch.device):

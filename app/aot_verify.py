@@ -5,8 +5,8 @@ Found on the lent H100 (docs/PERFORMANCE.md): its environment names a wrapper of
 (/opt/gcc/bin/g++), which AOTInductor uses for the package's shared library; every package built
 through it died with SIGSEGV when loaded, in any process, and the same packages built by the
 system g++ loaded. A crash inside the app's start is what supervisord would restart into the same
-crash; a crash in a child is a clean answer: the package is refused and the start falls back to
-torch.compile (app/aot.py keeps the verdict, with the compiler that built it).
+crash; a crash in a child is a clean answer: the package is refused, and app/aot.py records the
+compiler that built it and builds again with the system g++, or falls back to torch.compile.
 """
 
 from __future__ import annotations

@@ -119,45 +119,104 @@ def test_load_check_loads_each_package_in_a_child_and_reports_a_crash(tmp_path, 
     assert aot_load_check.main(["--compile-cache", str(tmp_path / "empty")]) == 1  # nothing to check is no pass
 
 
-def test_a_package_that_crashes_its_loader_is_refused_and_the_verdict_kept(tmp_path, monkeypatch):
+def test_a_package_that_crashes_its_loader_is_rebuilt_by_another_compiler_or_refused(tmp_path, monkeypatch):
     """A package just compiled is loaded in a child first (on the H100, packages built through the
-    machine's CXX wrapper all died with SIGSEGV at load): one that kills the child is deleted and
-    refused with BrokenPackage (the start falls back to torch.compile), and the verdict is kept with
-    the compiler's name: the same compiler is not asked again; another one is."""
+    machine's CXX wrapper all died with SIGSEGV at load): one that kills the child is deleted, its
+    compiler recorded, and the next candidate compiler builds it; with every candidate on record the
+    start gets BrokenPackage at once (and falls back to torch.compile), without compiling again."""
+    import json
+
     linear = torch.nn.Linear(4, 3)
-    exports = []
+    exports, compilers, checks = [], [], []
 
     def export():
         exports.append(1)
         return torch.export.export(linear, (torch.randn(2, 4),))
 
-    package, verdict = tmp_path / "mod-nomask.pt2", tmp_path / "mod-nomask.pt2.broken"
-    # a child whose load raises is no crash: the package is kept, and the load here decides
-    monkeypatch.setattr(aot_verify, "_CHILD_LOAD", "{imports}\nraise RuntimeError('no GPU left')")
-    aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
-    assert package.exists() and not verdict.exists() and exports == [1]
-    package.unlink()
-    exports.clear()
-    monkeypatch.setattr(aot_verify, "_CHILD_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)")
-    with pytest.raises(aot.BrokenPackage, match="SIGSEGV"):
-        aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
-    assert not package.exists() and exports == [1]
-    import json
+    real_compile, real_check = aot._compile_package, aot.load_in_child
 
-    assert json.loads(verdict.read_text())["compiler"] == aot_verify.cpp_compiler()
-    # the next start, same compiler: refused at once, nothing rebuilt
-    with pytest.raises(aot.BrokenPackage, match="remove .*broken"):
-        aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
-    assert exports == [1]
-    # another compiler (the operator set CXX): built again, checked in a child (the real load), used
-    monkeypatch.undo()
-    monkeypatch.setattr(aot, "cpp_compiler", lambda: "another-g++")
+    def compile_package(exported, path):  # which compiler Inductor was given for this build
+        from torch._inductor import config
+
+        compilers.append(config.cpp.cxx[-1])
+        real_compile(exported, path)
+
+    def check_crashing_first(path, device, timeout):  # the first build "segfaults" its loader
+        checks.append(path.name)
+        if len(checks) == 1:
+            return {"package": str(path), "ok": False, "crashed": True, "returncode": -11,
+                    "stderr_tail": "Fatal Python error: Segmentation fault"}
+        return real_check(path, device, timeout=timeout)
+
+    monkeypatch.setattr(aot, "_compile_package", compile_package)
+    monkeypatch.setattr(aot, "load_in_child", check_crashing_first)
+    monkeypatch.setattr(aot, "_compiler_candidates", lambda: ["c++", "g++"])  # ("c++": the CXX of this test)
+    package, verdict = tmp_path / "mod-nomask.pt2", tmp_path / "mod-nomask.pt2.broken"
     report = aot.AotReport()
     runner = aot._ensure_loaded(package, export, torch.device("cpu"), report)
-    assert exports == [1, 1] and report.compiled == report.loaded == ["mod-nomask"] and not verdict.exists()
+    assert compilers == ["c++", "g++"] and exports == [1] and len(checks) == 2  # (exported once)
+    assert json.loads(verdict.read_text()) == {"broken": {"c++": "killed by SIGSEGV"}}
+    assert report.compiled == report.loaded == ["mod-nomask"]
     x = torch.randn(2, 4)
     with torch.no_grad():
         torch.testing.assert_close(runner(x), linear(x))
+    # a compiler that is not there (and so cannot build: Inductor really is given the candidate)
+    package.unlink()
+    verdict.unlink()
+    monkeypatch.setattr(aot, "_compiler_candidates", lambda: ["/nonexistent/c++", "c++"])
+    aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
+    assert compilers[-2:] == ["/nonexistent/c++", "c++"]
+    assert "InvalidCxxCompiler" in json.loads(verdict.read_text())["broken"]["/nonexistent/c++"]
+    monkeypatch.setattr(aot, "_compiler_candidates", lambda: ["c++", "g++"])
+    verdict.write_text(json.dumps({"broken": {"c++": "killed by SIGSEGV"}}))
+    # the cache cleared but the record kept: the next build goes straight to the compiler that works
+    package.unlink()
+    aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
+    assert compilers[-1] == "g++" and len(compilers) == 5
+    # every candidate on record: refused at once, nothing exported or compiled
+    package.unlink()
+    verdict.write_text(json.dumps({"broken": {"c++": "killed by SIGSEGV", "g++": "killed by SIGSEGV"}}))
+    with pytest.raises(aot.BrokenPackage, match="set CXX .* remove .*broken"):
+        aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
+    assert len(exports) == 3 and len(compilers) == 5
+    # a child whose load raises is no crash: the package is kept and the load here decides
+    verdict.unlink()
+    monkeypatch.setattr(aot, "load_in_child", real_check)
+    monkeypatch.setattr(aot_verify, "_CHILD_LOAD", "{imports}\nraise RuntimeError('no GPU left')")
+    aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
+    assert package.exists() and not verdict.exists() and compilers[-1] == "c++"
+
+
+def test_a_failure_that_is_not_the_compilers_is_not_retried_nor_recorded(tmp_path, monkeypatch):
+    def failing_compile(exported, path):
+        raise RuntimeError("lowering failed")
+
+    monkeypatch.setattr(aot, "_compile_package", failing_compile)
+    monkeypatch.setattr(aot, "_compiler_candidates", lambda: ["c++", "g++"])
+    with pytest.raises(RuntimeError, match="lowering failed") as raised:
+        aot._ensure_loaded(tmp_path / "mod-nomask.pt2", lambda: object(), torch.device("cpu"), aot.AotReport())
+    assert not isinstance(raised.value, aot.BrokenPackage) and not (tmp_path / "mod-nomask.pt2.broken").exists()
+
+
+def test_the_child_check_reports_a_real_crash(tmp_path, monkeypatch):
+    monkeypatch.setattr(aot_verify, "_CHILD_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)")
+    row = aot_verify.load_in_child(tmp_path / "any.pt2", "cpu")
+    assert not row["ok"] and row["crashed"] and aot_verify.why_failed(row) == "killed by SIGSEGV"
+    assert "Segmentation fault" in row["stderr_tail"]
+    monkeypatch.setattr(aot_verify, "_CHILD_LOAD", "{imports}\nraise RuntimeError('no GPU left')")
+    row = aot_verify.load_in_child(tmp_path / "any.pt2", "cpu")
+    assert not row["ok"] and not row["crashed"] and "no GPU left" in aot_verify.why_failed(row)
+
+
+def test_compiler_candidates_are_cxx_then_the_system_gxx(monkeypatch):
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ here")
+    monkeypatch.setattr(aot, "cpp_compiler", lambda: "g++")
+    assert aot._compiler_candidates() == ["g++"]
+    monkeypatch.setattr(aot, "cpp_compiler", lambda: "/opt/gcc/bin/g++")  # (the lent machine's CXX)
+    assert aot._compiler_candidates() == ["/opt/gcc/bin/g++", "g++"]
 
 
 def dead_pid():
