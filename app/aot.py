@@ -191,7 +191,6 @@ class PreviousLoadCrashed(RuntimeError):
     """Starts kept dying while loading these packages (a native crash leaves no exception behind)."""
 
 
-CHILD_LOAD_TIMEOUT_S = 300.0  # a fresh interpreter: torch import + the load
 CRASHED_LOADS_LIMIT = 3  # unfinished loads in a row before the packages are refused
 
 
@@ -359,6 +358,7 @@ def _build_checked(path: Path, export: Callable[[], object], device: torch.devic
         mark = time.perf_counter()
         if exported is None:
             exported = export()
+        refused, stderr_tail = None, ""  # why this compiler's package is not used
         try:
             with inductor_config.patch({"cpp.cxx": (None, cxx)}):
                 _compile_package(exported, path)
@@ -366,25 +366,26 @@ def _build_checked(path: Path, export: Callable[[], object], device: torch.devic
             failure = _compiler_failure(exc)
             if failure is None:
                 raise  # not the compiler's doing: another would fail the same way
-            check = {"ok": False, "crashed": True, "returncode": None,
-                     "error": f"{failure.__class__.__name__}: {str(failure).strip()[:200]}"}
+            refused = f"{failure.__class__.__name__}: {str(failure).strip()[:200]}"
         else:
-            check = load_in_child(path, str(device), timeout=CHILD_LOAD_TIMEOUT_S)
-        report.compile_s += time.perf_counter() - mark  # (the check's few seconds count as compiling)
-        if check["ok"] or not check["crashed"]:
-            if not check["ok"]:  # an exception, not a crash: the load in this process raises it too
+            check = load_in_child(path, str(device))
+            if check["crashed"]:
+                refused, stderr_tail = why_failed(check), check.get("stderr_tail", "")
+            elif not check["ok"]:  # an exception, not a crash: the load in this process raises it too
                 log.warning("the child's load of a new package failed", extra={
                     "event": "aot_check_failed", "package": path.name, "why": why_failed(check)})
+        report.compile_s += time.perf_counter() - mark  # (the check's few seconds count as compiling)
+        if refused is None:
             if cxx != candidates[0]:
                 log.warning("package built by another C++ compiler", extra={
                     "event": "aot_compiler_fallback", "package": path.name, "compiler": cxx,
                     "refused": sorted(broken)})
             report.compiled.append(path.stem)
             return
-        broken[cxx] = why_failed(check)
+        broken[cxx] = refused
         log.error("a C++ compiler's package crashed its loader or was not built; not used", extra={
-            "event": "aot_package_broken", "package": path.name, "compiler": cxx, "why": broken[cxx],
-            "stderr_tail": check.get("stderr_tail", "")[-1500:]})
+            "event": "aot_package_broken", "package": path.name, "compiler": cxx, "why": refused,
+            "stderr_tail": stderr_tail[-1500:]})
         path.unlink(missing_ok=True)
         try:
             verdict_path.write_text(json.dumps({"broken": broken}))

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 300.0  # a fresh interpreter: torch import + the load (0.1-3 s on the H100)
 
 # the start's own entry point (app.aot.aoti_load), in a fresh interpreter with faulthandler on
 _CHILD_LOAD = """
@@ -38,7 +39,8 @@ def cpp_compiler() -> str:
         return f"unknown ({exc.__class__.__name__})"
 
 
-def load_in_child(package: Path, device: str = "cpu", after_imports: bool = False, timeout: float = 300) -> dict:
+def load_in_child(package: Path, device: str = "cpu", after_imports: bool = False,
+                  timeout: float = TIMEOUT_S) -> dict:
     """{"package", "ok", "crashed", "returncode"[, "error", "stderr_tail"]}: a negative returncode is
     the signal that killed the child (-11 SIGSEGV, -6 abort); crashed: killed, or no answer in time
     (an exception is not a crash: it raises in any process, without taking the process down)."""

@@ -141,12 +141,12 @@ def test_a_package_that_crashes_its_loader_is_rebuilt_by_another_compiler_or_ref
         compilers.append(config.cpp.cxx[-1])
         real_compile(exported, path)
 
-    def check_crashing_first(path, device, timeout):  # the first build "segfaults" its loader
+    def check_crashing_first(path, device):  # the first build "segfaults" its loader
         checks.append(path.name)
         if len(checks) == 1:
             return {"package": str(path), "ok": False, "crashed": True, "returncode": -11,
                     "stderr_tail": "Fatal Python error: Segmentation fault"}
-        return real_check(path, device, timeout=timeout)
+        return real_check(path, device)
 
     monkeypatch.setattr(aot, "_compile_package", compile_package)
     monkeypatch.setattr(aot, "load_in_child", check_crashing_first)
