@@ -288,6 +288,12 @@ class BrokenPackage(RuntimeError):
 
 FALLBACK_CXX = "g++"  # Inductor's own pick when CXX is unset
 
+# Compiler → why it was refused, for any package built in this process. On the H100 the wrapper in
+# CXX crashed the loader of every package it built; asking it again for each of the five packages
+# of a first start cost ~40 s apiece (a build and a child check). Kept per process, not on disk: a
+# later start reads each package's own record, and a cleared cache tries CXX's compiler once again.
+_REFUSED_IN_THIS_PROCESS: dict[str, str] = {}
+
 
 def _verdict_path(path: Path) -> Path:
     return path.with_name(path.name + ".broken")
@@ -300,6 +306,13 @@ def _read_verdicts(path: Path) -> dict[str, str]:
         return {str(k): str(v) for k, v in broken.items()}
     except (OSError, ValueError, AttributeError):
         return {}
+
+
+def _write_verdicts(path: Path, broken: dict[str, str]) -> None:
+    try:
+        path.write_text(json.dumps({"broken": broken}))
+    except OSError:  # a read-only cache: the refusal holds for this start only
+        pass
 
 
 def _compiler_candidates() -> list[str]:
@@ -345,7 +358,8 @@ def _build_checked(path: Path, export: Callable[[], object], device: torch.devic
     rejects the generated code; the next candidate (CXX's compiler first, then the system g++) then
     builds it. A compiler on record is not asked again: a later start goes straight to the one that
     works or, all on record, raises BrokenPackage at once (the caller falls back to torch.compile).
-    A compiler not on record (CXX changed) gets a try."""
+    A compiler not on record (CXX changed) gets a try; one refused for another package in this
+    process does not (_REFUSED_IN_THIS_PROCESS), and is recorded for this package too."""
     from torch._inductor import config as inductor_config
 
     verdict_path = _verdict_path(path)
@@ -354,6 +368,10 @@ def _build_checked(path: Path, export: Callable[[], object], device: torch.devic
     exported = None
     for cxx in candidates:
         if cxx in broken:
+            continue
+        if cxx in _REFUSED_IN_THIS_PROCESS:
+            broken[cxx] = _REFUSED_IN_THIS_PROCESS[cxx]
+            _write_verdicts(verdict_path, broken)
             continue
         mark = time.perf_counter()
         if exported is None:
@@ -383,14 +401,12 @@ def _build_checked(path: Path, export: Callable[[], object], device: torch.devic
             report.compiled.append(path.stem)
             return
         broken[cxx] = refused
+        _REFUSED_IN_THIS_PROCESS[cxx] = f"{refused} (building {path.name})"
         log.error("a C++ compiler's package crashed its loader or was not built; not used", extra={
             "event": "aot_package_broken", "package": path.name, "compiler": cxx, "why": refused,
             "stderr_tail": stderr_tail[-1500:]})
         path.unlink(missing_ok=True)
-        try:
-            verdict_path.write_text(json.dumps({"broken": broken}))
-        except OSError:
-            pass
+        _write_verdicts(verdict_path, broken)
     reasons = "; ".join(f"{cxx}: {why}" for cxx, why in sorted(broken.items()))
     raise BrokenPackage(f"no C++ compiler made a {path.name} that loads ({reasons}); set CXX to a working one, "
                         f"or remove {verdict_path} to try again")

@@ -17,14 +17,18 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TIMEOUT_S = 300.0  # a fresh interpreter: torch import + the load (0.1-3 s on the H100)
+TIMEOUT_S = 300.0  # a fresh interpreter: torch import + the load (a few seconds on the H100)
 
 # the start's own entry point (app.aot.aoti_load), in a fresh interpreter with faulthandler on
 _CHILD_LOAD = """
 import sys, pathlib, torch
 {imports}
 from app.aot import aoti_load
-aoti_load(pathlib.Path(sys.argv[1]), torch.device(sys.argv[2]))
+device = torch.device(sys.argv[2])
+if device.type == "cuda":  # as the app's start does (loading asks Inductor the CPU's vector ISA)
+    from app.loader import trust_cpu_vector_flags
+    trust_cpu_vector_flags()
+aoti_load(pathlib.Path(sys.argv[1]), device)
 print("loaded", flush=True)
 """
 

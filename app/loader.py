@@ -98,13 +98,15 @@ def _configure_compile_cache(settings: AppSettings) -> None:
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
-def _trust_cpu_vector_flags() -> None:
+def trust_cpu_vector_flags() -> None:
     """Inductor asks which CPU vector ISA to generate C++ for (loading an AOT package asks too) and
     finds out by building a test library per ISA and loading each in a child Python that imports
     torch: 15 s of every start on the lent H100 (torch 2.11), 60 s on a fresh machine, for CPU code
     a GPU deployment never runs. Inductor's own switch for this, cpp.vec_isa_ok, is not honoured on
     that path in torch 2.11, so the check itself trusts the CPU's flags (what torch 2.13 does with
-    vec_isa_ok = True). GPU machines only: CPU deployments run the C++ this check is for."""
+    vec_isa_ok = True). GPU machines only: CPU deployments run the C++ this check is for. The child
+    that loads a new AOT package first (app/aot_verify.py) calls it too: without it, each child
+    check took ~20 s of the first start on the H100."""
     import torch._inductor.config as inductor_config
     import torch._inductor.cpu_vec_isa as cpu_vec_isa
 
@@ -259,7 +261,7 @@ def compile_pipeline(pipe, settings: AppSettings, device: torch.device, dtype: t
     per GPU/torch/architecture), torch.compile's graphs at the first call of each shape (the warm-up)."""
     _configure_compile_cache(settings)
     if device.type == "cuda":
-        _trust_cpu_vector_flags()
+        trust_cpu_vector_flags()
     import torch._dynamo as dynamo  # (a bare `import torch._dynamo` would make `torch` local here)
 
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)

@@ -35,6 +35,12 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("aot-cache")
 
 
+@pytest.fixture(autouse=True)
+def new_process(monkeypatch):
+    """Each test starts as a new process would: no compiler refused yet."""
+    monkeypatch.setattr(aot, "_REFUSED_IN_THIS_PROCESS", {})
+
+
 def test_rotate_real_is_the_complex_rope():
     x = torch.randn(2, 7, 3, 16)
     freqs = torch.polar(torch.ones(2, 7, 8), torch.randn(2, 7, 8))
@@ -160,6 +166,15 @@ def test_a_package_that_crashes_its_loader_is_rebuilt_by_another_compiler_or_ref
     x = torch.randn(2, 4)
     with torch.no_grad():
         torch.testing.assert_close(runner(x), linear(x))
+    # the next package of the same start does not ask the refused compiler again (on the H100 that
+    # was a wasted build and check per package), and records why beside itself
+    other = tmp_path / "other" / "decoder.pt2"
+    other.parent.mkdir()
+    aot._ensure_loaded(other, export, torch.device("cpu"), aot.AotReport())
+    assert compilers[-1] == "g++" and len(compilers) == 3 and len(checks) == 3
+    assert json.loads((tmp_path / "other" / "decoder.pt2.broken").read_text()) == {
+        "broken": {"c++": "killed by SIGSEGV (building mod-nomask.pt2)"}}
+    aot._REFUSED_IN_THIS_PROCESS.clear()  # from here on, each build is the first of a new start
     # a compiler that is not there (and so cannot build: Inductor really is given the candidate)
     package.unlink()
     verdict.unlink()
@@ -167,18 +182,19 @@ def test_a_package_that_crashes_its_loader_is_rebuilt_by_another_compiler_or_ref
     aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
     assert compilers[-2:] == ["/nonexistent/c++", "c++"]
     assert "InvalidCxxCompiler" in json.loads(verdict.read_text())["broken"]["/nonexistent/c++"]
+    aot._REFUSED_IN_THIS_PROCESS.clear()
     monkeypatch.setattr(aot, "_compiler_candidates", lambda: ["c++", "g++"])
     verdict.write_text(json.dumps({"broken": {"c++": "killed by SIGSEGV"}}))
     # the cache cleared but the record kept: the next build goes straight to the compiler that works
     package.unlink()
     aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
-    assert compilers[-1] == "g++" and len(compilers) == 5
+    assert compilers[-1] == "g++" and len(compilers) == 6
     # every candidate on record: refused at once, nothing exported or compiled
     package.unlink()
     verdict.write_text(json.dumps({"broken": {"c++": "killed by SIGSEGV", "g++": "killed by SIGSEGV"}}))
     with pytest.raises(aot.BrokenPackage, match="set CXX .* remove .*broken"):
         aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
-    assert len(exports) == 3 and len(compilers) == 5
+    assert len(exports) == 4 and len(compilers) == 6
     # a child whose load raises is no crash: the package is kept and the load here decides
     verdict.unlink()
     monkeypatch.setattr(aot, "load_in_child", real_check)
