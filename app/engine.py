@@ -28,7 +28,7 @@ from app.compilewatch import CompileWatch, compile_watch
 from app.config import AppSettings
 from app.faults import FaultInjector
 from app.loader import LoadedPipeline, load_pipeline
-from app.stages import BatchRequest, PromptEmbeddingCache, run_batch
+from app.stages import BatchRequest, PromptEmbeddingCache, run_batch, uses_guidance
 
 log = logging.getLogger("app.engine")
 
@@ -352,7 +352,7 @@ class Engine:
                 # One CPU generator per image, seeded seed+i: an image depends on its request only,
                 # never on what it was batched with, and a seed gives the same picture on CPU and GPU.
                 generators.append(torch.Generator("cpu").manual_seed((p.seed + i) % 2**63))
-        request = BatchRequest(prompts=prompts, negatives=negatives if first.cfg_scale > 1 else None,
+        request = BatchRequest(prompts=prompts, negatives=negatives if uses_guidance(first.cfg_scale) else None,
                                width=first.width, height=first.height, steps=first.num_inference_steps,
                                cfg_scale=first.cfg_scale, generators=generators)
         hb = self.heartbeat

@@ -89,7 +89,7 @@ def build_request_model(limits: Limits) -> type[GenerateRequestBase]:
         limits: ClassVar[Limits] = frozen_limits
         prompt: str = Field(..., max_length=limits.max_prompt_chars, description="What to draw (any language).")
         negative_prompt: str = Field("", max_length=limits.max_prompt_chars,
-                                     description="What to avoid; used only when cfg_scale > 1.")
+                                     description="What to avoid; used only when cfg_scale > 0.")
         width: int = Field(DEFAULT_SIZE, description=f"Multiple of 64 in {limits.min_size}..{limits.max_size}.")
         height: int = Field(DEFAULT_SIZE, description=f"Multiple of 64 in {limits.min_size}..{limits.max_size}.")
         num_inference_steps: int = Field(TURBO_DEFAULT_STEPS, ge=1, le=limits.max_steps)

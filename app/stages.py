@@ -57,10 +57,18 @@ class PromptEmbeddingCache:
         return len(self._items)
 
 
+def uses_guidance(cfg_scale: float) -> bool:
+    """Whether the pipeline runs classifier-free guidance, and so needs negative embeddings. Z-Image
+    guides as pos + s·(pos − neg) at any s > 0 (diffusers' ZImagePipeline.do_classifier_free_guidance),
+    not only above 1 as Stable Diffusion's pipelines do; a request at 0 < s ≤ 1 without negatives
+    failed inside the pipeline (a 500, found by the hostile-bodies test)."""
+    return cfg_scale > 0
+
+
 @dataclass
 class BatchRequest:
     prompts: list[str]  # one per image
-    negatives: Optional[list[str]]  # one per image when cfg_scale > 1, else None
+    negatives: Optional[list[str]]  # one per image when uses_guidance(cfg_scale), else None
     width: int
     height: int
     steps: int

@@ -96,7 +96,7 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
                                             max_length=limits.max_prompt_chars,
                                             placeholder="A red fox in fresh snow at dawn, soft light, 35mm photo"
                                                         " / 雪地里的红狐狸，清晨柔光")
-                        negative = gr.Textbox(label="Negative prompt (used only when CFG > 1)", lines=1,
+                        negative = gr.Textbox(label="Negative prompt (used only when CFG > 0)", lines=1,
                                               max_length=limits.max_prompt_chars, elem_id="negative-prompt")
                         with gr.Accordion("Prompt helper: subject / action / setting / style / detail",
                                           open=False):

@@ -70,6 +70,15 @@ def test_cfg_uses_the_negative_prompt(engine):
     assert np.abs(a - b).mean() > 0.0
 
 
+def test_guidance_at_or_below_one_runs_and_uses_the_negative_prompt(engine):
+    """Z-Image guides at any cfg_scale > 0 (not only above 1): cfg_scale = 1 with no negative prompt
+    used to fail inside the pipeline (a 500 the hostile-bodies test found)."""
+    assert run(engine, params(cfg_scale=1.0)).images  # negative prompt "" (the default)
+    a = pixels(run(engine, params(cfg_scale=0.5, negative_prompt="blurry")).images[0])
+    b = pixels(run(engine, params(cfg_scale=0.5, negative_prompt="sharp, vivid")).images[0])
+    assert np.abs(a - b).mean() > 0.0
+
+
 def test_batched_requests_give_the_same_images_as_alone(engine):
     alone = [pixels(run(engine, params(seed=s)).images[0]) for s in (21, 22)]
     # Occupy the engine with a slow job so that the next two queue up and get merged into one call.
