@@ -56,6 +56,10 @@ class AppSettings(BaseModel):
     # Lossy, opt-in: FP8 (e4m3, per-row scales) linear layers in the transformer blocks; Hopper/Ada only
     # for speed (elsewhere it runs, emulated and slow). See app/fp8.py and the quality figure.
     quantize: Literal["none", "fp8"] = "none"
+    # Lossy, opt-in: denoising steps at which the 30 main transformer layers do not run and the
+    # residual they added at the step before is reused (app/stepcache.py; each saves ~10 % of a
+    # 9-step image). 0: off. Never the first two steps, never the last, never two in a row.
+    step_cache_skips: int = Field(0, ge=0, le=8)
     # Read transformer and text encoder with app/fastload.py (large reads, pinned buffers, straight
     # to the GPU, both at once) when nothing is offloaded; off: diffusers' from_pretrained for all.
     fast_load: bool = True

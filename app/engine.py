@@ -371,7 +371,13 @@ class Engine:
         compiled_before = watch.mark() if watch else None
         last_compiles = [compiled_before[0] if watch else 0]
 
+        step_cache = self.loaded.step_cache
+        if step_cache:
+            step_cache.begin(first.num_inference_steps)
+
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
+            if step_cache:
+                step_cache.end_step()
             self.faults.on_step()
             now_perf = time.perf_counter()
             step_s = now_perf - last_step_perf[0]
@@ -397,6 +403,8 @@ class Engine:
             self._handle_error(batch, exc)
             return
         finally:
+            if step_cache:
+                step_cache.end()
             hb.busy_since = None
             hb.request_ids = ()
             try:

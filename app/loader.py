@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -32,6 +33,7 @@ class LoadedPipeline:
     notes: list[str] = field(default_factory=list)
     quantize: str = "none"
     compile_backend: str = "none"  # aot | jit | none: how the transformer blocks run
+    step_cache: Optional[object] = None  # app.stepcache.StepCache where step_cache_skips > 0
     phases: dict[str, float] = field(default_factory=dict)  # where start-up time went (…_s) and allocated_gib
 
     @property
@@ -177,6 +179,14 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         mark = time.perf_counter()
         backend = compile_pipeline(pipe, settings, device, dtype, notes, phases)
         phases["compile_setup_s"] = time.perf_counter() - mark
+    step_cache = None
+    if settings.step_cache_skips:
+        from app import stepcache
+
+        step_cache = stepcache.StepCache(settings.step_cache_skips)
+        stepcache.install(pipe.transformer, step_cache)
+        notes.append(f"step cache: up to {settings.step_cache_skips} of each generation's steps reuse the "
+                     "main layers' previous residual (lossy)")
     if _graph_text_encoder(settings, device, compiled):
         from app import encoder_graph
 
@@ -185,7 +195,7 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
     return LoadedPipeline(
         pipe=pipe, device=device, dtype=dtype, vae_dtype=vae_dtype, compiled=compiled, compile_backend=backend,
         attention_backend=settings.attention_backend, offload=settings.offload, source=source,
-        load_seconds=time.perf_counter() - started, notes=notes, quantize=settings.quantize,
+        load_seconds=time.perf_counter() - started, notes=notes, quantize=settings.quantize, step_cache=step_cache,
         phases={k: round(v, 2) for k, v in phases.items()},
     )
 

@@ -45,6 +45,15 @@ class GenerationService:
     def model_label(self) -> str:
         return "demo (tiny random weights)" if self.settings.is_demo_model else str(self.settings.model_dir)
 
+    @property
+    def lossy_options(self) -> list[str]:
+        """The opt-ins that change an image against the default at the same seed (told to the user,
+        and written into each PNG, so an image can be reproduced)."""
+        options = ["FP8 weights"] if self.settings.quantize == "fp8" else []
+        if self.settings.step_cache_skips:
+            options.append(f"step cache ({self.settings.step_cache_skips} steps)")
+        return options
+
     def validate(self, data: dict[str, Any]):
         """Raise pydantic.ValidationError with readable messages; return the typed request."""
         return self.request_model.model_validate(data)
@@ -97,6 +106,8 @@ class GenerationService:
         metadata = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "width": req.width,
                     "height": req.height, "num_inference_steps": req.num_inference_steps,
                     "cfg_scale": req.cfg_scale, "seed": seed, "model": self.model_label, "request_id": request_id}
+        if self.lossy_options:
+            metadata["lossy_options"] = self.lossy_options
         save_started = time.perf_counter()
         saved = await run_in_threadpool(self.store.save, result.images, request_id, metadata)
         save_s = time.perf_counter() - save_started

@@ -32,6 +32,8 @@ def model_info(service) -> dict:
         "compile": loaded.compiled if loaded else settings.compile,
         "compile_backend": loaded.compile_backend if loaded else settings.compile_backend,
         "offload": settings.offload,
+        "quantize": settings.quantize,  # lossy opt-ins, shown beside the images they made
+        "step_cache_skips": settings.step_cache_skips,
         "max_batch": settings.max_batch,
         "load_seconds": round(loaded.load_seconds, 3) if loaded else None,
         "warmup_seconds": service.engine.warmup_seconds,

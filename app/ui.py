@@ -65,11 +65,12 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
         paths = [str(settings.outputs_dir / image.filename) for image in result.images]
         t = result.timings
         peak = f" · peak GPU memory {_fmt_bytes(result.peak_memory_bytes)}" if result.peak_memory_bytes else ""
+        lossy = f" · **Lossy speed-ups** {', '.join(service.lossy_options)}" if service.lossy_options else ""
         split = (f": encode {t.encode_s:.2f} + denoise {t.denoise_s:.2f} + decode {t.decode_s:.2f}"
                  if t.denoise_s is not None else "")
         info = (f"**Seed** `{result.seed}` · **Size** {result.width}×{result.height} · **Steps** "
                 f"{result.num_inference_steps} · **CFG** {result.cfg_scale:g} · **Time** {t.total_s:.2f} s "
-                f"(queue {t.queue_wait_s:.2f} s, generation {t.generation_s:.2f} s{split}){peak}  \n"
+                f"(queue {t.queue_wait_s:.2f} s, generation {t.generation_s:.2f} s{split}){peak}{lossy}  \n"
                 f"Request `{result.request_id}` · files: " + ", ".join(f"`{i.filename}`" for i in result.images))
         return paths, info, result.seed
 

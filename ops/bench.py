@@ -6,7 +6,8 @@ FLOPs nor memory):
 builds and saves the full-size pipeline once (diffusers layout), times the reference snippet
 (plain diffusers, eager, bf16), then starts the real app (`python -m app`) on that directory and
 measures through POST /api/generate: warm latency with its stage split, service overhead, batched
-throughput, the opt-in FP8 path with a same-seed quality check against the default, cold start
+throughput, the lossy opt-ins (FP8; the step cache, alone and with FP8) each with a same-seed
+quality check against the default, cold start
 (empty and warm compile cache, with where the time goes) and a 16 GiB per-process cap. Without a
 GPU it runs the same steps on the tiny demo model, so the tool itself is tested on every machine.
 Every measurement is one JSON line as it happens; the table comes at the end.
@@ -27,7 +28,7 @@ from ops.bench_app import PROMPT, REPO, AppRun, emit, measure_latency, measure_t
 from ops.tempstack import free_port
 
 __all__ = ["main", "REPO"]
-ALL_PHASES = "reference,latency,throughput,fp8,coldstart,startopts,loadspeed,fastload,parts,dynamic,jit,cap16"
+ALL_PHASES = "reference,latency,throughput,fp8,stepcache,coldstart,startopts,loadspeed,fastload,parts,dynamic,jit,cap16"
 
 
 def load_reference(path: str):
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
                 speedup(measure_latency(app, results, "default settings", args.size, args.n))
             default_image.append(app.image(args.size, seed=42))
             if "throughput" in phases:
-                measure_throughput(app, results, "default, max_batch=4, 8 clients", args.size, requests=16, concurrency=8)
+                measure_throughput(app, results, "default, max_batch=4, 8 clients", args.size, requests=32, concurrency=8)
         finally:
             app.stop()
 
@@ -198,9 +199,25 @@ def main(argv=None) -> int:
                 quality_row(results, "fp8 vs default, same prompt and seed", default_image[0],
                             app.image(args.size, seed=42), args.images_dir, "fp8")
             if "throughput" in phases:
-                measure_throughput(app, results, "fp8, max_batch=4, 8 clients", args.size, requests=16, concurrency=8)
+                measure_throughput(app, results, "fp8, max_batch=4, 8 clients", args.size, requests=32, concurrency=8)
         finally:
             app.stop()
+
+    def stepcache_phase():
+        # Same compiled packages as the default and fp8 phases (the cache changes no block's code).
+        for label, settings in (("bf16", {}), ("fp8", {"quantize": "fp8"})):
+            app = started(f"{label} + step cache, max_batch=4", "warm", step_cache_skips=2, max_batch=4,
+                          queue_size=16, **settings)
+            try:
+                speedup(measure_latency(app, results, f"opt-in {label} + step_cache_skips=2", args.size, args.n))
+                if default_image:
+                    quality_row(results, f"{label} + step cache vs default, same prompt and seed", default_image[0],
+                                app.image(args.size, seed=42), args.images_dir, f"{label}-stepcache")
+                if "throughput" in phases:
+                    measure_throughput(app, results, f"{label} + step cache, max_batch=4, 8 clients", args.size,
+                                       requests=32, concurrency=8)
+            finally:
+                app.stop()
 
     def coldstart_phase():
         # As deployed (the UI is built while the model loads), and the API alone.
@@ -314,6 +331,7 @@ def main(argv=None) -> int:
         phases.add("default")
     guarded("default", default_phases)
     guarded("fp8", fp8_phase)
+    guarded("stepcache", stepcache_phase)
     guarded("coldstart", coldstart_phase)
     guarded("startopts", startopts_phase)
     guarded("loadspeed", loadspeed_phase)

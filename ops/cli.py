@@ -9,6 +9,7 @@
     zimagectl chaos FAULT inject a fault into the running stack (see `zimagectl chaos -h`)
     zimagectl drill       the fault-injection drill against a temporary stack, with its table
     zimagectl bench       the performance benchmark table
+    zimagectl drift       how far the lossy opt-ins move an image from the default (same seed)
 """
 
 from __future__ import annotations
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_warmup)
     # Listed for --help; main() hands its arguments to ops.bench untouched (argparse mangles a REMAINDER of options).
     sub.add_parser("bench", add_help=False, help="the performance table (zimagectl bench --help)")
+    sub.add_parser("drift", add_help=False, help="the lossy opt-ins' drift from the default (zimagectl drift --help)")
     from ops import chaos, drill
 
     chaos.add_parser(sub)
@@ -280,6 +282,10 @@ def main(argv=None) -> int:
         from ops import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["drift"]:  # loads a pipeline in-process; needs no running stack
+        from ops import drift
+
+        return drift.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         stack = Stack.load()

@@ -96,6 +96,28 @@ def test_batched_requests_give_the_same_images_as_alone(engine):
         assert np.abs(pixels(got.images[0]) - want).max() <= 1  # same picture (fp rounding aside)
 
 
+def test_step_cache_skips_the_main_layers_at_planned_steps_only(engine, tmp_path):
+    cached = make_engine(tmp_path, step_cache_skips=2)
+    try:
+        transformer = cached.loaded.pipe.transformer
+        calls = []
+        hook = transformer.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        try:
+            nine = pixels(run(cached, params(num_inference_steps=9)).images[0])
+            assert len(calls) == 7  # steps 5 and 7 reused the residual of steps 4 and 6
+            three = pixels(run(cached, params(num_inference_steps=3)).images[0])
+            assert len(calls) == 7 + 3  # 3 steps: nothing to skip
+        finally:
+            hook.remove()
+        assert "step cache" in " ".join(cached.loaded.notes)
+    finally:
+        cached.stop()
+    assert np.array_equal(three, pixels(run(engine, params(num_inference_steps=3)).images[0]))
+    full = pixels(run(engine, params(num_inference_steps=9)).images[0])
+    assert not np.array_equal(nine, full)  # lossy: the skipped steps change the image, a little
+    assert np.abs(nine - full).mean() < 8  # (1.3 of 255 on the tiny model)
+
+
 def test_heartbeat_counts_steps(engine):
     before = engine.heartbeat.generations
     run(engine, params(num_inference_steps=4))

@@ -45,6 +45,20 @@ def test_generate_returns_a_real_png_with_parameters(app):
     assert png.size == (256, 256)
     params = json.loads(png.text["parameters"])
     assert params["seed"] == 42 and params["prompt"] == "a lighthouse"
+    assert "lossy_options" not in params  # the default is the model's own computation
+
+
+def test_a_lossy_opt_in_is_told_in_info_and_written_into_each_png(tmp_path):
+    proc = AppProcess(tmp_path, step_cache_skips="2", warmup_size=128, warmup_steps=1).start().wait_ready()
+    try:
+        r = post(proc, {"prompt": "a lighthouse", "seed": 3, "width": 256, "height": 256, "num_inference_steps": 9})
+        assert r.status_code == 200, r.text
+        png = Image.open(io.BytesIO(httpx.get(proc.url + r.json()["images"][0]["url"], timeout=10).content))
+        assert json.loads(png.text["parameters"])["lossy_options"] == ["step cache (2 steps)"]
+        info = httpx.get(proc.url + "/api/info", timeout=5).json()
+        assert info["step_cache_skips"] == 2 and any("step cache" in note for note in info["notes"])
+    finally:
+        proc.stop()
 
 
 def test_base64_format_and_random_seed(app):

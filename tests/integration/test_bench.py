@@ -1,5 +1,5 @@
 """zimagectl bench on this machine (tiny model, CPU): the tool that makes docs/PERFORMANCE.md runs
-end to end through the real app and prints its table, FP8 quality row included."""
+end to end through the real app and prints its table, the lossy opt-ins' quality rows included."""
 
 import json
 import subprocess
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 def test_bench_prints_the_table_with_stage_split_fp8_quality_and_start_up(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "ops.cli", "bench", "--phases", "latency,fp8,coldstart", "--n", "2",
+    proc = subprocess.run([sys.executable, "-m", "ops.cli", "bench", "--phases", "latency,fp8,stepcache,coldstart", "--n", "2",
                            "--home", str(tmp_path / "home"), "--images-dir", str(tmp_path / "img"), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -27,6 +27,10 @@ def test_bench_prints_the_table_with_stage_split_fp8_quality_and_start_up(tmp_pa
     quality = rows[("quality", "fp8 vs default, same prompt and seed")]
     assert 30 < quality["psnr_db"] < float("inf")  # changed (FP8 ran), but only a little
     assert (tmp_path / "img" / "quality-fp8.png").stat().st_size > 0
+    for label in ("bf16", "fp8"):  # the step cache, alone and on top of FP8: timed and quality-checked
+        assert rows[("latency", f"opt-in {label} + step_cache_skips=2")]["e2e_p50_s"] > 0
+        cached = rows[("quality", f"{label} + step cache vs default, same prompt and seed")]
+        assert 20 < cached["psnr_db"] < float("inf")
     for ui in ("on", "off"):  # the start as deployed and the API alone, each with where the time went
         start = rows[("cold_start", f"default, UI {ui}, max_batch=1")]
         assert 0 < start["ready_s"] < 300 and start["first_image_s"] > 0
