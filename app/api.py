@@ -107,6 +107,10 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
             values["zimage_compile_backend"] = ("1 for how the transformer blocks run: aot (packages), jit "
                                                 "(torch.compile) or none; why a start fell back is in the log's "
                                                 "aot_* events", {engine.loaded.compile_backend: 1})
+            cache = engine.loaded.step_cache
+            if cache is not None:  # the lossy step cache at work: main-layer passes reused vs run
+                values["zimage_step_cache_passes"] = ("Main-layer passes of the step cache since start, by "
+                                                      "outcome", {"reused": cache.reused, "computed": cache.computed})
         memory = engine.memory()
         if memory:
             values["zimage_gpu_memory_bytes"] = ("GPU memory seen by torch", {

@@ -57,6 +57,9 @@ def test_a_lossy_opt_in_is_told_in_info_and_written_into_each_png(tmp_path):
         assert json.loads(png.text["parameters"])["lossy_options"] == ["step cache (2 steps)"]
         info = httpx.get(proc.url + "/api/info", timeout=5).json()
         assert info["step_cache_skips"] == 2 and any("step cache" in note for note in info["notes"])
+        metrics = httpx.get(proc.url + "/metrics", timeout=5).text
+        assert 'zimage_step_cache_passes{kind="reused"} 2.0' in metrics  # steps 5 and 7 of the 9
+        assert 'zimage_step_cache_passes{kind="computed"} 7.0' in metrics
     finally:
         proc.stop()
 
