@@ -107,6 +107,8 @@ def test_step_cache_skips_the_main_layers_at_planned_steps_only(engine, tmp_path
             assert len(calls) == 7  # steps 5 and 7 reused the residual of steps 4 and 6
             three = pixels(run(cached, params(num_inference_steps=3)).images[0])
             assert len(calls) == 7 + 3  # 3 steps: nothing to skip
+            run(cached, params(num_inference_steps=9, cfg_scale=2.0, negative_prompt="blurry", num_images=2))
+            assert len(calls) == 10 + 7  # guidance doubles the batch in one call per step: same plan
         finally:
             hook.remove()
         assert "step cache" in " ".join(cached.loaded.notes)
