@@ -18,6 +18,7 @@ from app.engine import Engine, GenerationParams
 from app.metrics import AppMetrics
 from app.outputs import OutputStore
 from app.schemas import GenerateResponse, ImageOut, Limits, Timings, build_request_model
+from app.stepcache import skipped_steps
 
 log = logging.getLogger("app.service")
 
@@ -45,13 +46,13 @@ class GenerationService:
     def model_label(self) -> str:
         return "demo (tiny random weights)" if self.settings.is_demo_model else str(self.settings.model_dir)
 
-    @property
-    def lossy_options(self) -> list[str]:
-        """The opt-ins that change an image against the default at the same seed (told to the user,
-        and written into each PNG, so an image can be reproduced)."""
+    def lossy_options(self, num_steps: int) -> list[str]:
+        """The opt-ins that change an image of num_steps against the default at the same seed (told
+        to the user, and written into each PNG, so an image can be reproduced)."""
         options = ["FP8 weights"] if self.settings.quantize == "fp8" else []
-        if self.settings.step_cache_skips:
-            options.append(f"step cache ({self.settings.step_cache_skips} steps)")
+        reused = sorted(skipped_steps(num_steps, self.settings.step_cache_skips))
+        if reused:
+            options.append(f"step cache (steps {', '.join(str(s + 1) for s in reused)} of {num_steps} reused)")
         return options
 
     def validate(self, data: dict[str, Any]):
@@ -106,8 +107,9 @@ class GenerationService:
         metadata = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "width": req.width,
                     "height": req.height, "num_inference_steps": req.num_inference_steps,
                     "cfg_scale": req.cfg_scale, "seed": seed, "model": self.model_label, "request_id": request_id}
-        if self.lossy_options:
-            metadata["lossy_options"] = self.lossy_options
+        lossy = self.lossy_options(req.num_inference_steps)
+        if lossy:
+            metadata["lossy_options"] = lossy
         save_started = time.perf_counter()
         saved = await run_in_threadpool(self.store.save, result.images, request_id, metadata)
         save_s = time.perf_counter() - save_started

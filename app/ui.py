@@ -65,7 +65,8 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
         paths = [str(settings.outputs_dir / image.filename) for image in result.images]
         t = result.timings
         peak = f" · peak GPU memory {_fmt_bytes(result.peak_memory_bytes)}" if result.peak_memory_bytes else ""
-        lossy = f" · **Lossy speed-ups** {', '.join(service.lossy_options)}" if service.lossy_options else ""
+        lossy = ", ".join(service.lossy_options(result.num_inference_steps))
+        lossy = f" · **Lossy speed-ups** {lossy}" if lossy else ""
         split = (f": encode {t.encode_s:.2f} + denoise {t.denoise_s:.2f} + decode {t.decode_s:.2f}"
                  if t.denoise_s is not None else "")
         info = (f"**Seed** `{result.seed}` · **Size** {result.width}×{result.height} · **Steps** "

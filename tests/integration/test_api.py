@@ -54,7 +54,7 @@ def test_a_lossy_opt_in_is_told_in_info_and_written_into_each_png(tmp_path):
         r = post(proc, {"prompt": "a lighthouse", "seed": 3, "width": 256, "height": 256, "num_inference_steps": 9})
         assert r.status_code == 200, r.text
         png = Image.open(io.BytesIO(httpx.get(proc.url + r.json()["images"][0]["url"], timeout=10).content))
-        assert json.loads(png.text["parameters"])["lossy_options"] == ["step cache (2 steps)"]
+        assert json.loads(png.text["parameters"])["lossy_options"] == ["step cache (steps 6, 8 of 9 reused)"]
         info = httpx.get(proc.url + "/api/info", timeout=5).json()
         assert info["step_cache_skips"] == 2 and any("step cache" in note for note in info["notes"])
         metrics = httpx.get(proc.url + "/metrics", timeout=5).text
