@@ -1,6 +1,6 @@
 """zimagectl drift: how far each lossy opt-in moves an image away from the default, same prompt and seed.
 
-    python -m ops.drift --model-dir /path/to/Z-Image-Turbo [--size 1024] [--seeds 2]
+    python -m ops.drift --model-dir /path/to/Z-Image-Turbo [--size 1024] [--seeds 2] [--images-dir drift/]
 
 One pipeline is loaded (eager: compiling changes no figure here), then each path generates the
 same prompts from the same starting noise: the default (bf16), the step cache, FP8, FP8 with the
@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     parser.add_argument("--skips", type=int, default=2, help="step_cache_skips of the step-cache paths")
+    parser.add_argument("--images-dir", type=Path, default=None,
+                        help="write every path's images here (default-1-0.png, fp8-1-0.png, ...: prompt, seed) to look at")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
     channels = pipe.transformer.config.in_channels
     scale = pipe.vae_scale_factor * 2
 
-    def noise(seed: int) -> torch.Tensor:
+    def noise(seed: int) -> torch.Tensor:  # the latents' shape as ZImagePipeline.prepare_latents makes it
         generator = torch.Generator("cpu").manual_seed(seed)
         return torch.randn((1, channels, size // scale * 2, size // scale * 2), generator=generator).to(device, loaded.dtype)
 
@@ -85,7 +87,19 @@ def main(argv=None) -> int:
     rows = []
     default = generate(0)
 
-    def compare(label: str, outputs) -> None:
+    def save(name: str, outputs) -> None:
+        if args.images_dir:
+            from PIL import Image
+
+            args.images_dir.mkdir(parents=True, exist_ok=True)
+            for index, (_, _, image) in enumerate(outputs):
+                prompt, seed = divmod(index, args.seeds)
+                Image.fromarray(image).save(args.images_dir / f"{name}-{prompt + 1}-{seed}.png")
+
+    save("default", default)
+
+    def compare(label: str, name: str, outputs) -> None:
+        save(name, outputs)
         moved = [float((lat - ref_lat).norm() / (ref_lat - start).norm()) for (start, ref_lat, _), (_, lat, _) in
                  zip(default, outputs)]
         psnrs = [psnr(ref_img, img) for (_, _, ref_img), (_, _, img) in zip(default, outputs)]
@@ -97,11 +111,11 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    compare("default, again (determinism)", generate(0))
-    compare(f"step cache ({args.skips} of {args.steps} steps)", generate(args.skips))
+    compare("default, again (determinism)", "default-again", generate(0))
+    compare(f"step cache ({args.skips} of {args.steps} steps)", "stepcache", generate(args.skips))
     fp8.quantize_transformer(pipe.transformer, min_features=min(512, pipe.transformer.config.dim))
-    compare("fp8", generate(0))
-    compare(f"fp8 + step cache ({args.skips} of {args.steps} steps)", generate(args.skips))
+    compare("fp8", "fp8", generate(0))
+    compare(f"fp8 + step cache ({args.skips} of {args.steps} steps)", "fp8-stepcache", generate(args.skips))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
