@@ -23,12 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ops.bench_app import psnr
+
 PROMPTS = ("a lighthouse on a cliff at dusk, oil painting", "a red fox in fresh snow, photograph, morning light")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def main(argv=None) -> int:
