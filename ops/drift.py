@@ -31,7 +31,8 @@ PROMPTS = ("a lighthouse on a cliff at dusk, oil painting", "a red fox in fresh 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="zimagectl drift", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", default=None, help="a Z-Image-Turbo directory; none: the tiny demo model")
+    parser.add_argument("--model-dir", default=None,
+                        help="a Z-Image-Turbo directory (default: the configured app.model_dir, else the demo model)")
     parser.add_argument("--size", type=int, default=None, help="image side (default 1024 on a GPU, 128 on a CPU)")
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
@@ -48,8 +49,13 @@ def main(argv=None) -> int:
     from app.loader import load_pipeline
     from app.stages import PromptEmbeddingCache, decode_to_pil, encode
 
-    settings = load_settings(model_dir=args.model_dir, compile="off", warmup=False, text_encoder_graph=False,
-                             fast_load=bool(args.model_dir))
+    # The app's own config (model, device, dtype, offload), from the default path: no lossy option on
+    # (this tool adds them one by one), nothing compiled, no warm-up.
+    overrides = {"compile": "off", "warmup": False, "text_encoder_graph": False, "quantize": "none",
+                 "step_cache_skips": 0}
+    if args.model_dir:
+        overrides["model_dir"] = args.model_dir
+    settings = load_settings(**overrides)
     loaded = load_pipeline(settings)
     pipe, device = loaded.pipe, loaded.exec_device
     size = args.size or (1024 if device.type == "cuda" else 128)

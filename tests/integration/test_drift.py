@@ -2,6 +2,7 @@
 same noise; the default against itself shows the comparison is exact."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,7 +17,9 @@ def test_drift_rows_for_each_lossy_path_and_none_for_the_default_itself(tmp_path
     out = tmp_path / "drift.json"
     proc = subprocess.run([sys.executable, "-m", "ops.cli", "drift", "--seeds", "1", "--out", str(out),
                            "--images-dir", str(tmp_path / "img")],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          # an app configured with the lossy options: the tool still starts from the default
+                          env={**os.environ, "ZIMAGE_APP_QUANTIZE": "fp8", "ZIMAGE_APP_STEP_CACHE_SKIPS": "2"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = {r["label"]: r for r in json.loads(out.read_text())}
     same = rows["default, again (determinism)"]
