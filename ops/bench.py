@@ -191,33 +191,29 @@ def main(argv=None) -> int:
         finally:
             app.stop()
 
-    def fp8_phase():
-        app = started("fp8, max_batch=4", "transformer cache empty for fp8", quantize="fp8", max_batch=4, queue_size=16)
+    def lossy_phase(title: str, option: str, image: str, cache: str, **settings):
+        """An opt-in that changes the image: its latency, a same-seed quality row against the default,
+        its throughput. Rows are labelled "{title}, max_batch=4", "opt-in {option}", "{title} vs default"."""
+        app = started(f"{title}, max_batch=4", cache, max_batch=4, queue_size=16, **settings)
         try:
-            speedup(measure_latency(app, results, "opt-in quantize=fp8", args.size, args.n))
+            speedup(measure_latency(app, results, f"opt-in {option}", args.size, args.n))
             if default_image:
-                quality_row(results, "fp8 vs default, same prompt and seed", default_image[0],
-                            app.image(args.size, seed=42), args.images_dir, "fp8")
+                quality_row(results, f"{title} vs default, same prompt and seed", default_image[0],
+                            app.image(args.size, seed=42), args.images_dir, image)
             if "throughput" in phases:
-                measure_throughput(app, results, "fp8, max_batch=4, 8 clients", args.size, requests=32, concurrency=8)
+                measure_throughput(app, results, f"{title}, max_batch=4, 8 clients", args.size, requests=32,
+                                   concurrency=8)
         finally:
             app.stop()
+
+    def fp8_phase():
+        lossy_phase("fp8", "quantize=fp8", "fp8", "transformer cache empty for fp8", quantize="fp8")
 
     def stepcache_phase():
         # Same compiled packages as the default and fp8 phases (the cache changes no block's code).
         for label, settings in (("bf16", {}), ("fp8", {"quantize": "fp8"})):
-            app = started(f"{label} + step cache, max_batch=4", "warm", step_cache_skips=2, max_batch=4,
-                          queue_size=16, **settings)
-            try:
-                speedup(measure_latency(app, results, f"opt-in {label} + step_cache_skips=2", args.size, args.n))
-                if default_image:
-                    quality_row(results, f"{label} + step cache vs default, same prompt and seed", default_image[0],
-                                app.image(args.size, seed=42), args.images_dir, f"{label}-stepcache")
-                if "throughput" in phases:
-                    measure_throughput(app, results, f"{label} + step cache, max_batch=4, 8 clients", args.size,
-                                       requests=32, concurrency=8)
-            finally:
-                app.stop()
+            lossy_phase(f"{label} + step cache", f"{label} + step_cache_skips=2", f"{label}-stepcache", "warm",
+                        step_cache_skips=2, **settings)
 
     def coldstart_phase():
         # As deployed (the UI is built while the model loads), and the API alone.
