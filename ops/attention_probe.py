@@ -27,9 +27,8 @@ import sys
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
-_EPS = 1e-12
+from app.fp8 import FP8, FP8_MAX, quantize_rows
+
 _LOG2E = 1.4426950408889634
 
 try:  # CUDA builds of torch ship Triton; CPU-only installs (this repo's CI) do not
@@ -40,16 +39,17 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, S, H, D) → (float8 (B, S, H, D), fp32 scales (B, S, H)) with x ≈ values · scales."""
-    scale = x.abs().amax(dim=-1).float().clamp(min=_EPS) / FP8_MAX
-    return (x.float() / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    """x (B, S, H, D) → (float8 (B, S, H, D), fp32 scales (B, S, H)) with x ≈ values · scales:
+    app/fp8.py's per-row quantization, a row being one token's head."""
+    values, scale = quantize_rows(x)
+    return values, scale.squeeze(-1)
 
 
 def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """v (B, S, H, D) → (float8 transposed to (B, H, D, S), fp32 scales (B, H, D))."""
-    scale = v.abs().amax(dim=1).float().clamp(min=_EPS) / FP8_MAX
-    values = (v.float() / scale.unsqueeze(1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return values.permute(0, 2, 3, 1).contiguous(), scale
+    """v (B, S, H, D) → (float8 transposed to (B, H, D, S), fp32 scales (B, H, D)): the same per-row
+    quantization with the tokens as the row."""
+    values, scale = quantize_rows(v.permute(0, 2, 3, 1))
+    return values.contiguous(), scale.squeeze(-1)
 
 
 def reference(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale: float) -> torch.Tensor:
