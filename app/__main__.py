@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from common.configfile import ConfigError
+from common.configfile import ConfigError, parse_command_line
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parse_command_line("python -m app", "zimage-serve app: the Gradio UI and JSON API serving Z-Image-Turbo "
+                       "(or the embedded demo model).", "app", argv)
     from app.config import load_settings
 
     try:

@@ -7,6 +7,7 @@ are 422 with one readable sentence per problem, never a stack trace.
 
 import hmac
 import logging
+import os
 import re
 import time
 from contextlib import asynccontextmanager
@@ -20,6 +21,8 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__, errors
+from app.auth import TokenGate, session_value
+from app.bodylimit import BodyLimit, BodyTooLarge
 from app.config import AppSettings
 from app.engine import Engine
 from app.faults import FaultInjector
@@ -35,7 +38,8 @@ from common.tokenfile import ensure_token
 log = logging.getLogger("app.api")
 access_log = logging.getLogger("app.access")
 
-MAX_BODY_BYTES = 1 * 2**20  # a generate body is a few KB; 1 MiB leaves room for 100k-char prompts
+# Routes that take image uploads: they get max_upload_mb instead of max_body_bytes.
+UPLOAD_PATHS = frozenset({"/gradio_api/upload"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
 
@@ -92,6 +96,8 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
     admin_token = settings.admin_token or ensure_token(settings.admin_token_file)
     add_secret(admin_token)
     add_secret(settings.api_token)
+    if settings.api_token:
+        add_secret(session_value(settings.api_token))
 
     def live_metrics() -> dict:
         values = {
@@ -141,12 +147,11 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
         rid = request.headers.get("x-request-id", "")
         rid = rid if _REQUEST_ID.match(rid) else new_request_id()
         request.state.request_id = rid
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return error_response(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes", rid)
         started = time.perf_counter()
         try:
             response = await call_next(request)
+        except BodyTooLarge:
+            raise  # app.bodylimit answers 413 itself; not an internal error
         except Exception:
             log.exception("unhandled error", extra={"event": "unhandled", "request_id": rid})
             response = error_response(500, "internal_error", "internal error; see the server log", rid)
@@ -180,18 +185,14 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
         resp.headers.update(headers)
         return resp
 
-    # ---- auth ----------------------------------------------------------------------------------
+    # ---- auth: api_token is checked by app.auth.TokenGate in front of every route; the admin
+    # routes (the monitor's levers) check the admin token here ---------------------------------
     def _token_ok(supplied: str, expected: str) -> bool:
         return hmac.compare_digest(supplied.encode(), expected.encode())
 
     def _bearer(request: Request) -> str:
         header = request.headers.get("authorization", "")
         return header[7:].strip() if header.lower().startswith("bearer ") else ""
-
-    def require_api_token(request: Request) -> None:
-        if settings.api_token and not _token_ok(_bearer(request), settings.api_token):
-            raise StarletteHTTPException(401, "missing or wrong API token (Authorization: Bearer ...)",
-                                         headers={"WWW-Authenticate": "Bearer"})
 
     def require_admin_token(request: Request) -> None:
         if not _token_ok(_bearer(request), admin_token):
@@ -224,7 +225,6 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
     RequestModel = service.request_model
 
     @app.post("/api/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["api"],
-              dependencies=[Depends(require_api_token)],
               responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
                          504: {"model": ErrorResponse}, 507: {"model": ErrorResponse}})
     async def generate(body: RequestModel, request: Request):  # type: ignore[valid-type]
@@ -234,13 +234,13 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
         priority = bool(priority_token) and _token_ok(priority_token, admin_token)
         return await service.generate(body, request.state.request_id, priority=priority)
 
-    @app.get("/api/info", tags=["api"], dependencies=[Depends(require_api_token)])
+    @app.get("/api/info", tags=["api"])
     async def info():
         data = model_info(service)
         data["live"] = live_info(service, gpu)
         return data
 
-    @app.get("/outputs/{name}", tags=["api"], dependencies=[Depends(require_api_token)])
+    @app.get("/outputs/{name}", tags=["api"])
     async def output_file(name: str):
         path = store.path_for(name)
         if path is None:
@@ -273,9 +273,18 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
         # cold start), not when the server's lifespan begins; lifespan's start is then a no-op.
         engine.start()
     if with_ui:
+        # Gradio's copies of images and uploads go under run/, not /tmp/gradio (some of gradio reads
+        # this at import, so it is set before app.ui imports gradio).
+        os.environ["GRADIO_TEMP_DIR"] = str(settings.gradio_cache_dir)
         from app.ui import mount_ui
 
         app = mount_ui(app, service, gpu)
+    # Added last = outermost: the body limit counts every byte (the login form's too), then the
+    # gate refuses without reading a body.
+    if settings.api_token:
+        app.add_middleware(TokenGate, api_token=settings.api_token, secure_cookie=settings.session_cookie_secure)
+    app.add_middleware(BodyLimit, limit_for=lambda path: settings.max_upload_mb * 2**20 if path in UPLOAD_PATHS
+                       else settings.max_body_bytes)
     return app
 
 

@@ -95,8 +95,20 @@ class AppSettings(BaseModel):
     min_free_disk_mb: int = Field(100, ge=0)
     png_compress_level: int = Field(1, ge=0, le=9)
 
-    # Security.
-    api_token: Optional[str] = None  # bearer token for /api/* and /outputs/*; None: open (loopback default)
+    # Security (docs/SECURITY.md). api_token guards every route but the probes, /metrics and the
+    # monitor's /admin/* (its own token): Authorization: Bearer <token>, or the UI's login cookie.
+    # None: open, for the loopback default.
+    api_token: Optional[str] = None
+    # Set when users reach the UI over HTTPS (a TLS proxy in front): the login cookie is then Secure.
+    session_cookie_secure: bool = False
+    # Bodies are counted as they arrive, chunked or not: 413 at the first byte over the limit.
+    # A generate body is a few KB; 1 MiB leaves room for 100k-character prompts.
+    max_body_bytes: int = Field(2**20, ge=1024, le=2**30)
+    max_upload_mb: int = Field(50, ge=1, le=4096)  # image uploads (Gradio's upload route) get their own
+    # Gradio's copies of the images it shows (and of uploads): under run/, removed at start and
+    # after gradio_cache_max_age_s, so they follow the service, not /tmp.
+    gradio_temp_dir: Path = Path("run/gradio")
+    gradio_cache_max_age_s: int = Field(3600, ge=60)
     admin_token: Optional[str] = None  # for /admin/*; None: read or create admin_token_file
     admin_token_file: Path = Path("run/admin.token")
     fault_injection: bool = False  # /admin/fault exists only when true (and needs the admin token)
@@ -139,12 +151,18 @@ class AppSettings(BaseModel):
         self.outputs_dir = resolve_under(self.home, self.outputs_dir)
         self.admin_token_file = resolve_under(self.home, self.admin_token_file)
         self.compile_cache_dir = resolve_under(self.home, self.compile_cache_dir)
+        self.gradio_temp_dir = resolve_under(self.home, self.gradio_temp_dir)
         return self
 
     def warmup_pixels(self, device_type: str) -> int:
         """The warm-up image's side: warmup_size, or 1024 on a GPU and 256 on a CPU (a multiple of 64)."""
         size = self.warmup_size or (1024 if device_type == "cuda" else 256)
         return max(64, size - size % 64)
+
+    @property
+    def gradio_cache_dir(self) -> Path:
+        """This process's Gradio temp dir: one per port, so apps sharing a home never wipe each other's."""
+        return self.gradio_temp_dir / f"port-{self.port}"
 
     @property
     def is_demo_model(self) -> bool:

@@ -4,6 +4,7 @@ the same request model, limits, queue and errors) as POST /api/generate: no seco
 from __future__ import annotations
 
 import os
+import time
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a production server
 
@@ -11,6 +12,7 @@ import gradio as gr  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from app import errors  # noqa: E402
+from app.retention import prune_older_than, reset_dir, stage  # noqa: E402
 from app.schemas import SIZE_STEP, TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS  # noqa: E402
 from app.sysinfo import live_info, model_info  # noqa: E402
 
@@ -62,7 +64,10 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
             result = await service.generate(req)
         except errors.ServiceError as exc:
             raise gr.Error(exc.message + (f" — {exc.hint}" if exc.hint else ""), title="Could not generate")
-        paths = [str(settings.outputs_dir / image.filename) for image in result.images]
+        # Gradio serves its own copies from gradio_temp_dir; outputs/ itself is not a Gradio path.
+        temp_dir = settings.gradio_cache_dir
+        prune_older_than(temp_dir, settings.gradio_cache_max_age_s, time.time())
+        paths = [str(stage(settings.outputs_dir / image.filename, temp_dir / "staged")) for image in result.images]
         t = result.timings
         peak = f" · peak GPU memory {_fmt_bytes(result.peak_memory_bytes)}" if result.peak_memory_bytes else ""
         lossy = ", ".join(service.lossy_options(result.num_inference_steps))
@@ -158,7 +163,11 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
 
 
 def mount_ui(app, service, gpu_reader):
+    """Mount the UI at /. GRADIO_TEMP_DIR must already name settings.gradio_cache_dir (app.api sets
+    it before gradio is imported: some of gradio reads it at import)."""
+    settings = service.settings
+    reset_dir(settings.gradio_cache_dir)
     ui = build_ui(service, gpu_reader)
-    return gr.mount_gradio_app(app, ui, path="/", theme=THEME, css=CSS, show_error=True,
-                               allowed_paths=[str(service.settings.outputs_dir)], ssr_mode=False,
-                               footer_links=["api"])
+    # No allowed_paths: Gradio's file route serves only the copies it made, behind app.auth's gate.
+    return gr.mount_gradio_app(app, ui, path="/", theme=THEME, css=CSS, show_error=True, ssr_mode=False,
+                               max_file_size=settings.max_upload_mb * 2**20, footer_links=["api"])

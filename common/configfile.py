@@ -83,3 +83,19 @@ def load_section(model: type[T], section: str, env: Mapping[str, str] | None = N
 def resolve_under(home: Path, path: Path) -> Path:
     """Relative paths in the config are relative to the home dir, so the stack works from any cwd."""
     return path if path.is_absolute() else (home / path)
+
+
+def parse_command_line(prog: str, description: str, section: str, argv: list[str] | None = None) -> None:
+    """`--help` for a process whose settings come only from the config: it says where they come from.
+    Any argument is an error (exit 2), not silently ignored: a flag that seems to work and does not
+    is worse than none."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(f"Configuration comes from the [{section}] section of zimage.toml (in $ZIMAGE_HOME or the\n"
+                f"checkout; another file with ZIMAGE_CONFIG=path) and from ZIMAGE_{section.upper()}_<FIELD>\n"
+                f"environment variables, which win over the file. Example: ZIMAGE_{section.upper()}_LOG_LEVEL="
+                f"debug.\nAn invalid value stops the process with one line naming the field (exit 2).\n"
+                f"Operators usually start it through supervisord: zimagectl up."))
+    parser.parse_args(argv)

@@ -7,10 +7,12 @@ import signal
 import sys
 import threading
 
-from common.configfile import ConfigError
+from common.configfile import ConfigError, parse_command_line
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parse_command_line("python -m monitor", "zimage-serve monitor: the self-healing sidecar that watches the "
+                       "app (probes, GPU, memory, log) and heals it through supervisord.", "monitor", argv)
     from app.config import load_settings as load_app_settings
     from monitor.config import load_monitor_settings
 

@@ -51,3 +51,11 @@ def test_bad_config_exits_2_before_loading_the_model(tmp_path):
     proc = subprocess.run([PYTHON, "-m", "app"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "min_size" in proc.stderr
+
+
+@pytest.mark.parametrize("module,section", [("app", "APP"), ("monitor", "MONITOR")])
+def test_help_says_where_configuration_comes_from_and_unknown_arguments_fail(module, section):
+    shown = subprocess.run([PYTHON, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "zimage.toml" in shown.stdout and f"ZIMAGE_{section}_" in shown.stdout
+    bad = subprocess.run([PYTHON, "-m", module, "--port", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unrecognized arguments: --port 1" in bad.stderr

@@ -1,5 +1,6 @@
 """The Gradio UI in a real headless Chromium (Debian's, driven by Playwright; no browser download),
-and its generate event through gradio_client."""
+and its generate event through gradio_client, with api_token set: the browser logs in through
+/login, gradio_client sends the token in a header."""
 
 import os
 import shutil
@@ -12,13 +13,16 @@ from tests.helpers import REPO, AppProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+TOKEN = "ui-test-token-5f1c"
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    proc = AppProcess(tmp_path_factory.mktemp("ui"), warmup_size=128, warmup_steps=1).start().wait_ready()
+    tmp = tmp_path_factory.mktemp("ui")
+    proc = AppProcess(tmp, api_token=TOKEN, gradio_temp_dir=tmp / "gradio", warmup_size=128,
+                      warmup_steps=1).start().wait_ready()
     yield proc
     proc.stop()
 
@@ -34,12 +38,32 @@ def browser():
         b.close()
 
 
+def log_in(page, url: str, token: str = TOKEN) -> None:
+    """Open the UI as a new visitor: sent to /login, type the token, land on the UI."""
+    page.goto(url + "/")
+    page.wait_for_selector("#token")
+    assert "/login?next=" in page.url
+    page.fill("#token", token)
+    page.click("#login")
+
+
+def test_the_ui_needs_a_login_and_a_wrong_token_is_told(app, browser):
+    page = browser.new_page()
+    log_in(page, app.url, "not-the-token")
+    page.wait_for_selector("text=That token is not right.")
+    assert page.locator("#demo-banner").count() == 0
+    context_cookies = page.context.cookies()
+    assert not any(c["name"] == "zimage_session" for c in context_cookies)
+    page.close()
+
+
 def test_generate_in_the_browser(app, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     problems = []
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    page.goto(app.url + "/")
+    page.on("response", lambda r: problems.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None)
+    log_in(page, app.url)
     page.wait_for_selector("#demo-banner")
     page.wait_for_selector("#generate-btn:not([disabled])", timeout=30000)
     page.fill("#prompt textarea", "一只红狐狸 in fresh snow, soft light")
@@ -75,7 +99,7 @@ def test_generate_in_the_browser(app, browser, tmp_path):
 def test_screenshot_of_the_generate_tab(app, browser, tmp_path):
     """A full-page screenshot; with UPDATE_SCREENSHOTS=1 it refreshes docs/ui-generate.png (README)."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(app.url + "/")
+    log_in(page, app.url)
     page.wait_for_selector("#generate-btn:not([disabled])", timeout=30000)
     page.fill("#prompt textarea", "A lighthouse on a cliff at dusk, waves, cinematic light")
     page.click("#preset-512x512")
@@ -91,7 +115,7 @@ def test_screenshot_of_the_generate_tab(app, browser, tmp_path):
 def test_gradio_client_calls_the_generate_event(app):
     from gradio_client import Client
 
-    client = Client(app.url + "/", verbose=False)
+    client = Client(app.url + "/", verbose=False, headers={"authorization": f"Bearer {TOKEN}"})
     # (the last-seed State is UI-only; API clients get the gallery and the info text)
     gallery, info = client.predict("a lighthouse", "", 256, 320, 2, 0, 7, False, 2, api_name="/generate")
     assert "`7`" in info and len(gallery) == 2

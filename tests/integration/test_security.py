@@ -1,0 +1,148 @@
+"""The real app (`python -m app`, tiny model, UI on) with api_token set, over real HTTP: the Gradio side
+sits behind the same token as the API, Gradio keeps its copies under run/, and bodies are bounded as
+they arrive (chunked or not) without the app's memory growing with them."""
+
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from PIL import Image
+
+from app.auth import session_value
+from tests.helpers import AppProcess
+
+pytestmark = pytest.mark.integration
+TOKEN = "s3cret-ui-and-api-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
+GENERATE_DATA = ["x", "", 256, 256, 2, 0, 42, False, 1]  # the UI's generate inputs, in order
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("security")
+    proc = AppProcess(tmp, api_token=TOKEN, gradio_temp_dir=tmp / "run" / "gradio", warmup_size=128,
+                      warmup_steps=1).start().wait_ready()
+    yield proc
+    proc.stop()
+
+
+def test_gradio_api_refuses_without_the_token(app):
+    call = httpx.post(app.url + "/gradio_api/call/generate", json={"data": GENERATE_DATA}, timeout=10)
+    assert call.status_code == 401 and call.json()["error"] == "unauthorized"
+    for method, path in [("POST", "/gradio_api/queue/join"), ("GET", "/gradio_api/queue/data?session_hash=a"),
+                         ("GET", "/config"), ("GET", "/gradio_api/info"), ("POST", "/gradio_api/upload"),
+                         ("GET", "/"), ("GET", "/gradio_api/call/generate/abc")]:
+        r = httpx.request(method, app.url + path, timeout=10)
+        assert r.status_code == 401, (method, path, r.status_code)
+
+
+def test_gradio_client_works_with_the_token_in_a_header(app, tmp_path):
+    from gradio_client import Client
+
+    client = Client(app.url + "/", verbose=False, headers=AUTH, download_files=str(tmp_path))
+    gallery, info = client.predict("a lighthouse", "", 256, 320, 2, 0, 7, False, 1, api_name="/generate")
+    assert "`7`" in info and Image.open(gallery[0]["image"]).size == (256, 320)
+
+
+def test_outputs_are_not_a_gradio_file_path_and_copies_live_under_run(app):
+    r = httpx.post(app.url + "/api/generate", json={"prompt": "x", **SMALL}, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    name = r.json()["images"][0]["filename"]
+    outputs = app.tmp / "outputs" / name
+    for ref in (str(outputs), f"outputs/{name}"):
+        assert httpx.get(f"{app.url}/gradio_api/file={ref}", timeout=10).status_code == 401
+        # Even with the token, Gradio's file route serves only its own copies, not outputs/.
+        assert httpx.get(f"{app.url}/gradio_api/file={ref}", headers=AUTH, timeout=10).status_code in (403, 404)
+    assert httpx.get(app.url + r.json()["images"][0]["url"], headers=AUTH, timeout=10).status_code == 200
+    # A UI generation: Gradio's copy is under run/gradio/port-N of the app's home, served with the token.
+    job = httpx.post(app.url + "/gradio_api/call/generate", json={"data": GENERATE_DATA}, headers=AUTH, timeout=10)
+    event_id = job.json()["event_id"]
+    stream = httpx.get(f"{app.url}/gradio_api/call/generate/{event_id}", headers=AUTH, timeout=60).text
+    copy = re.search(r'"path": ?"([^"]+\.png)"', stream).group(1)
+    cache = app.tmp / "run" / "gradio" / f"port-{app.port}"
+    assert Path(copy).resolve().is_relative_to(cache.resolve()), copy
+    assert httpx.get(f"{app.url}/gradio_api/file={copy}", timeout=10).status_code == 401
+    assert httpx.get(f"{app.url}/gradio_api/file={copy}", headers=AUTH, timeout=10).status_code == 200
+    assert oct(cache.stat().st_mode & 0o777) == "0o700"
+
+
+def send_chunked(port: int, path: str, total: int, headers: str = "",
+                 content_type: str = "application/json", prefix: bytes = b"") -> tuple[int, float, bytes]:
+    """POST `total` bytes with Transfer-Encoding: chunked (no Content-Length); returns (status, seconds,
+    body) of the answer. The sender keeps writing while the answer is read, as a real client would."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                  f"Content-Type: {content_type}\r\n{headers}\r\n").encode())
+    chunk = b"7" * 65536
+
+    def write():
+        try:
+            if prefix:
+                sock.sendall(b"%x\r\n" % len(prefix) + prefix + b"\r\n")
+            for _ in range(total // len(chunk)):
+                sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server answered and closed: exactly what a bounded body looks like
+
+    started = time.monotonic()
+    threading.Thread(target=write, daemon=True).start()
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    sock.close()
+    return int(head.split()[1]), time.monotonic() - started, body
+
+
+@pytest.mark.parametrize("path,mib,status", [
+    ("/api/generate", 2, 413), ("/api/generate", 64, 413), ("/gradio_api/upload", 64, 413), ("/login", 2, 413),
+    ("/nonexistent", 64, 404),  # a route that never reads its body answers without reading it
+])
+def test_chunked_bodies_over_the_limit_are_refused_as_they_arrive(app, path, mib, status):
+    rss_before = psutil.Process(app.proc.pid).memory_info().rss
+    # An upload is multipart (Gradio refuses another type before reading); its limit is max_upload_mb (50).
+    upload = "upload" in path
+    kind = "multipart/form-data; boundary=zzz" if upload else "application/json"
+    part = b'--zzz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+    answer, seconds, body = send_chunked(app.port, path, mib * 2**20, f"Authorization: Bearer {TOKEN}\r\n", kind,
+                                         part if upload else b"")
+    assert answer == status and (status != 413 or b"body_too_large" in body), body
+    assert seconds < 5
+    grown = psutil.Process(app.proc.pid).memory_info().rss - rss_before
+    assert grown < 10 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB"
+    assert httpx.get(app.url + "/readyz", timeout=5).status_code == 200  # and the server is fine
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_the_body(app):
+    sock = socket.create_connection(("127.0.0.1", app.port), timeout=10)
+    sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n"
+                 b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+    answer = sock.recv(65536)  # no body was sent: the answer cannot have waited for it
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413") and b"body_too_large" in answer
+
+
+def test_a_body_under_the_limit_still_works_chunked(app):
+    body = b'{"prompt": "chunked but small", "width": 256, "height": 256, "num_inference_steps": 1}'
+    r = httpx.post(app.url + "/api/generate", content=iter([body[:20], body[20:]]),
+                   headers={**AUTH, "content-type": "application/json"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_secrets_never_reach_the_log(app):
+    httpx.post(app.url + "/login", data={"token": TOKEN, "next": "/"}, timeout=10)
+    httpx.post(app.url + "/login", data={"token": "a-wrong-guess", "next": "/"}, timeout=10)
+    log = app.log()
+    assert '"event": "login"' in log
+    for secret in (TOKEN, session_value(TOKEN), app.admin_token()):
+        assert secret not in log
