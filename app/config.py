@@ -8,6 +8,7 @@ from typing import Literal, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.configfile import load_section, resolve_under
+from common.contract import check_timeout_chain, supervisor_stopwaitsecs
 
 OffloadMode = Literal["none", "model", "text-encoder"]
 Switch = Literal["auto", "on", "off"]
@@ -176,4 +177,6 @@ class AppSettings(BaseModel):
 
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides) -> AppSettings:
-    return load_section(AppSettings, "app", env, overrides)
+    settings = load_section(AppSettings, "app", env, overrides)
+    check_timeout_chain(settings.request_timeout_s, settings.drain_timeout_s, supervisor_stopwaitsecs())
+    return settings

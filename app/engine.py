@@ -24,10 +24,11 @@ from typing import Callable, Optional
 import torch
 
 from app import errors
-from app.compilewatch import CompileWatch, compile_watch
+from app.compilewatch import compile_watch
 from app.config import AppSettings
 from app.faults import FaultInjector
 from app.loader import LoadedPipeline, load_pipeline
+from app.progress import Heartbeat
 from app.stages import BatchRequest, PromptEmbeddingCache, run_batch, uses_guidance
 
 log = logging.getLogger("app.engine")
@@ -92,47 +93,6 @@ class Job:
     started_at: Optional[float] = None
     priority: int = 1  # 0: health checks (the monitor's warm-up) go before user work
     seq: int = 0
-
-
-@dataclass
-class Heartbeat:
-    """Written by the engine thread, read by /healthz. Plain attribute writes are atomic in CPython."""
-
-    busy_since: Optional[float] = None  # wall-clock time (epoch seconds) the running batch started
-    last_step_at: Optional[float] = None  # wall-clock time of the last finished denoising step
-    steps_done: int = 0
-    steps_total: int = 0
-    request_ids: tuple = ()
-    step_seconds_ewma: Optional[float] = None  # typical step duration, for the monitor's hang bound
-    step_seconds_max: float = 0.0
-    generations: int = 0
-    compile_watch: Optional[CompileWatch] = None  # says when torch.compile is working (no steps then)
-
-    def record_step(self, step: int, step_s: float, now: float, compiled: bool) -> None:
-        """A finished denoising step. A step that contained a compile is progress but not a step
-        time: counted in, it would stretch the monitor's stall bound (10x the slowest step) to
-        minutes for the life of the process."""
-        self.steps_done = step + 1
-        self.last_step_at = now
-        if compiled:
-            return
-        self.step_seconds_max = max(self.step_seconds_max, step_s)
-        self.step_seconds_ewma = step_s if self.step_seconds_ewma is None else 0.8 * self.step_seconds_ewma + 0.2 * step_s
-
-    def snapshot(self) -> dict:
-        watch = self.compile_watch
-        return {
-            "busy": self.busy_since is not None,
-            "busy_since": self.busy_since,
-            "last_step_at": self.last_step_at,
-            "steps_done": self.steps_done,
-            "steps_total": self.steps_total,
-            "request_ids": list(self.request_ids),
-            "step_seconds_ewma": self.step_seconds_ewma,
-            "step_seconds_max": self.step_seconds_max,
-            "generations": self.generations,
-            "compiling_since": watch.active_since if watch else None,
-        }
 
 
 class Engine:
@@ -207,6 +167,7 @@ class Engine:
             if self.settings.warmup:
                 self.state = "warming"
                 self._warm_up()
+            self.heartbeat.warm = True  # stage times are known from here: the monitor's tight stall bound
             self.state = "ready"
             log.info("engine ready", extra={"event": "ready", "warmup_s": self.warmup_seconds,
                                             "warmup_stages": self.warmup_stages, "warmup_parts": self.warmup_parts,
@@ -360,8 +321,8 @@ class Engine:
         started = time.perf_counter()
         for job in batch:
             job.started_at = time.monotonic()
-        hb.request_ids = tuple(j.request_id for j in batch)
-        hb.steps_total, hb.steps_done, hb.last_step_at, hb.busy_since = first.num_inference_steps, 0, now, now
+        hb.begin((first.width, first.height, len(prompts)), tuple(j.request_id for j in batch),
+                 first.num_inference_steps, now)
         last_step_perf = [started]
         cuda = self.loaded.device.type == "cuda"
         if cuda:
@@ -374,6 +335,15 @@ class Engine:
         step_cache = self.loaded.step_cache
         if step_cache:
             step_cache.begin(first.num_inference_steps)
+
+        stage_mark = [started, last_compiles[0]]
+
+        def on_stage(stage: Optional[str]) -> None:
+            now_perf = time.perf_counter()
+            compiles = watch.mark()[0] if watch else 0
+            hb.enter_stage(stage, self.wall_clock(), now_perf - stage_mark[0], compiled=compiles != stage_mark[1])
+            stage_mark[:] = [now_perf, compiles]
+            last_step_perf[0] = now_perf  # the first step is timed from the start of denoising
 
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
             if step_cache:
@@ -392,7 +362,8 @@ class Engine:
         try:
             self.faults.before_generation()
             with torch.inference_mode():
-                images, stages = run_batch(pipe, request, self.loaded.exec_device, self.prompt_cache, on_step_end)
+                images, stages = run_batch(pipe, request, self.loaded.exec_device, self.prompt_cache, on_step_end,
+                                           on_stage)
         except _Cancelled:
             self._fail(batch, errors.GenerationTimeout("the request timed out and was cancelled mid-generation"))
             return
@@ -405,8 +376,9 @@ class Engine:
         finally:
             if step_cache:
                 step_cache.end()
-            hb.busy_since = None
-            hb.request_ids = ()
+            if hb.stage is not None:
+                on_stage(None)  # records the last stage's time
+            hb.end()
             try:
                 pipe.maybe_free_model_hooks()
             except Exception:  # hooks are best effort; never mask the real outcome

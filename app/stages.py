@@ -107,15 +107,18 @@ def decode_to_pil(pipe, latents: torch.Tensor) -> list[Image.Image]:
 
 
 def run_batch(pipe, request: BatchRequest, device: torch.device, cache: PromptEmbeddingCache,
-              on_step_end: Optional[Callable] = None) -> tuple[list[Image.Image], dict[str, float]]:
+              on_step_end: Optional[Callable] = None,
+              on_stage: Callable[[str], None] = lambda stage: None) -> tuple[list[Image.Image], dict[str, float]]:
     """Images for `request` and the seconds each stage took (the GPU is synchronised between stages
-    so the figures are the GPU's, not the launch queue's)."""
+    so the figures are the GPU's, not the launch queue's). on_stage(name) is told as each stage begins."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    on_stage("encode")
     t0 = time.perf_counter()
     prompt_embeds = encode(pipe, request.prompts, device, cache)
     negative_embeds = encode(pipe, request.negatives, device, cache) if request.negatives else None
     sync()
     t1 = time.perf_counter()
+    on_stage("denoise")
     latents = pipe(
         prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_embeds,
@@ -130,6 +133,7 @@ def run_batch(pipe, request: BatchRequest, device: torch.device, cache: PromptEm
     ).images
     sync()
     t2 = time.perf_counter()
+    on_stage("decode")
     images = decode_to_pil(pipe, latents)
     t3 = time.perf_counter()
     return images, {"encode_s": t1 - t0, "denoise_s": t2 - t1, "decode_s": t3 - t2}

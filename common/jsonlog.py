@@ -29,6 +29,8 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "service": self.service,
+            # Which process wrote it: the monitor acts only on lines of the app process running now.
+            "pid": record.process,
             "logger": record.name,
             "msg": record.getMessage(),
         }

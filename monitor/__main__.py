@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import threading
 
 from common.configfile import ConfigError, parse_command_line
 
@@ -13,11 +12,11 @@ from common.configfile import ConfigError, parse_command_line
 def main(argv: list[str] | None = None) -> int:
     parse_command_line("python -m monitor", "zimage-serve monitor: the self-healing sidecar that watches the "
                        "app (probes, GPU, memory, log) and heals it through supervisord.", "monitor", argv)
-    from app.config import load_settings as load_app_settings
+    from common.contract import load_app_contract
     from monitor.config import load_monitor_settings
 
     try:
-        app_cfg = load_app_settings()
+        app_cfg = load_app_contract()
         cfg = load_monitor_settings()
     except ConfigError as exc:
         print(f"zimage-serve monitor: {exc}", file=sys.stderr)
@@ -25,11 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     from common.jsonlog import setup_logging
 
     setup_logging("monitor", cfg.log_level, secrets=[cfg.webhook_secret or "", app_cfg.api_token or "",
-                                                      app_cfg.admin_token or ""])
+                                                      app_cfg.admin_token or ""]
+                  + [t.routing_key or "" for t in cfg.webhooks])
     from common.gpu import open_gpu_reader
     from common.supervisor_client import SupervisorClient
+    from monitor import core
     from monitor.actions import Actions
-    from monitor.alerts import AlertDispatcher
+    from monitor.alerts import Courier
+    from monitor.journal import Journal
     from monitor.logwatch import LogFollower
     from monitor.loop import Monitor
     from monitor.probes import Probes
@@ -41,45 +43,37 @@ def main(argv: list[str] | None = None) -> int:
     metrics.serve(cfg.metrics_port)
     gpu = open_gpu_reader()
     log.info("GPU reader: %s", gpu.reason, extra={"event": "gpu_reader", "available": gpu.available})
-    wake = threading.Event()
-    follower = LogFollower(cfg.app_log, cfg.log_patterns, cfg.log_position_file, wake=wake)
-    follower.start_watching()
+    journal = Journal(cfg.journal_file)
+    state = journal.load()
+    follower = LogFollower(cfg.app_log, cfg.log_patterns, resume=state.log_position)
     supervisor = SupervisorClient(cfg.supervisor_socket, timeout=max(2.0, cfg.probe_timeout_s))
-    alerts = AlertDispatcher(cfg.webhooks, cfg.webhook_secret, cfg.service_name, cfg.host_name,
-                             timeout_s=cfg.webhook_timeout_s, retries=cfg.webhook_retries,
-                             backoff_s=cfg.webhook_backoff_s, queue_size=cfg.alert_queue_size,
-                             on_result=lambda _url, outcome: metrics.alerts.labels(outcome=outcome).inc())
     chaos_file = cfg.home / "run" / "chaos.json" if app_cfg.fault_injection else None
     probes = Probes(app_url, supervisor, cfg.program, gpu, follower, cfg.probe_timeout_s, cfg.maintenance_file,
                     chaos_file)
-    monitor_ref: list = []
+    monitor = None
     actions = Actions(app_url, supervisor, cfg.program, app_cfg.admin_token_file, app_cfg.admin_token,
-                      app_cfg.api_token, cfg, should_stop=lambda: bool(monitor_ref) and
-                      monitor_ref[0].stop_requested.is_set())
-    monitor = Monitor(cfg, probes, actions, alerts, metrics)
-    monitor.wake = wake
-    monitor_ref.append(monitor)
+                      app_cfg.api_token, cfg, should_stop=lambda: monitor is not None and monitor.stop.is_set())
+    monitor = Monitor(cfg, probes, actions, journal, metrics, state=state)
+    follower.wake = monitor.wake
+    follower.start_watching()
+    courier = Courier(cfg.webhooks, lambda: monitor.state.outbox, monitor.post, cfg.webhook_secret,
+                      cfg.service_name, cfg.host_name, timeout_s=cfg.webhook_timeout_s,
+                      backoff_s=cfg.webhook_backoff_s, backoff_max_s=cfg.webhook_backoff_max_s,
+                      max_age_s=cfg.alert_outbox_max_age_s)
+    monitor.courier = courier.start()
 
-    def on_stop(signum, _frame):
-        monitor.stop_requested.set()
-        wake.set()
-
-    def on_hup(_signum, _frame):
-        monitor.reset_requested.set()
-        wake.set()
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
+    # Signals only post to the loop's queue (gunicorn's rule): no work inside a handler.
+    signal.signal(signal.SIGTERM, lambda *_: monitor.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: monitor.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: monitor.post(core.OperatorReset()))
     log.info("watching", extra={"event": "monitor_config", "app_url": app_url, "program": cfg.program,
                                 "log": str(cfg.app_log), "webhooks": len(cfg.webhooks),
-                                "signed": bool(cfg.webhook_secret)})
+                                "signed": bool(cfg.webhook_secret), "outbox": len(state.outbox)})
     try:
         monitor.run()
     finally:
-        follower.save_position()
         follower.stop()
-        alerts.stop(timeout=3.0)
+        courier.stop(timeout=3.0)
         probes.close()
         gpu.close()
         log.info("monitor stopped", extra={"event": "monitor_stop"})

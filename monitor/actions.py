@@ -128,7 +128,38 @@ class Actions:
         return self._start_and_warm("kill", started, old_pid, f"killed pid {old_pid}")
 
     def start(self) -> ActionResult:
-        return self._start_and_warm("start", time.perf_counter(), 0, "started from FATAL")
+        state = self._state()
+        return self._start_and_warm("start", time.perf_counter(), 0, f"started from {state}")
+
+    # ---- one entry for the loop, and the roll-forward of an interrupted action --------------------
+    def run(self, action: str, target_pid: int, resumed: bool) -> ActionResult:
+        if resumed:
+            return self.roll_forward(action, target_pid)
+        return {"free_cache": self.free_cache, "restart": self.graceful_restart, "kill": self.kill_restart,
+                "start": self.start}[action]()
+
+    def roll_forward(self, action: str, target_pid: int) -> ActionResult:
+        """Finish what a monitor that died mid-action began, from what supervisord says now: an app
+        still stopping is waited for (then killed), a stopped one is started, a new process is
+        warmed up and checked, and the process the action was aimed at, still running, gets the
+        action again. Whatever the point of death, the app ends up running and checked."""
+        started = time.perf_counter()
+        state, pid = self._state(), self._pid()
+        if state == "STOPPING":
+            if not self._wait_state({"STOPPED", "EXITED", "FATAL"}, self.cfg.stop_timeout_s):
+                self._kill_group(pid)
+                self._wait_state({"STOPPED", "EXITED", "FATAL"}, 15)
+            state = self._state()
+        if state in ("STOPPED", "EXITED", "FATAL", "BACKOFF"):
+            return self._start_and_warm(action, started, target_pid, f"rolled forward: started from {state}")
+        if state in ("RUNNING", "STARTING") and pid and pid == target_pid and action != "start":
+            log.warning("rolled forward: the interrupted action never reached the app; running it again",
+                        extra={"event": "resume_again", "action": action, "pid": pid})
+            return self.run(action, target_pid, resumed=False)
+        warm = self.warm_up()
+        return ActionResult(action, warm.ok, time.perf_counter() - started,
+                            detail=f"rolled forward: the app was {state}, checked it", warmup=warm,
+                            old_pid=target_pid, new_pid=self._pid())
 
     def _kill_group(self, pid: int) -> None:
         if not pid:
@@ -148,6 +179,12 @@ class Actions:
         except Exception:
             return 0
 
+    def _state(self) -> str:
+        try:
+            return self.supervisor.process(self.program).state
+        except Exception:
+            return "UNKNOWN"
+
     def _wait_state(self, states: set[str], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -160,6 +197,9 @@ class Actions:
         return False
 
     def _start_and_warm(self, action: str, started: float, old_pid: int, detail: str) -> ActionResult:
+        if self._state() == "BACKOFF":
+            # supervisord is between its own retries; startProcess refuses a BACKOFF program.
+            self.supervisor.stop(self.program, wait=True)
         self.supervisor.start(self.program, wait=False)
         warm = self.warm_up()
         new_pid = self._pid()

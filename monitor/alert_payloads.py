@@ -1,4 +1,7 @@
-"""Alert bodies in three formats (generic JSON, Slack, Alertmanager) and their HMAC signature. Pure."""
+"""Alert bodies in four formats (generic JSON, Slack, Alertmanager, PagerDuty Events v2) and their HMAC
+signature. Pure. Every format carries the incident id as its deduplication key (generic `dedup_key`,
+Alertmanager's labels, PagerDuty's `dedup_key`): a receiver that gets an alert twice (a monitor
+killed between delivering and recording it) folds the two into one."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ def generic_payload(incident: dict, status: str, action: Optional[str], service:
     return {
         "version": 1,
         "incident_id": incident["id"],
+        "dedup_key": incident["id"],
         "status": status,  # firing | resolved
         "severity": incident["severity"],
         "kind": incident["kind"],
@@ -71,11 +75,34 @@ def alertmanager_payload(generic: dict) -> list:
     return [alert]
 
 
-def render(fmt: str, generic: dict):
-    if fmt == "slack":
+PAGERDUTY_SEVERITY = {"critical": "critical", "error": "error", "warning": "warning", "info": "info"}
+
+
+def pagerduty_payload(generic: dict, routing_key: Optional[str]) -> dict:
+    """PagerDuty Events API v2 (POST https://events.pagerduty.com/v2/enqueue): trigger on firing,
+    resolve on resolved, the same dedup_key for both. PagerDuty answers 429/5xx to slow down: the
+    courier retries those, as it does for every receiver."""
+    event = {"routing_key": routing_key or "", "dedup_key": generic["dedup_key"],
+             "event_action": "resolve" if generic["status"] == "resolved" else "trigger"}
+    if event["event_action"] == "trigger":
+        event["payload"] = {
+            "summary": f"{generic['service']} on {generic['host']}: {generic['kind']}: {generic['reason']}"[:1024],
+            "source": generic["host"], "severity": PAGERDUTY_SEVERITY.get(generic["severity"], "error"),
+            "timestamp": generic["started_at"], "component": generic["service"], "class": generic["kind"],
+            "custom_details": {"action": generic.get("action"), "actions": generic.get("actions"),
+                               "evidence": generic.get("evidence"), "incident_id": generic["incident_id"]},
+        }
+    return event
+
+
+def render(target, generic: dict):
+    """The body for one webhook target (monitor.config.WebhookTarget: its format and routing key)."""
+    if target.format == "slack":
         return slack_payload(generic)
-    if fmt == "alertmanager":
+    if target.format == "alertmanager":
         return alertmanager_payload(generic)
+    if target.format == "pagerduty":
+        return pagerduty_payload(generic, target.routing_key)
     return generic
 
 

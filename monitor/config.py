@@ -1,7 +1,7 @@
 """The monitor's one typed settings object: zimage.toml [monitor] + ZIMAGE_MONITOR_* env.
 
-The app's address, tokens and log location are read from the [app] section, so the two processes
-cannot disagree about where the app listens.
+The app's address and tokens are read from the [app] section through common.contract, so the two
+processes cannot disagree about where the app listens, and the monitor imports nothing of app/.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Literal, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.configfile import load_section, resolve_under
+from common.contract import check_timeout_chain, load_app_contract, supervisor_stopwaitsecs
 
 Tier = Literal["alert", "free_cache", "restart", "kill"]
 
@@ -39,7 +40,8 @@ DEFAULT_PATTERNS = [
 class WebhookTarget(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: str
-    format: Literal["generic", "slack", "alertmanager"] = "generic"
+    format: Literal["generic", "slack", "alertmanager", "pagerduty"] = "generic"
+    routing_key: Optional[str] = None  # PagerDuty Events v2: the integration's routing key
 
 
 class MonitorSettings(BaseModel):
@@ -50,8 +52,10 @@ class MonitorSettings(BaseModel):
     supervisor_socket: Path = Path("run/supervisor.sock")
     app_url: Optional[str] = None  # default: http://<app.host>:<app.port>
     app_log: Path = Path("logs/app.log")
-    state_file: Path = Path("run/monitor-state.json")
-    log_position_file: Path = Path("run/monitor-logpos.json")
+    state_file: Path = Path("run/monitor-state.json")  # what `zimagectl status` shows, rewritten each tick
+    # The decision state that must survive the monitor's own death (open incidents, the action in
+    # progress, budget, log position, alert outbox), written before every effect (monitor/journal.py).
+    journal_file: Path = Path("run/monitor-journal.json")
     maintenance_file: Path = Path("run/maintenance")
     metrics_file: Path = Path("run/monitor.prom")  # node_exporter textfile format, written every tick
     metrics_port: Optional[int] = Field(None, ge=1, le=65535)  # also serve /metrics on 127.0.0.1:port
@@ -62,9 +66,15 @@ class MonitorSettings(BaseModel):
 
     # hang
     hang_liveness_failures: int = Field(3, ge=1)  # consecutive timed-out liveness probes
-    hang_stopped_samples: int = Field(2, ge=1)  # consecutive samples with the process in state T (stopped)
-    stall_floor_s: float = Field(60.0, gt=0)  # busy with no step for longer than this is a stall...
-    stall_factor: float = Field(10.0, gt=1)  # ...or than this many times the slowest step seen
+    # A process stopped (state T: SIGSTOP, a debugger) is not probed; it is a hang once stopped this
+    # long. A shorter pause (an operator's Ctrl-Z, a checkpoint) is not.
+    hang_stopped_s: float = Field(5.0, gt=0)
+    # A stage (encode, a denoising step, decode) silent longer than max(stall_min_s, stall_factor ×
+    # the slowest time of that stage at that shape, as the app reports it) is a stall, once the app
+    # is warm. Before the warm-up has ended, or when the app has no time for the stage, stall_floor_s.
+    stall_min_s: float = Field(10.0, gt=0)
+    stall_floor_s: float = Field(60.0, gt=0)
+    stall_factor: float = Field(10.0, gt=1)
     # ...unless the app says torch.compile is at work (a first start with an empty compile cache
     # compiles for 40-100 s before its first step ends): then this long.
     compile_stall_s: float = Field(600.0, gt=0)
@@ -86,6 +96,9 @@ class MonitorSettings(BaseModel):
     crash_loop_count: int = Field(3, ge=2)
     crash_loop_window_s: float = Field(300.0, gt=0)
     crash_report_s: float = Field(10.0, gt=0)  # a single crash is reported (alert only) for this long
+    # The app STOPPED or EXITED this long with no maintenance mark (zimagectl down/restart) is down:
+    # the monitor starts it. BACKOFF (supervisord retrying) is reported; FATAL is started at once.
+    down_after_s: float = Field(3.0, ge=0)
 
     # policy
     restart_budget: int = Field(3, ge=1)
@@ -108,9 +121,11 @@ class MonitorSettings(BaseModel):
     webhooks: list[WebhookTarget] = Field(default_factory=list)
     webhook_secret: Optional[str] = None
     webhook_timeout_s: float = Field(5.0, gt=0, le=60)
-    webhook_retries: int = Field(3, ge=0, le=10)
-    webhook_backoff_s: float = Field(1.0, ge=0)
-    alert_queue_size: int = Field(1000, ge=1)
+    webhook_backoff_s: float = Field(1.0, ge=0)  # first retry delay; doubles up to webhook_backoff_max_s
+    webhook_backoff_max_s: float = Field(30.0, ge=0)
+    # Alerts wait in the journal's outbox, in order, until the receiver takes them, for this long.
+    alert_outbox_max_age_s: float = Field(3600.0, ge=60)
+    alert_queue_size: int = Field(1000, ge=1)  # outbox entries kept at most; the oldest go first
     service_name: str = "zimage-serve"
     host_name: str = Field(default_factory=socket.gethostname)
 
@@ -135,11 +150,15 @@ class MonitorSettings(BaseModel):
 
     @model_validator(mode="after")
     def _paths(self):
-        for name in ("supervisor_socket", "app_log", "state_file", "log_position_file", "maintenance_file",
+        for name in ("supervisor_socket", "app_log", "state_file", "journal_file", "maintenance_file",
                      "metrics_file"):
             setattr(self, name, resolve_under(self.home, getattr(self, name)))
         return self
 
 
 def load_monitor_settings(env: Mapping[str, str] | None = None, **overrides) -> MonitorSettings:
-    return load_section(MonitorSettings, "monitor", env, overrides)
+    """The [monitor] section; the timeout chain is checked against the [app] section and supervisord's."""
+    settings = load_section(MonitorSettings, "monitor", env, overrides)
+    app = load_app_contract(env)
+    check_timeout_chain(app.request_timeout_s, app.drain_timeout_s, supervisor_stopwaitsecs(), settings.stop_timeout_s)
+    return settings

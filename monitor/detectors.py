@@ -1,37 +1,40 @@
-"""Detectors: pure functions of recent samples + settings + now → findings. No I/O, no clock of
-their own; the tests drive them with hand-made samples and an injected `now`."""
+"""Detectors: pure functions of recent samples + settings → findings. No I/O, no clock of their own;
+the tests drive them with hand-made samples. Sample.now (monotonic) measures spans inside the
+history; Sample.wall is compared with the app's own epoch timestamps and the journal's."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from common.enums import TIER_RANK, Action, FindingKind, Severity
 from monitor.config import MonitorSettings
 from monitor.samples import Sample
 
-SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2, "critical": 3}
+DOWN_STATES = ("STOPPED", "EXITED", "BACKOFF")
 
 
 @dataclass
 class Finding:
-    kind: str  # oom_in_log, vram_pressure, hang, leak, memory_limit, crash_loop, engine_unhealthy, app_fatal
-    severity: str
+    kind: FindingKind
+    severity: Severity
     reason: str  # one sentence for humans
-    action: str  # the tier this finding asks for: alert, free_cache, restart, kill, start
+    action: Action  # the tier this finding asks for
     evidence: dict = field(default_factory=dict)
 
 
 def detect_oom_in_log(sample: Sample) -> Optional[Finding]:
-    """New log lines matching the configured patterns (lines seen before never reach here)."""
+    """New log lines matching the configured patterns, written by the app process running now (the
+    core drops lines of earlier processes before this; lines seen before never reach here)."""
     if not sample.log_events:
         return None
-    worst = max(sample.log_events, key=lambda e: SEVERITY_RANK.get(e.severity, 0))
-    tier_rank = {"alert": 0, "free_cache": 1, "restart": 2, "kill": 3}
-    action = max((e.action for e in sample.log_events), key=lambda a: tier_rank[a])
-    return Finding(kind="oom_in_log", severity=worst.severity, action=action,
+    worst = max(sample.log_events, key=lambda e: Severity.of(e.severity).rank)
+    action = max((Action(e.action) for e in sample.log_events), key=lambda a: TIER_RANK[a])
+    return Finding(kind=FindingKind.oom_in_log, severity=Severity.of(worst.severity), action=action,
                    reason=f"{len(sample.log_events)} new matching line(s) in the app log: /{worst.pattern}/",
                    evidence={"lines": [e.line[:500] for e in sample.log_events[-5:]],
-                             "patterns": sorted({e.pattern for e in sample.log_events})})
+                             "patterns": sorted({e.pattern for e in sample.log_events}),
+                             "pid": sample.pid})
 
 
 def detect_vram_pressure(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Finding]:
@@ -47,10 +50,10 @@ def detect_vram_pressure(history: Sequence[Sample], cfg: MonitorSettings) -> Opt
     recent = gpu[-cfg.vram_samples:]
     if len(recent) >= cfg.vram_samples and all(s.gpu_used_bytes / s.gpu_total_bytes >= cfg.vram_threshold
                                                for s in recent):
-        return Finding(kind="vram_pressure", severity="warning", action="free_cache", evidence=evidence,
+        return Finding(kind=FindingKind.vram_pressure, severity=Severity.warning, action=Action.free_cache,
+                       evidence=evidence,
                        reason=f"GPU memory at {frac:.0%} (≥ {cfg.vram_threshold:.0%}) for {len(recent)} samples")
-    # The trend only counts while the app is serving: loading a model is memory rising on purpose
-    # (seen on the H100: a "precursor" at 26 % while the weights were being loaded).
+    # The trend only counts while the app is serving: loading a model is memory rising on purpose.
     window = [s for s in gpu if s.now >= last.now - cfg.vram_trend_window_s and s.ready is not None and s.ready.ok]
     slope = _slope([(s.now, s.gpu_used_bytes / s.gpu_total_bytes) for s in window])
     if slope is not None and slope > 0 and len(window) >= max(3, cfg.vram_samples) \
@@ -58,7 +61,8 @@ def detect_vram_pressure(history: Sequence[Sample], cfg: MonitorSettings) -> Opt
         eta = (cfg.vram_threshold - frac) / slope
         if 0 < eta <= cfg.vram_trend_horizon_s:
             evidence.update(trend_per_s=round(slope, 6), crosses_in_s=round(eta, 1))
-            return Finding(kind="vram_pressure", severity="warning", action="free_cache", evidence=evidence,
+            return Finding(kind=FindingKind.vram_pressure, severity=Severity.warning, action=Action.free_cache,
+                           evidence=evidence,
                            reason=f"GPU memory at {frac:.0%} and rising: crosses {cfg.vram_threshold:.0%} "
                                   f"in about {eta:.0f} s (precursor)")
     return None
@@ -77,19 +81,32 @@ def _slope(points: list[tuple[float, float]]) -> Optional[float]:
     return sum((t - mean_t) * (v - mean_v) for t, v in points) / var
 
 
+def stall_bound(hb, cfg: MonitorSettings) -> float:
+    """How long the running stage may stay silent. Warm and not compiling: max(stall_min_s, k × the
+    slowest this stage took at this shape); otherwise the floor, or compile_stall_s while compiling."""
+    if hb.compiling_since:
+        return max(cfg.stall_floor_s, cfg.compile_stall_s)
+    if not hb.warm or not hb.stage_slowest_s:
+        return cfg.stall_floor_s
+    return max(cfg.stall_min_s, cfg.stall_factor * hb.stage_slowest_s)
+
+
 def detect_hang(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Finding]:
-    """A stopped process, liveness timing out N times in a row, or busy with no step for too long.
-    A long generation whose steps keep coming is never a hang."""
+    """A process stopped for hang_stopped_s, liveness timing out N times in a row, or a stage silent
+    past its bound. A long generation whose stages keep ending is never a hang."""
     if not history:
         return None
     last = history[-1]
     if last.program_state != "RUNNING":
         return None  # supervisord is (re)starting or stopped it: not ours to call a hang
     stopped = _tail(history, lambda s: s.pid == last.pid and s.process_status == "stopped")
-    if stopped >= cfg.hang_stopped_samples:
-        return Finding(kind="hang", severity="critical", action="kill",
-                       reason=f"app process {last.pid} is stopped (state T) for {stopped} samples",
-                       evidence={"pid": last.pid, "process_status": "stopped", "samples": stopped})
+    if stopped:
+        stopped_s = last.now - history[-stopped].now
+        if stopped_s >= cfg.hang_stopped_s:
+            return Finding(kind=FindingKind.hang, severity=Severity.critical, action=Action.kill,
+                           reason=f"app process {last.pid} is stopped (state T) for {stopped_s:.1f} s",
+                           evidence={"pid": last.pid, "process_status": "stopped", "stopped_s": round(stopped_s, 1)})
+        return None  # a pause, so far: a stopped process is not probed, so nothing else to judge
 
     def failed_live(s: Sample) -> bool:
         if s.pid != last.pid or s.live is None or s.live.ok:
@@ -101,23 +118,23 @@ def detect_hang(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Fin
 
     failures = _tail(history, failed_live)
     if failures >= cfg.hang_liveness_failures:
-        return Finding(kind="hang", severity="critical", action="kill",
+        return Finding(kind=FindingKind.hang, severity=Severity.critical, action=Action.kill,
                        reason=f"liveness probe failed {failures} times in a row ({last.live.error})",
                        evidence={"pid": last.pid, "failures": failures, "last_error": last.live.error,
                                  "probe_timeout_s": cfg.probe_timeout_s})
     hb = last.heartbeat
-    if last.live and last.live.ok and hb and hb.get("busy") and hb.get("last_step_at"):
-        slowest = max(hb.get("step_seconds_max") or 0.0, hb.get("step_seconds_ewma") or 0.0)
-        bound = max(cfg.stall_floor_s, cfg.stall_factor * slowest)
-        if hb.get("compiling_since"):
-            bound = max(bound, cfg.compile_stall_s)
-        silent = last.wall - hb["last_step_at"]
+    silent = hb.silent_for(last.wall) if (hb and last.live and last.live.ok) else None
+    if silent is not None:
+        bound = stall_bound(hb, cfg)
         if silent > bound:
-            return Finding(kind="hang", severity="critical", action="kill",
-                           reason=f"generation stalled: no denoising step for {silent:.0f} s (bound {bound:.0f} s)",
-                           evidence={"pid": last.pid, "seconds_since_step": round(silent, 1), "bound_s": bound,
-                                     "steps_done": hb.get("steps_done"), "steps_total": hb.get("steps_total"),
-                                     "request_ids": hb.get("request_ids")})
+            where = f"{hb.stage} (step {hb.steps_done + 1} of {hb.steps_total})" if hb.stage == "denoise" \
+                else (hb.stage or "generation")
+            return Finding(kind=FindingKind.hang, severity=Severity.critical, action=Action.kill,
+                           reason=f"generation stalled in {where}: no progress for {silent:.0f} s (bound {bound:.0f} s)",
+                           evidence={"pid": last.pid, "stage": hb.stage, "seconds_silent": round(silent, 1),
+                                     "bound_s": bound, "stage_slowest_s": hb.stage_slowest_s,
+                                     "steps_done": hb.steps_done, "steps_total": hb.steps_total,
+                                     "request_ids": hb.request_ids})
     return None
 
 
@@ -138,11 +155,10 @@ def detect_memory(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[F
     last = history[-1]
     rss_mb = last.rss_bytes / 2**20
     if cfg.rss_limit_mb is not None and rss_mb > cfg.rss_limit_mb:
-        return Finding(kind="memory_limit", severity="error", action="restart",
+        return Finding(kind=FindingKind.memory_limit, severity=Severity.error, action=Action.restart,
                        reason=f"app RSS {rss_mb:.0f} MiB is over the limit {cfg.rss_limit_mb} MiB",
                        evidence={"rss_bytes": last.rss_bytes, "limit_mb": cfg.rss_limit_mb, "pid": last.pid})
-    # Growth counts only while the app serves: loading a model grows RSS on purpose (seen on the
-    # H100: 1 → 9.7 GB during from_pretrained, which a naive rule restarted as a "leak").
+    # Growth counts only while the app serves: loading a model grows RSS on purpose.
     same = [s for s in history if s.pid == last.pid and s.rss_bytes is not None and s.ready is not None
             and s.ready.ok and s.now >= last.now - cfg.leak_window_s]
     if not same or last.now - same[0].now < cfg.leak_min_span_s:
@@ -150,7 +166,7 @@ def detect_memory(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[F
     low = min(same, key=lambda s: s.rss_bytes)
     growth_mb = (last.rss_bytes - low.rss_bytes) / 2**20
     if growth_mb > cfg.leak_growth_mb and low.now < last.now:
-        return Finding(kind="leak", severity="warning", action="restart",
+        return Finding(kind=FindingKind.leak, severity=Severity.warning, action=Action.restart,
                        reason=f"app RSS grew {growth_mb:.0f} MiB in {last.now - low.now:.0f} s "
                               f"(limit {cfg.leak_growth_mb} MiB per {cfg.leak_window_s:.0f} s)",
                        evidence={"rss_bytes": last.rss_bytes, "low_rss_bytes": low.rss_bytes,
@@ -162,28 +178,48 @@ def detect_engine_unhealthy(sample: Sample) -> Optional[Finding]:
     """The app says so itself: /healthz 503 with state unhealthy (fatal CUDA error) or failed (load)."""
     if sample.live and sample.live.status == 503 and sample.engine_state in ("unhealthy", "failed"):
         reason = (sample.live.body or {}).get("reason") or sample.engine_state
-        return Finding(kind="engine_unhealthy", severity="critical", action="restart",
+        return Finding(kind=FindingKind.engine_unhealthy, severity=Severity.critical, action=Action.restart,
                        reason=f"the app reports its engine {sample.engine_state}: {reason}",
                        evidence={"state": sample.engine_state, "reason": reason, "pid": sample.pid})
     return None
 
 
-def detect_crash_loop(unexpected_restarts: Sequence[float], sample: Sample, cfg: MonitorSettings) -> Optional[Finding]:
-    """supervisord restarting the app by itself again and again (pid changes we did not cause)."""
-    recent = [t for t in unexpected_restarts if t >= sample.now - cfg.crash_loop_window_s]
-    if sample.program_state == "FATAL":
-        return Finding(kind="app_fatal", severity="critical", action="start",
+def detect_not_running(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Finding]:
+    """The app not RUNNING is never healthy. FATAL: supervisord gave up, start it. STOPPED/EXITED for
+    down_after_s: nothing will start it (a stop outside the operator's maintenance mark, or a monitor
+    that died between stopping and starting it), so the monitor does. BACKOFF: supervisord is
+    retrying; reported, and FATAL follows if it keeps failing."""
+    last = history[-1]
+    if last.program_state == "FATAL":
+        return Finding(kind=FindingKind.app_fatal, severity=Severity.critical, action=Action.start,
                        reason="supervisord gave up on the app (FATAL: it exited too quickly, startretries used)",
-                       evidence={"restarts_in_window": len(recent)})
+                       evidence={"state": "FATAL"})
+    down = _tail(history, lambda s: s.program_state in DOWN_STATES)
+    if not down:
+        return None
+    down_s = last.now - history[-down].now
+    if down_s < cfg.down_after_s:
+        return None
+    action = Action.alert if last.program_state == "BACKOFF" else Action.start
+    return Finding(kind=FindingKind.app_down, severity=Severity.critical, action=action,
+                   reason=f"the app is {last.program_state} for {down_s:.0f} s"
+                          + (" (supervisord is retrying)" if action == Action.alert else " and nothing starts it"),
+                   evidence={"state": last.program_state, "down_s": round(down_s, 1)})
+
+
+def detect_crash_loop(unexpected_restarts: Sequence[float], sample: Sample, cfg: MonitorSettings) -> Optional[Finding]:
+    """supervisord restarting the app by itself again and again (pid changes we did not cause).
+    unexpected_restarts are epoch seconds (they outlive the monitor in its journal)."""
+    recent = [t for t in unexpected_restarts if t >= sample.wall - cfg.crash_loop_window_s]
     if len(recent) >= cfg.crash_loop_count:
-        return Finding(kind="crash_loop", severity="critical", action="alert",
+        return Finding(kind=FindingKind.crash_loop, severity=Severity.critical, action=Action.alert,
                        reason=f"the app died and was restarted by supervisord {len(recent)} times in "
                               f"{cfg.crash_loop_window_s:.0f} s",
                        evidence={"restarts_in_window": len(recent), "state": sample.program_state})
-    fresh = [t for t in recent if t >= sample.now - cfg.crash_report_s]
+    fresh = [t for t in recent if t >= sample.wall - cfg.crash_report_s]
     if fresh:
         # One crash: supervisord already restarted it; on-call hears of it, the monitor need not act.
-        return Finding(kind="crash", severity="warning", action="alert",
+        return Finding(kind=FindingKind.crash, severity=Severity.warning, action=Action.alert,
                        reason="the app died and supervisord restarted it",
                        evidence={"restarts_in_window": len(recent), "state": sample.program_state,
                                  "pid": sample.pid})
@@ -195,6 +231,7 @@ def detect_all(history: Sequence[Sample], unexpected_restarts: Sequence[float],
     """Every finding for the newest sample, most urgent first."""
     last = history[-1]
     candidates = [
+        detect_not_running(history, cfg),
         detect_hang(history, cfg),
         detect_engine_unhealthy(last),
         detect_crash_loop(unexpected_restarts, last, cfg),
@@ -203,4 +240,4 @@ def detect_all(history: Sequence[Sample], unexpected_restarts: Sequence[float],
         detect_vram_pressure(history, cfg),
     ]
     found = [f for f in candidates if f is not None]
-    return sorted(found, key=lambda f: -SEVERITY_RANK.get(f.severity, 0))
+    return sorted(found, key=lambda f: -f.severity.rank)

@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from common.enums import Severity
 from monitor.detectors import Finding
 
 # Incidents that resolve by an operator's hand or the event that ends them, not by quiet samples.
@@ -50,7 +51,7 @@ class IncidentBook:
             current.count += 1
             current.last_seen = now
             current.quiet = 0
-            if _rank(finding.severity) > _rank(current.severity):
+            if Severity.of(finding.severity).rank > Severity.of(current.severity).rank:
                 current.severity = finding.severity
             return None
         incident = Incident(id=f"inc-{uuid.uuid4().hex[:12]}", kind=finding.kind, severity=finding.severity,
@@ -89,7 +90,3 @@ class IncidentBook:
         incident.status, incident.resolved_at, incident.resolution = "resolved", wall, resolution
         self.closed.append(incident)
         return incident
-
-
-def _rank(severity: str) -> int:
-    return {"info": 0, "warning": 1, "error": 2, "critical": 3}.get(severity, 0)

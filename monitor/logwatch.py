@@ -1,5 +1,10 @@
-"""Follow the app's log: only bytes written after we started (or after the position we saved),
-through rotation (rename + new file) and truncation, so a line is acted on at most once.
+"""Follow the app's log: only bytes written after we started (or after the position the journal
+kept), through rotation (rename + new file) and truncation, so a line is acted on at most once.
+
+Every line is attributed to the app process that wrote it: the app's JSON lines carry their pid,
+and a raw line (a traceback a thread printed, a C++ message) belongs to the process of the last JSON
+line before it. The core acts only on lines of the process running now: a line an earlier process
+wrote (or one appended to the file while the app was down) is history, never a restart.
 
 watchdog tells us promptly that the file changed; the reading itself happens in `poll()`, called
 from the monitor's loop (one thread touches the file). Polling also runs on every tick, so a
@@ -13,13 +18,13 @@ import logging
 import os
 import re
 import threading
-import time
 from pathlib import Path
 from typing import Optional
 
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
+from common.enums import Severity
 from monitor.config import LogPattern
 from monitor.samples import LogEvent
 
@@ -29,56 +34,43 @@ MAX_READ = 8 * 2**20  # per poll: a burst of log is read over several ticks
 
 
 class LogFollower:
-    def __init__(self, path: Path, patterns: list[LogPattern], position_file: Optional[Path] = None,
-                 resume_max_age_s: float = 300.0, wake: Optional[threading.Event] = None):
+    def __init__(self, path: Path, patterns: list[LogPattern], resume: Optional[dict] = None,
+                 wake: Optional[threading.Event] = None):
         self.path = Path(path)
         self.patterns = [(re.compile(p.pattern), p) for p in patterns]
-        self.position_file = position_file
         self.wake = wake
         self._fh = None
         self._inode: Optional[int] = None
         self._offset = 0
         self._partial = b""
+        self._last_pid: Optional[int] = None
         self._observer: Optional[Observer] = None
-        self._open(resume_max_age_s)
+        self._open(resume)
 
     # ---- position ------------------------------------------------------------------------------
-    def _open(self, resume_max_age_s: float) -> None:
-        saved = self._load_position(resume_max_age_s)
+    def _open(self, saved: Optional[dict]) -> None:
         try:
             fh = open(self.path, "rb")
         except FileNotFoundError:
             return  # the app has not written yet; poll() opens it when it appears, from byte 0
         st = os.fstat(fh.fileno())
         self._fh, self._inode = fh, st.st_ino
-        if saved and saved["inode"] == st.st_ino and saved["offset"] <= st.st_size:
-            self._offset = saved["offset"]  # resume: lines written while the monitor was away count once
+        if saved and saved.get("path") == str(self.path) and saved.get("inode") == st.st_ino \
+                and saved.get("offset", -1) <= st.st_size:
+            # Resume: lines written while the monitor was away count once, each for its own process.
+            self._offset, self._last_pid = saved["offset"], saved.get("last_pid")
             log.info("log follow resumed", extra={"event": "log_resume", "offset": self._offset})
         else:
             self._offset = st.st_size  # history is not news: start at the end
+            self._last_pid = _last_pid_before(fh, self._offset)
         fh.seek(self._offset)
 
-    def _load_position(self, max_age_s: float) -> Optional[dict]:
-        if not self.position_file:
+    @property
+    def position(self) -> Optional[dict]:
+        """What the journal keeps, so a restarted monitor reads on from here (and knows whose lines)."""
+        if self._inode is None:
             return None
-        try:
-            data = json.loads(self.position_file.read_text())
-            if data.get("path") == str(self.path) and time.time() - data.get("saved_at", 0) <= max_age_s:
-                return data
-        except (OSError, ValueError):
-            pass
-        return None
-
-    def save_position(self) -> None:
-        if not self.position_file or self._inode is None:
-            return
-        tmp = self.position_file.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps({"path": str(self.path), "inode": self._inode, "offset": self._offset,
-                                       "saved_at": time.time()}))
-            os.replace(tmp, self.position_file)
-        except OSError:
-            pass
+        return {"path": str(self.path), "inode": self._inode, "offset": self._offset, "last_pid": self._last_pid}
 
     @property
     def offset(self) -> int:
@@ -116,11 +108,15 @@ class LogFollower:
         lines = self._read_new_lines()
         events = []
         for raw in lines:
+            pid = _pid_of(raw)
+            if pid is not None:
+                self._last_pid = pid
             text = raw.decode("utf-8", errors="replace")
             hits = [(regex, p) for regex, p in self.patterns if regex.search(text)]
             if hits:
-                _, p = max(hits, key=lambda h: {"warning": 1, "error": 2, "critical": 3}[h[1].severity])
-                events.append(LogEvent(line=text.strip(), pattern=p.pattern, severity=p.severity, action=p.action))
+                _, p = max(hits, key=lambda h: Severity.of(h[1].severity).rank)
+                events.append(LogEvent(line=text.strip(), pattern=p.pattern, severity=p.severity, action=p.action,
+                                       pid=self._last_pid))
         return events
 
     def _read_new_lines(self) -> list[bytes]:
@@ -158,3 +154,25 @@ class LogFollower:
             lines.append(self._partial)
             self._partial = b""
         return lines
+
+
+def _pid_of(raw: bytes) -> Optional[int]:
+    """The pid of one of the app's JSON log lines; None for any other line."""
+    if not raw.startswith(b"{") or b'"pid"' not in raw:
+        return None
+    try:
+        pid = json.loads(raw).get("pid")
+    except (ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) else None
+
+
+def _last_pid_before(fh, offset: int, window: int = 256 * 1024) -> Optional[int]:
+    """The pid of the last JSON line before offset: whose lines come next, when we start at the end."""
+    fh.seek(max(0, offset - window))
+    lines = fh.read(min(offset, window)).split(b"\n")
+    for raw in reversed(lines):
+        pid = _pid_of(raw)
+        if pid is not None:
+            return pid
+    return None

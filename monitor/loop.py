@@ -1,20 +1,23 @@
-"""The tick: sample → detect → decide → act → record. One thread does all of it, in that order;
-signals only set flags, alerts go out on their own threads."""
+"""The loop: gather a sample, fold it into the state through core.step, persist, carry out the
+effects. Everything that happens to the monitor comes through one queue and one dispatch
+(gunicorn's arbiter): signal handlers and courier threads only put events on it and wake the loop.
+
+Persist before acting: the state a step returns is in the journal before any of its effects runs,
+so a monitor killed inside an action finds that action in the journal and rolls it forward."""
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections import deque
 from typing import Callable, Optional
 
-from monitor import policy as pol
+from monitor import core
 from monitor.actions import ActionResult, Actions
-from monitor.alerts import AlertDispatcher
+from monitor.alerts import Courier
 from monitor.config import MonitorSettings
-from monitor.detectors import Finding, detect_all
-from monitor.incidents import IncidentBook
+from monitor.journal import Journal
 from monitor.probes import Probes
 from monitor.samples import Sample
 from monitor.status import MonitorMetrics, write_state
@@ -23,202 +26,138 @@ log = logging.getLogger("monitor.loop")
 
 
 class Monitor:
-    def __init__(self, cfg: MonitorSettings, probes: Probes, actions: Actions, alerts: AlertDispatcher,
-                 metrics: MonitorMetrics, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time):
-        self.cfg = cfg
-        self.probes, self.actions, self.alerts, self.metrics = probes, actions, alerts, metrics
-        self.clock, self.wall = clock, wall
-        self.history: deque[Sample] = deque()
-        self.policy = pol.PolicyState()
-        self.book = IncidentBook()
-        self.known_pid = 0
-        self.expect_new_pid = False  # set by our own restarts: that pid change is not a crash
-        self.unexpected_restarts: list[float] = []
-        self.last_decision: Optional[pol.Decision] = None
-        self.last_action: Optional[ActionResult] = None
-        self.restart_log: deque[dict] = deque(maxlen=20)
-        self.stop_requested = threading.Event()
-        self.reset_requested = threading.Event()  # SIGHUP from an operator: close the circuit
+    def __init__(self, cfg: MonitorSettings, probes: Probes, actions: Actions, journal: Journal,
+                 metrics: MonitorMetrics, state: Optional[core.MonitorState] = None,
+                 stop: Optional[threading.Event] = None, wall: Callable[[], float] = time.time):
+        self.cfg, self.probes, self.actions, self.journal, self.metrics = cfg, probes, actions, journal, metrics
+        self.state = state if state is not None else journal.load()
+        self.events: "queue.Queue[core.Event]" = queue.Queue()
+        self.stop = stop or threading.Event()
         self.wake = threading.Event()
+        self.wall = wall
+        self.courier: Optional[Courier] = None
         self.started_at = wall()
+        self.last_action: Optional[ActionResult] = None
+
+    # ---- what other threads may call -------------------------------------------------------------
+    def post(self, event: core.Event) -> None:
+        """From a signal handler or the courier: queue it and wake the loop."""
+        self.events.put(event)
+        self.wake.set()
+
+    def request_stop(self) -> None:
+        self.stop.set()
+        self.wake.set()
 
     # ---- main loop ---------------------------------------------------------------------------
     def run(self) -> None:
         log.info("monitor running", extra={"event": "monitor_start", "interval_s": self.cfg.interval_s})
-        while not self.stop_requested.is_set():
+        next_tick = 0.0
+        while not self.stop.is_set():
             try:
-                self.tick()
+                self._drain_events()
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self.cfg.interval_s
+                    self.tick()
             except Exception:
                 log.exception("tick failed", extra={"event": "tick_error"})
-            self.wake.wait(self.cfg.interval_s)
+            self.wake.wait(max(0.0, next_tick - time.monotonic()))
             self.wake.clear()
 
-    def tick(self) -> None:
-        if self.reset_requested.is_set():
-            self.reset_requested.clear()
-            log.warning("restart budget reset by an operator", extra={"event": "circuit_reset"})
-            self.reset_circuit()
-        now, wall = self.clock(), self.wall()
-        chaos = self.probes.receiver_down_until(wall)
-        if chaos is not None:
-            self.alerts.blackhole_until = chaos
-        sample = self.probes.sample(now, wall)
-        maintenance = self.probes.maintenance(wall)
-        self._record_sample(sample, planned=maintenance is not None)
-        findings: list[Finding] = []
-        if sample.supervisor_ok and not maintenance:
-            findings = detect_all(list(self.history), self.unexpected_restarts, self.cfg)
-        for finding in findings:
-            self.metrics.detections.labels(kind=finding.kind).inc()
-            opened = self.book.observe(finding, now, wall)
-            if opened is not None:
-                log.warning("incident opened: %s", finding.reason,
-                            extra={"event": "incident_open", "incident_id": opened.id, "kind": finding.kind,
-                                   "severity": finding.severity, "evidence": finding.evidence})
-        decision = pol.decide(findings, self.policy, now, self.cfg)
-        self.last_decision = decision
-        if decision.action not in ("none",):
-            self._act(decision, now, wall)
-        app_ready = bool(sample.ready and sample.ready.ok)
-        for incident in self.book.settle({f.kind for f in findings}, app_ready, self.cfg.resolve_quiet_samples,
-                                         self.wall()):
-            log.warning("incident resolved", extra={"event": "incident_resolved", "incident_id": incident.id,
-                                                    "kind": incident.kind})
-            self.alerts.send(incident.as_dict(), "resolved")
-        pol.forget_old(self.policy, now, self.cfg)
-        self._publish(sample, maintenance)
-        if self.probes.follower is not None:
-            self.probes.follower.save_position()
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            self.apply(event)
 
-    def _record_sample(self, sample: Sample, planned: bool) -> None:
-        self.history.append(sample)
-        keep = max(self.cfg.leak_window_s, self.cfg.vram_trend_window_s, 60.0) + 5
-        while self.history and self.history[0].now < sample.now - keep:
-            self.history.popleft()
-        if sample.pid:
-            if self.known_pid and sample.pid != self.known_pid and not (self.expect_new_pid or planned):
-                self.unexpected_restarts.append(sample.now)
-                log.warning("app restarted outside the monitor", extra={"event": "unexpected_restart",
-                                                                        "old_pid": self.known_pid,
-                                                                        "new_pid": sample.pid})
-            if sample.pid != self.known_pid:
-                self.expect_new_pid = False
-            self.known_pid = sample.pid
-        cutoff = sample.now - self.cfg.crash_loop_window_s
-        self.unexpected_restarts = [t for t in self.unexpected_restarts if t >= cutoff]
+    def tick(self) -> None:
+        wall = self.wall()
+        chaos = self.probes.receiver_down_until(wall)
+        if chaos is not None and self.courier is not None:
+            self.courier.blackhole_until = chaos
+        sample = self.probes.sample(time.monotonic(), wall)
         for name, seconds in self.probes.latencies.items():
             self.metrics.probe_latency.labels(probe=name).observe(seconds)
+        maintenance = self.probes.maintenance(wall)
+        self.apply(core.Observe(sample, maintenance))
+        self._publish(sample, maintenance)
 
-    # ---- acting --------------------------------------------------------------------------------
-    def _act(self, decision: pol.Decision, now: float, wall: float) -> None:
-        finding = decision.finding
-        kind = finding.kind if finding else "unknown"
-        log.warning("decision: %s", decision.action, extra={"event": "decision", "action": decision.action,
-                                                           "kind": kind, "reason": decision.reason})
-        incident = self.book.open.get(kind)
-        if decision.action == "wait":
+    def apply(self, event: core.Event) -> None:
+        """One dispatch: fold, persist, then act."""
+        outbox_before = self.state.outbox
+        state, effects = core.step(self.state, event, self.wall(), self.cfg)
+        self.journal.save(state)
+        self.state = state
+        if self.courier is not None and state.outbox != outbox_before:
+            self.courier.nudge()
+        if isinstance(event, core.Delivered):
+            self.metrics.alerts.labels(outcome=event.outcome).inc()
+        for effect in effects:
+            self._carry_out(effect)
+
+    def _carry_out(self, effect: core.Effect) -> None:
+        if isinstance(effect, core.LogLine):
+            event = effect.fields.get("event")
+            if event == "incident_open":
+                self.metrics.detections.labels(kind=str(effect.fields.get("kind"))).inc()
+            log.log(effect.level, effect.message, extra=effect.fields)
             return
-        if decision.action == "alert":
-            if incident is not None and "alert" not in incident.actions:
-                self.book.note_action(kind, "alert")
-                self.alerts.send(incident.as_dict(), "firing", "alert only")
-            return
-        if decision.action == "page":
-            pol.record(decision, self.policy, now)
-            budget = self.book.observe(Finding(
-                kind="restart_budget_exhausted", severity="critical", action="alert",
-                reason=f"restart budget exhausted ({self.cfg.restart_budget} per "
-                       f"{self.cfg.restart_budget_window_s:.0f} s); auto-restart stopped, an operator must act "
-                       f"(zimagectl restart resets it). Last problem: {finding.reason if finding else '?'}",
-                evidence={"last_finding": kind, "restarts": len(self.policy.restarts)}), now, wall)
-            if budget is not None:
-                self.alerts.send(budget.as_dict(), "firing", "auto-restart stopped")
-            if incident is not None and "page" not in incident.actions:
-                self.book.note_action(kind, "page")
-                self.alerts.send(incident.as_dict(), "firing", "none: restart budget exhausted")
-            return
-        # free_cache / restart / kill / start: the firing alert goes out before the action runs.
-        if incident is not None and not incident.actions:
-            self.alerts.send(incident.as_dict(), "firing", decision.action)
-        restarting = decision.action in pol.RESTARTING_ACTIONS
-        if restarting:
-            self.expect_new_pid = True
-            self.book.note_action(kind, decision.action, awaiting_warmup=True)
-        else:
-            self.book.note_action(kind, decision.action)
-        pol.record(decision, self.policy, now)
+        if isinstance(effect, core.RunAction):
+            self._run_action(effect)
+
+    def _run_action(self, effect: core.RunAction) -> None:
+        action = str(effect.action.value)
         try:
-            result = {"free_cache": self.actions.free_cache, "restart": self.actions.graceful_restart,
-                      "kill": self.actions.kill_restart, "start": self.actions.start}[decision.action]()
+            result = self.actions.run(action, effect.target_pid, effect.resumed)
         except Exception as exc:
-            log.exception("action failed", extra={"event": "action_error", "action": decision.action})
-            result = ActionResult(decision.action, False, 0.0, detail=f"{exc.__class__.__name__}: {exc}")
+            log.exception("action failed", extra={"event": "action_error", "action": action})
+            result = ActionResult(action, False, 0.0, detail=f"{exc.__class__.__name__}: {exc}")
         self.last_action = result
-        self.metrics.actions.labels(action=decision.action, ok=str(result.ok).lower()).inc()
-        if restarting:
-            self.metrics.restarts.labels(reason=kind, action=decision.action).inc()
-            self.restart_log.append({"at": self.wall(), "kind": kind, "action": decision.action, "ok": result.ok,
-                                     "seconds": round(result.seconds, 2), "old_pid": result.old_pid,
-                                     "new_pid": result.new_pid, "detail": result.detail,
-                                     "warmup": result.warmup.note() if result.warmup else None})
-            self._after_restart(result, kind)
-
-    def _after_restart(self, result: ActionResult, kind: str) -> None:
+        self.metrics.actions.labels(action=action, ok=str(result.ok).lower()).inc()
         warm = result.warmup
-        # History from the old process would re-trigger detectors (stale stopped/timeout samples).
-        self.history.clear()
-        if warm is not None and warm.ok:
-            self.metrics.warmup_seconds.set(warm.seconds)
-            self.book.warmed_up(warm.note())
-            failed = self.book.open.get("warmup_failed")
-            if failed is not None:
-                self.alerts.send(self.book.resolve("warmup_failed", self.wall(), warm.note()).as_dict(), "resolved")
-            return
-        note = warm.note() if warm else result.detail
-        opened = self.book.observe(Finding(kind="warmup_failed", severity="error", action="restart",
-                                           reason=f"after {result.action} for {kind}: {note}",
-                                           evidence={"action": result.action, "detail": result.detail}),
-                                   self.clock(), self.wall())
-        # The original incident stays open; it no longer waits for a warm-up that did not come.
-        self.book.warmed_up(note)
-        if opened is not None:
-            self.alerts.send(opened.as_dict(), "firing", "none yet: the next tick decides")
-
-    def reset_circuit(self) -> None:
-        pol.reset_circuit(self.policy)
-        if "restart_budget_exhausted" in self.book.open:
-            incident = self.book.resolve("restart_budget_exhausted", self.wall(), "reset by an operator")
-            self.alerts.send(incident.as_dict(), "resolved")
+        restarting = action != "free_cache"
+        if restarting:
+            self.metrics.restarts.labels(reason=effect.kind, action=action).inc()
+            if warm is not None and warm.ok:
+                self.metrics.warmup_seconds.set(warm.seconds)
+        self.apply(core.ActionDone(
+            action=action, ok=result.ok, seconds=result.seconds, detail=result.detail,
+            warmup_ok=(warm.ok if warm is not None else False) if restarting else None,
+            warmup_note=warm.note() if warm is not None else "", old_pid=result.old_pid, new_pid=result.new_pid))
 
     # ---- reporting -----------------------------------------------------------------------------
     def _publish(self, sample: Sample, maintenance: Optional[dict]) -> None:
-        now = self.clock()
-        m = self.metrics
-        m.incidents_open.set(len(self.book.open))
-        m.circuit_open.set(1 if self.policy.circuit_open else 0)
-        m.budget_left.set(self.policy.budget_left(now, self.cfg))
+        now, state, m = self.wall(), self.state, self.metrics
+        policy = state.policy
+        m.incidents_open.set(len(state.book.open))
+        m.circuit_open.set(1 if policy.circuit_open else 0)
+        m.budget_left.set(policy.budget_left(now, self.cfg))
+        m.outbox.set(len(state.outbox))
         if sample.gpu_total_bytes:
             m.gpu_used.set(sample.gpu_used_bytes)
             m.gpu_total.set(sample.gpu_total_bytes)
         if sample.rss_bytes is not None:
             m.rss.set(sample.rss_bytes)
         m.write_textfile(self.cfg.metrics_file)
-        next_at = self.policy.next_restart_at(now, self.cfg)
+        next_at = policy.next_restart_at(now, self.cfg)
         write_state(self.cfg.state_file, {
-            "updated_at": self.wall(),
+            "updated_at": now,
             "monitor_started_at": self.started_at,
             "sample": sample.summary(),
             "gpu_reader": getattr(self.probes.gpu, "reason", None),
             "maintenance": maintenance,
-            "decision": None if self.last_decision is None else {
-                "action": self.last_decision.action, "reason": self.last_decision.reason},
-            "incidents_open": [i.as_dict() for i in self.book.open.values()],
-            "incidents_recent": [i.as_dict() for i in list(self.book.closed)[-10:]],
-            "restarts": list(self.restart_log),
+            "decision": state.last_decision,
+            "pending_action": None if state.pending is None else vars(state.pending),
+            "incidents_open": [i.as_dict() for i in state.book.open.values()],
+            "incidents_recent": [i.as_dict() for i in list(state.book.closed)[-10:]],
+            "restarts": list(state.restart_log),
             "budget": {"limit": self.cfg.restart_budget, "window_s": self.cfg.restart_budget_window_s,
-                       "left": self.policy.budget_left(now, self.cfg), "circuit_open": self.policy.circuit_open,
+                       "left": policy.budget_left(now, self.cfg), "circuit_open": policy.circuit_open,
                        "next_restart_in_s": None if next_at is None else max(0.0, round(next_at - now, 1))},
-            "unexpected_restarts_in_window": len(self.unexpected_restarts),
-            "alerts": vars(self.alerts.counters),
+            "unexpected_restarts_in_window": len(state.unexpected_restarts),
+            "alerts": {"outbox": len(state.outbox),
+                       "delivered": self.courier.delivered if self.courier else 0,
+                       "failed_attempts": self.courier.failed_attempts if self.courier else 0},
         })

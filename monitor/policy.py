@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from common.enums import Action
 from monitor.config import MonitorSettings
 from monitor.detectors import Finding
 
-RESTARTING_ACTIONS = ("restart", "kill", "start")
+RESTARTING_ACTIONS = tuple(a for a in Action if a.restarts_app)
 
 
 @dataclass

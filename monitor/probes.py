@@ -100,9 +100,8 @@ class Probes:
             if s.live.ok:
                 s.ready = http_get(self.http, self.app_url + "/readyz", self.timeout_s)
                 self.latencies["ready"] = s.ready.latency_s
-        else:
-            # Probing a stopped process only burns the timeout; the state already says it all.
-            s.live = HttpResult(ok=False, error="timeout")
+        # A stopped process (state T) is not probed: the probe would only burn its timeout, and a
+        # pause is not a failed probe (detectors.detect_hang times the stop itself).
 
         t0 = time.perf_counter()
         if self.gpu.available:
@@ -119,6 +118,7 @@ class Probes:
 
         if self.follower is not None:
             s.log_events = self.follower.poll()
+            s.log_position = self.follower.position
         return s
 
     def maintenance(self, wall: float) -> Optional[dict]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional
+
+from common.heartbeat import Heartbeat
 
 
 @dataclass
@@ -25,6 +28,7 @@ class LogEvent:
     pattern: str
     severity: str
     action: str
+    pid: Optional[int] = None  # the app process that wrote it (its JSON line, or the last one before it)
 
 
 @dataclass
@@ -44,11 +48,15 @@ class Sample:
     gpu_app_bytes: Optional[int] = None  # the app tree's share, when NVML can attribute it
     gpu_name: Optional[str] = None
     log_events: list[LogEvent] = field(default_factory=list)
+    log_position: Optional[dict] = None  # where the log follower stands after this sample's read
 
-    @property
-    def heartbeat(self) -> Optional[dict]:
-        if self.live and self.live.body:
-            return self.live.body.get("heartbeat")
+    @cached_property
+    def heartbeat(self) -> Optional[Heartbeat]:
+        if self.live and self.live.body and isinstance(self.live.body.get("heartbeat"), dict):
+            try:
+                return Heartbeat.model_validate(self.live.body["heartbeat"])
+            except ValueError:
+                return None  # a body we cannot read is no heartbeat, not a crash of the monitor
         return None
 
     @property
@@ -64,7 +72,8 @@ class Sample:
                                                     "latency_s": round(self.live.latency_s, 4),
                                                     "error": self.live.error},
             "ready": None if self.ready is None else self.ready.ok,
-            "engine_state": self.engine_state, "heartbeat": self.heartbeat,
+            "engine_state": self.engine_state,
+            "heartbeat": None if self.heartbeat is None else self.heartbeat.model_dump(),
             "process_status": self.process_status, "rss_bytes": self.rss_bytes,
             "gpu": None if self.gpu_total_bytes is None else {
                 "name": self.gpu_name, "used_bytes": self.gpu_used_bytes, "total_bytes": self.gpu_total_bytes,

@@ -21,6 +21,7 @@ class MonitorMetrics:
         self.probe_latency = Histogram("zimage_monitor_probe_seconds", "Probe latency", ["probe"], registry=r,
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5))
         self.alerts = Counter("zimage_monitor_alerts", "Alert deliveries by outcome", ["outcome"], registry=r)
+        self.outbox = Gauge("zimage_monitor_alert_outbox", "Alerts waiting for a receiver", registry=r)
         self.incidents_open = Gauge("zimage_monitor_incidents_open", "Open incidents", registry=r)
         self.circuit_open = Gauge("zimage_monitor_circuit_open", "1 when auto-restart is stopped", registry=r)
         self.budget_left = Gauge("zimage_monitor_restart_budget_left", "Restarts left in the window", registry=r)

@@ -135,6 +135,7 @@ def cmd_status(stack: Stack, args) -> int:
         report["monitor"] = {"updated_s_ago": round(time.time() - state["updated_at"], 1),
                              "incidents_open": [f"{i['kind']} ({i['severity']}): {i['reason']}"
                                                 for i in state["incidents_open"]],
+                             "decision": state.get("decision"), "pending_action": state.get("pending_action"),
                              "budget": state["budget"], "restarts": state["restarts"][-3:],
                              "gpu_reader": state.get("gpu_reader"), "alerts": state.get("alerts")}
         gpu = (state.get("sample") or {}).get("gpu")

@@ -1,17 +1,28 @@
 from monitor.detectors import (detect_all, detect_crash_loop, detect_engine_unhealthy, detect_hang,
-                               detect_memory, detect_oom_in_log, detect_vram_pressure)
+                               detect_memory, detect_not_running, detect_oom_in_log, detect_vram_pressure)
 from tests.monitor.factories import GiB, cfg, oom_event, sample
 
 C = cfg()
 
 
 # ---- hang -------------------------------------------------------------------------------------
-def test_stopped_process_is_a_hang_after_two_samples():
-    h = [sample(0, status="stopped", live="timeout")]
+def test_a_stopped_process_is_a_hang_after_hang_stopped_s_not_before():
+    h = [sample(t, status="stopped") for t in range(5)]  # stopped 0..4 s
     assert detect_hang(h, C) is None
-    h.append(sample(1, status="stopped", live="timeout"))
+    h.append(sample(5, status="stopped"))
     f = detect_hang(h, C)
-    assert f.kind == "hang" and f.action == "kill" and "stopped" in f.reason
+    assert f.kind == "hang" and f.action == "kill" and "stopped" in f.reason and f.evidence["stopped_s"] == 5
+
+
+def test_a_pause_of_three_seconds_is_not_a_hang_nor_a_liveness_failure():
+    """SIGSTOP then SIGCONT within 3 s: no probe was sent while stopped, so none failed."""
+    c = cfg(hang_stopped_s=5, hang_liveness_failures=3)
+    h = [sample(0)] + [sample(t, status="stopped") for t in (1, 2, 3, 4)] + [sample(4.5), sample(5.5)]
+    for i in range(1, len(h) + 1):
+        assert detect_hang(h[:i], c) is None, i
+    # a stop longer than the liveness failure count never trips the liveness rule instead
+    long = [sample(t, status="stopped") for t in range(4)]
+    assert detect_hang(long, cfg(hang_stopped_s=10, hang_liveness_failures=3)) is None
 
 
 def test_liveness_timeouts_in_a_row_are_a_hang():
@@ -47,23 +58,34 @@ def test_long_generation_that_progresses_is_never_a_hang():
     assert detect_hang(h, C) is None
 
 
-def test_busy_without_steps_past_the_bound_is_a_stall():
-    c = cfg(stall_floor_s=30, stall_factor=10)
-    assert detect_hang([sample(0, busy=True, last_step_ago=29, step_max=0.5)], c) is None
-    f = detect_hang([sample(0, busy=True, last_step_ago=31, step_max=0.5)], c)
-    assert f is not None and "stalled" in f.reason
-    # slow steps raise the bound: 5 s steps → 50 s bound
+def test_a_warm_stage_silent_past_its_bound_is_a_stall_within_ten_seconds():
+    c = cfg(stall_min_s=10, stall_floor_s=60, stall_factor=10)
+    # An H200-like step of 0.1 s: the bound is max(10 s, 10 × 0.1 s) = 10 s.
+    assert detect_hang([sample(0, busy=True, last_step_ago=9.5, step_max=0.1)], c) is None
+    f = detect_hang([sample(0, busy=True, last_step_ago=10.5, step_max=0.1)], c)
+    assert f is not None and "stalled in denoise" in f.reason and f.evidence["bound_s"] == 10
+    # a slow stage raises its own bound: a 5 s step (a 2048², 4-image, 16 GiB offload step) → 50 s
     assert detect_hang([sample(0, busy=True, last_step_ago=45, step_max=5.0)], c) is None
     assert detect_hang([sample(0, busy=True, last_step_ago=55, step_max=5.0)], c) is not None
+    # the decode of that shape, slowest 8 s: 80 s, whatever the steps took
+    assert detect_hang([sample(0, busy=True, last_step_ago=70, step_max=0.1, stage="decode",
+                              stage_slowest=8.0)], c) is None
+
+
+def test_before_the_warm_up_or_without_a_time_for_the_stage_the_floor_applies():
+    c = cfg(stall_min_s=10, stall_floor_s=60, stall_factor=10)
+    cold = sample(0, busy=True, last_step_ago=30, step_max=0.1, warm=False)
+    assert detect_hang([cold], c) is None
+    unknown = sample(0, busy=True, last_step_ago=30, stage="encode", stage_slowest=None)
+    assert detect_hang([unknown], c) is None
+    assert detect_hang([sample(0, busy=True, last_step_ago=61, warm=False)], c) is not None
 
 
 def test_a_compile_under_way_extends_the_bound_but_not_forever():
     c = cfg(stall_floor_s=30, stall_factor=10, compile_stall_s=300)
-    compiling = sample(0, busy=True, last_step_ago=120, step_max=0.5)
-    compiling.heartbeat["compiling_since"] = compiling.wall - 119
+    compiling = sample(0, busy=True, last_step_ago=120, step_max=0.5, compiling_for=119)
     assert detect_hang([compiling], c) is None  # a first start's compile: progress of another kind
-    stuck = sample(0, busy=True, last_step_ago=301, step_max=0.5)
-    stuck.heartbeat["compiling_since"] = stuck.wall - 300
+    stuck = sample(0, busy=True, last_step_ago=301, step_max=0.5, compiling_for=300)
     assert detect_hang([stuck], c) is not None
 
 
@@ -111,14 +133,29 @@ def test_rss_limit_and_leak():
 
 
 # ---- crash loop / unhealthy ----------------------------------------------------------------------
-def test_crash_loop_and_fatal():
+def test_crash_loop():
     c = cfg(crash_loop_count=3, crash_loop_window_s=60)
-    assert detect_crash_loop([10, 19], sample(30), c) is None  # older than crash_report_s, under the count
-    single = detect_crash_loop([25], sample(30), c)
+    w = 1_000_000.0  # unexpected restarts are epoch seconds (the factory's wall = 1e6 + now)
+    assert detect_crash_loop([w + 10, w + 19], sample(30), c) is None  # older than crash_report_s, under the count
+    single = detect_crash_loop([w + 25], sample(30), c)
     assert single.kind == "crash" and single.action == "alert"
-    assert detect_crash_loop([10, 20, 25], sample(30), c).kind == "crash_loop"
-    assert detect_crash_loop([1, 2, 3], sample(100), c) is None  # outside the window
-    assert detect_crash_loop([], sample(0, state="FATAL"), c).kind == "app_fatal"
+    assert detect_crash_loop([w + 10, w + 20, w + 25], sample(30), c).kind == "crash_loop"
+    assert detect_crash_loop([w + 1, w + 2, w + 3], sample(100), c) is None  # outside the window
+
+
+def test_the_app_not_running_is_never_healthy():
+    c = cfg(down_after_s=3)
+    assert detect_not_running([sample(0, state="FATAL", live="refused")], c).action == "start"
+    stopped = [sample(t, state="STOPPED", pid=0, live="refused") for t in range(3)]
+    assert detect_not_running(stopped, c) is None  # 2 s: the gap of a restart
+    stopped.append(sample(3, state="STOPPED", pid=0, live="refused"))
+    f = detect_not_running(stopped, c)
+    assert f.kind == "app_down" and f.action == "start" and "STOPPED" in f.reason
+    exited = [sample(t, state="EXITED", pid=0, live="refused") for t in range(4)]
+    assert detect_not_running(exited, c).action == "start"
+    backoff = [sample(t, state="BACKOFF", pid=0, live="refused") for t in range(4)]
+    assert detect_not_running(backoff, c).action == "alert"  # supervisord is retrying by itself
+    assert detect_not_running([sample(0), sample(5)], c) is None
 
 
 def test_engine_unhealthy_reported_by_the_app():
@@ -127,8 +164,7 @@ def test_engine_unhealthy_reported_by_the_app():
 
 
 def test_detect_all_orders_by_severity():
-    h = [sample(0, status="stopped", live="timeout", events=[oom_event()]),
-         sample(1, status="stopped", live="timeout", events=[oom_event()])]
+    h = [sample(0, status="stopped", events=[oom_event()]), sample(6, status="stopped", events=[oom_event()])]
     kinds = [f.kind for f in detect_all(h, [], C)]
     assert kinds[0] == "hang" and "oom_in_log" in kinds
 
