@@ -30,13 +30,10 @@ from app.faults import FaultInjector
 from app.loader import LoadedPipeline, load_pipeline
 from app.progress import Heartbeat
 from app.stages import BatchRequest, PromptEmbeddingCache, run_batch, uses_guidance
+from common.cuda_markers import FATAL_CUDA_MARKERS
 
 log = logging.getLogger("app.engine")
 
-# Error texts after which the CUDA context cannot be trusted: only a new process helps.
-_FATAL_CUDA_MARKERS = ("illegal memory access", "device-side assert", "unspecified launch failure",
-                       "CUBLAS_STATUS_EXECUTION_FAILED", "CUDA error: an illegal instruction",
-                       "uncorrectable ECC error", "CUDA error: unknown error")
 
 
 def _resolve(future: Future, outcome) -> None:
@@ -436,7 +433,7 @@ class Engine:
 
     def _handle_error(self, batch: list[Job], exc: Exception) -> None:
         text = f"{exc.__class__.__name__}: {exc}"
-        if any(marker in text for marker in _FATAL_CUDA_MARKERS):
+        if any(marker in text for marker in FATAL_CUDA_MARKERS):
             self.state, self.state_reason = "unhealthy", text[:200]
             log.critical("unrecoverable CUDA error; engine unhealthy, process must be replaced",
                          extra={"event": "cuda_fatal", "error": text[:500]})

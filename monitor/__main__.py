@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     actions = Actions(app_url, supervisor, cfg.program, app_cfg.admin_token_file, app_cfg.admin_token,
                       app_cfg.api_token, cfg, should_stop=lambda: monitor is not None and monitor.stop.is_set())
     monitor = Monitor(cfg, probes, actions, journal, metrics, state=state)
+    actions.idle = monitor.drain_events
     follower.wake = monitor.wake
     follower.start_watching()
     courier = Courier(cfg.webhooks, lambda: monitor.state.outbox, monitor.post, cfg.webhook_secret,

@@ -60,6 +60,14 @@ class Actions:
         self.api_token = api_token
         self.cfg = cfg
         self.should_stop = should_stop
+        # Called while an action waits (drain, stop, readiness, warm-up): the loop folds what came
+        # meanwhile (an alert delivered) into its journal, so a monitor killed mid-action does not
+        # send that alert again.
+        self.idle: Callable[[], None] = lambda: None
+
+    def _pause(self, seconds: float) -> None:
+        self.idle()
+        time.sleep(seconds)
 
     def _admin_token(self) -> Optional[str]:
         return self.admin_token or read_token(self.admin_token_file)
@@ -108,7 +116,7 @@ class Actions:
                     return True
             except (httpx.HTTPError, ValueError):
                 return False
-            time.sleep(0.2)
+            self._pause(0.2)
         return False
 
     # ---- tier 3: kill (a stopped or wedged process cannot drain) ----------------------------------
@@ -193,7 +201,7 @@ class Actions:
                     return True
             except SupervisorUnavailable:
                 pass
-            time.sleep(0.1)
+            self._pause(0.1)
         return False
 
     def _start_and_warm(self, action: str, started: float, old_pid: int, detail: str) -> ActionResult:
@@ -227,7 +235,7 @@ class Actions:
                     break
             except Exception:
                 pass
-            time.sleep(0.2)
+            self._pause(0.2)
         ready_after = time.perf_counter() - t0
         if not ready:
             return WarmupResult(False, 0.0, ready_after, f"not ready within {self.cfg.warmup_ready_timeout_s:.0f} s")
@@ -251,7 +259,7 @@ class Actions:
             retry = r.headers.get("retry-after")
             if r.status_code == 503 and retry and time.monotonic() + min(float(retry), 2.0) < deadline \
                     and not self.should_stop():
-                time.sleep(min(float(retry), 2.0))
+                self._pause(min(float(retry), 2.0))
                 continue
             break
         seconds = time.perf_counter() - t1

@@ -13,6 +13,7 @@ from typing import Literal, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.configfile import load_section, resolve_under
+from common.cuda_markers import FATAL_CUDA_MARKERS, OOM_MARKERS
 from common.contract import check_timeout_chain, load_app_contract, supervisor_stopwaitsecs
 
 Tier = Literal["alert", "free_cache", "restart", "kill"]
@@ -27,14 +28,12 @@ class LogPattern(BaseModel):
     action: Tier = "restart"
 
 
-DEFAULT_PATTERNS = [
-    LogPattern(pattern=r"CUDA out of memory", severity="error", action="restart"),
-    LogPattern(pattern=r"OutOfMemoryError", severity="error", action="restart"),
-    LogPattern(pattern=r"CUBLAS_STATUS_ALLOC_FAILED", severity="error", action="restart"),
-    LogPattern(pattern=r"illegal memory access", severity="critical", action="restart"),
-    LogPattern(pattern=r"CUDA error: (device-side assert|unspecified launch failure)", severity="critical",
-               action="restart"),
-]
+# The markers are plain text without regex metacharacters (a test keeps them so): as patterns they
+# read in an alert as they read in the log.
+DEFAULT_PATTERNS = (
+    [LogPattern(pattern=marker, severity="error", action="restart") for marker in OOM_MARKERS]
+    + [LogPattern(pattern=marker, severity="critical", action="restart") for marker in FATAL_CUDA_MARKERS]
+)
 
 
 class WebhookTarget(BaseModel):

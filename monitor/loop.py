@@ -55,16 +55,18 @@ class Monitor:
         next_tick = 0.0
         while not self.stop.is_set():
             try:
-                self._drain_events()
+                self.drain_events()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self.cfg.interval_s
                     self.tick()
             except Exception:
                 log.exception("tick failed", extra={"event": "tick_error"})
-            self.wake.wait(max(0.0, next_tick - time.monotonic()))
+            woke = self.wake.wait(max(0.0, next_tick - time.monotonic()))
             self.wake.clear()
+            if woke and self.events.empty():
+                next_tick = 0.0  # the log follower saw new lines: read them now, not at the next interval
 
-    def _drain_events(self) -> None:
+    def drain_events(self) -> None:
         while True:
             try:
                 event = self.events.get_nowait()
@@ -114,6 +116,12 @@ class Monitor:
         except Exception as exc:
             log.exception("action failed", extra={"event": "action_error", "action": action})
             result = ActionResult(action, False, 0.0, detail=f"{exc.__class__.__name__}: {exc}")
+        if self.stop.is_set():
+            # Our own SIGTERM cut the action's waits short: that is no failed warm-up. The action stays
+            # in the journal; the next monitor rolls it forward (or an operator's maintenance takes it over).
+            log.warning("action interrupted by the monitor's stop; left to the next monitor", extra={
+                "event": "action_interrupted", "action": action, "kind": effect.kind})
+            return
         self.last_action = result
         self.metrics.actions.labels(action=action, ok=str(result.ok).lower()).inc()
         warm = result.warmup

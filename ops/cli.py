@@ -62,7 +62,7 @@ def cmd_up(stack: Stack, args) -> int:
             say(line)
             last[0] = line.split("s ", 1)[1]
         if states.get("app") == "FATAL":
-            raise SystemExit(f"error: app is FATAL (crashed at start); see: zimagectl logs app")
+            raise SystemExit("error: app is FATAL (crashed at start); see: zimagectl logs app")
 
     # Ready means both: the app answers /readyz, and supervisord counts it started (startsecs passed).
     ready = wait_until(lambda: (stack.readyz() or {}).get("ready") and
@@ -73,6 +73,7 @@ def cmd_up(stack: Stack, args) -> int:
         return 1
     info = stack.readyz() or {}
     say(f"ready in {time.monotonic() - started:.1f} s (warm-up {info.get('warmup_seconds')} s): {stack.app_url}/")
+    reset_monitor_budget(client)  # an operator's up is a fresh start: restarts before it no longer count
     if stack.app.is_demo_model:
         say("note: serving the built-in DEMO model (random weights); set app.model_dir for Z-Image-Turbo")
     return 0
@@ -203,11 +204,17 @@ def cmd_restart(stack: Stack, args) -> int:
     say(f"restarted in {result.seconds:.1f} s: pid {result.old_pid} → {result.new_pid} ({result.detail})")
     warm = result.warmup
     say(("warm-up ok: " if result.ok else "warm-up FAILED: ") + (warm.note() if warm else result.detail))
-    try:  # an operator's restart also closes the monitor's circuit if it had given up
+    reset_monitor_budget(client)  # an operator's restart also closes the monitor's circuit if it had given up
+    return 0 if result.ok else 1
+
+
+def reset_monitor_budget(client) -> None:
+    """SIGHUP: the monitor forgets its restarts in the window and closes its circuit (its journal keeps
+    them across its own restarts, not across an operator's hand)."""
+    try:
         client.signal("monitor", "HUP")
     except Exception:
         pass
-    return 0 if result.ok else 1
 
 
 def cmd_warmup(stack: Stack, args) -> int:

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,16 +176,45 @@ class Drill:
             # No alert can arrive, so detection is read from the monitor's own restart record.
             entry = wait_for(lambda: s.restarts()[before:], 60, 0.2, "hang restart")[0]
             return ("yes" if entry["kind"] == "hang" else "no"), entry["at"] - entry["seconds"] - t0, entry["at"] - t0
-        row = self.run_fault("receiver-down (+hang)", "healed anyway", receiver_down_then_hang, "hang", True,
-                             observe=healed_by_restart_record)
+        sent_before = len(self.receiver.requests)
+        row = self.run_fault("receiver-down (+hang)", "healed anyway, alerts after", receiver_down_then_hang, "hang",
+                             True, observe=healed_by_restart_record)
         failed = wait_for(lambda: s.state().get("alerts", {}).get("failed_attempts", 0), 30, 0.2,
                           "failed deliveries counted")
         # The outbox keeps them: once the receiver is back, the hang's firing and resolved arrive, once each.
-        wait_for(lambda: {a["status"] for a in self.alerts_since(0, "hang")[-2:]} == {"firing", "resolved"}
-                 and s.state()["alerts"]["outbox"] == 0, 60, 0.2, "alerts delivered after the outage")
-        row.alerts = f"{len([a for a in self.receiver.alerts('hang') if a['status'] == 'firing'])} hang firing (all)"
-        row.notes = (f"failed attempts while down: {failed}; sent again after: yes, from the outbox "
-                     f"(outbox now {s.state()['alerts']['outbox']})")
+        wait_for(lambda: len(self.alerts_since(sent_before, "hang")) >= 2 and s.state()["alerts"]["outbox"] == 0,
+                 60, 0.2, "alerts delivered after the outage")
+        statuses = [a["json"]["status"] for a in self.alerts_since(sent_before, "hang")]
+        row.alerts = f"{statuses.count('firing')}/{statuses.count('resolved')}"
+        row.notes = f"failed attempts while down: {failed}; both alerts delivered from the outbox once it was back"
+
+        # Dies with the app stopped for a kill-restart: the next monitor reads the journal and starts it.
+        def hang_then_kill_monitor():
+            victim = s.pid("monitor")
+            os.kill(s.pid(), signal.SIGSTOP)
+
+            def killer():
+                def mid_action():
+                    journal = json.loads((s.home / "run" / "monitor-journal.json").read_text())
+                    return journal.get("pending") and "RUNNING" not in s.supervisorctl("status", "app").stdout
+                try:
+                    wait_for(mid_action, 30, 0.01, "the kill-restart under way")
+                    os.kill(victim, signal.SIGKILL)
+                except (AssertionError, OSError, ValueError):
+                    pass
+            threading.Thread(target=killer, daemon=True).start()
+        row = self.run_fault("monitor killed mid-restart (+hang)", "rolled forward, one incident", hang_then_kill_monitor,
+                             "hang", True)
+        resumes = s.log("monitor").count('"event": "resume"')
+        row.notes = f"actions rolled forward by a new monitor so far: {resumes}"
+
+        # A line an earlier process wrote (its pid in the JSON): history, never a restart of this one.
+        def stale_line():
+            line = {"level": "error", "pid": 1, "msg": "torch.OutOfMemoryError: CUDA out of memory (old process)"}
+            with open(s.home / "logs" / "app.log", "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+        row = self.run_fault("stale line of an earlier process", "history, no restart", stale_line, None, False)
+        row.detected = "history" if '"event": "log_history"' in s.log("monitor") else "no"
         self.log(f"drill: done in {time.monotonic() - started:.0f} s")
         return self.rows
 

@@ -1,3 +1,4 @@
+import re
 import subprocess
 
 import pytest
@@ -59,3 +60,28 @@ def test_help_says_where_configuration_comes_from_and_unknown_arguments_fail(mod
     assert shown.returncode == 0 and "zimage.toml" in shown.stdout and f"ZIMAGE_{section}_" in shown.stdout
     bad = subprocess.run([PYTHON, "-m", module, "--port", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unrecognized arguments: --port 1" in bad.stderr
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"ZIMAGE_APP_REQUEST_TIMEOUT_S": "200"}, "app.request_timeout_s (200 s) must be ≤ app.drain_timeout_s (150 s)"),
+    ({"ZIMAGE_APP_DRAIN_TIMEOUT_S": "180"}, "app.drain_timeout_s (180 s) must be < supervisord stopwaitsecs"),
+    ({"ZIMAGE_MONITOR_STOP_TIMEOUT_S": "170"}, "must be < monitor.stop_timeout_s (170 s)"),
+])
+def test_a_broken_timeout_chain_is_one_clear_line(tmp_path, env, needle):
+    from monitor.config import load_monitor_settings
+
+    (tmp_path / "none.toml").write_text("")
+    full = {"ZIMAGE_CONFIG": str(tmp_path / "none.toml"), **env}
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_settings(full)
+        load_monitor_settings(full)
+
+
+def test_the_defaults_keep_the_timeout_chain(tmp_path):
+    from common.contract import supervisor_stopwaitsecs
+    from monitor.config import load_monitor_settings
+
+    (tmp_path / "none.toml").write_text("")
+    env = {"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}
+    app, monitor = load_settings(env), load_monitor_settings(env)
+    assert app.request_timeout_s <= app.drain_timeout_s < supervisor_stopwaitsecs() < monitor.stop_timeout_s

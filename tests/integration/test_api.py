@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import time
 
 import httpx
 import pytest

@@ -9,18 +9,11 @@ import pytest
 
 from monitor.alert_payloads import verify
 from tests.helpers import wait_for
-from ops.tempstack import StackHome, WebhookReceiver, wait_ready
+from ops.tempstack import StackHome
 
 pytestmark = pytest.mark.integration
 SECRET = "hook-secret-for-tests"
 OOM_LINE = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)\n"
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    r = WebhookReceiver()
-    yield r
-    r.stop()
 
 
 @pytest.fixture(scope="module")

@@ -115,3 +115,11 @@ def test_non_matching_and_binary_lines_are_ignored(tmp_path):
     with open(log, "ab") as fh:
         fh.write(b'{"msg": "generated"}\n\xff\xfe\x00binary\n')
     assert f.poll() == []
+
+
+def test_the_shared_cuda_markers_are_plain_text_patterns():
+    from common.cuda_markers import FATAL_CUDA_MARKERS, OOM_MARKERS
+
+    for marker in FATAL_CUDA_MARKERS + OOM_MARKERS:
+        assert not set(marker) & set(".^$*+?{}[]\\|()"), marker  # no metacharacter to misread
+    assert {p.pattern for p in DEFAULT_PATTERNS} == set(FATAL_CUDA_MARKERS + OOM_MARKERS)
