@@ -35,7 +35,6 @@ from common.cuda_markers import FATAL_CUDA_MARKERS
 log = logging.getLogger("app.engine")
 
 
-
 def _resolve(future: Future, outcome) -> None:
     """Set a job's result or exception once; a waiter that gave up may have cancelled it already."""
     if future.done():

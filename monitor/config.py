@@ -13,8 +13,8 @@ from typing import Literal, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.configfile import load_section, resolve_under
-from common.cuda_markers import FATAL_CUDA_MARKERS, OOM_MARKERS
 from common.contract import check_timeout_chain, load_app_contract, supervisor_stopwaitsecs
+from common.cuda_markers import FATAL_CUDA_MARKERS, OOM_MARKERS
 
 Tier = Literal["alert", "free_cache", "restart", "kill"]
 

@@ -243,6 +243,16 @@ Alerts are counted at a real local webhook receiver; every one was checked again
 HMAC-SHA256 signature.
 
 {table(rows)}
+
+The last three rows are the monitor's own crash-safety: "receiver-down" keeps the webhook receiver
+unreachable for 12 s through a hang (the alerts wait in the journal's outbox and arrive afterwards,
+once each); "monitor killed mid-restart" SIGKILLs the monitor while its kill-restart of a hung app
+is under way (the next monitor finds the action in its journal and finishes it: one incident, one
+firing, one resolved); "stale line" appends an OOM line carrying an earlier process's pid (logged as
+history, no restart). A hang is now called after the process has been stopped for
+`hang_stopped_s` (5 s), so a short pause is never killed: hence its detection time.
+`tests/integration/test_crash_safe.py` kills the monitor at every point of both kinds of restart,
+keeps a receiver down for 120 s, and times a stall (those tests, not this table, are the proof).
 """
     path.write_text(text)
 
@@ -262,7 +272,7 @@ def main(args) -> int:
         out = REPO / "docs" / "RELIABILITY.md"
         write_report(rows, seconds, out)
         print(f"\nwritten to {out}")
-    bad = [r for r in rows if r.detected != "yes" and r.expected != "no restart" or r.false_restarts
+    bad = [r for r in rows if r.detected not in ("yes", "n/a", "history") or r.false_restarts
            or r.load.get("lost") or r.load.get("server_errors") or r.load.get("unclear")]
     return 1 if bad else 0
 

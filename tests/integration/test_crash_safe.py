@@ -57,14 +57,24 @@ def kill_monitor_when(stack, predicate, timeout: float = 60) -> str:
     raise AssertionError(f"the point was not reached in {timeout} s\n{stack.logs()}")
 
 
+def post_in_background(url: str, body: dict, timeout: float) -> threading.Thread:
+    """A client whose request may end any way (the app it waits on is about to be killed)."""
+    def run():
+        try:
+            httpx.post(url + "/api/generate", json=body, timeout=timeout)
+        except httpx.HTTPError:
+            pass
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 def slow_generation_in_flight(stack) -> threading.Thread:
     """A 12 s generation (0.3 s a step): a drain waits for it, so the stop lasts long enough to be caught."""
     admin = stack.admin_headers()
     httpx.post(stack.url + "/admin/fault", json={"kind": "slow", "seconds": 0.3}, headers=admin, timeout=5)
-    thread = threading.Thread(target=lambda: httpx.post(
-        stack.url + "/api/generate", json={"prompt": "in flight", "width": 128, "height": 128,
-                                           "num_inference_steps": 40}, timeout=90), daemon=True)
-    thread.start()
+    thread = post_in_background(stack.url, {"prompt": "in flight", "width": 128, "height": 128,
+                                            "num_inference_steps": 40}, 90)
     wait_for(lambda: httpx.get(stack.url + "/healthz", timeout=2).json()["heartbeat"]["busy"], 10, 0.05, "busy")
     return thread
 
@@ -157,8 +167,7 @@ def test_a_stall_on_a_warm_app_is_healed_within_20_s(stack, receiver):
     start, old = len(receiver.requests), stack.pid()
     admin = stack.admin_headers()
     httpx.post(stack.url + "/admin/fault", json={"kind": "slow", "seconds": 120}, headers=admin, timeout=5)
-    threading.Thread(target=lambda: httpx.post(stack.url + "/api/generate", timeout=60, json={
-        "prompt": "stuck", "width": 128, "height": 128, "num_inference_steps": 4}), daemon=True).start()
+    post_in_background(stack.url, {"prompt": "stuck", "width": 128, "height": 128, "num_inference_steps": 4}, 60)
     stalled_at = time.monotonic()
     wait_for(lambda: stack.ready() and stack.pid() not in (0, old), 30, 0.1, "healed")
     healed_s = time.monotonic() - stalled_at
