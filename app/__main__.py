@@ -9,8 +9,12 @@ from common.configfile import ConfigError, parse_command_line
 
 
 def main(argv: list[str] | None = None) -> int:
-    parse_command_line("python -m app", "zimage-serve app: the Gradio UI and JSON API serving Z-Image-Turbo "
-                       "(or the embedded demo model).", "app", argv)
+    parse_command_line(
+        "python -m app",
+        "zimage-serve app: the Gradio UI and JSON API serving Z-Image-Turbo (or the embedded demo model).",
+        "app",
+        argv,
+    )
     from app.config import load_settings
 
     try:
@@ -29,8 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     from app.server import serve
 
     log = logging.getLogger("app")
-    log.info("starting", extra={"event": "starting", "host": settings.host, "port": settings.port,
-                                "model": "demo" if settings.is_demo_model else str(settings.model_dir)})
+    log.info(
+        "starting",
+        extra={
+            "event": "starting",
+            "host": settings.host,
+            "port": settings.port,
+            "model": "demo" if settings.is_demo_model else str(settings.model_dir),
+        },
+    )
     serve(create_app(settings, with_ui=settings.ui, start_engine=True), settings)
     log.info("stopped", extra={"event": "stopped"})
     return 0

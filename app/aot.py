@@ -110,8 +110,9 @@ class RealRopeAttnProcessor:
             query, key = rotate_real(query, freqs_cis), rotate_real(key, freqs_cis)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]  # (B, S) → broadcast over heads and queries
-        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                              is_causal=False, backend=self.backend)
+        hidden_states = dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, backend=self.backend
+        )
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         output = attn.to_out[0](hidden_states)
         if len(attn.to_out) > 1:  # dropout
@@ -147,8 +148,13 @@ def _examples(block: nn.Module, kind: Kind, dtype: torch.dtype, device: torch.de
         adaln = torch.randn(2, block.adaLN_modulation[0].in_features, dtype=dtype, device=device)
     weights = tuple(weights_of(block, names))
     args = (x, mask, freqs, adaln, weights)
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq} if kind.masked else None, {0: batch, 1: seq},
-              {0: batch} if kind.modulated else None, tuple(None for _ in weights))
+    shapes = (
+        {0: batch, 1: seq},
+        {0: batch, 1: seq} if kind.masked else None,
+        {0: batch, 1: seq},
+        {0: batch} if kind.modulated else None,
+        tuple(None for _ in weights),
+    )
     return args, shapes
 
 
@@ -156,8 +162,12 @@ def _versions(device: torch.device) -> dict:
     import diffusers
 
     return {
-        "format": FORMAT, "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
-        "device": device.type, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
+        "format": FORMAT,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
         "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else [],
     }
 
@@ -171,19 +181,33 @@ def _digest(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def cache_key(block: nn.Module, dtype: torch.dtype, device: torch.device, quantize: str, attention_backend: str) -> str:
+def cache_key(
+    block: nn.Module, dtype: torch.dtype, device: torch.device, quantize: str, attention_backend: str
+) -> str:
     """Everything that changes a block's generated code, hashed; weight values are not part of it."""
-    return _digest({**_versions(device), "dtype": str(dtype), "quantize": quantize, "attention": attention_backend,
-                    "block": {"dim": block.dim, "head_dim": block.head_dim, "heads": block.attention.heads,
-                              "shapes": _shapes(block)}})
+    return _digest(
+        {
+            **_versions(device),
+            "dtype": str(dtype),
+            "quantize": quantize,
+            "attention": attention_backend,
+            "block": {
+                "dim": block.dim,
+                "head_dim": block.head_dim,
+                "heads": block.attention.heads,
+                "shapes": _shapes(block),
+            },
+        }
+    )
 
 
 def _compile_package(exported, path: Path) -> None:
     """AOTInductor into path, atomically: a crash mid-way leaves no half package for the next start."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # (the packager wants .pt2)
     # Kernels inside the shared library: one file to map at load instead of one per kernel.
-    torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp),
-                                             inductor_configs={"aot_inductor.embed_kernel_binary": True})
+    torch._inductor.aoti_compile_and_package(
+        exported, package_path=str(tmp), inductor_configs={"aot_inductor.embed_kernel_binary": True}
+    )
     os.replace(tmp, path)
 
 
@@ -218,10 +242,14 @@ def _load_package(path: Path, device: torch.device):
         pids = []
     gone = [p for p in pids if p != os.getpid() and not _pid_alive(p)]
     if gone:
-        log.warning("an earlier load of this package did not finish", extra={
-            "event": "aot_unfinished_load", "package": path.name, "pids": gone})
+        log.warning(
+            "an earlier load of this package did not finish",
+            extra={"event": "aot_unfinished_load", "package": path.name, "pids": gone},
+        )
     if len(gone) >= CRASHED_LOADS_LIMIT:
-        raise PreviousLoadCrashed(f"{len(gone)} starts died while loading {path.name}; remove {marker} to retry")
+        raise PreviousLoadCrashed(
+            f"{len(gone)} starts died while loading {path.name}; remove {marker} to retry"
+        )
     try:
         marker.write_text(" ".join(str(p) for p in pids + [os.getpid()]))
     except OSError:  # a read-only cache: load without the guard rather than not at all
@@ -246,8 +274,9 @@ def aoti_load(path: Path, device: torch.device):
     loads the pipeline and makes every generation on its one thread, so no two calls of a package
     overlap; the installed forwards send a call from any other thread to the eager forward."""
     try:
-        return torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
-                                                 device_index=_device_index(device))
+        return torch._inductor.aoti_load_package(
+            str(path), run_single_threaded=True, device_index=_device_index(device)
+        )
     except TypeError:  # a torch without the switch (< 2.7): correct, only slower
         return torch._inductor.aoti_load_package(str(path), device_index=_device_index(device))
 
@@ -390,26 +419,43 @@ def _build_checked(path: Path, export: Callable[[], object], device: torch.devic
             if check["crashed"]:
                 refused, stderr_tail = why_failed(check), check.get("stderr_tail", "")
             elif not check["ok"]:  # an exception, not a crash: the load in this process raises it too
-                log.warning("the child's load of a new package failed", extra={
-                    "event": "aot_check_failed", "package": path.name, "why": why_failed(check)})
+                log.warning(
+                    "the child's load of a new package failed",
+                    extra={"event": "aot_check_failed", "package": path.name, "why": why_failed(check)},
+                )
         report.compile_s += time.perf_counter() - mark  # (the check's few seconds count as compiling)
         if refused is None:
             if cxx != candidates[0]:
-                log.warning("package built by another C++ compiler", extra={
-                    "event": "aot_compiler_fallback", "package": path.name, "compiler": cxx,
-                    "refused": sorted(broken)})
+                log.warning(
+                    "package built by another C++ compiler",
+                    extra={
+                        "event": "aot_compiler_fallback",
+                        "package": path.name,
+                        "compiler": cxx,
+                        "refused": sorted(broken),
+                    },
+                )
             report.compiled.append(path.stem)
             return
         broken[cxx] = refused
         _REFUSED_IN_THIS_PROCESS[cxx] = f"{refused} (building {path.name})"
-        log.error("a C++ compiler's package crashed its loader or was not built; not used", extra={
-            "event": "aot_package_broken", "package": path.name, "compiler": cxx, "why": refused,
-            "stderr_tail": stderr_tail[-1500:]})
+        log.error(
+            "a C++ compiler's package crashed its loader or was not built; not used",
+            extra={
+                "event": "aot_package_broken",
+                "package": path.name,
+                "compiler": cxx,
+                "why": refused,
+                "stderr_tail": stderr_tail[-1500:],
+            },
+        )
         path.unlink(missing_ok=True)
         _write_verdicts(verdict_path, broken)
     reasons = "; ".join(f"{cxx}: {why}" for cxx, why in sorted(broken.items()))
-    raise BrokenPackage(f"no C++ compiler made a {path.name} that loads ({reasons}); set CXX to a working one, "
-                        f"or remove {verdict_path} to try again")
+    raise BrokenPackage(
+        f"no C++ compiler made a {path.name} that loads ({reasons}); set CXX to a working one, "
+        f"or remove {verdict_path} to try again"
+    )
 
 
 def _export_block(block: nn.Module, kind: Kind, dtype: torch.dtype, device: torch.device):
@@ -420,8 +466,9 @@ def _export_block(block: nn.Module, kind: Kind, dtype: torch.dtype, device: torc
     block.attention.processor = RealRopeAttnProcessor(getattr(processor, "_attention_backend", None))
     try:
         with torch.no_grad():
-            exported = torch.export.export(_ExportedCall(block, names, kind), args, dynamic_shapes=shapes,
-                                           strict=False)
+            exported = torch.export.export(
+                _ExportedCall(block, names, kind), args, dynamic_shapes=shapes, strict=False
+            )
     finally:
         block.attention.processor = processor
     return exported
@@ -437,10 +484,17 @@ class _BlockForward:
         self.owner = threading.get_ident()  # the packages run single-threaded (aoti_load): this thread's
         self.packaged_calls = 0  # (tests: the packages did run)
 
-    def __call__(self, x, attn_mask, freqs_cis, adaln_input=None, noise_mask=None, adaln_noisy=None, adaln_clean=None):
-        if (noise_mask is not None or freqs_cis.dtype != torch.complex64 or (self.modulated and adaln_input is None)
-                or x.shape[0] > _MAX_BATCH or x.shape[1] > _MAX_SEQ  # (outside the exported ranges)
-                or threading.get_ident() != self.owner):  # (another thread: correct, slower)
+    def __call__(
+        self, x, attn_mask, freqs_cis, adaln_input=None, noise_mask=None, adaln_noisy=None, adaln_clean=None
+    ):
+        if (
+            noise_mask is not None
+            or freqs_cis.dtype != torch.complex64
+            or (self.modulated and adaln_input is None)
+            or x.shape[0] > _MAX_BATCH
+            or x.shape[1] > _MAX_SEQ  # (outside the exported ranges)
+            or threading.get_ident() != self.owner
+        ):  # (another thread: correct, slower)
             return self.eager(x, attn_mask, freqs_cis, adaln_input, noise_mask, adaln_noisy, adaln_clean)
         kind = Kind(self.modulated, attn_mask is not None)
         inputs = [x.contiguous()]
@@ -459,8 +513,15 @@ def blocks_of(transformer: nn.Module) -> list[nn.Module]:
     return [m for m in transformer.modules() if type(m).__name__ in block_class]
 
 
-def install(transformer: nn.Module, cache_dir: Path, dtype: torch.dtype, device: torch.device,
-            quantize: str, attention_backend: str, kinds: tuple[Kind, ...] = ALL_KINDS) -> AotReport:
+def install(
+    transformer: nn.Module,
+    cache_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantize: str,
+    attention_backend: str,
+    kinds: tuple[Kind, ...] = ALL_KINDS,
+) -> AotReport:
     """Load (compiling first where the cache has none) one package per kind and route every block
     of the transformer through them. Raises when a package cannot be made; the caller decides.
     Call it once the weights are where they will stay: each block keeps references to its tensors."""
@@ -480,8 +541,9 @@ def install(transformer: nn.Module, cache_dir: Path, dtype: torch.dtype, device:
         if kind.modulated not in examples:
             continue
         block = examples[kind.modulated]
-        runners[kind] = _ensure_loaded(directory / f"{kind.name}.pt2",
-                                       lambda: _export_block(block, kind, dtype, device), device, report)
+        runners[kind] = _ensure_loaded(
+            directory / f"{kind.name}.pt2", lambda: _export_block(block, kind, dtype, device), device, report
+        )
     for block in blocks:
         eager = type(block).forward.__get__(block)
         block.forward = _BlockForward(block, runners, eager)
@@ -508,18 +570,30 @@ class _DecoderForward:
         self.packaged_calls = 0
 
     def __call__(self, sample, latent_embeds=None):
-        if latent_embeds is not None or tuple(sample.shape) != self.shape or threading.get_ident() != self.owner:
+        if (
+            latent_embeds is not None
+            or tuple(sample.shape) != self.shape
+            or threading.get_ident() != self.owner
+        ):
             return self.eager(sample, latent_embeds)
         self.packaged_calls += 1
         return self.runner.loader.boxed_run([sample.contiguous(), *self.weights])[0]
 
 
-def install_decoder(decoder: nn.Module, cache_dir: Path, latent_shape: tuple, dtype: torch.dtype,
-                    device: torch.device) -> AotReport:
+def install_decoder(
+    decoder: nn.Module, cache_dir: Path, latent_shape: tuple, dtype: torch.dtype, device: torch.device
+) -> AotReport:
     """One static package of the VAE decoder for latents of latent_shape (1, C, h, w)."""
     decoder.__dict__.pop("forward", None)
     names = weight_names(decoder)
-    key = _digest({**_versions(device), "dtype": str(dtype), "decoder": _shapes(decoder), "class": type(decoder).__name__})
+    key = _digest(
+        {
+            **_versions(device),
+            "dtype": str(dtype),
+            "decoder": _shapes(decoder),
+            "class": type(decoder).__name__,
+        }
+    )
     directory = cache_dir / "aot" / key
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"decoder-{'x'.join(str(n) for n in latent_shape)}.pt2"
@@ -528,11 +602,14 @@ def install_decoder(decoder: nn.Module, cache_dir: Path, latent_shape: tuple, dt
     def export():
         sample = torch.randn(*latent_shape, dtype=dtype, device=device)
         with torch.no_grad():
-            return torch.export.export(_ExportedDecoder(decoder, names), (sample, tuple(weights_of(decoder, names))),
-                                       strict=False)
+            return torch.export.export(
+                _ExportedDecoder(decoder, names), (sample, tuple(weights_of(decoder, names))), strict=False
+            )
 
     runner = _ensure_loaded(path, export, device, report)
-    decoder.forward = _DecoderForward(decoder, tuple(latent_shape), runner, type(decoder).forward.__get__(decoder))
+    decoder.forward = _DecoderForward(
+        decoder, tuple(latent_shape), runner, type(decoder).forward.__get__(decoder)
+    )
     report.compile_s, report.load_s = round(report.compile_s, 2), round(report.load_s, 2)
     return report
 

@@ -43,19 +43,37 @@ def cpp_compiler() -> str:
         return f"unknown ({exc.__class__.__name__})"
 
 
-def load_in_child(package: Path, device: str = "cpu", after_imports: bool = False,
-                  timeout: float = TIMEOUT_S) -> dict:
+def load_in_child(
+    package: Path, device: str = "cpu", after_imports: bool = False, timeout: float = TIMEOUT_S
+) -> dict:
     """{"package", "ok", "crashed", "returncode"[, "error", "stderr_tail"]}: a negative returncode is
     the signal that killed the child (-11 SIGSEGV, -6 abort); crashed: killed, or no answer in time
     (an exception is not a crash: it raises in any process, without taking the process down)."""
     imports = "import diffusers, transformers\nfrom diffusers import ZImagePipeline" if after_imports else ""
     try:
-        done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _CHILD_LOAD.format(imports=imports),
-                               str(package.resolve()), device], cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-X",
+                "faulthandler",
+                "-c",
+                _CHILD_LOAD.format(imports=imports),
+                str(package.resolve()),
+                device,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
-        return {"package": str(package), "ok": False, "crashed": True, "returncode": None,
-                "error": f"no answer in {timeout:.0f} s"}
+        return {
+            "package": str(package),
+            "ok": False,
+            "crashed": True,
+            "returncode": None,
+            "error": f"no answer in {timeout:.0f} s",
+        }
     ok = done.returncode == 0 and "loaded" in done.stdout
     row = {"package": str(package), "ok": ok, "crashed": done.returncode < 0, "returncode": done.returncode}
     if not ok:

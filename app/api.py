@@ -4,7 +4,6 @@ Every failure is JSON {error, message, hint?, request_id?} with a 4xx/5xx status
 are 422 with one readable sentence per problem, never a stack trace.
 """
 
-
 import hmac
 import logging
 import os
@@ -44,9 +43,17 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
-def error_response(status: int, code: str, message: str, request_id: Optional[str] = None,
-                   hint: Optional[str] = None, retry_after_s: Optional[int] = None) -> JSONResponse:
-    body = ErrorResponse(error=code, message=message, request_id=request_id, hint=hint).model_dump(exclude_none=True)
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    request_id: Optional[str] = None,
+    hint: Optional[str] = None,
+    retry_after_s: Optional[int] = None,
+) -> JSONResponse:
+    body = ErrorResponse(error=code, message=message, request_id=request_id, hint=hint).model_dump(
+        exclude_none=True
+    )
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -60,7 +67,7 @@ def describe_validation_errors(exc_errors) -> list[str]:
         msg = err.get("msg", "invalid")
         msg = msg.removeprefix("Value error, ")
         if err.get("type") in ("model_attributes_type", "dict_type") and where == "body":
-            sentences.append("body must be a JSON object such as {\"prompt\": \"a red fox\"}")
+            sentences.append('body must be a JSON object such as {"prompt": "a red fox"}')
         elif err.get("type") == "json_invalid":
             sentences.append("body is not valid JSON")
         elif err.get("type") == "missing":
@@ -85,8 +92,12 @@ class FaultRequest(BaseModel):
     megabytes: int = Field(0, ge=0, le=16384)
 
 
-def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, with_ui: bool = True,
-               start_engine: bool = False) -> FastAPI:
+def create_app(
+    settings: AppSettings,
+    gpu_reader: Optional[GpuReader] = None,
+    with_ui: bool = True,
+    start_engine: bool = False,
+) -> FastAPI:
     metrics = AppMetrics()
     faults = FaultInjector(enabled=settings.fault_injection)
     engine = Engine(settings, faults=faults, on_batch_done=metrics.on_batch_done)
@@ -106,23 +117,35 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
             "zimage_ready": ("1 when loaded, warmed and not draining", 1 if service.ready else 0),
             "zimage_draining": ("1 while draining for a restart", 1 if service.draining else 0),
             "zimage_busy": ("1 while a generation runs", 1 if engine.heartbeat.busy_since else 0),
-            "zimage_compiles_after_warmup": ("torch.compile runs a request waited for (0 when the warm-up "
-                                             "covered every shape)", engine.compiles_after_warmup),
+            "zimage_compiles_after_warmup": (
+                "torch.compile runs a request waited for (0 when the warm-up covered every shape)",
+                engine.compiles_after_warmup,
+            ),
         }
         if engine.loaded is not None:  # an alert on jit where aot is configured catches a fallback
-            values["zimage_compile_backend"] = ("1 for how the transformer blocks run: aot (packages), jit "
-                                                "(torch.compile) or none; why a start fell back is in the log's "
-                                                "aot_* events", {engine.loaded.compile_backend: 1})
+            values["zimage_compile_backend"] = (
+                "1 for how the transformer blocks run: aot (packages), jit "
+                "(torch.compile) or none; why a start fell back is in the log's "
+                "aot_* events",
+                {engine.loaded.compile_backend: 1},
+            )
             cache = engine.loaded.step_cache
             if cache is not None:  # the lossy step cache at work: main-layer passes reused vs run
-                values["zimage_step_cache_passes"] = ("Main-layer passes of the step cache since start, by "
-                                                      "outcome", {"reused": cache.reused, "computed": cache.computed})
+                values["zimage_step_cache_passes"] = (
+                    "Main-layer passes of the step cache since start, by outcome",
+                    {"reused": cache.reused, "computed": cache.computed},
+                )
         memory = engine.memory()
         if memory:
-            values["zimage_gpu_memory_bytes"] = ("GPU memory seen by torch", {
-                "allocated": memory["allocated_bytes"], "reserved": memory["reserved_bytes"],
-                "device_used": memory["device_total_bytes"] - memory["device_free_bytes"],
-                "device_total": memory["device_total_bytes"]})
+            values["zimage_gpu_memory_bytes"] = (
+                "GPU memory seen by torch",
+                {
+                    "allocated": memory["allocated_bytes"],
+                    "reserved": memory["reserved_bytes"],
+                    "device_used": memory["device_total_bytes"] - memory["device_free_bytes"],
+                    "device_total": memory["device_total_bytes"],
+                },
+            )
         return values
 
     metrics.add_live(live_metrics)
@@ -135,8 +158,12 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
         engine.stop()
         gpu.close()
 
-    app = FastAPI(title="zimage-serve", version=__version__, lifespan=lifespan,
-                  description="Z-Image-Turbo text-to-image service. POST /api/generate to make images.")
+    app = FastAPI(
+        title="zimage-serve",
+        version=__version__,
+        lifespan=lifespan,
+        description="Z-Image-Turbo text-to-image service. POST /api/generate to make images.",
+    )
     app.state.service = service
     app.state.settings = settings
     app.state.gpu_reader = gpu
@@ -157,31 +184,57 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
             response = error_response(500, "internal_error", "internal error; see the server log", rid)
         response.headers["X-Request-ID"] = rid
         path = request.url.path
-        level = logging.DEBUG if path in _QUIET_PATHS or not (path.startswith("/api") or path.startswith("/admin")) \
+        level = (
+            logging.DEBUG
+            if path in _QUIET_PATHS or not (path.startswith("/api") or path.startswith("/admin"))
             else logging.INFO
-        access_log.log(level, "request", extra={
-            "event": "http", "request_id": rid, "method": request.method, "path": path,
-            "status": response.status_code, "ms": round((time.perf_counter() - started) * 1000, 1)})
+        )
+        access_log.log(
+            level,
+            "request",
+            extra={
+                "event": "http",
+                "request_id": rid,
+                "method": request.method,
+                "path": path,
+                "status": response.status_code,
+                "ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
         return response
 
     # ---- errors --------------------------------------------------------------------------------
     @app.exception_handler(errors.ServiceError)
     async def service_error(request: Request, exc: errors.ServiceError):
-        return error_response(exc.status, exc.code, exc.message, getattr(request.state, "request_id", None),
-                              exc.hint, exc.retry_after_s)
+        return error_response(
+            exc.status,
+            exc.code,
+            exc.message,
+            getattr(request.state, "request_id", None),
+            exc.hint,
+            exc.retry_after_s,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         problems = describe_validation_errors(exc.errors())
-        return error_response(422, "invalid_request", "; ".join(problems), request.state.request_id,
-                              hint="see GET /api/info for the limits")
+        return error_response(
+            422,
+            "invalid_request",
+            "; ".join(problems),
+            request.state.request_id,
+            hint="see GET /api/info for the limits",
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(
-            exc.status_code, "http_error")
+            exc.status_code, "http_error"
+        )
         headers = getattr(exc, "headers", None) or {}
-        resp = error_response(exc.status_code, code, str(exc.detail), getattr(request.state, "request_id", None))
+        resp = error_response(
+            exc.status_code, code, str(exc.detail), getattr(request.state, "request_id", None)
+        )
         resp.headers.update(headers)
         return resp
 
@@ -196,25 +249,38 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
 
     def require_admin_token(request: Request) -> None:
         if not _token_ok(_bearer(request), admin_token):
-            raise StarletteHTTPException(401, "missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"})
+            raise StarletteHTTPException(
+                401, "missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"}
+            )
 
     # ---- probes --------------------------------------------------------------------------------
     @app.get("/healthz", tags=["probes"])
     async def healthz():
         """Liveness: the event loop answers; 503 when the engine failed or is unhealthy."""
         alive = engine.state not in ("failed", "unhealthy")
-        body = {"status": "ok" if alive else engine.state, "state": engine.state,
-                "reason": engine.state_reason or None, "ready": service.ready, "draining": service.draining,
-                "queue_waiting": engine.waiting, "in_flight": service.in_flight, "time": time.time(),
-                "heartbeat": engine.heartbeat.snapshot()}
+        body = {
+            "status": "ok" if alive else engine.state,
+            "state": engine.state,
+            "reason": engine.state_reason or None,
+            "ready": service.ready,
+            "draining": service.draining,
+            "queue_waiting": engine.waiting,
+            "in_flight": service.in_flight,
+            "time": time.time(),
+            "heartbeat": engine.heartbeat.snapshot(),
+        }
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/readyz", tags=["probes"])
     async def readyz():
         """Readiness: 200 only when the model is loaded and warmed and the server is not draining."""
         ready = service.ready
-        body = {"ready": ready, "state": engine.state, "draining": service.draining,
-                "warmup_seconds": engine.warmup_seconds}
+        body = {
+            "ready": ready,
+            "state": engine.state,
+            "draining": service.draining,
+            "warmup_seconds": engine.warmup_seconds,
+        }
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["probes"])
@@ -224,9 +290,18 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
     # ---- API -----------------------------------------------------------------------------------
     RequestModel = service.request_model
 
-    @app.post("/api/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["api"],
-              responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
-                         504: {"model": ErrorResponse}, 507: {"model": ErrorResponse}})
+    @app.post(
+        "/api/generate",
+        response_model=GenerateResponse,
+        response_model_exclude_none=True,
+        tags=["api"],
+        responses={
+            422: {"model": ErrorResponse},
+            503: {"model": ErrorResponse},
+            504: {"model": ErrorResponse},
+            507: {"model": ErrorResponse},
+        },
+    )
     async def generate(body: RequestModel, request: Request):  # type: ignore[valid-type]
         """Generate 1–4 images. Defaults follow the Turbo model card: 1024×1024, 9 steps, cfg 0."""
         # The monitor's warm-up check carries the admin token and goes ahead of user traffic.
@@ -255,8 +330,11 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
     @app.post("/admin/drain", tags=["admin"], dependencies=[Depends(require_admin_token)])
     async def admin_drain(body: DrainRequest):
         service.draining = body.enable
-        log.warning("drain %s by admin", "on" if body.enable else "off",
-                    extra={"event": "drain", "enable": body.enable})
+        log.warning(
+            "drain %s by admin",
+            "on" if body.enable else "off",
+            extra={"event": "drain", "enable": body.enable},
+        )
         return {"draining": service.draining, "in_flight": service.in_flight, "idle": service.idle()}
 
     @app.post("/admin/fault", tags=["admin"], dependencies=[Depends(require_admin_token)])
@@ -282,9 +360,15 @@ def create_app(settings: AppSettings, gpu_reader: Optional[GpuReader] = None, wi
     # Added last = outermost: the body limit counts every byte (the login form's too), then the
     # gate refuses without reading a body.
     if settings.api_token:
-        app.add_middleware(TokenGate, api_token=settings.api_token, secure_cookie=settings.session_cookie_secure)
-    app.add_middleware(BodyLimit, limit_for=lambda path: settings.max_upload_mb * 2**20 if path in UPLOAD_PATHS
-                       else settings.max_body_bytes)
+        app.add_middleware(
+            TokenGate, api_token=settings.api_token, secure_cookie=settings.session_cookie_secure
+        )
+    app.add_middleware(
+        BodyLimit,
+        limit_for=lambda path: (
+            settings.max_upload_mb * 2**20 if path in UPLOAD_PATHS else settings.max_body_bytes
+        ),
+    )
     return app
 
 

@@ -56,7 +56,13 @@ def _cookie(header: str, name: str) -> str:
 def safe_next(target: str) -> str:
     """Where to go after logging in: a path on this server only (no //evil.example, no scheme)."""
     parts = urlsplit(target)
-    if not target.startswith("/") or target.startswith("//") or "\\" in target or parts.scheme or parts.netloc:
+    if (
+        not target.startswith("/")
+        or target.startswith("//")
+        or "\\" in target
+        or parts.scheme
+        or parts.netloc
+    ):
         return "/"
     return target
 
@@ -93,13 +99,20 @@ class TokenGate:
             await send({"type": "websocket.close", "code": 1008})
             return
         if scope.get("method") == "GET" and "text/html" in headers.get("accept", ""):
-            target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
-            await _respond(send, 303, b"", [(b"location", ("/login?next=" + quote(target, safe="")).encode())])
+            target = path + (
+                "?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else ""
+            )
+            await _respond(
+                send, 303, b"", [(b"location", ("/login?next=" + quote(target, safe="")).encode())]
+            )
             return
-        body = (b'{"error": "unauthorized", "message": "missing or wrong API token: send Authorization: '
-                b'Bearer <token>, or log in at /login for the UI"}')
-        await _respond(send, 401, body, [(b"content-type", b"application/json"),
-                                         (b"www-authenticate", b"Bearer")])
+        body = (
+            b'{"error": "unauthorized", "message": "missing or wrong API token: send Authorization: '
+            b'Bearer <token>, or log in at /login for the UI"}'
+        )
+        await _respond(
+            send, 401, body, [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+        )
 
     def _cookie_header(self, value: str, max_age: Optional[int]) -> tuple[bytes, bytes]:
         # HttpOnly: page scripts cannot read it; SameSite=Strict: another site's form cannot ride on it.
@@ -117,8 +130,12 @@ class TokenGate:
             await _respond(send, 200, login_page(next_path), [(b"content-type", b"text/html; charset=utf-8")])
             return
         if scope.get("method") != "POST":
-            await _respond(send, 405, b'{"error": "method_not_allowed", "message": "GET or POST /login"}',
-                           [(b"content-type", b"application/json"), (b"allow", b"GET, POST")])
+            await _respond(
+                send,
+                405,
+                b'{"error": "method_not_allowed", "message": "GET or POST /login"}',
+                [(b"content-type", b"application/json"), (b"allow", b"GET, POST")],
+            )
             return
         raw = b""
         while True:  # the body limit in front of this gate bounds what can arrive here
@@ -130,13 +147,21 @@ class TokenGate:
         next_path = safe_next(form.get("next", ["/"])[0])
         if _same(form.get("token", [""])[0].strip(), self.api_token):
             log.info("ui login", extra={"event": "login", "ok": True})
-            await _respond(send, 303, b"", [(b"location", next_path.encode()),
-                                            self._cookie_header(self.session, 7 * 24 * 3600)])
+            await _respond(
+                send,
+                303,
+                b"",
+                [(b"location", next_path.encode()), self._cookie_header(self.session, 7 * 24 * 3600)],
+            )
             return
         log.warning("ui login refused", extra={"event": "login", "ok": False})
         await asyncio.sleep(FAILED_LOGIN_DELAY_S)
-        await _respond(send, 401, login_page(next_path, "That token is not right."),
-                       [(b"content-type", b"text/html; charset=utf-8")])
+        await _respond(
+            send,
+            401,
+            login_page(next_path, "That token is not right."),
+            [(b"content-type", b"text/html; charset=utf-8")],
+        )
 
 
 async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -154,9 +179,11 @@ def login_page(next_path: str, error: str = "") -> bytes:
 <style>
 body {{font-family: system-ui, sans-serif; background: #f5f5f7; display: grid; place-items: center;
        min-height: 100vh; margin: 0;}}
-form {{background: #fff; padding: 28px 32px; border-radius: 12px; box-shadow: 0 2px 12px #0002; width: 320px;}}
+form {{background: #fff; padding: 28px 32px; border-radius: 12px; box-shadow: 0 2px 12px #0002;
+       width: 320px;}}
 h1 {{font-size: 1.2em; margin: 0 0 16px;}}
-input[type=password] {{width: 100%; box-sizing: border-box; padding: 8px; font-size: 1em; margin: 6px 0 14px;}}
+input[type=password] {{width: 100%; box-sizing: border-box; padding: 8px; font-size: 1em;
+                        margin: 6px 0 14px;}}
 button {{width: 100%; padding: 9px; font-size: 1em; background: #4f46e5; color: #fff; border: 0;
         border-radius: 8px; cursor: pointer;}}
 .err {{color: #b91c1c;}}

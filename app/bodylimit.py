@@ -29,8 +29,11 @@ def json_413(limit: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """The API's error shape (app.schemas.ErrorResponse), built by hand: this runs outside FastAPI."""
     body = {"error": "body_too_large", "message": f"request body over {limit} bytes; send a smaller body"}
     data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-               (b"connection", b"close")]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(data)).encode()),
+        (b"connection", b"close"),
+    ]
     return headers, data
 
 
@@ -82,9 +85,16 @@ class BodyLimit:
             if not over:
                 raise
         if over:
-            log.warning("request body over the limit", extra={
-                "event": "body_too_large", "path": scope.get("path"), "limit_bytes": limit,
-                "received_bytes": received, "chunked": length is None})
+            log.warning(
+                "request body over the limit",
+                extra={
+                    "event": "body_too_large",
+                    "path": scope.get("path"),
+                    "limit_bytes": limit,
+                    "received_bytes": received,
+                    "chunked": length is None,
+                },
+            )
             if not started:
                 await _refuse(send, limit)
 

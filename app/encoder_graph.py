@@ -63,11 +63,25 @@ class GraphedTextEncoder:
         self.replays = 0
 
     def __call__(self, input_ids=None, attention_mask=None, output_hidden_states=None, **kwargs):
-        if (self.broken or kwargs or not output_hidden_states or input_ids is None or attention_mask is None
-                or input_ids.ndim != 2 or input_ids.shape[1] != self.seq_len or attention_mask.shape != input_ids.shape
-                or not input_ids.is_cuda or torch.is_grad_enabled() or threading.get_ident() != self.owner):
-            return self.eager(input_ids=input_ids, attention_mask=attention_mask,
-                              output_hidden_states=output_hidden_states, **kwargs)
+        if (
+            self.broken
+            or kwargs
+            or not output_hidden_states
+            or input_ids is None
+            or attention_mask is None
+            or input_ids.ndim != 2
+            or input_ids.shape[1] != self.seq_len
+            or attention_mask.shape != input_ids.shape
+            or not input_ids.is_cuda
+            or torch.is_grad_enabled()
+            or threading.get_ident() != self.owner
+        ):
+            return self.eager(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=output_hidden_states,
+                **kwargs,
+            )
         captured = self.graphs.get(input_ids.shape[0]) or self._capture(input_ids, attention_mask)
         if captured is None:
             return self.eager(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
@@ -79,8 +93,9 @@ class GraphedTextEncoder:
         return _Output(captured.hidden.clone())
 
     def _penultimate(self, input_ids, mask):
-        return self.eager(input_ids=input_ids, attention_mask=mask, output_hidden_states=True,
-                          use_cache=False).hidden_states[-2]
+        return self.eager(
+            input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False
+        ).hidden_states[-2]
 
     def _capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Optional[_Captured]:
         batch = input_ids.shape[0]
@@ -102,12 +117,17 @@ class GraphedTextEncoder:
                 hidden = self._penultimate(static_ids, static_mask)
         except Exception as exc:  # an encoder that does something a graph cannot hold: eager for good
             self.broken = f"{exc.__class__.__name__}: {str(exc)[:300]}"
-            log.warning("text encoder CUDA graph capture failed; encoding eagerly",
-                        extra={"event": "encoder_graph_failed", "batch": batch, "error": self.broken})
+            log.warning(
+                "text encoder CUDA graph capture failed; encoding eagerly",
+                extra={"event": "encoder_graph_failed", "batch": batch, "error": self.broken},
+            )
             return None
         captured = _Captured(graph, static_ids, static_mask, hidden)
         self.graphs[batch] = captured
-        log.info("captured the text encoder for a batch size", extra={"event": "encoder_graph_captured", "batch": batch})
+        log.info(
+            "captured the text encoder for a batch size",
+            extra={"event": "encoder_graph_captured", "batch": batch},
+        )
         return captured
 
 

@@ -1,10 +1,10 @@
 """The engine: owns the pipeline on one thread, runs one generation (or one merged batch) at a time.
 
 Read top to bottom it is: load → warm up → loop { take job(s) → encode/denoise/decode through the
-diffusers pipeline (app/stages.py) → hand results back }. A heartbeat is written on every denoising step so the
-monitor can tell a long generation that progresses from one that is stuck (gunicorn's worker
-heartbeat, per step). A CUDA OOM fails only the request that hit it; an unrecoverable CUDA error
-marks the engine unhealthy so the monitor replaces the process.
+diffusers pipeline (app/stages.py) → hand results back }. A heartbeat is written on every stage and
+denoising step so the monitor can tell a long generation that progresses from one that is stuck
+(gunicorn's worker heartbeat, per step). A CUDA OOM fails only the request that hit it; an
+unrecoverable CUDA error marks the engine unhealthy so the monitor replaces the process.
 """
 
 from __future__ import annotations
@@ -94,9 +94,13 @@ class Job:
 class Engine:
     STATES = ("starting", "loading", "warming", "ready", "failed", "unhealthy", "stopped")
 
-    def __init__(self, settings: AppSettings, faults: Optional[FaultInjector] = None,
-                 on_batch_done: Optional[Callable[[int, float, int], None]] = None,
-                 wall_clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        settings: AppSettings,
+        faults: Optional[FaultInjector] = None,
+        on_batch_done: Optional[Callable[[int, float, int], None]] = None,
+        wall_clock: Callable[[], float] = time.time,
+    ):
         self.settings = settings
         self.faults = faults or FaultInjector(enabled=False)
         self.on_batch_done = on_batch_done  # (images, seconds, steps) → metrics
@@ -156,18 +160,34 @@ class Engine:
             self.loaded = load_pipeline(self.settings)
             if self.loaded.compiled:
                 self.heartbeat.compile_watch = compile_watch()
-            log.info("model loaded", extra={"event": "model_loaded", "source": self.loaded.source,
-                                            "device": str(self.loaded.device), "dtype": str(self.loaded.dtype),
-                                            "quantize": self.loaded.quantize, "notes": self.loaded.notes,
-                                            "seconds": round(self.loaded.load_seconds, 2), **self.loaded.phases})
+            log.info(
+                "model loaded",
+                extra={
+                    "event": "model_loaded",
+                    "source": self.loaded.source,
+                    "device": str(self.loaded.device),
+                    "dtype": str(self.loaded.dtype),
+                    "quantize": self.loaded.quantize,
+                    "notes": self.loaded.notes,
+                    "seconds": round(self.loaded.load_seconds, 2),
+                    **self.loaded.phases,
+                },
+            )
             if self.settings.warmup:
                 self.state = "warming"
                 self._warm_up()
             self.heartbeat.warm = True  # stage times are known from here: the monitor's tight stall bound
             self.state = "ready"
-            log.info("engine ready", extra={"event": "ready", "warmup_s": self.warmup_seconds,
-                                            "warmup_stages": self.warmup_stages, "warmup_parts": self.warmup_parts,
-                                            **self.warmup_compile})
+            log.info(
+                "engine ready",
+                extra={
+                    "event": "ready",
+                    "warmup_s": self.warmup_seconds,
+                    "warmup_stages": self.warmup_stages,
+                    "warmup_parts": self.warmup_parts,
+                    **self.warmup_compile,
+                },
+            )
         except Exception as exc:
             self.state, self.state_reason = "failed", f"{exc.__class__.__name__}: {exc}"
             log.exception("engine failed to start", extra={"event": "engine_failed"})
@@ -183,9 +203,16 @@ class Engine:
         blocks (app/aot.py) were made for every batch size and mask before the warm-up."""
         device = self.loaded.device
         size = self.settings.warmup_pixels(device.type)
-        params = GenerationParams(prompt="warm-up: a lighthouse at dusk", negative_prompt="", width=size,
-                                  height=size, num_inference_steps=self.settings.warmup_steps, cfg_scale=0.0,
-                                  num_images=1, seed=0)
+        params = GenerationParams(
+            prompt="warm-up: a lighthouse at dusk",
+            negative_prompt="",
+            width=size,
+            height=size,
+            num_inference_steps=self.settings.warmup_steps,
+            cfg_scale=0.0,
+            num_images=1,
+            seed=0,
+        )
         watch = self.heartbeat.compile_watch
         compiled_before = watch.mark() if watch else None
         started = time.perf_counter()
@@ -202,8 +229,10 @@ class Engine:
             batches["two_images_s"] = [dataclasses.replace(params, num_images=2, seed=1)]
         if self.settings.max_batch > 1:  # merged requests, prompts of different lengths, a full batch
             long_prompt = "warm-up: " + ", ".join(["a lighthouse on a cliff at dusk, waves below"] * 8)
-            batches["merged_batch_s"] = [dataclasses.replace(params, prompt=long_prompt if i == 0 else f"warm-up batch {i}",
-                                                             seed=i) for i in range(self.settings.max_batch)]
+            batches["merged_batch_s"] = [
+                dataclasses.replace(params, prompt=long_prompt if i == 0 else f"warm-up batch {i}", seed=i)
+                for i in range(self.settings.max_batch)
+            ]
         for label, batch_params in batches.items():
             mark = time.perf_counter()
             jobs = [Job(params=p, request_id=f"warmup-{i}") for i, p in enumerate(batch_params)]
@@ -211,9 +240,14 @@ class Engine:
             self.warmup_parts[label] = round(time.perf_counter() - mark, 2)
             error = jobs[0].future.exception(timeout=0)
             if error is not None:  # e.g. no room for a batch on a small card: single images still work
-                log.warning("batch warm-up failed; a batch of this size may fail the same way when it comes",
-                            extra={"event": "warmup_batch_failed", "images": sum(p.num_images for p in batch_params),
-                                   "error": error.__class__.__name__})
+                log.warning(
+                    "batch warm-up failed; a batch of this size may fail the same way when it comes",
+                    extra={
+                        "event": "warmup_batch_failed",
+                        "images": sum(p.num_images for p in batch_params),
+                        "error": error.__class__.__name__,
+                    },
+                )
             if self.state == "unhealthy":  # a fatal CUDA error in a batch: this process cannot serve
                 raise RuntimeError(f"warm-up: {self.state_reason}")
         self.prompt_cache.clear()
@@ -230,22 +264,35 @@ class Engine:
             torch.compiler.set_stance("eager_on_recompile")
 
     # ---- admission -------------------------------------------------------------------------
-    def submit(self, params: GenerationParams, request_id: Optional[str] = None, priority: bool = False) -> Job:
+    def submit(
+        self, params: GenerationParams, request_id: Optional[str] = None, priority: bool = False
+    ) -> Job:
         """Queue a generation. Raises NotReady, EngineUnhealthy or QueueFull instead of waiting.
         A priority job (the monitor's post-restart check) skips the line and the queue limit: it is
         one small request, and it must not be starved by the traffic it is there to protect."""
         if self.state == "unhealthy":
-            raise errors.EngineUnhealthy(f"the engine is unhealthy ({self.state_reason}); it is being replaced",
-                                         retry_after_s=30)
+            raise errors.EngineUnhealthy(
+                f"the engine is unhealthy ({self.state_reason}); it is being replaced", retry_after_s=30
+            )
         if self.state != "ready":
             raise errors.NotReady(f"the model is {self.state}; try again shortly", retry_after_s=5)
-        job = Job(params=params, request_id=request_id or uuid.uuid4().hex[:16], priority=0 if priority else 1,
-                  seq=next(self._seq))
+        job = Job(
+            params=params,
+            request_id=request_id or uuid.uuid4().hex[:16],
+            priority=0 if priority else 1,
+            seq=next(self._seq),
+        )
         with self._lock:
-            if not priority and self._waiting >= self.settings.queue_size and (self._running or self._waiting):
+            if (
+                not priority
+                and self._waiting >= self.settings.queue_size
+                and (self._running or self._waiting)
+            ):
                 raise errors.QueueFull(
                     f"the queue is full ({self._waiting} waiting, {self._running} running)",
-                    hint="retry after the time in Retry-After", retry_after_s=self._retry_after())
+                    hint="retry after the time in Retry-After",
+                    retry_after_s=self._retry_after(),
+                )
             self._waiting += 1
         self._jobs.put((job.priority, job.seq, job))
         return job
@@ -283,8 +330,11 @@ class Engine:
                     except queue.Empty:
                         break
                     nxt = item[2]
-                    if (nxt is not None and nxt.params.batch_key() == first.params.batch_key()
-                            and images + nxt.params.num_images <= self.settings.max_batch):
+                    if (
+                        nxt is not None
+                        and nxt.params.batch_key() == first.params.batch_key()
+                        and images + nxt.params.num_images <= self.settings.max_batch
+                    ):
                         batch.append(nxt)
                         images += nxt.params.num_images
                         self._waiting -= 1
@@ -309,16 +359,26 @@ class Engine:
                 # One CPU generator per image, seeded seed+i: an image depends on its request only,
                 # never on what it was batched with, and a seed gives the same picture on CPU and GPU.
                 generators.append(torch.Generator("cpu").manual_seed((p.seed + i) % 2**63))
-        request = BatchRequest(prompts=prompts, negatives=negatives if uses_guidance(first.cfg_scale) else None,
-                               width=first.width, height=first.height, steps=first.num_inference_steps,
-                               cfg_scale=first.cfg_scale, generators=generators)
+        request = BatchRequest(
+            prompts=prompts,
+            negatives=negatives if uses_guidance(first.cfg_scale) else None,
+            width=first.width,
+            height=first.height,
+            steps=first.num_inference_steps,
+            cfg_scale=first.cfg_scale,
+            generators=generators,
+        )
         hb = self.heartbeat
         now = self.wall_clock()
         started = time.perf_counter()
         for job in batch:
             job.started_at = time.monotonic()
-        hb.begin((first.width, first.height, len(prompts)), tuple(j.request_id for j in batch),
-                 first.num_inference_steps, now)
+        hb.begin(
+            (first.width, first.height, len(prompts)),
+            tuple(j.request_id for j in batch),
+            first.num_inference_steps,
+            now,
+        )
         last_step_perf = [started]
         cuda = self.loaded.device.type == "cuda"
         if cuda:
@@ -337,7 +397,9 @@ class Engine:
         def on_stage(stage: Optional[str]) -> None:
             now_perf = time.perf_counter()
             compiles = watch.mark()[0] if watch else 0
-            hb.enter_stage(stage, self.wall_clock(), now_perf - stage_mark[0], compiled=compiles != stage_mark[1])
+            hb.enter_stage(
+                stage, self.wall_clock(), now_perf - stage_mark[0], compiled=compiles != stage_mark[1]
+            )
             stage_mark[:] = [now_perf, compiles]
             last_step_perf[0] = now_perf  # the first step is timed from the start of denoising
 
@@ -358,10 +420,13 @@ class Engine:
         try:
             self.faults.before_generation()
             with torch.inference_mode():
-                images, stages = run_batch(pipe, request, self.loaded.exec_device, self.prompt_cache, on_step_end,
-                                           on_stage)
+                images, stages = run_batch(
+                    pipe, request, self.loaded.exec_device, self.prompt_cache, on_step_end, on_stage
+                )
         except _Cancelled:
-            self._fail(batch, errors.GenerationTimeout("the request timed out and was cancelled mid-generation"))
+            self._fail(
+                batch, errors.GenerationTimeout("the request timed out and was cancelled mid-generation")
+            )
             return
         except torch.OutOfMemoryError as exc:
             self._handle_oom(batch, exc, probe)
@@ -389,10 +454,18 @@ class Engine:
         offset = 0
         for job in batch:
             n = job.params.num_images
-            _resolve(job.future, JobResult(
-                images=images[offset:offset + n], seed=job.params.seed,
-                queue_wait_s=job.started_at - job.enqueued_at, generation_s=seconds,
-                batch_size=len(batch), peak_memory_bytes=peak, stages=stages))
+            _resolve(
+                job.future,
+                JobResult(
+                    images=images[offset : offset + n],
+                    seed=job.params.seed,
+                    queue_wait_s=job.started_at - job.enqueued_at,
+                    generation_s=seconds,
+                    batch_size=len(batch),
+                    peak_memory_bytes=peak,
+                    stages=stages,
+                ),
+            )
             offset += n
 
     def _note_compiles(self, batch: list[Job], count: int, seconds: float) -> None:
@@ -402,11 +475,18 @@ class Engine:
             return
         self.compiles_after_warmup += count
         p = batch[0].params
-        log.warning("a request had to compile (a shape the warm-up did not cover)",
-                    extra={"event": "compiled_in_request", "compiles": count,
-                           "compile_s": round(seconds, 2), "width": p.width, "height": p.height,
-                           "images": sum(j.params.num_images for j in batch),
-                           "request_ids": [j.request_id for j in batch]})
+        log.warning(
+            "a request had to compile (a shape the warm-up did not cover)",
+            extra={
+                "event": "compiled_in_request",
+                "compiles": count,
+                "compile_s": round(seconds, 2),
+                "width": p.width,
+                "height": p.height,
+                "images": sum(j.params.num_images for j in batch),
+                "request_ids": [j.request_id for j in batch],
+            },
+        )
 
     def _fail(self, batch: list[Job], exc: Exception) -> None:
         for job in batch:
@@ -421,25 +501,44 @@ class Engine:
             return
         p = batch[0].params
         # The log line keeps torch's own words: operators grep for them and the monitor counts them.
-        log.error("CUDA out of memory during generation; cache freed, request failed, still serving",
-                  extra={"event": "oom", "request_ids": [j.request_id for j in batch],
-                         "width": p.width, "height": p.height, "images": len(batch), "error": str(exc)[:300]})
+        log.error(
+            "CUDA out of memory during generation; cache freed, request failed, still serving",
+            extra={
+                "event": "oom",
+                "request_ids": [j.request_id for j in batch],
+                "width": p.width,
+                "height": p.height,
+                "images": len(batch),
+                "error": str(exc)[:300],
+            },
+        )
         self.free_cache()
         smaller = max(self.settings.min_size, (min(p.width, p.height) // 2) // 64 * 64)
-        self._fail(batch, errors.OutOfMemory(
-            "the GPU ran out of memory for this request",
-            hint=f"try a smaller size (e.g. {smaller}x{smaller}) or fewer images", retry_after_s=5))
+        self._fail(
+            batch,
+            errors.OutOfMemory(
+                "the GPU ran out of memory for this request",
+                hint=f"try a smaller size (e.g. {smaller}x{smaller}) or fewer images",
+                retry_after_s=5,
+            ),
+        )
 
     def _handle_error(self, batch: list[Job], exc: Exception) -> None:
         text = f"{exc.__class__.__name__}: {exc}"
         if any(marker in text for marker in FATAL_CUDA_MARKERS):
             self.state, self.state_reason = "unhealthy", text[:200]
-            log.critical("unrecoverable CUDA error; engine unhealthy, process must be replaced",
-                         extra={"event": "cuda_fatal", "error": text[:500]})
-            self._fail(batch, errors.EngineUnhealthy("the GPU failed; the service is restarting", retry_after_s=30))
+            log.critical(
+                "unrecoverable CUDA error; engine unhealthy, process must be replaced",
+                extra={"event": "cuda_fatal", "error": text[:500]},
+            )
+            self._fail(
+                batch, errors.EngineUnhealthy("the GPU failed; the service is restarting", retry_after_s=30)
+            )
             return
-        log.exception("generation failed", extra={"event": "generation_failed",
-                                                  "request_ids": [j.request_id for j in batch]})
+        log.exception(
+            "generation failed",
+            extra={"event": "generation_failed", "request_ids": [j.request_id for j in batch]},
+        )
         self._fail(batch, errors.GenerationFailed(f"generation failed: {exc.__class__.__name__}"))
 
     # ---- admin -----------------------------------------------------------------------------
@@ -453,13 +552,21 @@ class Engine:
         torch.cuda.empty_cache()
         after = torch.cuda.memory_reserved(self.loaded.device)
         log.info("freed GPU cache", extra={"event": "free_cache", "freed_bytes": before - after})
-        return {"device": str(self.loaded.device), "reserved_before": before, "reserved_after": after,
-                "freed_bytes": before - after}
+        return {
+            "device": str(self.loaded.device),
+            "reserved_before": before,
+            "reserved_after": after,
+            "freed_bytes": before - after,
+        }
 
     def memory(self) -> dict:
         if self.loaded is None or self.loaded.device.type != "cuda":
             return {}
         d = self.loaded.device
         free, total = torch.cuda.mem_get_info(d)
-        return {"allocated_bytes": torch.cuda.memory_allocated(d), "reserved_bytes": torch.cuda.memory_reserved(d),
-                "device_free_bytes": free, "device_total_bytes": total}
+        return {
+            "allocated_bytes": torch.cuda.memory_allocated(d),
+            "reserved_bytes": torch.cuda.memory_reserved(d),
+            "device_free_bytes": free,
+            "device_total_bytes": total,
+        }

@@ -22,9 +22,20 @@ from pathlib import Path
 
 import torch
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 CHUNK = 64 * 2**20
 READERS = 4
 _EMPTY_INIT_LOCK = threading.Lock()
@@ -45,10 +56,12 @@ def _read_range(path: Path, lo: int, hi: int, data_start: int, targets: list, de
     file read and a host→GPU copy are always in flight together."""
     cuda = device.type == "cuda"
     stream = torch.cuda.Stream(device) if cuda else None
-    staging = [torch.empty(min(CHUNK, hi - lo), dtype=torch.uint8, pin_memory=cuda) for _ in range(2 if cuda else 1)]
+    staging = [
+        torch.empty(min(CHUNK, hi - lo), dtype=torch.uint8, pin_memory=cuda) for _ in range(2 if cuda else 1)
+    ]
     done: list = [None] * len(staging)
     begins = [t[0] for t in targets]
-    with open(path, "rb", buffering=0) as f, (torch.cuda.stream(stream) if cuda else contextlib.nullcontext()):
+    with open(path, "rb", buffering=0) as f, torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
         f.seek(data_start + lo)
         pos, i = lo, 0
         while pos < hi:
@@ -69,7 +82,7 @@ def _read_range(path: Path, lo: int, hi: int, data_start: int, targets: list, de
                 begin, end, dest = targets[k]
                 a, b = max(begin, pos), min(end, pos + want)
                 if a < b:
-                    dest[a - begin:b - begin].copy_(buf[a - pos:b - pos], non_blocking=cuda)
+                    dest[a - begin : b - begin].copy_(buf[a - pos : b - pos], non_blocking=cuda)
                 k += 1
             if cuda:
                 done[slot] = torch.cuda.Event()
@@ -89,8 +102,10 @@ def load_file(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
         begin, end = info["data_offsets"]
         tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]], device=device)
         if tensor.numel() * tensor.element_size() != end - begin:
-            raise ValueError(f"{path}: {name} has {end - begin} bytes, its shape and dtype need "
-                             f"{tensor.numel() * tensor.element_size()}")
+            raise ValueError(
+                f"{path}: {name} has {end - begin} bytes, its shape and dtype need "
+                f"{tensor.numel() * tensor.element_size()}"
+            )
         tensors[name] = tensor
         if end > begin:
             targets.append((begin, end, tensor.reshape(-1).view(torch.uint8)))
@@ -98,13 +113,23 @@ def load_file(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     step = max(4096, -(-total // READERS))
     step += (-step) % 4096  # page-aligned ranges, one per reader
     with cf.ThreadPoolExecutor(READERS, thread_name_prefix="safetensors") as pool:
-        futures = [pool.submit(_read_range, path, lo, min(lo + step, total), data_start, targets, device)
-                   for lo in range(0, total, step)]
+        futures = [
+            pool.submit(_read_range, path, lo, min(lo + step, total), data_start, targets, device)
+            for lo in range(0, total, step)
+        ]
         for future in futures:
             future.result()
     seconds = time.perf_counter() - started
-    log.info("read weights", extra={"event": "weights_read", "file": path.name, "gib": round(total / 2**30, 2),
-                                    "seconds": round(seconds, 2), "gb_per_s": round(total / 1e9 / max(seconds, 1e-9), 2)})
+    log.info(
+        "read weights",
+        extra={
+            "event": "weights_read",
+            "file": path.name,
+            "gib": round(total / 2**30, 2),
+            "seconds": round(seconds, 2),
+            "gb_per_s": round(total / 1e9 / max(seconds, 1e-9), 2),
+        },
+    )
     return tensors
 
 
@@ -126,7 +151,9 @@ class Prefetch:
     def __init__(self, model_dir: Path, device: torch.device, names: tuple[str, ...]):
         self.model_dir = Path(model_dir)
         self._pool = cf.ThreadPoolExecutor(len(names), thread_name_prefix="prefetch")
-        self._futures = {name: self._pool.submit(load_state_dict, self.model_dir / name, device) for name in names}
+        self._futures = {
+            name: self._pool.submit(load_state_dict, self.model_dir / name, device) for name in names
+        }
         self._pool.shutdown(wait=False)
 
     def take(self, model_dir: Path, name: str) -> "cf.Future | None":
@@ -136,7 +163,9 @@ class Prefetch:
 _prefetch: Prefetch | None = None
 
 
-def start_prefetch(model_dir: Path, device: torch.device, names: tuple[str, ...] = ("transformer", "text_encoder")) -> None:
+def start_prefetch(
+    model_dir: Path, device: torch.device, names: tuple[str, ...] = ("transformer", "text_encoder")
+) -> None:
     global _prefetch
     _prefetch = Prefetch(model_dir, device, names)
 
@@ -150,7 +179,9 @@ def discard_prefetch() -> None:
     _prefetch = None
 
 
-def build_model(cls, folder: Path, device: torch.device, dtype: torch.dtype, reading: "cf.Future | None" = None):
+def build_model(
+    cls, folder: Path, device: torch.device, dtype: torch.dtype, reading: "cf.Future | None" = None
+):
     """`cls` (a diffusers ModelMixin or a transformers PreTrainedModel) from `folder`'s config and
     weights, parameters on `device` in `dtype` (modules the class keeps in fp32 excepted), eval mode.
     `reading`: the weights already being read (a Prefetch), else they are read now."""
@@ -171,15 +202,21 @@ def build_model(cls, folder: Path, device: torch.device, dtype: torch.dtype, rea
             state = reading.result()
             keep_fp32 = set(getattr(cls, "_keep_in_fp32_modules", None) or ())
             for name, tensor in state.items():
-                if tensor.is_floating_point() and tensor.dtype != dtype and not keep_fp32 & set(name.split(".")):
+                if (
+                    tensor.is_floating_point()
+                    and tensor.dtype != dtype
+                    and not keep_fp32 & set(name.split("."))
+                ):
                     state[name] = tensor.to(dtype)
             _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     # A weight the file lacks would stay on meta: refuse (the loader falls back to from_pretrained)
     # rather than serve a model with a hole in it.
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta or unexpected:
-        raise ValueError(f"{folder}: weights do not match the config (missing {still_meta[:5]}, "
-                         f"unexpected {list(unexpected)[:5]})")
+        raise ValueError(
+            f"{folder}: weights do not match the config (missing {still_meta[:5]}, "
+            f"unexpected {list(unexpected)[:5]})"
+        )
     model.to(device)  # buffers (made on the CPU, e.g. fp32 RoPE frequencies) follow, in their own dtype
     model.eval().requires_grad_(False)
     return model

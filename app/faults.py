@@ -48,13 +48,26 @@ class FaultInjector:
                 self.leaked.clear()
             else:
                 raise ValueError(f"unknown fault {kind!r}; one of {', '.join(FAULT_KINDS)}")
-        log.warning("fault injected", extra={"event": "fault_injected", "fault": kind, "count": count,
-                                             "seconds": seconds, "megabytes": megabytes})
+        log.warning(
+            "fault injected",
+            extra={
+                "event": "fault_injected",
+                "fault": kind,
+                "count": count,
+                "seconds": seconds,
+                "megabytes": megabytes,
+            },
+        )
         return self.state()
 
     def state(self) -> dict:
-        return {"enabled": self.enabled, "oom_pending": self.oom_pending, "fatal_pending": self.fatal_pending,
-                "step_delay_s": self.step_delay_s, "leaked_mb": sum(len(b) for b in self.leaked) // 2**20}
+        return {
+            "enabled": self.enabled,
+            "oom_pending": self.oom_pending,
+            "fatal_pending": self.fatal_pending,
+            "step_delay_s": self.step_delay_s,
+            "leaked_mb": sum(len(b) for b in self.leaked) // 2**20,
+        }
 
     def before_generation(self) -> None:
         if not self.enabled:
@@ -63,7 +76,8 @@ class FaultInjector:
             if self.oom_pending > 0:
                 self.oom_pending -= 1
                 raise torch.OutOfMemoryError(
-                    "CUDA out of memory. Tried to allocate 20.00 GiB (injected fault: zimagectl chaos oom)")
+                    "CUDA out of memory. Tried to allocate 20.00 GiB (injected fault: zimagectl chaos oom)"
+                )
             if self.fatal_pending > 0:
                 self.fatal_pending -= 1
                 raise RuntimeError("CUDA error: an illegal memory access was encountered (injected fault)")

@@ -39,7 +39,9 @@ class Float8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w_fp8, w_scale = quantize_rows(linear.weight.detach())  # one scale per output channel
-        self.register_buffer("weight_fp8", w_fp8)  # (out, in): its .t() is the column-major B _scaled_mm wants
+        self.register_buffer(
+            "weight_fp8", w_fp8
+        )  # (out, in): its .t() is the column-major B _scaled_mm wants
         self.register_buffer("weight_scale", w_scale.t().contiguous())  # (1, out)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.use_kernel = fp8_matmul_supported(linear.weight.device)
@@ -48,10 +50,18 @@ class Float8Linear(nn.Module):
         lead = x.shape[:-1]
         x_fp8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
         if self.use_kernel:
-            out = torch._scaled_mm(x_fp8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                                   out_dtype=x.dtype, use_fast_accum=True)
+            out = torch._scaled_mm(
+                x_fp8,
+                self.weight_fp8.t(),
+                scale_a=x_scale,
+                scale_b=self.weight_scale,
+                out_dtype=x.dtype,
+                use_fast_accum=True,
+            )
         else:
-            out = ((x_fp8.float() * x_scale) @ (self.weight_fp8.float() * self.weight_scale.t()).t()).to(x.dtype)
+            out = ((x_fp8.float() * x_scale) @ (self.weight_fp8.float() * self.weight_scale.t()).t()).to(
+                x.dtype
+            )
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*lead, self.out_features)
@@ -70,8 +80,13 @@ def quantize_linears(root: nn.Module, min_features: int = 512) -> int:
     replaced = 0
     for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
-            if (type(child) is nn.Linear and child.in_features >= min_features and child.out_features >= min_features
-                    and child.in_features % 16 == 0 and child.out_features % 16 == 0):
+            if (
+                type(child) is nn.Linear
+                and child.in_features >= min_features
+                and child.out_features >= min_features
+                and child.in_features % 16 == 0
+                and child.out_features % 16 == 0
+            ):
                 setattr(parent, name, Float8Linear(child))
                 replaced += 1
     return replaced
@@ -80,7 +95,9 @@ def quantize_linears(root: nn.Module, min_features: int = 512) -> int:
 def quantize_transformer(transformer: nn.Module, min_features: int = 512) -> int:
     """FP8 for the linear layers of the repeated blocks (main layers and both refiners), where ~90 %
     of the FLOPs are; embedders and the final layer stay bf16."""
-    blocks = [m for m in transformer.modules() if type(m).__name__ in getattr(transformer, "_repeated_blocks", ())]
+    blocks = [
+        m for m in transformer.modules() if type(m).__name__ in getattr(transformer, "_repeated_blocks", ())
+    ]
     count = sum(quantize_linears(block, min_features) for block in blocks)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the bf16 weights just dropped

@@ -83,7 +83,9 @@ def start_weight_prefetch(settings: AppSettings) -> bool:
         apply_memory_cap(settings, device)
         start_prefetch(settings.model_dir, device)
     except Exception as exc:  # the engine's own load reports the problem properly (readiness, reason)
-        log.warning("weight prefetch not started", extra={"event": "prefetch_skipped", "error": str(exc)[:300]})
+        log.warning(
+            "weight prefetch not started", extra={"event": "prefetch_skipped", "error": str(exc)[:300]}
+        )
         return False
     return True
 
@@ -131,8 +133,10 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
     if settings.model_dir is None:
         from app.tiny import build_tiny_pipeline
 
-        log.warning("no model_dir configured: serving the built-in random-weight DEMO model (not Z-Image-Turbo)",
-                    extra={"event": "demo_model"})
+        log.warning(
+            "no model_dir configured: serving the built-in random-weight DEMO model (not Z-Image-Turbo)",
+            extra={"event": "demo_model"},
+        )
         pipe = build_tiny_pipeline(dtype=dtype)
         source = "tiny"
     else:
@@ -161,7 +165,9 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         try:
             pipe.transformer.set_attention_backend(settings.attention_backend)
         except Exception as exc:  # an unavailable kernel is a config error, said clearly
-            raise RuntimeError(f"attention backend {settings.attention_backend!r} unavailable: {exc}") from exc
+            raise RuntimeError(
+                f"attention backend {settings.attention_backend!r} unavailable: {exc}"
+            ) from exc
 
     if settings.quantize == "fp8":
         from app.fp8 import fp8_matmul_supported, quantize_transformer
@@ -169,7 +175,10 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         mark = time.perf_counter()
         count = quantize_transformer(pipe.transformer, min_features=min(512, pipe.transformer.config.dim))
         phases["quantize_s"] = time.perf_counter() - mark
-        notes.append(f"FP8 linear layers: {count}" + ("" if fp8_matmul_supported(device) else " (emulated: no FP8 matmul here)"))
+        notes.append(
+            f"FP8 linear layers: {count}"
+            + ("" if fp8_matmul_supported(device) else " (emulated: no FP8 matmul here)")
+        )
 
     if device.type == "cuda":
         phases["allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
@@ -185,17 +194,29 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
 
         step_cache = stepcache.StepCache(settings.step_cache_skips)
         stepcache.install(pipe.transformer, step_cache)
-        notes.append(f"step cache: up to {settings.step_cache_skips} of each generation's steps reuse the "
-                     "main layers' previous residual (lossy)")
+        notes.append(
+            f"step cache: up to {settings.step_cache_skips} of each generation's steps reuse the "
+            "main layers' previous residual (lossy)"
+        )
     if _graph_text_encoder(settings, device, compiled):
         from app import encoder_graph
 
         encoder_graph.install(pipe.text_encoder)
         notes.append("text encoder: CUDA graph per batch size (captured at its first use)")
     return LoadedPipeline(
-        pipe=pipe, device=device, dtype=dtype, vae_dtype=vae_dtype, compiled=compiled, compile_backend=backend,
-        attention_backend=settings.attention_backend, offload=settings.offload, source=source,
-        load_seconds=time.perf_counter() - started, notes=notes, quantize=settings.quantize, step_cache=step_cache,
+        pipe=pipe,
+        device=device,
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+        compiled=compiled,
+        compile_backend=backend,
+        attention_backend=settings.attention_backend,
+        offload=settings.offload,
+        source=source,
+        load_seconds=time.perf_counter() - started,
+        notes=notes,
+        quantize=settings.quantize,
+        step_cache=step_cache,
         phases={k: round(v, 2) for k, v in phases.items()},
     )
 
@@ -203,12 +224,21 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
 def _graph_text_encoder(settings: AppSettings, device: torch.device, compiled: bool) -> bool:
     """CUDA graphs need the encoder's weights to stay where they are (no offload hooks moving
     them) and do not mix with a torch.compile'd encoder."""
-    return (settings.text_encoder_graph and device.type == "cuda" and settings.offload == "none"
-            and not (compiled and settings.compile_text_encoder))
+    return (
+        settings.text_encoder_graph
+        and device.type == "cuda"
+        and settings.offload == "none"
+        and not (compiled and settings.compile_text_encoder)
+    )
 
 
-def _from_directory(settings: AppSettings, device: torch.device, dtype: torch.dtype, notes: list[str],
-                    phases: dict[str, float]):
+def _from_directory(
+    settings: AppSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    notes: list[str],
+    phases: dict[str, float],
+):
     """from_pretrained, except that when everything stays on one device the two big components
     (transformer 12 GiB, text encoder 8 GiB) are read by app/fastload.py, concurrently: large
     sequential reads into pinned buffers, straight to the GPU, started under the process's imports
@@ -227,8 +257,10 @@ def _from_directory(settings: AppSettings, device: torch.device, dtype: torch.dt
 
                 discard_prefetch()  # reads nobody will take would hold GPU memory for good
                 notes.append(f"fast load skipped ({exc.__class__.__name__}: {exc})")
-                log.warning("fast load failed; using from_pretrained", extra={"event": "fast_load_failed",
-                                                                              "error": str(exc)[:300]})
+                log.warning(
+                    "fast load failed; using from_pretrained",
+                    extra={"event": "fast_load_failed", "error": str(exc)[:300]},
+                )
         if device.type == "cuda":
             # What is left (VAE, or everything after a fallback): file → GPU, not file → CPU → GPU.
             kwargs["device_map"] = "cuda" if device.index is None else f"cuda:{device.index}"
@@ -259,13 +291,20 @@ def _read_big_components(model_dir: Path, device: torch.device, dtype: torch.dty
         for name in ("transformer", "text_encoder"):
             library, class_name = index[name]
             cls = getattr(importlib.import_module(library), class_name)
-            futures[name] = pool.submit(build_model, cls, model_dir / name, device, dtype,
-                                        take_prefetched(model_dir, name))
+            futures[name] = pool.submit(
+                build_model, cls, model_dir / name, device, dtype, take_prefetched(model_dir, name)
+            )
         return {name: future.result() for name, future in futures.items()}
 
 
-def compile_pipeline(pipe, settings: AppSettings, device: torch.device, dtype: torch.dtype,
-                     notes: list[str], phases: dict[str, float]) -> str:
+def compile_pipeline(
+    pipe,
+    settings: AppSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    notes: list[str],
+    phases: dict[str, float],
+) -> str:
     """Compile where it pays; returns how the transformer blocks run ("aot" or "jit"). Compiled code
     is cached on disk under compile_cache_dir for the next start: AOT packages are made here (once
     per GPU/torch/architecture), torch.compile's graphs at the first call of each shape (the warm-up)."""
@@ -280,21 +319,31 @@ def compile_pipeline(pipe, settings: AppSettings, device: torch.device, dtype: t
         backend = "aot" if _install_aot(pipe, settings, device, dtype, notes, phases) else "jit"
     if backend == "jit":
         _compile_blocks_jit(pipe, settings)
-    if settings.compile_text_encoder and settings.offload == "none":  # (group-offload hooks and compile do not mix)
+    if (
+        settings.compile_text_encoder and settings.offload == "none"
+    ):  # (group-offload hooks and compile do not mix)
         # The pipeline pads every prompt to 512 tokens: one static shape per batch size. Off by
         # default: on the H100 encoding took 31–54 ms compiled against 46–49 ms eager (the tokenizer
         # and mask building dominate), for 10–20 s more warm-up.
         for layer in pipe.text_encoder.layers:
             layer.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
-    if settings.compile_vae and not (backend == "aot" and _install_aot_decoder(pipe, settings, device, notes, phases)):
+    if settings.compile_vae and not (
+        backend == "aot" and _install_aot_decoder(pipe, settings, device, notes, phases)
+    ):
         # Static shapes: dynamic VAE graphs took 17-21 s to load from a warm cache at start-up (static:
         # ~2 s) and still recompiled per size. Sizes the warm-up did not decode run eagerly (+50 ms).
         pipe.vae.decoder.compile(fullgraph=False, dynamic=False, mode=settings.compile_mode)
     return backend
 
 
-def _install_aot(pipe, settings: AppSettings, device: torch.device, dtype: torch.dtype,
-                 notes: list[str], phases: dict[str, float]) -> bool:
+def _install_aot(
+    pipe,
+    settings: AppSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    notes: list[str],
+    phases: dict[str, float],
+) -> bool:
     """The blocks' AOT packages, or False (said in the notes and the log) to fall back to
     torch.compile: a model that exports differently must still start, only slower."""
     from app import aot
@@ -302,23 +351,34 @@ def _install_aot(pipe, settings: AppSettings, device: torch.device, dtype: torch
     reason = aot.supported(settings.offload)
     if reason is None:
         try:
-            report = aot.install(pipe.transformer, settings.compile_cache_dir, dtype, device,
-                                 settings.quantize, settings.attention_backend)
+            report = aot.install(
+                pipe.transformer,
+                settings.compile_cache_dir,
+                dtype,
+                device,
+                settings.quantize,
+                settings.attention_backend,
+            )
         except Exception as exc:
             aot.uninstall(pipe.transformer)
             reason = f"{exc.__class__.__name__}: {str(exc)[:300]}"
-            log.warning("AOT compile of the transformer blocks failed; using torch.compile",
-                        extra={"event": "aot_failed", "part": "transformer", "error": reason})
+            log.warning(
+                "AOT compile of the transformer blocks failed; using torch.compile",
+                extra={"event": "aot_failed", "part": "transformer", "error": reason},
+            )
         else:
             _note_aot(report, "transformer blocks", phases)
-            notes.append(f"transformer blocks: AOT packages ({len(report.loaded)} kinds, {report.blocks} blocks)")
+            notes.append(
+                f"transformer blocks: AOT packages ({len(report.loaded)} kinds, {report.blocks} blocks)"
+            )
             return True
     notes.append(f"transformer blocks: torch.compile (AOT unavailable: {reason})")
     return False
 
 
-def _install_aot_decoder(pipe, settings: AppSettings, device: torch.device, notes: list[str],
-                         phases: dict[str, float]) -> bool:
+def _install_aot_decoder(
+    pipe, settings: AppSettings, device: torch.device, notes: list[str], phases: dict[str, float]
+) -> bool:
     from app import aot
 
     vae = pipe.vae
@@ -328,8 +388,14 @@ def _install_aot_decoder(pipe, settings: AppSettings, device: torch.device, note
         report = aot.install_decoder(vae.decoder, settings.compile_cache_dir, shape, vae.dtype, device)
     except Exception as exc:
         vae.decoder.__dict__.pop("forward", None)
-        log.warning("AOT compile of the VAE decoder failed; using torch.compile",
-                    extra={"event": "aot_failed", "part": "vae_decoder", "error": f"{exc.__class__.__name__}: {str(exc)[:300]}"})
+        log.warning(
+            "AOT compile of the VAE decoder failed; using torch.compile",
+            extra={
+                "event": "aot_failed",
+                "part": "vae_decoder",
+                "error": f"{exc.__class__.__name__}: {str(exc)[:300]}",
+            },
+        )
         return False
     _note_aot(report, "VAE decoder", phases)
     notes.append(f"VAE decoder: AOT package for {side * pipe.vae_scale_factor}² (other sizes eager)")
@@ -340,9 +406,16 @@ def _note_aot(report, part: str, phases: dict[str, float]) -> None:
     phases["aot_load_s"] = phases.get("aot_load_s", 0.0) + report.load_s
     if report.compiled:
         phases["aot_compile_s"] = phases.get("aot_compile_s", 0.0) + report.compile_s
-        log.info(f"compiled the {part} ahead of time", extra={
-            "event": "aot_compiled", "part": part, "kinds": report.compiled, "seconds": report.compile_s,
-            "directory": report.directory})
+        log.info(
+            f"compiled the {part} ahead of time",
+            extra={
+                "event": "aot_compiled",
+                "part": part,
+                "kinds": report.compiled,
+                "seconds": report.compile_s,
+                "directory": report.directory,
+            },
+        )
 
 
 def _compile_blocks_jit(pipe, settings: AppSettings) -> None:
@@ -380,5 +453,11 @@ def _place(pipe, offload: str, device: torch.device, notes: list[str]) -> None:
 
         pipe.transformer.to(device)
         pipe.vae.to(device)
-        apply_group_offloading(pipe.text_encoder, onload_device=device, offload_device=torch.device("cpu"),
-                               offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+        apply_group_offloading(
+            pipe.text_encoder,
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=True,
+        )

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the app, on a registry of its own (one per app instance, so tests can build several)."""
+"""Prometheus metrics of the app, on a registry of its own (one per app instance, so tests can build
+several)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,19 @@ class AppMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("zimage_requests", "Generation requests by outcome", ["status"], registry=r)
-        self.request_seconds = Histogram("zimage_request_seconds", "End-to-end /api/generate latency",
-                                         buckets=LATENCY_BUCKETS, registry=r)
-        self.generation_seconds = Histogram("zimage_generation_seconds", "Pipeline time per batch",
-                                            buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait_seconds = Histogram("zimage_queue_wait_seconds", "Time waiting for the engine",
-                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.request_seconds = Histogram(
+            "zimage_request_seconds", "End-to-end /api/generate latency", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.generation_seconds = Histogram(
+            "zimage_generation_seconds", "Pipeline time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait_seconds = Histogram(
+            "zimage_queue_wait_seconds", "Time waiting for the engine", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.images = Counter("zimage_images", "Images generated", registry=r)
-        self.steps_per_second = Gauge("zimage_steps_per_second", "Denoising steps per second, last batch",
-                                      registry=r)
+        self.steps_per_second = Gauge(
+            "zimage_steps_per_second", "Denoising steps per second, last batch", registry=r
+        )
         self.oom = Counter("zimage_oom", "Generations that ran out of GPU memory", registry=r)
 
     def on_batch_done(self, images: int, seconds: float, steps: int) -> None:

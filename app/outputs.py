@@ -31,20 +31,29 @@ class OutputStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise errors.StorageError(f"outputs dir {self.directory} cannot be created: {exc.strerror}") from None
+            raise errors.StorageError(
+                f"outputs dir {self.directory} cannot be created: {exc.strerror}"
+            ) from None
         if not os.access(self.directory, os.W_OK | os.X_OK):
-            raise errors.StorageError(f"outputs dir {self.directory} is not writable",
-                                      hint="fix its permissions or set app.outputs_dir")
+            raise errors.StorageError(
+                f"outputs dir {self.directory} is not writable",
+                hint="fix its permissions or set app.outputs_dir",
+            )
         free = shutil.disk_usage(self.directory).free
         if free < self.min_free_bytes:
             raise errors.StorageError(
                 f"disk almost full: {free // 2**20} MiB free under {self.directory}, "
-                f"{self.min_free_bytes // 2**20} MiB required", hint="free disk space or prune old outputs")
+                f"{self.min_free_bytes // 2**20} MiB required",
+                hint="free disk space or prune old outputs",
+            )
 
     def encode(self, image: Image.Image, metadata: dict) -> bytes:
         pixels = np.asarray(image if image.mode in ("RGB", "RGBA") else image.convert("RGB"))
-        return encode_png(pixels, {"parameters": json.dumps(metadata, ensure_ascii=False),
-                                   "Software": "zimage-serve"}, level=self.compress_level)
+        return encode_png(
+            pixels,
+            {"parameters": json.dumps(metadata, ensure_ascii=False), "Software": "zimage-serve"},
+            level=self.compress_level,
+        )
 
     def save(self, images: list, request_id: str, metadata: dict) -> list[tuple[str, bytes]]:
         """Write each image atomically; return (file name, PNG bytes) pairs."""
@@ -63,8 +72,10 @@ class OutputStore:
                 os.replace(tmp, final)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
-                raise errors.StorageError(f"could not write {name}: {exc.strerror}",
-                                          hint="check disk space and permissions of the outputs dir") from None
+                raise errors.StorageError(
+                    f"could not write {name}: {exc.strerror}",
+                    hint="check disk space and permissions of the outputs dir",
+                ) from None
             saved.append((name, data))
         return saved
 

@@ -20,7 +20,9 @@ _CHUNK_BYTES = 512 * 1024
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def _deflate_part(data: bytes, level: int, last: bool) -> bytes:
@@ -30,8 +32,10 @@ def _deflate_part(data: bytes, level: int, last: bool) -> bytes:
 
 def parallel_zlib(data: bytes, level: int = 1) -> bytes:
     """A zlib stream of `data`, compressed in independent chunks on a thread pool."""
-    parts = [data[i:i + _CHUNK_BYTES] for i in range(0, len(data), _CHUNK_BYTES)] or [b""]
-    bodies = list(_POOL.map(lambda ip: _deflate_part(ip[1], level, ip[0] == len(parts) - 1), enumerate(parts)))
+    parts = [data[i : i + _CHUNK_BYTES] for i in range(0, len(data), _CHUNK_BYTES)] or [b""]
+    bodies = list(
+        _POOL.map(lambda ip: _deflate_part(ip[1], level, ip[0] == len(parts) - 1), enumerate(parts))
+    )
     return b"\x78\x01" + b"".join(bodies) + struct.pack(">I", zlib.adler32(data) & 0xFFFFFFFF)
 
 

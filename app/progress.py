@@ -25,8 +25,11 @@ def estimate_slowest(table: dict[tuple[str, Shape], float], stage: str, shape: S
     if (stage, shape) in table:
         return table[(stage, shape)]
     work = shape[0] * shape[1] * shape[2]
-    scaled = [seconds * max(1.0, work / (s[0] * s[1] * s[2])) ** 1.5
-              for (name, s), seconds in table.items() if name == stage]
+    scaled = [
+        seconds * max(1.0, work / (s[0] * s[1] * s[2])) ** 1.5
+        for (name, s), seconds in table.items()
+        if name == stage
+    ]
     return max(scaled) if scaled else None
 
 
@@ -52,7 +55,9 @@ class Heartbeat:
         self.busy_since = self.last_step_at = now
         self.stage, self.stage_started_at = None, now
 
-    def enter_stage(self, stage: Optional[str], now: float, previous_s: Optional[float], compiled: bool) -> None:
+    def enter_stage(
+        self, stage: Optional[str], now: float, previous_s: Optional[float], compiled: bool
+    ) -> None:
         """The previous stage ended after previous_s seconds (recorded unless it compiled); `stage`
         begins (None: the generation's last stage ended)."""
         if self.stage is not None and previous_s is not None and not compiled:
@@ -68,7 +73,9 @@ class Heartbeat:
             return
         self._record("denoise", step_s)
         self.step_seconds_max = max(self.step_seconds_max, step_s)
-        self.step_seconds_ewma = step_s if self.step_seconds_ewma is None else 0.8 * self.step_seconds_ewma + 0.2 * step_s
+        self.step_seconds_ewma = (
+            step_s if self.step_seconds_ewma is None else 0.8 * self.step_seconds_ewma + 0.2 * step_s
+        )
 
     def end(self) -> None:
         self.busy_since, self.request_ids, self.stage, self.stage_started_at = None, (), None, None
@@ -83,11 +90,22 @@ class Heartbeat:
 
     def snapshot(self) -> dict:
         watch = self.compile_watch
-        slowest = estimate_slowest(self.slowest, self.stage, self.shape) if self.stage and self.shape else None
+        slowest = (
+            estimate_slowest(self.slowest, self.stage, self.shape) if self.stage and self.shape else None
+        )
         return HeartbeatModel(
-            busy=self.busy_since is not None, busy_since=self.busy_since, last_step_at=self.last_step_at,
-            steps_done=self.steps_done, steps_total=self.steps_total, request_ids=list(self.request_ids),
-            step_seconds_ewma=self.step_seconds_ewma, step_seconds_max=self.step_seconds_max,
-            generations=self.generations, compiling_since=watch.active_since if watch else None,
-            stage=self.stage, stage_started_at=self.stage_started_at, stage_slowest_s=slowest, warm=self.warm,
+            busy=self.busy_since is not None,
+            busy_since=self.busy_since,
+            last_step_at=self.last_step_at,
+            steps_done=self.steps_done,
+            steps_total=self.steps_total,
+            request_ids=list(self.request_ids),
+            step_seconds_ewma=self.step_seconds_ewma,
+            step_seconds_max=self.step_seconds_max,
+            generations=self.generations,
+            compiling_since=watch.active_since if watch else None,
+            stage=self.stage,
+            stage_started_at=self.stage_started_at,
+            stage_slowest_s=slowest,
+            warm=self.warm,
         ).model_dump()

@@ -71,7 +71,8 @@ class GenerateRequestBase(BaseModel):
         limits = cls.limits
         if value % SIZE_STEP:
             raise ValueError(
-                f"{info.field_name} {value} is not a multiple of {SIZE_STEP}; try {limits.nearest_size(value)}"
+                f"{info.field_name} {value} is not a multiple of {SIZE_STEP}; "
+                f"try {limits.nearest_size(value)}"
             )
         if not limits.min_size <= value <= limits.max_size:
             raise ValueError(
@@ -87,17 +88,33 @@ def build_request_model(limits: Limits) -> type[GenerateRequestBase]:
 
     class GenerateRequest(GenerateRequestBase):
         limits: ClassVar[Limits] = frozen_limits
-        prompt: str = Field(..., max_length=limits.max_prompt_chars, description="What to draw (any language).")
-        negative_prompt: str = Field("", max_length=limits.max_prompt_chars,
-                                     description="What to avoid; used only when cfg_scale > 0.")
-        width: int = Field(DEFAULT_SIZE, description=f"Multiple of 64 in {limits.min_size}..{limits.max_size}.")
-        height: int = Field(DEFAULT_SIZE, description=f"Multiple of 64 in {limits.min_size}..{limits.max_size}.")
+        prompt: str = Field(
+            ..., max_length=limits.max_prompt_chars, description="What to draw (any language)."
+        )
+        negative_prompt: str = Field(
+            "", max_length=limits.max_prompt_chars, description="What to avoid; used only when cfg_scale > 0."
+        )
+        width: int = Field(
+            DEFAULT_SIZE, description=f"Multiple of 64 in {limits.min_size}..{limits.max_size}."
+        )
+        height: int = Field(
+            DEFAULT_SIZE, description=f"Multiple of 64 in {limits.min_size}..{limits.max_size}."
+        )
         num_inference_steps: int = Field(TURBO_DEFAULT_STEPS, ge=1, le=limits.max_steps)
-        cfg_scale: float = Field(TURBO_DEFAULT_CFG, ge=0.0, le=limits.max_cfg, allow_inf_nan=False,
-                                 description="Classifier-free guidance; Turbo is distilled to need none (0).")
+        cfg_scale: float = Field(
+            TURBO_DEFAULT_CFG,
+            ge=0.0,
+            le=limits.max_cfg,
+            allow_inf_nan=False,
+            description="Classifier-free guidance; Turbo is distilled to need none (0).",
+        )
         num_images: int = Field(1, ge=1, le=limits.max_images)
-        seed: int = Field(-1, ge=-1, le=SEED_MAX, description="-1 picks a random seed (returned in the response).")
-        response_format: Literal["url", "base64"] = Field("url", description="Image URLs, or base64 PNGs inline.")
+        seed: int = Field(
+            -1, ge=-1, le=SEED_MAX, description="-1 picks a random seed (returned in the response)."
+        )
+        response_format: Literal["url", "base64"] = Field(
+            "url", description="Image URLs, or base64 PNGs inline."
+        )
 
     return GenerateRequest
 

@@ -35,21 +35,41 @@ class DrainingServer(uvicorn.Server):
             if self.drain_started_at is None:
                 self.drain_started_at = now
                 self.service.draining = True
-                log.warning("drain started", extra={"event": "drain_start", "in_flight": self.service.in_flight,
-                                                    "timeout_s": self.drain_timeout_s})
+                log.warning(
+                    "drain started",
+                    extra={
+                        "event": "drain_start",
+                        "in_flight": self.service.in_flight,
+                        "timeout_s": self.drain_timeout_s,
+                    },
+                )
             idle = self.service.idle()
             late = now - self.drain_started_at >= self.drain_timeout_s
             if idle or late:
-                log.warning("drain finished" if idle else "drain timed out; exiting with work in flight",
-                            extra={"event": "drain_done", "idle": idle, "in_flight": self.service.in_flight,
-                                   "seconds": round(now - self.drain_started_at, 2)})
+                log.warning(
+                    "drain finished" if idle else "drain timed out; exiting with work in flight",
+                    extra={
+                        "event": "drain_done",
+                        "idle": idle,
+                        "in_flight": self.service.in_flight,
+                        "seconds": round(now - self.drain_started_at, 2),
+                    },
+                )
                 self.should_exit = True
         return await super().on_tick(counter)
 
 
 def serve(app, settings) -> None:
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=5, lifespan="on", server_header=False)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+        server_header=False,
+    )
     server = DrainingServer(config, app.state.service, settings.drain_timeout_s)
     server.run()
     # Restore default SIGTERM behaviour so a wedged atexit cannot keep the process alive.

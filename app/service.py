@@ -52,7 +52,9 @@ class GenerationService:
         options = ["FP8 weights"] if self.settings.quantize == "fp8" else []
         reused = sorted(skipped_steps(num_steps, self.settings.step_cache_skips))
         if reused:
-            options.append(f"step cache (steps {', '.join(str(s + 1) for s in reused)} of {num_steps} reused)")
+            options.append(
+                f"step cache (steps {', '.join(str(s + 1) for s in reused)} of {num_steps} reused)"
+            )
         return options
 
     def validate(self, data: dict[str, Any]):
@@ -62,8 +64,9 @@ class GenerationService:
     def idle(self) -> bool:
         return self.in_flight == 0 and self.engine.idle()
 
-    async def generate(self, req, request_id: Optional[str] = None, url_prefix: str = "/outputs/",
-                       priority: bool = False) -> GenerateResponse:
+    async def generate(
+        self, req, request_id: Optional[str] = None, url_prefix: str = "/outputs/", priority: bool = False
+    ) -> GenerateResponse:
         request_id = request_id or new_request_id()
         started = time.perf_counter()
         status = "error"
@@ -82,14 +85,22 @@ class GenerationService:
             self.metrics.requests.labels(status=status).inc()
             self.metrics.request_seconds.observe(time.perf_counter() - started)
 
-    async def _generate(self, req, request_id: str, started: float, url_prefix: str,
-                        priority: bool) -> GenerateResponse:
+    async def _generate(
+        self, req, request_id: str, started: float, url_prefix: str, priority: bool
+    ) -> GenerateResponse:
         if self.draining:
             raise errors.Draining("the server is draining for a restart; retry shortly", retry_after_s=10)
         seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32)
-        params = GenerationParams(prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width,
-                                  height=req.height, num_inference_steps=req.num_inference_steps,
-                                  cfg_scale=float(req.cfg_scale), num_images=req.num_images, seed=seed)
+        params = GenerationParams(
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            width=req.width,
+            height=req.height,
+            num_inference_steps=req.num_inference_steps,
+            cfg_scale=float(req.cfg_scale),
+            num_images=req.num_images,
+            seed=seed,
+        )
         job = self.engine.submit(params, request_id, priority=priority)
         timeout = self.settings.request_timeout_s
         try:
@@ -97,16 +108,26 @@ class GenerationService:
             result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout)
         except asyncio.TimeoutError:
             job.abandoned.set()
-            raise errors.GenerationTimeout(f"generation did not finish within {timeout:.0f} s",
-                                           hint="try fewer steps, a smaller size, or retry when the queue is shorter",
-                                           retry_after_s=5) from None
+            raise errors.GenerationTimeout(
+                f"generation did not finish within {timeout:.0f} s",
+                hint="try fewer steps, a smaller size, or retry when the queue is shorter",
+                retry_after_s=5,
+            ) from None
         except asyncio.CancelledError:
             job.abandoned.set()  # the client went away: free the engine for someone else
             raise
         self.metrics.queue_wait_seconds.observe(result.queue_wait_s)
-        metadata = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "width": req.width,
-                    "height": req.height, "num_inference_steps": req.num_inference_steps,
-                    "cfg_scale": req.cfg_scale, "seed": seed, "model": self.model_label, "request_id": request_id}
+        metadata = {
+            "prompt": req.prompt,
+            "negative_prompt": req.negative_prompt,
+            "width": req.width,
+            "height": req.height,
+            "num_inference_steps": req.num_inference_steps,
+            "cfg_scale": req.cfg_scale,
+            "seed": seed,
+            "model": self.model_label,
+            "request_id": request_id,
+        }
         lossy = self.lossy_options(req.num_inference_steps)
         if lossy:
             metadata["lossy_options"] = lossy
@@ -122,15 +143,37 @@ class GenerationService:
                 image.url = url_prefix + name
             images.append(image)
         total = time.perf_counter() - started
-        log.info("generated", extra={"event": "generated", "request_id": request_id, "seed": seed,
-                                     "width": req.width, "height": req.height, "steps": req.num_inference_steps,
-                                     "images": req.num_images, "batch": result.batch_size,
-                                     "queue_wait_s": round(result.queue_wait_s, 3),
-                                     "generation_s": round(result.generation_s, 3), "total_s": round(total, 3)})
+        log.info(
+            "generated",
+            extra={
+                "event": "generated",
+                "request_id": request_id,
+                "seed": seed,
+                "width": req.width,
+                "height": req.height,
+                "steps": req.num_inference_steps,
+                "images": req.num_images,
+                "batch": result.batch_size,
+                "queue_wait_s": round(result.queue_wait_s, 3),
+                "generation_s": round(result.generation_s, 3),
+                "total_s": round(total, 3),
+            },
+        )
         return GenerateResponse(
-            request_id=request_id, seed=seed, images=images, width=req.width, height=req.height,
-            num_inference_steps=req.num_inference_steps, cfg_scale=req.cfg_scale,
-            timings=Timings(queue_wait_s=round(result.queue_wait_s, 4), generation_s=round(result.generation_s, 4),
-                            save_s=round(save_s, 4), total_s=round(total, 4),
-                            **{k: round(v, 4) for k, v in result.stages.items()}),
-            peak_memory_bytes=result.peak_memory_bytes, model=self.model_label)
+            request_id=request_id,
+            seed=seed,
+            images=images,
+            width=req.width,
+            height=req.height,
+            num_inference_steps=req.num_inference_steps,
+            cfg_scale=req.cfg_scale,
+            timings=Timings(
+                queue_wait_s=round(result.queue_wait_s, 4),
+                generation_s=round(result.generation_s, 4),
+                save_s=round(save_s, 4),
+                total_s=round(total, 4),
+                **{k: round(v, 4) for k, v in result.stages.items()},
+            ),
+            peak_memory_bytes=result.peak_memory_bytes,
+            model=self.model_label,
+        )

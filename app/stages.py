@@ -77,13 +77,16 @@ class BatchRequest:
 
 
 def encode(pipe, texts: list[str], device: torch.device, cache: PromptEmbeddingCache) -> list[torch.Tensor]:
-    """Embeddings for `texts`, in order; each distinct text not in the cache is encoded once, all in one call."""
+    """Embeddings for `texts`, in order; each distinct text not in the cache is encoded once, all in
+    one call."""
     found = {t: cache.get(t) for t in dict.fromkeys(texts)}
     missing = [t for t, e in found.items() if e is None]
     if missing:
         cache.misses += len(missing)
         # (a copy: diffusers rewrites the list it is given in place with the chat template applied)
-        embeddings, _ = pipe.encode_prompt(prompt=list(missing), device=device, do_classifier_free_guidance=False)
+        embeddings, _ = pipe.encode_prompt(
+            prompt=list(missing), device=device, do_classifier_free_guidance=False
+        )
         for text, embedding in zip(missing, embeddings):
             found[text] = embedding
             cache.put(text, embedding)
@@ -106,9 +109,14 @@ def decode_to_pil(pipe, latents: torch.Tensor) -> list[Image.Image]:
     return images
 
 
-def run_batch(pipe, request: BatchRequest, device: torch.device, cache: PromptEmbeddingCache,
-              on_step_end: Optional[Callable] = None,
-              on_stage: Callable[[str], None] = lambda stage: None) -> tuple[list[Image.Image], dict[str, float]]:
+def run_batch(
+    pipe,
+    request: BatchRequest,
+    device: torch.device,
+    cache: PromptEmbeddingCache,
+    on_step_end: Optional[Callable] = None,
+    on_stage: Callable[[str], None] = lambda stage: None,
+) -> tuple[list[Image.Image], dict[str, float]]:
     """Images for `request` and the seconds each stage took (the GPU is synchronised between stages
     so the figures are the GPU's, not the launch queue's). on_stage(name) is told as each stage begins."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

@@ -30,7 +30,7 @@ from torch import nn
 
 def skipped_steps(num_steps: int, skips: int) -> frozenset[int]:
     """0-based indices of the denoising steps whose main layers reuse the previous step's residual."""
-    return frozenset(list(range(num_steps - 2, 1, -2))[:max(skips, 0)])
+    return frozenset(list(range(num_steps - 2, 1, -2))[: max(skips, 0)])
 
 
 class StepCache:

@@ -39,13 +39,20 @@ def model_info(service) -> dict:
         "warmup_seconds": service.engine.warmup_seconds,
         "notes": loaded.notes if loaded else [],
         "limits": {
-            "min_size": settings.min_size, "max_size": settings.max_size, "max_steps": settings.max_steps,
-            "max_images": settings.max_images, "max_prompt_chars": settings.max_prompt_chars,
-            "max_cfg": settings.max_cfg, "queue_size": settings.queue_size,
+            "min_size": settings.min_size,
+            "max_size": settings.max_size,
+            "max_steps": settings.max_steps,
+            "max_images": settings.max_images,
+            "max_prompt_chars": settings.max_prompt_chars,
+            "max_cfg": settings.max_cfg,
+            "queue_size": settings.queue_size,
             "request_timeout_s": settings.request_timeout_s,
         },
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
     }
     if torch.cuda.is_available():
         info["gpu_name"] = torch.cuda.get_device_name(loaded.device if loaded else None)

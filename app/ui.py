@@ -16,12 +16,20 @@ from app.retention import prune_older_than, reset_dir, stage  # noqa: E402
 from app.schemas import SIZE_STEP, TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS  # noqa: E402
 from app.sysinfo import live_info, model_info  # noqa: E402
 
-PRESETS = [("512²", 512, 512), ("768²", 768, 768), ("1024²", 1024, 1024), ("1024×576", 1024, 576),
-           ("576×1024", 576, 1024), ("1536²", 1536, 1536)]
+PRESETS = [
+    ("512²", 512, 512),
+    ("768²", 768, 768),
+    ("1024²", 1024, 1024),
+    ("1024×576", 1024, 576),
+    ("576×1024", 576, 1024),
+    ("1536²", 1536, 1536),
+]
 GENERATE_API_NAME = "generate"  # stable name for gradio_client: client.predict(..., api_name="/generate")
 # System fonts only: the default theme pulls Google Fonts, which a closed network turns into console errors.
-THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                       font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
+THEME = gr.themes.Soft(
+    font=["ui-sans-serif", "system-ui", "sans-serif"],
+    font_mono=["ui-monospace", "SFMono-Regular", "monospace"],
+)
 CSS = """
 #demo-banner {background: #fff3cd; border: 1px solid #ffda6a; border-radius: 8px; padding: 4px 12px;}
 #status-line {font-size: 0.95em;}
@@ -39,21 +47,36 @@ def status_text(service) -> str:
         return f"● Ready · queue {waiting} waiting · {service.in_flight} in progress"
     if service.draining:
         return "◐ Draining for a restart: new generations are paused"
-    labels = {"starting": "starting", "loading": "loading the model…", "warming": "warming up…",
-              "failed": f"failed to start: {engine.state_reason}", "unhealthy": "unhealthy: being replaced"}
+    labels = {
+        "starting": "starting",
+        "loading": "loading the model…",
+        "warming": "warming up…",
+        "failed": f"failed to start: {engine.state_reason}",
+        "unhealthy": "unhealthy: being replaced",
+    }
     return f"○ Model {labels.get(engine.state, engine.state)} — the Generate button unlocks when ready"
 
 
 def build_ui(service, gpu_reader) -> gr.Blocks:
     settings, limits = service.settings, service.limits
-    presets = [p for p in PRESETS if limits.min_size <= min(p[1], p[2]) and max(p[1], p[2]) <= limits.max_size]
+    presets = [
+        p for p in PRESETS if limits.min_size <= min(p[1], p[2]) and max(p[1], p[2]) <= limits.max_size
+    ]
     default_size = min(1024, limits.max_size)
 
-    async def generate(prompt, negative_prompt, width, height, steps, cfg, seed, random_seed, num_images,
-                       request: gr.Request):
-        data = {"prompt": prompt or "", "negative_prompt": negative_prompt or "", "width": int(width),
-                "height": int(height), "num_inference_steps": int(steps), "cfg_scale": float(cfg),
-                "num_images": int(num_images), "seed": -1 if random_seed else int(seed)}
+    async def generate(
+        prompt, negative_prompt, width, height, steps, cfg, seed, random_seed, num_images, request: gr.Request
+    ):
+        data = {
+            "prompt": prompt or "",
+            "negative_prompt": negative_prompt or "",
+            "width": int(width),
+            "height": int(height),
+            "num_inference_steps": int(steps),
+            "cfg_scale": float(cfg),
+            "num_images": int(num_images),
+            "seed": -1 if random_seed else int(seed),
+        }
         try:
             req = service.validate(data)
         except ValidationError as exc:
@@ -67,17 +90,26 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
         # Gradio serves its own copies from gradio_temp_dir; outputs/ itself is not a Gradio path.
         temp_dir = settings.gradio_cache_dir
         prune_older_than(temp_dir, settings.gradio_cache_max_age_s, time.time())
-        paths = [str(stage(settings.outputs_dir / image.filename, temp_dir / "staged")) for image in result.images]
+        paths = [
+            str(stage(settings.outputs_dir / image.filename, temp_dir / "staged")) for image in result.images
+        ]
         t = result.timings
-        peak = f" · peak GPU memory {_fmt_bytes(result.peak_memory_bytes)}" if result.peak_memory_bytes else ""
+        peak = (
+            f" · peak GPU memory {_fmt_bytes(result.peak_memory_bytes)}" if result.peak_memory_bytes else ""
+        )
         lossy = ", ".join(service.lossy_options(result.num_inference_steps))
         lossy = f" · **Lossy speed-ups** {lossy}" if lossy else ""
-        split = (f": encode {t.encode_s:.2f} + denoise {t.denoise_s:.2f} + decode {t.decode_s:.2f}"
-                 if t.denoise_s is not None else "")
-        info = (f"**Seed** `{result.seed}` · **Size** {result.width}×{result.height} · **Steps** "
-                f"{result.num_inference_steps} · **CFG** {result.cfg_scale:g} · **Time** {t.total_s:.2f} s "
-                f"(queue {t.queue_wait_s:.2f} s, generation {t.generation_s:.2f} s{split}){peak}{lossy}  \n"
-                f"Request `{result.request_id}` · files: " + ", ".join(f"`{i.filename}`" for i in result.images))
+        split = (
+            f": encode {t.encode_s:.2f} + denoise {t.denoise_s:.2f} + decode {t.decode_s:.2f}"
+            if t.denoise_s is not None
+            else ""
+        )
+        info = (
+            f"**Seed** `{result.seed}` · **Size** {result.width}×{result.height} · **Steps** "
+            f"{result.num_inference_steps} · **CFG** {result.cfg_scale:g} · **Time** {t.total_s:.2f} s "
+            f"(queue {t.queue_wait_s:.2f} s, generation {t.generation_s:.2f} s{split}){peak}{lossy}  \n"
+            f"Request `{result.request_id}` · files: " + ", ".join(f"`{i.filename}`" for i in result.images)
+        )
         return paths, info, result.seed
 
     def refresh_status():
@@ -90,55 +122,108 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
     with gr.Blocks(title="Z-Image-Turbo · zimage-serve", analytics_enabled=False) as ui:
         gr.Markdown("## Z-Image-Turbo\nText to image in 8–9 steps. Prompts in English or Chinese (中文).")
         if settings.is_demo_model:
-            gr.Markdown("**Demo model:** this server runs a tiny random-weight model of the Z-Image "
-                        "architecture, so pictures are noise-like. Point `app.model_dir` at a local "
-                        "Z-Image-Turbo directory for real images.", elem_id="demo-banner")
+            gr.Markdown(
+                "**Demo model:** this server runs a tiny random-weight model of the Z-Image "
+                "architecture, so pictures are noise-like. Point `app.model_dir` at a local "
+                "Z-Image-Turbo directory for real images.",
+                elem_id="demo-banner",
+            )
         status = gr.Markdown(status_text(service), elem_id="status-line")
         last_seed = gr.State(value=None)
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
                     with gr.Column(scale=5):
-                        prompt = gr.Textbox(label="Prompt", lines=3, max_lines=8, elem_id="prompt",
-                                            max_length=limits.max_prompt_chars,
-                                            placeholder="A red fox in fresh snow at dawn, soft light, 35mm photo"
-                                                        " / 雪地里的红狐狸，清晨柔光")
-                        negative = gr.Textbox(label="Negative prompt (used only when CFG > 0)", lines=1,
-                                              max_length=limits.max_prompt_chars, elem_id="negative-prompt")
-                        with gr.Accordion("Prompt helper: subject / action / setting / style / detail",
-                                          open=False):
+                        prompt = gr.Textbox(
+                            label="Prompt",
+                            lines=3,
+                            max_lines=8,
+                            elem_id="prompt",
+                            max_length=limits.max_prompt_chars,
+                            placeholder="A red fox in fresh snow at dawn, soft light, 35mm photo"
+                            " / 雪地里的红狐狸，清晨柔光",
+                        )
+                        negative = gr.Textbox(
+                            label="Negative prompt (used only when CFG > 0)",
+                            lines=1,
+                            max_length=limits.max_prompt_chars,
+                            elem_id="negative-prompt",
+                        )
+                        with gr.Accordion(
+                            "Prompt helper: subject / action / setting / style / detail", open=False
+                        ):
                             with gr.Row():
-                                h_subject = gr.Textbox(label="Subject", placeholder="a young woman in red Hanfu")
+                                h_subject = gr.Textbox(
+                                    label="Subject", placeholder="a young woman in red Hanfu"
+                                )
                                 h_action = gr.Textbox(label="Action", placeholder="holding a paper lantern")
                             with gr.Row():
                                 h_setting = gr.Textbox(label="Setting", placeholder="night market, pagoda")
                                 h_style = gr.Textbox(label="Style", placeholder="photorealistic, cinematic")
-                            h_detail = gr.Textbox(label="Detail", placeholder="soft bokeh lights, fine embroidery")
+                            h_detail = gr.Textbox(
+                                label="Detail", placeholder="soft bokeh lights, fine embroidery"
+                            )
                             compose_btn = gr.Button("Compose prompt", size="sm")
                         with gr.Row():
-                            preset_buttons = [gr.Button(label, size="sm", elem_id=f"preset-{w}x{h}")
-                                              for label, w, h in presets]
+                            preset_buttons = [
+                                gr.Button(label, size="sm", elem_id=f"preset-{w}x{h}")
+                                for label, w, h in presets
+                            ]
                         with gr.Row():
-                            width = gr.Slider(limits.min_size, limits.max_size, value=default_size,
-                                              step=SIZE_STEP, label="Width", elem_id="width")
-                            height = gr.Slider(limits.min_size, limits.max_size, value=default_size,
-                                               step=SIZE_STEP, label="Height", elem_id="height")
+                            width = gr.Slider(
+                                limits.min_size,
+                                limits.max_size,
+                                value=default_size,
+                                step=SIZE_STEP,
+                                label="Width",
+                                elem_id="width",
+                            )
+                            height = gr.Slider(
+                                limits.min_size,
+                                limits.max_size,
+                                value=default_size,
+                                step=SIZE_STEP,
+                                label="Height",
+                                elem_id="height",
+                            )
                         with gr.Row():
-                            steps = gr.Slider(1, limits.max_steps, value=TURBO_DEFAULT_STEPS, step=1,
-                                              label="Steps", info="Turbo is distilled for 8–9 steps")
-                            cfg = gr.Slider(0, limits.max_cfg, value=TURBO_DEFAULT_CFG, step=0.5,
-                                            label="CFG scale", info="Turbo needs none: keep 0")
+                            steps = gr.Slider(
+                                1,
+                                limits.max_steps,
+                                value=TURBO_DEFAULT_STEPS,
+                                step=1,
+                                label="Steps",
+                                info="Turbo is distilled for 8–9 steps",
+                            )
+                            cfg = gr.Slider(
+                                0,
+                                limits.max_cfg,
+                                value=TURBO_DEFAULT_CFG,
+                                step=0.5,
+                                label="CFG scale",
+                                info="Turbo needs none: keep 0",
+                            )
                         with gr.Row():
-                            seed = gr.Number(value=42, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
+                            seed = gr.Number(
+                                value=42, precision=0, minimum=0, maximum=2**32 - 1, label="Seed"
+                            )
                             random_seed = gr.Checkbox(value=True, label="Random seed")
                             reuse = gr.Button("Reuse last seed", size="sm")
                             num_images = gr.Slider(1, limits.max_images, value=1, step=1, label="Images")
-                        go = gr.Button("Generate", variant="primary", interactive=service.ready,
-                                       elem_id="generate-btn")
+                        go = gr.Button(
+                            "Generate", variant="primary", interactive=service.ready, elem_id="generate-btn"
+                        )
                     with gr.Column(scale=6):
-                        gallery = gr.Gallery(label="Images", columns=2, height=560, elem_id="gallery",
-                                             buttons=["download", "fullscreen"], format="png",
-                                             object_fit="contain", preview=True)
+                        gallery = gr.Gallery(
+                            label="Images",
+                            columns=2,
+                            height=560,
+                            elem_id="gallery",
+                            buttons=["download", "fullscreen"],
+                            format="png",
+                            object_fit="contain",
+                            preview=True,
+                        )
                         info = gr.Markdown("", elem_id="generation-info")
             with gr.Tab("Advanced", id="advanced"):
                 gr.Markdown("### Model")
@@ -147,17 +232,28 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
                 live_json = gr.JSON(value=lambda: live_info(service, gpu_reader), label="GPU / CPU / queue")
         timer = gr.Timer(2.0)
         timer.tick(refresh_status, outputs=[status, go], queue=False, show_progress="hidden")
-        timer.tick(lambda: live_info(service, gpu_reader), outputs=live_json, queue=False, show_progress="hidden")
+        timer.tick(
+            lambda: live_info(service, gpu_reader), outputs=live_json, queue=False, show_progress="hidden"
+        )
         timer.tick(lambda: model_info(service), outputs=model_json, queue=False, show_progress="hidden")
         for button, (_, w, h) in zip(preset_buttons, presets):
             button.click(lambda w=w, h=h: (w, h), outputs=[width, height], queue=False)
-        reuse.click(lambda s: (gr.update(value=s) if s is not None else gr.update(), False),
-                    inputs=last_seed, outputs=[seed, random_seed], queue=False)
-        compose_btn.click(compose, inputs=[h_subject, h_action, h_setting, h_style, h_detail], outputs=prompt,
-                          queue=False)
-        go.click(generate, inputs=[prompt, negative, width, height, steps, cfg, seed, random_seed, num_images],
-                 outputs=[gallery, info, last_seed], api_name=GENERATE_API_NAME,
-                 concurrency_limit=settings.max_batch)
+        reuse.click(
+            lambda s: (gr.update(value=s) if s is not None else gr.update(), False),
+            inputs=last_seed,
+            outputs=[seed, random_seed],
+            queue=False,
+        )
+        compose_btn.click(
+            compose, inputs=[h_subject, h_action, h_setting, h_style, h_detail], outputs=prompt, queue=False
+        )
+        go.click(
+            generate,
+            inputs=[prompt, negative, width, height, steps, cfg, seed, random_seed, num_images],
+            outputs=[gallery, info, last_seed],
+            api_name=GENERATE_API_NAME,
+            concurrency_limit=settings.max_batch,
+        )
     ui.queue(max_size=max(1, settings.queue_size), default_concurrency_limit=settings.max_batch)
     return ui
 
@@ -169,5 +265,14 @@ def mount_ui(app, service, gpu_reader):
     reset_dir(settings.gradio_cache_dir)
     ui = build_ui(service, gpu_reader)
     # No allowed_paths: Gradio's file route serves only the copies it made, behind app.auth's gate.
-    return gr.mount_gradio_app(app, ui, path="/", theme=THEME, css=CSS, show_error=True, ssr_mode=False,
-                               max_file_size=settings.max_upload_mb * 2**20, footer_links=["api"])
+    return gr.mount_gradio_app(
+        app,
+        ui,
+        path="/",
+        theme=THEME,
+        css=CSS,
+        show_error=True,
+        ssr_mode=False,
+        max_file_size=settings.max_upload_mb * 2**20,
+        footer_links=["api"],
+    )

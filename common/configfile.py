@@ -56,8 +56,12 @@ def read_file_section(section: str, env: Mapping[str, str]) -> dict[str, Any]:
     return value
 
 
-def load_section(model: type[T], section: str, env: Mapping[str, str] | None = None,
-                 overrides: Mapping[str, Any] | None = None) -> T:
+def load_section(
+    model: type[T],
+    section: str,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> T:
     """Build `model` from [section]; models with a `home` field get the home dir for relative paths."""
     env = os.environ if env is None else env
     values: dict[str, Any] = dict(read_file_section(section, env))
@@ -92,10 +96,15 @@ def parse_command_line(prog: str, description: str, section: str, argv: list[str
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(f"Configuration comes from the [{section}] section of zimage.toml (in $ZIMAGE_HOME or the\n"
-                f"checkout; another file with ZIMAGE_CONFIG=path) and from ZIMAGE_{section.upper()}_<FIELD>\n"
-                f"environment variables, which win over the file. Example: ZIMAGE_{section.upper()}_LOG_LEVEL="
-                f"debug.\nAn invalid value stops the process with one line naming the field (exit 2).\n"
-                f"Operators usually start it through supervisord: zimagectl up."))
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            f"Configuration comes from the [{section}] section of zimage.toml (in $ZIMAGE_HOME or the\n"
+            f"checkout; another file with ZIMAGE_CONFIG=path) and from ZIMAGE_{section.upper()}_<FIELD>\n"
+            f"environment variables, which win over the file. Example: ZIMAGE_{section.upper()}_LOG_LEVEL="
+            f"debug.\nAn invalid value stops the process with one line naming the field (exit 2).\n"
+            f"Operators usually start it through supervisord: zimagectl up."
+        ),
+    )
     parser.parse_args(argv)

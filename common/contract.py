@@ -16,6 +16,7 @@ APP_PROGRAM_CONF = REPO_ROOT / "supervisor" / "app.conf"
 
 class AppContract(BaseModel):
     """The [app] keys the monitor uses; every other key of the section is the app's business."""
+
     model_config = ConfigDict(extra="ignore")
 
     home: Path = Path(".")
@@ -60,20 +61,40 @@ def supervisor_stopwaitsecs(conf: Path = APP_PROGRAM_CONF) -> Optional[float]:
     return None
 
 
-def check_timeout_chain(request_timeout_s: float, drain_timeout_s: float, stopwaitsecs: Optional[float],
-                        monitor_stop_timeout_s: Optional[float] = None) -> None:
+def check_timeout_chain(
+    request_timeout_s: float,
+    drain_timeout_s: float,
+    stopwaitsecs: Optional[float],
+    monitor_stop_timeout_s: Optional[float] = None,
+) -> None:
     """request_timeout_s ≤ drain_timeout_s < supervisord stopwaitsecs < monitor stop_timeout_s: a drain
     lets the longest request finish, supervisord lets the drain finish before its SIGKILL, and the
     monitor waits for supervisord. A bad mix is one ConfigError line naming the link that breaks."""
     links = [("app.request_timeout_s", request_timeout_s, "app.drain_timeout_s", drain_timeout_s, False)]
     if stopwaitsecs is not None:
-        links.append(("app.drain_timeout_s", drain_timeout_s, "supervisord stopwaitsecs (supervisor/app.conf)",
-                      stopwaitsecs, True))
+        links.append(
+            (
+                "app.drain_timeout_s",
+                drain_timeout_s,
+                "supervisord stopwaitsecs (supervisor/app.conf)",
+                stopwaitsecs,
+                True,
+            )
+        )
         if monitor_stop_timeout_s is not None:
-            links.append(("supervisord stopwaitsecs (supervisor/app.conf)", stopwaitsecs,
-                          "monitor.stop_timeout_s", monitor_stop_timeout_s, True))
+            links.append(
+                (
+                    "supervisord stopwaitsecs (supervisor/app.conf)",
+                    stopwaitsecs,
+                    "monitor.stop_timeout_s",
+                    monitor_stop_timeout_s,
+                    True,
+                )
+            )
     for low_name, low, high_name, high, strict in links:
         if low > high or (strict and low == high):
             sign = "<" if strict else "≤"
-            raise ConfigError(f"invalid timeouts: {low_name} ({low:g} s) must be {sign} {high_name} ({high:g} s), "
-                              "or a stop cuts a generation short")
+            raise ConfigError(
+                f"invalid timeouts: {low_name} ({low:g} s) must be {sign} {high_name} ({high:g} s), "
+                "or a stop cuts a generation short"
+            )

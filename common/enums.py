@@ -38,6 +38,7 @@ _RANK = {Severity.info: 0, Severity.warning: 1, Severity.error: 2, Severity.crit
 class Action(_Name):
     """What the policy decides. The tiers, mildest first: alert, free_cache, restart, kill; start
     brings up an app that is not running; wait (backoff) and page (budget spent) act on nothing."""
+
     none = "none"
     alert = "alert"
     free_cache = "free_cache"

@@ -30,10 +30,16 @@ class GpuSample:
         return self.used_bytes / self.total_bytes if self.total_bytes else 0.0
 
     def as_dict(self) -> dict:
-        return {"index": self.index, "name": self.name, "used_bytes": self.used_bytes,
-                "total_bytes": self.total_bytes, "used_fraction": round(self.used_fraction, 4),
-                "utilization_pct": self.utilization_pct, "temperature_c": self.temperature_c,
-                "process_used_bytes": {str(k): v for k, v in self.process_used_bytes.items()}}
+        return {
+            "index": self.index,
+            "name": self.name,
+            "used_bytes": self.used_bytes,
+            "total_bytes": self.total_bytes,
+            "used_fraction": round(self.used_fraction, 4),
+            "utilization_pct": self.utilization_pct,
+            "temperature_c": self.temperature_c,
+            "process_used_bytes": {str(k): v for k, v in self.process_used_bytes.items()},
+        }
 
 
 class GpuReader(Protocol):
@@ -94,9 +100,17 @@ class NvmlReader:
                             per_process[int(proc.pid)] = int(used)
                 except nv.NVMLError:
                     pass
-                samples.append(GpuSample(index=index, name=name, used_bytes=int(mem.used),
-                                         total_bytes=int(mem.total), utilization_pct=util, temperature_c=temp,
-                                         process_used_bytes=per_process))
+                samples.append(
+                    GpuSample(
+                        index=index,
+                        name=name,
+                        used_bytes=int(mem.used),
+                        total_bytes=int(mem.total),
+                        utilization_pct=util,
+                        temperature_c=temp,
+                        process_used_bytes=per_process,
+                    )
+                )
         return samples
 
     def close(self) -> None:
@@ -119,8 +133,16 @@ class FakeGpuReader:
         self.process_used_bytes: dict[int, int] = {}
 
     def sample(self) -> list[GpuSample]:
-        return [GpuSample(index=0, name=self.name, used_bytes=self.used_bytes, total_bytes=self.total_bytes,
-                          utilization_pct=0, process_used_bytes=dict(self.process_used_bytes))]
+        return [
+            GpuSample(
+                index=0,
+                name=self.name,
+                used_bytes=self.used_bytes,
+                total_bytes=self.total_bytes,
+                utilization_pct=0,
+                process_used_bytes=dict(self.process_used_bytes),
+            )
+        ]
 
     def close(self) -> None:
         pass

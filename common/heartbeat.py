@@ -37,6 +37,13 @@ class Heartbeat(BaseModel):
         """Seconds since the last sign of progress of the running stage (None when idle)."""
         if not self.busy:
             return None
-        marks = [t for t in (self.stage_started_at, self.last_step_at if self.stage == "denoise" else None,
-                             self.busy_since if self.stage is None else None) if t is not None]
+        marks = [
+            t
+            for t in (
+                self.stage_started_at,
+                self.last_step_at if self.stage == "denoise" else None,
+                self.busy_since if self.stage is None else None,
+            )
+            if t is not None
+        ]
         return now - max(marks) if marks else None

@@ -55,8 +55,9 @@ class SupervisorClient:
         self.timeout = timeout
 
     def _proxy(self):
-        return xmlrpc.client.ServerProxy("http://127.0.0.1",
-                                         transport=_TimeoutTransport(str(self.socket_path), self.timeout))
+        return xmlrpc.client.ServerProxy(
+            "http://127.0.0.1", transport=_TimeoutTransport(str(self.socket_path), self.timeout)
+        )
 
     def _call(self, method: str, *args):
         try:
@@ -83,8 +84,15 @@ class SupervisorClient:
 
     @staticmethod
     def _info(raw: dict) -> ProcessInfo:
-        return ProcessInfo(name=raw["name"], state=raw["statename"], pid=raw["pid"], start=raw["start"],
-                           now=raw["now"], exitstatus=raw["exitstatus"], description=raw["description"])
+        return ProcessInfo(
+            name=raw["name"],
+            state=raw["statename"],
+            pid=raw["pid"],
+            start=raw["start"],
+            now=raw["now"],
+            exitstatus=raw["exitstatus"],
+            description=raw["description"],
+        )
 
     def process(self, name: str) -> ProcessInfo:
         return self._info(self._call("supervisor.getProcessInfo", name))

@@ -10,8 +10,13 @@ from common.configfile import ConfigError, parse_command_line
 
 
 def main(argv: list[str] | None = None) -> int:
-    parse_command_line("python -m monitor", "zimage-serve monitor: the self-healing sidecar that watches the "
-                       "app (probes, GPU, memory, log) and heals it through supervisord.", "monitor", argv)
+    parse_command_line(
+        "python -m monitor",
+        "zimage-serve monitor: the self-healing sidecar that watches the "
+        "app (probes, GPU, memory, log) and heals it through supervisord.",
+        "monitor",
+        argv,
+    )
     from common.contract import load_app_contract
     from monitor.config import load_monitor_settings
 
@@ -23,9 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from common.jsonlog import setup_logging
 
-    setup_logging("monitor", cfg.log_level, secrets=[cfg.webhook_secret or "", app_cfg.api_token or "",
-                                                      app_cfg.admin_token or ""]
-                  + [t.routing_key or "" for t in cfg.webhooks])
+    setup_logging(
+        "monitor",
+        cfg.log_level,
+        secrets=[cfg.webhook_secret or "", app_cfg.api_token or "", app_cfg.admin_token or ""]
+        + [t.routing_key or "" for t in cfg.webhooks],
+    )
     from common.gpu import open_gpu_reader
     from common.supervisor_client import SupervisorClient
     from monitor import core
@@ -48,28 +56,57 @@ def main(argv: list[str] | None = None) -> int:
     follower = LogFollower(cfg.app_log, cfg.log_patterns, resume=state.log_position)
     supervisor = SupervisorClient(cfg.supervisor_socket, timeout=max(2.0, cfg.probe_timeout_s))
     chaos_file = cfg.home / "run" / "chaos.json" if app_cfg.fault_injection else None
-    probes = Probes(app_url, supervisor, cfg.program, gpu, follower, cfg.probe_timeout_s, cfg.maintenance_file,
-                    chaos_file)
+    probes = Probes(
+        app_url, supervisor, cfg.program, gpu, follower, cfg.probe_timeout_s, cfg.maintenance_file, chaos_file
+    )
     monitor = None
-    actions = Actions(app_url, supervisor, cfg.program, app_cfg.admin_token_file, app_cfg.admin_token,
-                      app_cfg.api_token, cfg, should_stop=lambda: monitor is not None and monitor.stop.is_set())
+    actions = Actions(
+        app_url,
+        supervisor,
+        cfg.program,
+        app_cfg.admin_token_file,
+        app_cfg.admin_token,
+        app_cfg.api_token,
+        cfg,
+        should_stop=lambda: monitor is not None and monitor.stop.is_set(),
+    )
     monitor = Monitor(cfg, probes, actions, journal, metrics, state=state)
     actions.idle = monitor.drain_events
     follower.wake = monitor.wake
     follower.start_watching()
-    courier = Courier(cfg.webhooks, lambda: monitor.state.outbox, monitor.post, cfg.webhook_secret,
-                      cfg.service_name, cfg.host_name, timeout_s=cfg.webhook_timeout_s,
-                      backoff_s=cfg.webhook_backoff_s, backoff_max_s=cfg.webhook_backoff_max_s,
-                      max_age_s=cfg.alert_outbox_max_age_s)
+    courier = Courier(
+        cfg.webhooks,
+        lambda: monitor.state.outbox,
+        monitor.post,
+        cfg.webhook_secret,
+        cfg.service_name,
+        cfg.host_name,
+        timeout_s=cfg.webhook_timeout_s,
+        backoff_s=cfg.webhook_backoff_s,
+        backoff_max_s=cfg.webhook_backoff_max_s,
+        max_age_s=cfg.alert_outbox_max_age_s,
+        ledger_dir=cfg.journal_file.parent,
+    )
+    for delivered in courier.recorded():  # finished by the last monitor's couriers, maybe not yet recorded
+        monitor.apply(delivered)
     monitor.courier = courier.start()
 
     # Signals only post to the loop's queue (gunicorn's rule): no work inside a handler.
     signal.signal(signal.SIGTERM, lambda *_: monitor.request_stop())
     signal.signal(signal.SIGINT, lambda *_: monitor.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: monitor.post(core.OperatorReset()))
-    log.info("watching", extra={"event": "monitor_config", "app_url": app_url, "program": cfg.program,
-                                "log": str(cfg.app_log), "webhooks": len(cfg.webhooks),
-                                "signed": bool(cfg.webhook_secret), "outbox": len(state.outbox)})
+    log.info(
+        "watching",
+        extra={
+            "event": "monitor_config",
+            "app_url": app_url,
+            "program": cfg.program,
+            "log": str(cfg.app_log),
+            "webhooks": len(cfg.webhooks),
+            "signed": bool(cfg.webhook_secret),
+            "outbox": len(state.outbox),
+        },
+    )
     try:
         monitor.run()
     finally:

@@ -49,9 +49,17 @@ class ActionResult:
 
 
 class Actions:
-    def __init__(self, app_url: str, supervisor: SupervisorClient, program: str, admin_token_file: Path,
-                 admin_token: Optional[str], api_token: Optional[str], cfg,
-                 should_stop: Callable[[], bool] = lambda: False):
+    def __init__(
+        self,
+        app_url: str,
+        supervisor: SupervisorClient,
+        program: str,
+        admin_token_file: Path,
+        admin_token: Optional[str],
+        api_token: Optional[str],
+        cfg,
+        should_stop: Callable[[], bool] = lambda: False,
+    ):
         self.app_url = app_url.rstrip("/")
         self.supervisor = supervisor
         self.program = program
@@ -80,13 +88,22 @@ class Actions:
     def free_cache(self) -> ActionResult:
         started = time.perf_counter()
         try:
-            r = httpx.post(self.app_url + "/admin/free-cache", headers=self._admin_headers(),
-                           timeout=self.cfg.probe_timeout_s * 4)
+            r = httpx.post(
+                self.app_url + "/admin/free-cache",
+                headers=self._admin_headers(),
+                timeout=self.cfg.probe_timeout_s * 4,
+            )
             ok = r.status_code == 200
-            return ActionResult("free_cache", ok, time.perf_counter() - started,
-                                detail=str(r.json() if ok else f"HTTP {r.status_code}"))
+            return ActionResult(
+                "free_cache",
+                ok,
+                time.perf_counter() - started,
+                detail=str(r.json() if ok else f"HTTP {r.status_code}"),
+            )
         except httpx.HTTPError as exc:
-            return ActionResult("free_cache", False, time.perf_counter() - started, detail=exc.__class__.__name__)
+            return ActionResult(
+                "free_cache", False, time.perf_counter() - started, detail=exc.__class__.__name__
+            )
 
     # ---- tier 2: drain, then a graceful restart ------------------------------------------------
     def graceful_restart(self) -> ActionResult:
@@ -98,14 +115,22 @@ class Actions:
         if not stopped:
             self._kill_group(old_pid)
             self._wait_state({"STOPPED", "EXITED", "FATAL"}, 15)
-        return self._start_and_warm("restart", started, old_pid,
-                                    f"drained={drained}" + ("" if stopped else ", stop timed out: killed"))
+        return self._start_and_warm(
+            "restart",
+            started,
+            old_pid,
+            f"drained={drained}" + ("" if stopped else ", stop timed out: killed"),
+        )
 
     def _drain(self) -> bool:
         """Readiness off (a balancer stops sending work), then wait for in-flight work to finish."""
         try:
-            httpx.post(self.app_url + "/admin/drain", json={"enable": True}, headers=self._admin_headers(),
-                       timeout=self.cfg.probe_timeout_s * 2)
+            httpx.post(
+                self.app_url + "/admin/drain",
+                json={"enable": True},
+                headers=self._admin_headers(),
+                timeout=self.cfg.probe_timeout_s * 2,
+            )
         except httpx.HTTPError:
             return False
         deadline = time.monotonic() + self.cfg.drain_wait_s
@@ -143,8 +168,12 @@ class Actions:
     def run(self, action: str, target_pid: int, resumed: bool) -> ActionResult:
         if resumed:
             return self.roll_forward(action, target_pid)
-        return {"free_cache": self.free_cache, "restart": self.graceful_restart, "kill": self.kill_restart,
-                "start": self.start}[action]()
+        return {
+            "free_cache": self.free_cache,
+            "restart": self.graceful_restart,
+            "kill": self.kill_restart,
+            "start": self.start,
+        }[action]()
 
     def roll_forward(self, action: str, target_pid: int) -> ActionResult:
         """Finish what a monitor that died mid-action began, from what supervisord says now: an app
@@ -161,13 +190,21 @@ class Actions:
         if state in ("STOPPED", "EXITED", "FATAL", "BACKOFF"):
             return self._start_and_warm(action, started, target_pid, f"rolled forward: started from {state}")
         if state in ("RUNNING", "STARTING") and pid and pid == target_pid and action != "start":
-            log.warning("rolled forward: the interrupted action never reached the app; running it again",
-                        extra={"event": "resume_again", "action": action, "pid": pid})
+            log.warning(
+                "rolled forward: the interrupted action never reached the app; running it again",
+                extra={"event": "resume_again", "action": action, "pid": pid},
+            )
             return self.run(action, target_pid, resumed=False)
         warm = self.warm_up()
-        return ActionResult(action, warm.ok, time.perf_counter() - started,
-                            detail=f"rolled forward: the app was {state}, checked it", warmup=warm,
-                            old_pid=target_pid, new_pid=self._pid())
+        return ActionResult(
+            action,
+            warm.ok,
+            time.perf_counter() - started,
+            detail=f"rolled forward: the app was {state}, checked it",
+            warmup=warm,
+            old_pid=target_pid,
+            new_pid=self._pid(),
+        )
 
     def _kill_group(self, pid: int) -> None:
         if not pid:
@@ -211,12 +248,28 @@ class Actions:
         self.supervisor.start(self.program, wait=False)
         warm = self.warm_up()
         new_pid = self._pid()
-        log.warning("app %s done", action, extra={"event": "restart_done", "action": action, "old_pid": old_pid,
-                                                  "new_pid": new_pid, "warmup_ok": warm.ok,
-                                                  "warmup_s": round(warm.seconds, 3),
-                                                  "seconds": round(time.perf_counter() - started, 2)})
-        return ActionResult(action, warm.ok, time.perf_counter() - started, detail=detail, warmup=warm,
-                            old_pid=old_pid, new_pid=new_pid)
+        log.warning(
+            "app %s done",
+            action,
+            extra={
+                "event": "restart_done",
+                "action": action,
+                "old_pid": old_pid,
+                "new_pid": new_pid,
+                "warmup_ok": warm.ok,
+                "warmup_s": round(warm.seconds, 3),
+                "seconds": round(time.perf_counter() - started, 2),
+            },
+        )
+        return ActionResult(
+            action,
+            warm.ok,
+            time.perf_counter() - started,
+            detail=detail,
+            warmup=warm,
+            old_pid=old_pid,
+            new_pid=new_pid,
+        )
 
     def warm_up(self) -> WarmupResult:
         """Wait for readiness, send one small generation, check it really returns an image."""
@@ -238,10 +291,18 @@ class Actions:
             self._pause(0.2)
         ready_after = time.perf_counter() - t0
         if not ready:
-            return WarmupResult(False, 0.0, ready_after, f"not ready within {self.cfg.warmup_ready_timeout_s:.0f} s")
+            return WarmupResult(
+                False, 0.0, ready_after, f"not ready within {self.cfg.warmup_ready_timeout_s:.0f} s"
+            )
         size = self.cfg.warmup_size
-        body = {"prompt": "warm-up check: a lighthouse on a cliff", "width": size, "height": size,
-                "num_inference_steps": self.cfg.warmup_steps, "seed": 1, "response_format": "base64"}
+        body = {
+            "prompt": "warm-up check: a lighthouse on a cliff",
+            "width": size,
+            "height": size,
+            "num_inference_steps": self.cfg.warmup_steps,
+            "seed": 1,
+            "response_format": "base64",
+        }
         headers = {"authorization": f"Bearer {self.api_token}"} if self.api_token else {}
         headers["x-request-id"] = "monitor-warmup"
         admin = self._admin_token()
@@ -251,14 +312,22 @@ class Actions:
         deadline = time.monotonic() + self.cfg.warmup_timeout_s
         while True:
             try:
-                r = httpx.post(self.app_url + "/api/generate", json=body, headers=headers,
-                               timeout=max(1.0, deadline - time.monotonic()))
+                r = httpx.post(
+                    self.app_url + "/api/generate",
+                    json=body,
+                    headers=headers,
+                    timeout=max(1.0, deadline - time.monotonic()),
+                )
             except httpx.HTTPError as exc:
                 return WarmupResult(False, time.perf_counter() - t1, ready_after, exc.__class__.__name__)
             # A busy server says so with 503 + Retry-After: honour it, within the warm-up deadline.
             retry = r.headers.get("retry-after")
-            if r.status_code == 503 and retry and time.monotonic() + min(float(retry), 2.0) < deadline \
-                    and not self.should_stop():
+            if (
+                r.status_code == 503
+                and retry
+                and time.monotonic() + min(float(retry), 2.0) < deadline
+                and not self.should_stop()
+            ):
                 self._pause(min(float(retry), 2.0))
                 continue
             break
@@ -268,7 +337,9 @@ class Actions:
         try:
             image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["b64_png"])))
             if image.size != (size, size):
-                return WarmupResult(False, seconds, ready_after, f"image is {image.size}, expected {size}x{size}")
+                return WarmupResult(
+                    False, seconds, ready_after, f"image is {image.size}, expected {size}x{size}"
+                )
         except Exception as exc:
             return WarmupResult(False, seconds, ready_after, f"no valid image in the response ({exc})")
         return WarmupResult(True, seconds, ready_after)

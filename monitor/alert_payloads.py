@@ -45,29 +45,46 @@ def generic_payload(incident: dict, status: str, action: Optional[str], service:
 
 def slack_payload(generic: dict) -> dict:
     icon = ":white_check_mark:" if generic["status"] == "resolved" else ":rotating_light:"
-    title = f"{icon} [{generic['status'].upper()}] {generic['service']} on {generic['host']}: {generic['kind']}"
-    fields = [{"title": "Severity", "value": generic["severity"], "short": True},
-              {"title": "Incident", "value": generic["incident_id"], "short": True}]
+    title = (
+        f"{icon} [{generic['status'].upper()}] {generic['service']} on {generic['host']}: {generic['kind']}"
+    )
+    fields = [
+        {"title": "Severity", "value": generic["severity"], "short": True},
+        {"title": "Incident", "value": generic["incident_id"], "short": True},
+    ]
     if generic.get("action"):
         fields.append({"title": "Action", "value": generic["action"], "short": True})
     if generic.get("resolution"):
         fields.append({"title": "Resolution", "value": generic["resolution"], "short": False})
-    return {"text": f"{title}\n{generic['reason']}",
-            "attachments": [{"color": "#2eb886" if generic["status"] == "resolved" else
-                             COLORS.get(generic["severity"], "#808080"),
-                             "fields": fields,
-                             "footer": f"started {generic['started_at']}"}]}
+    return {
+        "text": f"{title}\n{generic['reason']}",
+        "attachments": [
+            {
+                "color": "#2eb886"
+                if generic["status"] == "resolved"
+                else COLORS.get(generic["severity"], "#808080"),
+                "fields": fields,
+                "footer": f"started {generic['started_at']}",
+            }
+        ],
+    }
 
 
 def alertmanager_payload(generic: dict) -> list:
     """Alertmanager's POST /api/v2/alerts body: resolved alerts carry endsAt."""
     alert = {
-        "labels": {"alertname": f"ZImage_{generic['kind']}", "severity": generic["severity"],
-                   "service": generic["service"], "instance": generic["host"],
-                   "incident_id": generic["incident_id"]},
-        "annotations": {"summary": generic["reason"],
-                        "description": json.dumps(generic["evidence"], default=str)[:2000],
-                        "action": generic.get("action") or ""},
+        "labels": {
+            "alertname": f"ZImage_{generic['kind']}",
+            "severity": generic["severity"],
+            "service": generic["service"],
+            "instance": generic["host"],
+            "incident_id": generic["incident_id"],
+        },
+        "annotations": {
+            "summary": generic["reason"],
+            "description": json.dumps(generic["evidence"], default=str)[:2000],
+            "action": generic.get("action") or "",
+        },
         "startsAt": generic["started_at"],
     }
     if generic["status"] == "resolved":
@@ -82,15 +99,27 @@ def pagerduty_payload(generic: dict, routing_key: Optional[str]) -> dict:
     """PagerDuty Events API v2 (POST https://events.pagerduty.com/v2/enqueue): trigger on firing,
     resolve on resolved, the same dedup_key for both. PagerDuty answers 429/5xx to slow down: the
     courier retries those, as it does for every receiver."""
-    event = {"routing_key": routing_key or "", "dedup_key": generic["dedup_key"],
-             "event_action": "resolve" if generic["status"] == "resolved" else "trigger"}
+    event = {
+        "routing_key": routing_key or "",
+        "dedup_key": generic["dedup_key"],
+        "event_action": "resolve" if generic["status"] == "resolved" else "trigger",
+    }
     if event["event_action"] == "trigger":
         event["payload"] = {
-            "summary": f"{generic['service']} on {generic['host']}: {generic['kind']}: {generic['reason']}"[:1024],
-            "source": generic["host"], "severity": PAGERDUTY_SEVERITY.get(generic["severity"], "error"),
-            "timestamp": generic["started_at"], "component": generic["service"], "class": generic["kind"],
-            "custom_details": {"action": generic.get("action"), "actions": generic.get("actions"),
-                               "evidence": generic.get("evidence"), "incident_id": generic["incident_id"]},
+            "summary": f"{generic['service']} on {generic['host']}: {generic['kind']}: {generic['reason']}"[
+                :1024
+            ],
+            "source": generic["host"],
+            "severity": PAGERDUTY_SEVERITY.get(generic["severity"], "error"),
+            "timestamp": generic["started_at"],
+            "component": generic["service"],
+            "class": generic["kind"],
+            "custom_details": {
+                "action": generic.get("action"),
+                "actions": generic.get("actions"),
+                "evidence": generic.get("evidence"),
+                "incident_id": generic["incident_id"],
+            },
         }
     return event
 

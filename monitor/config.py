@@ -30,10 +30,9 @@ class LogPattern(BaseModel):
 
 # The markers are plain text without regex metacharacters (a test keeps them so): as patterns they
 # read in an alert as they read in the log.
-DEFAULT_PATTERNS = (
-    [LogPattern(pattern=marker, severity="error", action="restart") for marker in OOM_MARKERS]
-    + [LogPattern(pattern=marker, severity="critical", action="restart") for marker in FATAL_CUDA_MARKERS]
-)
+DEFAULT_PATTERNS = [
+    LogPattern(pattern=marker, severity="error", action="restart") for marker in OOM_MARKERS
+] + [LogPattern(pattern=marker, severity="critical", action="restart") for marker in FATAL_CUDA_MARKERS]
 
 
 class WebhookTarget(BaseModel):
@@ -149,8 +148,14 @@ class MonitorSettings(BaseModel):
 
     @model_validator(mode="after")
     def _paths(self):
-        for name in ("supervisor_socket", "app_log", "state_file", "journal_file", "maintenance_file",
-                     "metrics_file"):
+        for name in (
+            "supervisor_socket",
+            "app_log",
+            "state_file",
+            "journal_file",
+            "maintenance_file",
+            "metrics_file",
+        ):
             setattr(self, name, resolve_under(self.home, getattr(self, name)))
         return self
 
@@ -159,5 +164,7 @@ def load_monitor_settings(env: Mapping[str, str] | None = None, **overrides) -> 
     """The [monitor] section; the timeout chain is checked against the [app] section and supervisord's."""
     settings = load_section(MonitorSettings, "monitor", env, overrides)
     app = load_app_contract(env)
-    check_timeout_chain(app.request_timeout_s, app.drain_timeout_s, supervisor_stopwaitsecs(), settings.stop_timeout_s)
+    check_timeout_chain(
+        app.request_timeout_s, app.drain_timeout_s, supervisor_stopwaitsecs(), settings.stop_timeout_s
+    )
     return settings

@@ -129,7 +129,9 @@ class _Step:
     """One step's working copy: the mutable parts copied once, effects collected in order."""
 
     def __init__(self, state: MonitorState, now: float, cfg: MonitorSettings):
-        self.s = dataclasses.replace(state, policy=copy.deepcopy(state.policy), book=copy.deepcopy(state.book))
+        self.s = dataclasses.replace(
+            state, policy=copy.deepcopy(state.policy), book=copy.deepcopy(state.book)
+        )
         self.now, self.cfg = now, cfg
         self.effects: list[Effect] = []
         self.fields: dict = {}
@@ -152,23 +154,41 @@ class _Step:
         if key in self.get("alerted"):
             return
         self.set(alerted=(self.get("alerted") + (key,))[-ALERTED_KEEP:])
-        self.log(logging.WARNING, f"alert {status}: {incident['reason']}", event="alert", status=status,
-                 incident_id=incident["id"], kind=incident["kind"], severity=incident["severity"], action=action)
+        self.log(
+            logging.WARNING,
+            f"alert {status}: {incident['reason']}",
+            event="alert",
+            status=status,
+            incident_id=incident["id"],
+            kind=incident["kind"],
+            severity=incident["severity"],
+            action=action,
+        )
         targets = tuple(range(len(self.cfg.webhooks)))
         if not targets:
             return
         seq = self.get("next_seq")
-        item = OutboxItem(seq=seq, status=status, incident=incident, action=action, queued_at=self.now,
-                          targets=targets)
+        item = OutboxItem(
+            seq=seq, status=status, incident=incident, action=action, queued_at=self.now, targets=targets
+        )
         outbox = self.get("outbox") + (item,)
         if len(outbox) > self.cfg.alert_queue_size:  # bounded: the oldest go first, and say so
-            dropped, outbox = outbox[:len(outbox) - self.cfg.alert_queue_size], outbox[-self.cfg.alert_queue_size:]
-            self.log(logging.ERROR, "alert outbox full: oldest alerts dropped", event="alert_dropped",
-                     seqs=[d.seq for d in dropped])
+            dropped, outbox = (
+                outbox[: len(outbox) - self.cfg.alert_queue_size],
+                outbox[-self.cfg.alert_queue_size :],
+            )
+            self.log(
+                logging.ERROR,
+                "alert outbox full: oldest alerts dropped",
+                event="alert_dropped",
+                seqs=[d.seq for d in dropped],
+            )
         self.set(outbox=outbox, next_seq=seq + 1)
 
 
-def step(state: MonitorState, event: Event, now: float, cfg: MonitorSettings) -> tuple[MonitorState, list[Effect]]:
+def step(
+    state: MonitorState, event: Event, now: float, cfg: MonitorSettings
+) -> tuple[MonitorState, list[Effect]]:
     """Fold one event into the state; return the new state and what the loop must do, in order."""
     work = _Step(state, now, cfg)
     if isinstance(event, Observe):
@@ -194,14 +214,28 @@ def _observe(w: _Step, event: Observe) -> None:
     if pending is not None:
         if planned:
             w.set(pending=None)
-            w.log(logging.WARNING, "an operator's maintenance took over the interrupted action",
-                  event="resume_skipped", action=pending.action, kind=pending.kind)
+            w.log(
+                logging.WARNING,
+                "an operator's maintenance took over the interrupted action",
+                event="resume_skipped",
+                action=pending.action,
+                kind=pending.kind,
+            )
             return
         # Only a monitor that died mid-action finds one here (actions run to the end inside a tick).
-        w.log(logging.WARNING, "resuming the action the previous monitor did not finish", event="resume",
-              action=pending.action, kind=pending.kind, target_pid=pending.target_pid)
-        w.effects.append(RunAction(Action(pending.action), pending.kind, pending.incident_id, pending.target_pid,
-                                   resumed=True))
+        w.log(
+            logging.WARNING,
+            "resuming the action the previous monitor did not finish",
+            event="resume",
+            action=pending.action,
+            kind=pending.kind,
+            target_pid=pending.target_pid,
+        )
+        w.effects.append(
+            RunAction(
+                Action(pending.action), pending.kind, pending.incident_id, pending.target_pid, resumed=True
+            )
+        )
         return
     findings: list[Finding] = []
     if sample.supervisor_ok and not planned:
@@ -210,8 +244,15 @@ def _observe(w: _Step, event: Observe) -> None:
     for finding in findings:
         opened = book.observe(finding, now, now)
         if opened is not None:
-            w.log(logging.WARNING, f"incident opened: {finding.reason}", event="incident_open",
-                  incident_id=opened.id, kind=finding.kind, severity=finding.severity, evidence=finding.evidence)
+            w.log(
+                logging.WARNING,
+                f"incident opened: {finding.reason}",
+                event="incident_open",
+                incident_id=opened.id,
+                kind=finding.kind,
+                severity=finding.severity,
+                evidence=finding.evidence,
+            )
     decision = pol.decide(findings, policy, now, cfg)
     w.set(last_decision={"action": decision.action, "reason": decision.reason})
     _log_decision(w, decision)
@@ -219,8 +260,13 @@ def _observe(w: _Step, event: Observe) -> None:
         _act(w, decision, sample)
     app_ready = bool(sample.ready and sample.ready.ok)
     for incident in book.settle({f.kind for f in findings}, app_ready, cfg.resolve_quiet_samples, now):
-        w.log(logging.WARNING, "incident resolved", event="incident_resolved", incident_id=incident.id,
-              kind=incident.kind)
+        w.log(
+            logging.WARNING,
+            "incident resolved",
+            event="incident_resolved",
+            incident_id=incident.id,
+            kind=incident.kind,
+        )
         w.alert(incident.as_dict(), "resolved")
     pol.forget_old(policy, now, cfg)
 
@@ -234,8 +280,13 @@ def _record_sample(w: _Step, sample: Sample, planned: bool) -> None:
     if sample.pid:
         if known and sample.pid != known and not (expect or planned):
             unexpected += (w.now,)
-            w.log(logging.WARNING, "app restarted outside the monitor", event="unexpected_restart",
-                  old_pid=known, new_pid=sample.pid)
+            w.log(
+                logging.WARNING,
+                "app restarted outside the monitor",
+                event="unexpected_restart",
+                old_pid=known,
+                new_pid=sample.pid,
+            )
         if sample.pid != known:
             expect = False
         known = sample.pid
@@ -248,8 +299,14 @@ def _current_lines_only(w: _Step, sample: Sample) -> Sample:
     if len(current) == len(sample.log_events):
         return sample
     old = [e for e in sample.log_events if e not in current]
-    w.log(logging.INFO, "log lines of an earlier app process: history, not acted on", event="log_history",
-          pids=sorted({e.pid for e in old}), current_pid=sample.pid, lines=[e.line[:200] for e in old[-3:]])
+    w.log(
+        logging.INFO,
+        "log lines of an earlier app process: history, not acted on",
+        event="log_history",
+        pids=sorted({e.pid for e in old}),
+        current_pid=sample.pid,
+        lines=[e.line[:200] for e in old[-3:]],
+    )
     return dataclasses.replace(sample, log_events=current)
 
 
@@ -262,8 +319,14 @@ def _log_decision(w: _Step, decision: pol.Decision) -> None:
         return
     if key != w.get("last_logged"):
         w.set(last_logged=key)
-        w.log(logging.WARNING, f"decision: {decision.action}", event="decision", action=decision.action,
-              kind=kind, reason=decision.reason)
+        w.log(
+            logging.WARNING,
+            f"decision: {decision.action}",
+            event="decision",
+            action=decision.action,
+            kind=kind,
+            reason=decision.reason,
+        )
 
 
 def _act(w: _Step, decision: pol.Decision, sample: Sample) -> None:
@@ -277,12 +340,20 @@ def _act(w: _Step, decision: pol.Decision, sample: Sample) -> None:
         return
     if decision.action == Action.page:
         pol.record(decision, policy, now)
-        budget = book.observe(Finding(
-            kind=FindingKind.restart_budget_exhausted, severity=Severity.critical, action=Action.alert,
-            reason=f"restart budget exhausted ({w.cfg.restart_budget} per {w.cfg.restart_budget_window_s:.0f} s); "
-                   f"auto-restart stopped, an operator must act (zimagectl restart resets it). "
-                   f"Last problem: {finding.reason if finding else '?'}",
-            evidence={"last_finding": kind, "restarts": len(policy.restarts)}), now, now)
+        window = f"{w.cfg.restart_budget} per {w.cfg.restart_budget_window_s:.0f} s"
+        last_problem = finding.reason if finding else "?"
+        budget = book.observe(
+            Finding(
+                kind=FindingKind.restart_budget_exhausted,
+                severity=Severity.critical,
+                action=Action.alert,
+                reason=f"restart budget exhausted ({window}); auto-restart stopped, an operator must act "
+                + f"(zimagectl restart resets it). Last problem: {last_problem}",
+                evidence={"last_finding": kind, "restarts": len(policy.restarts)},
+            ),
+            now,
+            now,
+        )
         if budget is not None:
             w.alert(budget.as_dict(), "firing", "auto-restart stopped")
         if incident is not None and "page" not in incident.actions:
@@ -296,9 +367,15 @@ def _act(w: _Step, decision: pol.Decision, sample: Sample) -> None:
     book.note_action(kind, decision.action, awaiting_warmup=restarting)
     pol.record(decision, policy, now)
     if restarting:
-        w.set(expect_new_pid=True, pending=PendingAction(str(decision.action), str(kind),
-                                                         incident.id if incident else None, sample.pid, now))
-    w.effects.append(RunAction(Action(decision.action), str(kind), incident.id if incident else None, sample.pid))
+        w.set(
+            expect_new_pid=True,
+            pending=PendingAction(
+                str(decision.action), str(kind), incident.id if incident else None, sample.pid, now
+            ),
+        )
+    w.effects.append(
+        RunAction(Action(decision.action), str(kind), incident.id if incident else None, sample.pid)
+    )
 
 
 # ---- action done -----------------------------------------------------------------------------
@@ -309,20 +386,45 @@ def _action_done(w: _Step, done: ActionDone) -> None:
     if done.warmup_ok is None:  # free_cache: nothing to warm up
         return
     book = w.s.book
-    w.set(restart_log=(w.get("restart_log") + ({
-        "at": w.now, "kind": kind, "action": done.action, "ok": done.ok, "seconds": round(done.seconds, 2),
-        "old_pid": done.old_pid, "new_pid": done.new_pid, "detail": done.detail, "warmup": done.warmup_note},))[-20:],
-        history=())  # samples of the old process would re-trigger detectors (stale stopped/timeout)
+    w.set(
+        restart_log=(
+            w.get("restart_log")
+            + (
+                {
+                    "at": w.now,
+                    "kind": kind,
+                    "action": done.action,
+                    "ok": done.ok,
+                    "seconds": round(done.seconds, 2),
+                    "old_pid": done.old_pid,
+                    "new_pid": done.new_pid,
+                    "detail": done.detail,
+                    "warmup": done.warmup_note,
+                },
+            )
+        )[-20:],
+        history=(),
+    )  # samples of the old process would re-trigger detectors (stale stopped/timeout)
     if done.warmup_ok:
         book.warmed_up(done.warmup_note)
         if FindingKind.warmup_failed in book.open:
             w.alert(book.resolve(FindingKind.warmup_failed, w.now, done.warmup_note).as_dict(), "resolved")
         return
     note = done.warmup_note or done.detail
-    opened = book.observe(Finding(kind=FindingKind.warmup_failed, severity=Severity.error, action=Action.restart,
-                                  reason=f"after {done.action} for {kind}: {note}",
-                                  evidence={"action": done.action, "detail": done.detail}), w.now, w.now)
-    book.warmed_up(note)  # the original incident stays open; it no longer waits for a warm-up that did not come
+    opened = book.observe(
+        Finding(
+            kind=FindingKind.warmup_failed,
+            severity=Severity.error,
+            action=Action.restart,
+            reason=f"after {done.action} for {kind}: {note}",
+            evidence={"action": done.action, "detail": done.detail},
+        ),
+        w.now,
+        w.now,
+    )
+    book.warmed_up(
+        note
+    )  # the original incident stays open; it no longer waits for a warm-up that did not come
     if opened is not None:
         w.alert(opened.as_dict(), "firing", "none yet: the next tick decides")
 
@@ -334,8 +436,16 @@ def _delivered(w: _Step, event: Delivered) -> None:
         if item.seq == event.seq:
             item = dataclasses.replace(item, targets=tuple(t for t in item.targets if t != event.target))
             if event.outcome != "delivered":
-                w.log(logging.ERROR, f"alert {event.outcome}", event="alert_failed", outcome=event.outcome,
-                      incident_id=item.incident["id"], status=item.status, target=event.target, detail=event.detail)
+                w.log(
+                    logging.ERROR,
+                    f"alert {event.outcome}",
+                    event="alert_failed",
+                    outcome=event.outcome,
+                    incident_id=item.incident["id"],
+                    status=item.status,
+                    target=event.target,
+                    detail=event.detail,
+                )
         if item.targets:
             outbox.append(item)
     w.set(outbox=tuple(outbox))

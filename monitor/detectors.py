@@ -30,11 +30,17 @@ def detect_oom_in_log(sample: Sample) -> Optional[Finding]:
         return None
     worst = max(sample.log_events, key=lambda e: Severity.of(e.severity).rank)
     action = max((Action(e.action) for e in sample.log_events), key=lambda a: TIER_RANK[a])
-    return Finding(kind=FindingKind.oom_in_log, severity=Severity.of(worst.severity), action=action,
-                   reason=f"{len(sample.log_events)} new matching line(s) in the app log: /{worst.pattern}/",
-                   evidence={"lines": [e.line[:500] for e in sample.log_events[-5:]],
-                             "patterns": sorted({e.pattern for e in sample.log_events}),
-                             "pid": sample.pid})
+    return Finding(
+        kind=FindingKind.oom_in_log,
+        severity=Severity.of(worst.severity),
+        action=action,
+        reason=f"{len(sample.log_events)} new matching line(s) in the app log: /{worst.pattern}/",
+        evidence={
+            "lines": [e.line[:500] for e in sample.log_events[-5:]],
+            "patterns": sorted({e.pattern for e in sample.log_events}),
+            "pid": sample.pid,
+        },
+    )
 
 
 def detect_vram_pressure(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Finding]:
@@ -44,27 +50,47 @@ def detect_vram_pressure(history: Sequence[Sample], cfg: MonitorSettings) -> Opt
         return None  # no GPU (or NVML absent): this rule stays quiet
     last = gpu[-1]
     frac = last.gpu_used_bytes / last.gpu_total_bytes
-    evidence = {"used_bytes": last.gpu_used_bytes, "total_bytes": last.gpu_total_bytes,
-                "used_fraction": round(frac, 4), "app_bytes": last.gpu_app_bytes, "threshold": cfg.vram_threshold,
-                "gpu": last.gpu_name}
-    recent = gpu[-cfg.vram_samples:]
-    if len(recent) >= cfg.vram_samples and all(s.gpu_used_bytes / s.gpu_total_bytes >= cfg.vram_threshold
-                                               for s in recent):
-        return Finding(kind=FindingKind.vram_pressure, severity=Severity.warning, action=Action.free_cache,
-                       evidence=evidence,
-                       reason=f"GPU memory at {frac:.0%} (≥ {cfg.vram_threshold:.0%}) for {len(recent)} samples")
+    evidence = {
+        "used_bytes": last.gpu_used_bytes,
+        "total_bytes": last.gpu_total_bytes,
+        "used_fraction": round(frac, 4),
+        "app_bytes": last.gpu_app_bytes,
+        "threshold": cfg.vram_threshold,
+        "gpu": last.gpu_name,
+    }
+    recent = gpu[-cfg.vram_samples :]
+    if len(recent) >= cfg.vram_samples and all(
+        s.gpu_used_bytes / s.gpu_total_bytes >= cfg.vram_threshold for s in recent
+    ):
+        return Finding(
+            kind=FindingKind.vram_pressure,
+            severity=Severity.warning,
+            action=Action.free_cache,
+            evidence=evidence,
+            reason=f"GPU memory at {frac:.0%} (≥ {cfg.vram_threshold:.0%}) for {len(recent)} samples",
+        )
     # The trend only counts while the app is serving: loading a model is memory rising on purpose.
-    window = [s for s in gpu if s.now >= last.now - cfg.vram_trend_window_s and s.ready is not None and s.ready.ok]
+    window = [
+        s for s in gpu if s.now >= last.now - cfg.vram_trend_window_s and s.ready is not None and s.ready.ok
+    ]
     slope = _slope([(s.now, s.gpu_used_bytes / s.gpu_total_bytes) for s in window])
-    if slope is not None and slope > 0 and len(window) >= max(3, cfg.vram_samples) \
-            and window[-1].now - window[0].now >= cfg.vram_trend_window_s / 2:
+    if (
+        slope is not None
+        and slope > 0
+        and len(window) >= max(3, cfg.vram_samples)
+        and window[-1].now - window[0].now >= cfg.vram_trend_window_s / 2
+    ):
         eta = (cfg.vram_threshold - frac) / slope
         if 0 < eta <= cfg.vram_trend_horizon_s:
             evidence.update(trend_per_s=round(slope, 6), crosses_in_s=round(eta, 1))
-            return Finding(kind=FindingKind.vram_pressure, severity=Severity.warning, action=Action.free_cache,
-                           evidence=evidence,
-                           reason=f"GPU memory at {frac:.0%} and rising: crosses {cfg.vram_threshold:.0%} "
-                                  f"in about {eta:.0f} s (precursor)")
+            return Finding(
+                kind=FindingKind.vram_pressure,
+                severity=Severity.warning,
+                action=Action.free_cache,
+                evidence=evidence,
+                reason=f"GPU memory at {frac:.0%} and rising: crosses {cfg.vram_threshold:.0%} "
+                f"in about {eta:.0f} s (precursor)",
+            )
     return None
 
 
@@ -103,9 +129,13 @@ def detect_hang(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Fin
     if stopped:
         stopped_s = last.now - history[-stopped].now
         if stopped_s >= cfg.hang_stopped_s:
-            return Finding(kind=FindingKind.hang, severity=Severity.critical, action=Action.kill,
-                           reason=f"app process {last.pid} is stopped (state T) for {stopped_s:.1f} s",
-                           evidence={"pid": last.pid, "process_status": "stopped", "stopped_s": round(stopped_s, 1)})
+            return Finding(
+                kind=FindingKind.hang,
+                severity=Severity.critical,
+                action=Action.kill,
+                reason=f"app process {last.pid} is stopped (state T) for {stopped_s:.1f} s",
+                evidence={"pid": last.pid, "process_status": "stopped", "stopped_s": round(stopped_s, 1)},
+            )
         return None  # a pause, so far: a stopped process is not probed, so nothing else to judge
 
     def failed_live(s: Sample) -> bool:
@@ -118,23 +148,44 @@ def detect_hang(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Fin
 
     failures = _tail(history, failed_live)
     if failures >= cfg.hang_liveness_failures:
-        return Finding(kind=FindingKind.hang, severity=Severity.critical, action=Action.kill,
-                       reason=f"liveness probe failed {failures} times in a row ({last.live.error})",
-                       evidence={"pid": last.pid, "failures": failures, "last_error": last.live.error,
-                                 "probe_timeout_s": cfg.probe_timeout_s})
+        return Finding(
+            kind=FindingKind.hang,
+            severity=Severity.critical,
+            action=Action.kill,
+            reason=f"liveness probe failed {failures} times in a row ({last.live.error})",
+            evidence={
+                "pid": last.pid,
+                "failures": failures,
+                "last_error": last.live.error,
+                "probe_timeout_s": cfg.probe_timeout_s,
+            },
+        )
     hb = last.heartbeat
     silent = hb.silent_for(last.wall) if (hb and last.live and last.live.ok) else None
     if silent is not None:
         bound = stall_bound(hb, cfg)
         if silent > bound:
-            where = f"{hb.stage} (step {hb.steps_done + 1} of {hb.steps_total})" if hb.stage == "denoise" \
+            where = (
+                f"{hb.stage} (step {hb.steps_done + 1} of {hb.steps_total})"
+                if hb.stage == "denoise"
                 else (hb.stage or "generation")
-            return Finding(kind=FindingKind.hang, severity=Severity.critical, action=Action.kill,
-                           reason=f"generation stalled in {where}: no progress for {silent:.0f} s (bound {bound:.0f} s)",
-                           evidence={"pid": last.pid, "stage": hb.stage, "seconds_silent": round(silent, 1),
-                                     "bound_s": bound, "stage_slowest_s": hb.stage_slowest_s,
-                                     "steps_done": hb.steps_done, "steps_total": hb.steps_total,
-                                     "request_ids": hb.request_ids})
+            )
+            return Finding(
+                kind=FindingKind.hang,
+                severity=Severity.critical,
+                action=Action.kill,
+                reason=f"generation stalled in {where}: no progress for {silent:.0f} s (bound {bound:.0f} s)",
+                evidence={
+                    "pid": last.pid,
+                    "stage": hb.stage,
+                    "seconds_silent": round(silent, 1),
+                    "bound_s": bound,
+                    "stage_slowest_s": hb.stage_slowest_s,
+                    "steps_done": hb.steps_done,
+                    "steps_total": hb.steps_total,
+                    "request_ids": hb.request_ids,
+                },
+            )
     return None
 
 
@@ -155,22 +206,41 @@ def detect_memory(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[F
     last = history[-1]
     rss_mb = last.rss_bytes / 2**20
     if cfg.rss_limit_mb is not None and rss_mb > cfg.rss_limit_mb:
-        return Finding(kind=FindingKind.memory_limit, severity=Severity.error, action=Action.restart,
-                       reason=f"app RSS {rss_mb:.0f} MiB is over the limit {cfg.rss_limit_mb} MiB",
-                       evidence={"rss_bytes": last.rss_bytes, "limit_mb": cfg.rss_limit_mb, "pid": last.pid})
+        return Finding(
+            kind=FindingKind.memory_limit,
+            severity=Severity.error,
+            action=Action.restart,
+            reason=f"app RSS {rss_mb:.0f} MiB is over the limit {cfg.rss_limit_mb} MiB",
+            evidence={"rss_bytes": last.rss_bytes, "limit_mb": cfg.rss_limit_mb, "pid": last.pid},
+        )
     # Growth counts only while the app serves: loading a model grows RSS on purpose.
-    same = [s for s in history if s.pid == last.pid and s.rss_bytes is not None and s.ready is not None
-            and s.ready.ok and s.now >= last.now - cfg.leak_window_s]
+    same = [
+        s
+        for s in history
+        if s.pid == last.pid
+        and s.rss_bytes is not None
+        and s.ready is not None
+        and s.ready.ok
+        and s.now >= last.now - cfg.leak_window_s
+    ]
     if not same or last.now - same[0].now < cfg.leak_min_span_s:
         return None
     low = min(same, key=lambda s: s.rss_bytes)
     growth_mb = (last.rss_bytes - low.rss_bytes) / 2**20
     if growth_mb > cfg.leak_growth_mb and low.now < last.now:
-        return Finding(kind=FindingKind.leak, severity=Severity.warning, action=Action.restart,
-                       reason=f"app RSS grew {growth_mb:.0f} MiB in {last.now - low.now:.0f} s "
-                              f"(limit {cfg.leak_growth_mb} MiB per {cfg.leak_window_s:.0f} s)",
-                       evidence={"rss_bytes": last.rss_bytes, "low_rss_bytes": low.rss_bytes,
-                                 "growth_mb": round(growth_mb, 1), "pid": last.pid})
+        return Finding(
+            kind=FindingKind.leak,
+            severity=Severity.warning,
+            action=Action.restart,
+            reason=f"app RSS grew {growth_mb:.0f} MiB in {last.now - low.now:.0f} s "
+            f"(limit {cfg.leak_growth_mb} MiB per {cfg.leak_window_s:.0f} s)",
+            evidence={
+                "rss_bytes": last.rss_bytes,
+                "low_rss_bytes": low.rss_bytes,
+                "growth_mb": round(growth_mb, 1),
+                "pid": last.pid,
+            },
+        )
     return None
 
 
@@ -178,9 +248,13 @@ def detect_engine_unhealthy(sample: Sample) -> Optional[Finding]:
     """The app says so itself: /healthz 503 with state unhealthy (fatal CUDA error) or failed (load)."""
     if sample.live and sample.live.status == 503 and sample.engine_state in ("unhealthy", "failed"):
         reason = (sample.live.body or {}).get("reason") or sample.engine_state
-        return Finding(kind=FindingKind.engine_unhealthy, severity=Severity.critical, action=Action.restart,
-                       reason=f"the app reports its engine {sample.engine_state}: {reason}",
-                       evidence={"state": sample.engine_state, "reason": reason, "pid": sample.pid})
+        return Finding(
+            kind=FindingKind.engine_unhealthy,
+            severity=Severity.critical,
+            action=Action.restart,
+            reason=f"the app reports its engine {sample.engine_state}: {reason}",
+            evidence={"state": sample.engine_state, "reason": reason, "pid": sample.pid},
+        )
     return None
 
 
@@ -191,9 +265,13 @@ def detect_not_running(history: Sequence[Sample], cfg: MonitorSettings) -> Optio
     retrying; reported, and FATAL follows if it keeps failing."""
     last = history[-1]
     if last.program_state == "FATAL":
-        return Finding(kind=FindingKind.app_fatal, severity=Severity.critical, action=Action.start,
-                       reason="supervisord gave up on the app (FATAL: it exited too quickly, startretries used)",
-                       evidence={"state": "FATAL"})
+        return Finding(
+            kind=FindingKind.app_fatal,
+            severity=Severity.critical,
+            action=Action.start,
+            reason="supervisord gave up on the app (FATAL: it exited too quickly, startretries used)",
+            evidence={"state": "FATAL"},
+        )
     down = _tail(history, lambda s: s.program_state in DOWN_STATES)
     if not down:
         return None
@@ -201,33 +279,47 @@ def detect_not_running(history: Sequence[Sample], cfg: MonitorSettings) -> Optio
     if down_s < cfg.down_after_s:
         return None
     action = Action.alert if last.program_state == "BACKOFF" else Action.start
-    return Finding(kind=FindingKind.app_down, severity=Severity.critical, action=action,
-                   reason=f"the app is {last.program_state} for {down_s:.0f} s"
-                          + (" (supervisord is retrying)" if action == Action.alert else " and nothing starts it"),
-                   evidence={"state": last.program_state, "down_s": round(down_s, 1)})
+    return Finding(
+        kind=FindingKind.app_down,
+        severity=Severity.critical,
+        action=action,
+        reason=f"the app is {last.program_state} for {down_s:.0f} s"
+        + (" (supervisord is retrying)" if action == Action.alert else " and nothing starts it"),
+        evidence={"state": last.program_state, "down_s": round(down_s, 1)},
+    )
 
 
-def detect_crash_loop(unexpected_restarts: Sequence[float], sample: Sample, cfg: MonitorSettings) -> Optional[Finding]:
+def detect_crash_loop(
+    unexpected_restarts: Sequence[float], sample: Sample, cfg: MonitorSettings
+) -> Optional[Finding]:
     """supervisord restarting the app by itself again and again (pid changes we did not cause).
     unexpected_restarts are epoch seconds (they outlive the monitor in its journal)."""
     recent = [t for t in unexpected_restarts if t >= sample.wall - cfg.crash_loop_window_s]
     if len(recent) >= cfg.crash_loop_count:
-        return Finding(kind=FindingKind.crash_loop, severity=Severity.critical, action=Action.alert,
-                       reason=f"the app died and was restarted by supervisord {len(recent)} times in "
-                              f"{cfg.crash_loop_window_s:.0f} s",
-                       evidence={"restarts_in_window": len(recent), "state": sample.program_state})
+        return Finding(
+            kind=FindingKind.crash_loop,
+            severity=Severity.critical,
+            action=Action.alert,
+            reason=f"the app died and was restarted by supervisord {len(recent)} times in "
+            f"{cfg.crash_loop_window_s:.0f} s",
+            evidence={"restarts_in_window": len(recent), "state": sample.program_state},
+        )
     fresh = [t for t in recent if t >= sample.wall - cfg.crash_report_s]
     if fresh:
         # One crash: supervisord already restarted it; on-call hears of it, the monitor need not act.
-        return Finding(kind=FindingKind.crash, severity=Severity.warning, action=Action.alert,
-                       reason="the app died and supervisord restarted it",
-                       evidence={"restarts_in_window": len(recent), "state": sample.program_state,
-                                 "pid": sample.pid})
+        return Finding(
+            kind=FindingKind.crash,
+            severity=Severity.warning,
+            action=Action.alert,
+            reason="the app died and supervisord restarted it",
+            evidence={"restarts_in_window": len(recent), "state": sample.program_state, "pid": sample.pid},
+        )
     return None
 
 
-def detect_all(history: Sequence[Sample], unexpected_restarts: Sequence[float],
-               cfg: MonitorSettings) -> list[Finding]:
+def detect_all(
+    history: Sequence[Sample], unexpected_restarts: Sequence[float], cfg: MonitorSettings
+) -> list[Finding]:
     """Every finding for the newest sample, most urgent first."""
     last = history[-1]
     candidates = [

@@ -54,9 +54,16 @@ class IncidentBook:
             if Severity.of(finding.severity).rank > Severity.of(current.severity).rank:
                 current.severity = finding.severity
             return None
-        incident = Incident(id=f"inc-{uuid.uuid4().hex[:12]}", kind=finding.kind, severity=finding.severity,
-                            reason=finding.reason, evidence=dict(finding.evidence), started_at=wall,
-                            first_seen=now, last_seen=now)
+        incident = Incident(
+            id=f"inc-{uuid.uuid4().hex[:12]}",
+            kind=finding.kind,
+            severity=finding.severity,
+            reason=finding.reason,
+            evidence=dict(finding.evidence),
+            started_at=wall,
+            first_seen=now,
+            last_seen=now,
+        )
         self.open[finding.kind] = incident
         return incident
 
@@ -72,8 +79,14 @@ class IncidentBook:
                 incident.awaiting_warmup = False
                 incident.evidence["warmup"] = note
 
-    def settle(self, seen_kinds: set[str], app_ready: bool, quiet_samples: int, wall: float,
-               resolution: str = "condition cleared and app ready") -> list[Incident]:
+    def settle(
+        self,
+        seen_kinds: set[str],
+        app_ready: bool,
+        quiet_samples: int,
+        wall: float,
+        resolution: str = "condition cleared and app ready",
+    ) -> list[Incident]:
         """Count clean samples for open incidents; return those that are now resolved."""
         resolved = []
         for kind, incident in list(self.open.items()):

@@ -85,13 +85,25 @@ class Journal:
         except (ValueError, KeyError, TypeError) as exc:
             aside = self.path.with_name(self.path.name + ".unreadable")
             os.replace(self.path, aside)
-            log.error("monitor journal unreadable: starting fresh", extra={
-                "event": "journal_unreadable", "error": f"{exc.__class__.__name__}: {exc}"[:300], "moved_to": str(aside)})
+            log.error(
+                "monitor journal unreadable: starting fresh",
+                extra={
+                    "event": "journal_unreadable",
+                    "error": f"{exc.__class__.__name__}: {exc}"[:300],
+                    "moved_to": str(aside),
+                },
+            )
             return MonitorState()
         self._written = text
-        log.info("monitor journal loaded", extra={
-            "event": "journal_loaded", "incidents_open": len(state.book.open), "outbox": len(state.outbox),
-            "pending": None if state.pending is None else state.pending.action})
+        log.info(
+            "monitor journal loaded",
+            extra={
+                "event": "journal_loaded",
+                "incidents_open": len(state.book.open),
+                "outbox": len(state.outbox),
+                "pending": None if state.pending is None else state.pending.action,
+            },
+        )
         return state
 
     def save(self, state: MonitorState) -> bool:

@@ -34,8 +34,13 @@ MAX_READ = 8 * 2**20  # per poll: a burst of log is read over several ticks
 
 
 class LogFollower:
-    def __init__(self, path: Path, patterns: list[LogPattern], resume: Optional[dict] = None,
-                 wake: Optional[threading.Event] = None):
+    def __init__(
+        self,
+        path: Path,
+        patterns: list[LogPattern],
+        resume: Optional[dict] = None,
+        wake: Optional[threading.Event] = None,
+    ):
         self.path = Path(path)
         self.patterns = [(re.compile(p.pattern), p) for p in patterns]
         self.wake = wake
@@ -55,8 +60,12 @@ class LogFollower:
             return  # the app has not written yet; poll() opens it when it appears, from byte 0
         st = os.fstat(fh.fileno())
         self._fh, self._inode = fh, st.st_ino
-        if saved and saved.get("path") == str(self.path) and saved.get("inode") == st.st_ino \
-                and saved.get("offset", -1) <= st.st_size:
+        if (
+            saved
+            and saved.get("path") == str(self.path)
+            and saved.get("inode") == st.st_ino
+            and saved.get("offset", -1) <= st.st_size
+        ):
             # Resume: lines written while the monitor was away count once, each for its own process.
             self._offset, self._last_pid = saved["offset"], saved.get("last_pid")
             log.info("log follow resumed", extra={"event": "log_resume", "offset": self._offset})
@@ -70,7 +79,12 @@ class LogFollower:
         """What the journal keeps, so a restarted monitor reads on from here (and knows whose lines)."""
         if self._inode is None:
             return None
-        return {"path": str(self.path), "inode": self._inode, "offset": self._offset, "last_pid": self._last_pid}
+        return {
+            "path": str(self.path),
+            "inode": self._inode,
+            "offset": self._offset,
+            "last_pid": self._last_pid,
+        }
 
     @property
     def offset(self) -> int:
@@ -115,8 +129,15 @@ class LogFollower:
             hits = [(regex, p) for regex, p in self.patterns if regex.search(text)]
             if hits:
                 _, p = max(hits, key=lambda h: Severity.of(h[1].severity).rank)
-                events.append(LogEvent(line=text.strip(), pattern=p.pattern, severity=p.severity, action=p.action,
-                                       pid=self._last_pid))
+                events.append(
+                    LogEvent(
+                        line=text.strip(),
+                        pattern=p.pattern,
+                        severity=p.severity,
+                        action=p.action,
+                        pid=self._last_pid,
+                    )
+                )
         return events
 
     def _read_new_lines(self) -> list[bytes]:

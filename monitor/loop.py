@@ -26,10 +26,24 @@ log = logging.getLogger("monitor.loop")
 
 
 class Monitor:
-    def __init__(self, cfg: MonitorSettings, probes: Probes, actions: Actions, journal: Journal,
-                 metrics: MonitorMetrics, state: Optional[core.MonitorState] = None,
-                 stop: Optional[threading.Event] = None, wall: Callable[[], float] = time.time):
-        self.cfg, self.probes, self.actions, self.journal, self.metrics = cfg, probes, actions, journal, metrics
+    def __init__(
+        self,
+        cfg: MonitorSettings,
+        probes: Probes,
+        actions: Actions,
+        journal: Journal,
+        metrics: MonitorMetrics,
+        state: Optional[core.MonitorState] = None,
+        stop: Optional[threading.Event] = None,
+        wall: Callable[[], float] = time.time,
+    ):
+        self.cfg, self.probes, self.actions, self.journal, self.metrics = (
+            cfg,
+            probes,
+            actions,
+            journal,
+            metrics,
+        )
         self.state = state if state is not None else journal.load()
         self.events: "queue.Queue[core.Event]" = queue.Queue()
         self.stop = stop or threading.Event()
@@ -119,8 +133,10 @@ class Monitor:
         if self.stop.is_set():
             # Our own SIGTERM cut the action's waits short: that is no failed warm-up. The action stays
             # in the journal; the next monitor rolls it forward (or an operator's maintenance takes it over).
-            log.warning("action interrupted by the monitor's stop; left to the next monitor", extra={
-                "event": "action_interrupted", "action": action, "kind": effect.kind})
+            log.warning(
+                "action interrupted by the monitor's stop; left to the next monitor",
+                extra={"event": "action_interrupted", "action": action, "kind": effect.kind},
+            )
             return
         self.last_action = result
         self.metrics.actions.labels(action=action, ok=str(result.ok).lower()).inc()
@@ -130,10 +146,18 @@ class Monitor:
             self.metrics.restarts.labels(reason=effect.kind, action=action).inc()
             if warm is not None and warm.ok:
                 self.metrics.warmup_seconds.set(warm.seconds)
-        self.apply(core.ActionDone(
-            action=action, ok=result.ok, seconds=result.seconds, detail=result.detail,
-            warmup_ok=(warm.ok if warm is not None else False) if restarting else None,
-            warmup_note=warm.note() if warm is not None else "", old_pid=result.old_pid, new_pid=result.new_pid))
+        self.apply(
+            core.ActionDone(
+                action=action,
+                ok=result.ok,
+                seconds=result.seconds,
+                detail=result.detail,
+                warmup_ok=(warm.ok if warm is not None else False) if restarting else None,
+                warmup_note=warm.note() if warm is not None else "",
+                old_pid=result.old_pid,
+                new_pid=result.new_pid,
+            )
+        )
 
     # ---- reporting -----------------------------------------------------------------------------
     def _publish(self, sample: Sample, maintenance: Optional[dict]) -> None:
@@ -150,22 +174,31 @@ class Monitor:
             m.rss.set(sample.rss_bytes)
         m.write_textfile(self.cfg.metrics_file)
         next_at = policy.next_restart_at(now, self.cfg)
-        write_state(self.cfg.state_file, {
-            "updated_at": now,
-            "monitor_started_at": self.started_at,
-            "sample": sample.summary(),
-            "gpu_reader": getattr(self.probes.gpu, "reason", None),
-            "maintenance": maintenance,
-            "decision": state.last_decision,
-            "pending_action": None if state.pending is None else vars(state.pending),
-            "incidents_open": [i.as_dict() for i in state.book.open.values()],
-            "incidents_recent": [i.as_dict() for i in list(state.book.closed)[-10:]],
-            "restarts": list(state.restart_log),
-            "budget": {"limit": self.cfg.restart_budget, "window_s": self.cfg.restart_budget_window_s,
-                       "left": policy.budget_left(now, self.cfg), "circuit_open": policy.circuit_open,
-                       "next_restart_in_s": None if next_at is None else max(0.0, round(next_at - now, 1))},
-            "unexpected_restarts_in_window": len(state.unexpected_restarts),
-            "alerts": {"outbox": len(state.outbox),
-                       "delivered": self.courier.delivered if self.courier else 0,
-                       "failed_attempts": self.courier.failed_attempts if self.courier else 0},
-        })
+        write_state(
+            self.cfg.state_file,
+            {
+                "updated_at": now,
+                "monitor_started_at": self.started_at,
+                "sample": sample.summary(),
+                "gpu_reader": getattr(self.probes.gpu, "reason", None),
+                "maintenance": maintenance,
+                "decision": state.last_decision,
+                "pending_action": None if state.pending is None else vars(state.pending),
+                "incidents_open": [i.as_dict() for i in state.book.open.values()],
+                "incidents_recent": [i.as_dict() for i in list(state.book.closed)[-10:]],
+                "restarts": list(state.restart_log),
+                "budget": {
+                    "limit": self.cfg.restart_budget,
+                    "window_s": self.cfg.restart_budget_window_s,
+                    "left": policy.budget_left(now, self.cfg),
+                    "circuit_open": policy.circuit_open,
+                    "next_restart_in_s": None if next_at is None else max(0.0, round(next_at - now, 1)),
+                },
+                "unexpected_restarts_in_window": len(state.unexpected_restarts),
+                "alerts": {
+                    "outbox": len(state.outbox),
+                    "delivered": self.courier.delivered if self.courier else 0,
+                    "failed_attempts": self.courier.failed_attempts if self.courier else 0,
+                },
+            },
+        )

@@ -58,7 +58,9 @@ def decide(findings: list[Finding], state: PolicyState, now: float, cfg: Monitor
     if action == "free_cache":
         last = state.free_cache_at.get(finding.kind)
         if last is None:
-            return Decision("free_cache", f"tier 1 for {finding.kind}: ask the app to free its cache", finding)
+            return Decision(
+                "free_cache", f"tier 1 for {finding.kind}: ask the app to free its cache", finding
+            )
         if now - last < cfg.vram_escalate_after_s:
             return Decision("none", f"cache freed {now - last:.0f} s ago; watching whether it helps", finding)
         app_bytes = finding.evidence.get("app_bytes")
@@ -78,17 +80,27 @@ def decide(findings: list[Finding], state: PolicyState, now: float, cfg: Monitor
 
     if action in RESTARTING_ACTIONS:
         if state.circuit_open:
-            return Decision("none", "restart budget exhausted: auto-restart stopped until an operator resets",
-                            finding)
+            return Decision(
+                "none", "restart budget exhausted: auto-restart stopped until an operator resets", finding
+            )
         if state.budget_left(now, cfg) == 0:
-            return Decision("page", f"restart budget exhausted ({cfg.restart_budget} per "
-                                    f"{cfg.restart_budget_window_s:.0f} s): stopping auto-restarts", finding)
+            return Decision(
+                "page",
+                f"restart budget exhausted ({cfg.restart_budget} per "
+                f"{cfg.restart_budget_window_s:.0f} s): stopping auto-restarts",
+                finding,
+            )
         next_at = state.next_restart_at(now, cfg)
         if next_at is not None and now < next_at:
-            return Decision("wait", f"backing off: next restart allowed in {next_at - now:.0f} s", finding,
-                            wait_s=next_at - now)
-        return Decision(action, f"tier {'3' if action == 'kill' else '2'} for {finding.kind}: {finding.reason}",
-                        finding)
+            return Decision(
+                "wait",
+                f"backing off: next restart allowed in {next_at - now:.0f} s",
+                finding,
+                wait_s=next_at - now,
+            )
+        return Decision(
+            action, f"tier {'3' if action == 'kill' else '2'} for {finding.kind}: {finding.reason}", finding
+        )
     return Decision("none", f"no action for {finding.kind}", finding)
 
 

@@ -34,9 +34,13 @@ def http_get(client: httpx.Client, url: str, timeout: float) -> HttpResult:
         body = response.json()
     except ValueError:
         body = None
-    return HttpResult(ok=response.status_code == 200, status=response.status_code,
-                      latency_s=time.perf_counter() - started, error=None if response.status_code == 200
-                      else f"HTTP {response.status_code}", body=body if isinstance(body, dict) else None)
+    return HttpResult(
+        ok=response.status_code == 200,
+        status=response.status_code,
+        latency_s=time.perf_counter() - started,
+        error=None if response.status_code == 200 else f"HTTP {response.status_code}",
+        body=body if isinstance(body, dict) else None,
+    )
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
@@ -48,9 +52,17 @@ def process_tree(pid: int) -> list[psutil.Process]:
 
 
 class Probes:
-    def __init__(self, app_url: str, supervisor: SupervisorClient, program: str, gpu: GpuReader,
-                 follower: Optional[LogFollower], timeout_s: float, maintenance_file: Optional[Path] = None,
-                 chaos_file: Optional[Path] = None):
+    def __init__(
+        self,
+        app_url: str,
+        supervisor: SupervisorClient,
+        program: str,
+        gpu: GpuReader,
+        follower: Optional[LogFollower],
+        timeout_s: float,
+        maintenance_file: Optional[Path] = None,
+        chaos_file: Optional[Path] = None,
+    ):
         self.app_url = app_url.rstrip("/")
         self.supervisor = supervisor
         self.program = program

@@ -67,15 +67,28 @@ class Sample:
 
     def summary(self) -> dict:
         return {
-            "program_state": self.program_state, "pid": self.pid, "uptime_s": round(self.uptime_s, 1),
-            "live": None if self.live is None else {"ok": self.live.ok, "status": self.live.status,
-                                                    "latency_s": round(self.live.latency_s, 4),
-                                                    "error": self.live.error},
+            "program_state": self.program_state,
+            "pid": self.pid,
+            "uptime_s": round(self.uptime_s, 1),
+            "live": None
+            if self.live is None
+            else {
+                "ok": self.live.ok,
+                "status": self.live.status,
+                "latency_s": round(self.live.latency_s, 4),
+                "error": self.live.error,
+            },
             "ready": None if self.ready is None else self.ready.ok,
             "engine_state": self.engine_state,
             "heartbeat": None if self.heartbeat is None else self.heartbeat.model_dump(),
-            "process_status": self.process_status, "rss_bytes": self.rss_bytes,
-            "gpu": None if self.gpu_total_bytes is None else {
-                "name": self.gpu_name, "used_bytes": self.gpu_used_bytes, "total_bytes": self.gpu_total_bytes,
-                "app_bytes": self.gpu_app_bytes},
+            "process_status": self.process_status,
+            "rss_bytes": self.rss_bytes,
+            "gpu": None
+            if self.gpu_total_bytes is None
+            else {
+                "name": self.gpu_name,
+                "used_bytes": self.gpu_used_bytes,
+                "total_bytes": self.gpu_total_bytes,
+                "app_bytes": self.gpu_app_bytes,
+            },
         }

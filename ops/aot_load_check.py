@@ -27,9 +27,13 @@ def packages(cache: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--compile-cache", type=Path, default=Path("run/compile-cache"))
-    parser.add_argument("--after-imports", action="store_true", help="import diffusers and transformers first")
+    parser.add_argument(
+        "--after-imports", action="store_true", help="import diffusers and transformers first"
+    )
     args = parser.parse_args(argv)
     found = packages(args.compile_cache)
     if not found:

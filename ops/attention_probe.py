@@ -68,13 +68,39 @@ if triton is not None:
 
     @triton.jit
     def _fp8_attention_kernel(
-        Q, K, VT, SQ, SK, SV, O,
-        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vh, stride_vd, stride_sqb, stride_sqs, stride_sqh,
-        stride_skb, stride_sks, stride_skh, stride_svb, stride_svh,
-        stride_ob, stride_os, stride_oh,
-        H, S, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q,
+        K,
+        VT,
+        SQ,
+        SK,
+        SV,
+        O,  # noqa: E741  (Triton's own name for the output pointer)
+        stride_qb,
+        stride_qs,
+        stride_qh,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_vb,
+        stride_vh,
+        stride_vd,
+        stride_sqb,
+        stride_sqs,
+        stride_sqh,
+        stride_skb,
+        stride_sks,
+        stride_skh,
+        stride_svb,
+        stride_svh,
+        stride_ob,
+        stride_os,
+        stride_oh,
+        H,
+        S,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         off_bh = tl.program_id(1)
@@ -84,10 +110,16 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         in_m = offs_m < S
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                    mask=in_m[:, None], other=0.0)
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+            mask=in_m[:, None],
+            other=0.0,
+        )
         # softmax's 1/√d and log2 e fold into Q's per-token scale: exp2 of the product is the softmax
-        sq = tl.load(SQ + b * stride_sqb + h * stride_sqh + offs_m * stride_sqs, mask=in_m, other=0.0) * qk_scale
+        sq = (
+            tl.load(SQ + b * stride_sqb + h * stride_sqh + offs_m * stride_sqs, mask=in_m, other=0.0)
+            * qk_scale
+        )
         k_base = K + b * stride_kb + h * stride_kh
         sk_base = SK + b * stride_skb + h * stride_skh
         v_base = VT + b * stride_vb + h * stride_vh
@@ -110,26 +142,73 @@ if triton is not None:
             m_i = m_new
         sv = tl.load(SV + b * stride_svb + h * stride_svh + offs_d)
         out = acc / (l_i[:, None] * 448.0) * sv[None, :]
-        tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=in_m[:, None])
+        tl.store(
+            O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+            out.to(O.dtype.element_ty),
+            mask=in_m[:, None],
+        )
 
 
-def fp8_attention(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale: float, out: torch.Tensor,
-                  block_m: int = 64, block_n: int = 128, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+def fp8_attention(
+    q8,
+    q_scale,
+    k8,
+    k_scale,
+    vt8,
+    v_scale,
+    softmax_scale: float,
+    out: torch.Tensor,
+    block_m: int = 64,
+    block_n: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
     """The kernel on quantized inputs (as the quantizers above return them) into `out` (B, S, H, D)."""
     batch, seq, heads, head_dim = q8.shape
     _fp8_attention_kernel[(triton.cdiv(seq, block_m), batch * heads)](
-        q8, k8, vt8, q_scale, k_scale, v_scale, out,
-        q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-        vt8.stride(0), vt8.stride(1), vt8.stride(2), q_scale.stride(0), q_scale.stride(1), q_scale.stride(2),
-        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), v_scale.stride(0), v_scale.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), heads, seq, softmax_scale * _LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        q8,
+        k8,
+        vt8,
+        q_scale,
+        k_scale,
+        v_scale,
+        out,
+        q8.stride(0),
+        q8.stride(1),
+        q8.stride(2),
+        k8.stride(0),
+        k8.stride(1),
+        k8.stride(2),
+        vt8.stride(0),
+        vt8.stride(1),
+        vt8.stride(2),
+        q_scale.stride(0),
+        q_scale.stride(1),
+        q_scale.stride(2),
+        k_scale.stride(0),
+        k_scale.stride(1),
+        k_scale.stride(2),
+        v_scale.stride(0),
+        v_scale.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        heads,
+        seq,
+        softmax_scale * _LOG2E,
+        HEAD_DIM=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     return out
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--heads", type=int, default=30)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--shapes", default="1x4128,4x4128,1x1088", help="batch x tokens, comma-separated")
@@ -148,20 +227,32 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         q = torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16)
         # keys of a DiT share a per-channel offset across tokens; the quantization has to cope with it
-        k = (torch.randn(batch, seq, heads, head_dim, device="cuda")
-             + 0.5 * torch.randn(1, 1, heads, head_dim, device="cuda")).bfloat16()
+        k = (
+            torch.randn(batch, seq, heads, head_dim, device="cuda")
+            + 0.5 * torch.randn(1, 1, heads, head_dim, device="cuda")
+        ).bfloat16()
         v = torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16)
         flops = 4 * batch * heads * seq * seq * head_dim
-        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # the app's layout: (B, S, H, D) viewed as (B, H, S, D)
+        qt, kt, vt = (
+            x.transpose(1, 2) for x in (q, k, v)
+        )  # the app's layout: (B, S, H, D) viewed as (B, H, S, D)
         exact = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float()).transpose(1, 2)
 
         def row(label, ms, out):
-            r = {"shape": shape, "kernel": label, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9),
-                 "rel_err": round(float((out.float() - exact).norm() / exact.norm()), 5)}
+            r = {
+                "shape": shape,
+                "kernel": label,
+                "ms": round(ms, 4),
+                "tflops": round(flops / ms / 1e9),
+                "rel_err": round(float((out.float() - exact).norm() / exact.norm()), 5),
+            }
             rows.append(r)
             print(json.dumps(r), flush=True)
 
-        for name, backend in (("cudnn bf16", SDPBackend.CUDNN_ATTENTION), ("flash-2 bf16", SDPBackend.FLASH_ATTENTION)):
+        for name, backend in (
+            ("cudnn bf16", SDPBackend.CUDNN_ATTENTION),
+            ("flash-2 bf16", SDPBackend.FLASH_ATTENTION),
+        ):
             with sdpa_kernel(backend):
                 ms = do_bench(lambda: F.scaled_dot_product_attention(qt, kt, vt), warmup=50, rep=300)
                 row(name, ms, F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2))
@@ -169,9 +260,20 @@ def main(argv=None) -> int:
         k8, ks = quantize_per_token(k)
         vt8, vs = quantize_v(v)
         out = torch.empty_like(q)
-        for bm, bn, warps, stages in ((64, 128, 4, 3), (64, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 3),
-                                      (128, 64, 4, 3), (64, 64, 4, 3)):
-            call = lambda: fp8_attention(q8, qs, k8, ks, vt8, vs, 1 / math.sqrt(head_dim), out, bm, bn, warps, stages)  # noqa: E731
+        for bm, bn, warps, stages in (
+            (64, 128, 4, 3),
+            (64, 128, 4, 2),
+            (128, 128, 4, 3),
+            (128, 128, 8, 3),
+            (128, 64, 4, 3),
+            (64, 64, 4, 3),
+        ):
+
+            def call(bm=bm, bn=bn, warps=warps, stages=stages):
+                return fp8_attention(
+                    q8, qs, k8, ks, vt8, vs, 1 / math.sqrt(head_dim), out, bm, bn, warps, stages
+                )
+
             row(f"triton fp8 {bm}x{bn} w{warps} s{stages}", do_bench(call, warmup=20, rep=150), call())
     if args.out:
         with open(args.out, "w") as fh:

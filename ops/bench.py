@@ -28,7 +28,23 @@ from ops.bench_app import PROMPT, REPO, AppRun, emit, measure_latency, measure_t
 from ops.tempstack import free_port
 
 __all__ = ["main", "REPO"]
-ALL_PHASES = "reference,latency,throughput,fp8,stepcache,coldstart,startopts,loadspeed,fastload,parts,dynamic,jit,cap16"
+ALL_PHASES = ",".join(
+    [
+        "reference",
+        "latency",
+        "throughput",
+        "fp8",
+        "stepcache",
+        "coldstart",
+        "startopts",
+        "loadspeed",
+        "fastload",
+        "parts",
+        "dynamic",
+        "jit",
+        "cap16",
+    ]
+)
 
 
 def load_reference(path: str):
@@ -69,8 +85,14 @@ def run_reference(reference, results: list, size: int = 1024, n: int = 5) -> Non
         pipe(**kw, generator=torch.Generator("cuda").manual_seed(i))
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    emit(results, event="reference", size=size, median_s=round(statistics.median(times), 3),
-         min_s=round(min(times), 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))
+    emit(
+        results,
+        event="reference",
+        size=size,
+        median_s=round(statistics.median(times), 3),
+        min_s=round(min(times), 3),
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
+    )
     del pipe
     torch.cuda.empty_cache()
 
@@ -82,44 +104,81 @@ def print_table(results: list) -> None:
         if e == "env":
             rows.append(("device", f"{r['gpu']}, torch {r['torch']}, {r['date']}"))
         elif e == "reference":
-            rows.append((f"reference (plain diffusers) {r['size']}²", f"{r['median_s']} s, peak {r['peak_gib']} GiB"))
+            rows.append(
+                (f"reference (plain diffusers) {r['size']}²", f"{r['median_s']} s, peak {r['peak_gib']} GiB")
+            )
         elif e == "latency":
-            rows.append((f"latency {r['size']}²: {r['label']}",
-                         f"e2e p50 {r['e2e_p50_s']} s (pipeline {r['pipeline_p50_s']} s = encode {r['encode_p50_s']} "
-                         f"+ denoise {r['denoise_p50_s']} + decode {r['decode_p50_s']}); overhead {r['overhead_pct']} %"
-                         + (f"; {r['speedup']}× the reference" if r.get("speedup") else "")))
+            rows.append(
+                (
+                    f"latency {r['size']}²: {r['label']}",
+                    f"e2e p50 {r['e2e_p50_s']} s (pipeline {r['pipeline_p50_s']} s = "
+                    + f"encode {r['encode_p50_s']} + denoise {r['denoise_p50_s']} "
+                    + f"+ decode {r['decode_p50_s']}); "
+                    + f"overhead {r['overhead_pct']} %"
+                    + (f"; {r['speedup']}× the reference" if r.get("speedup") else ""),
+                )
+            )
         elif e == "throughput":
-            rows.append((f"throughput {r['size']}²: {r['label']}", f"{r['images_per_hour']} img/h ({r['images']} in {r['wall_s']} s)"))
+            rows.append(
+                (
+                    f"throughput {r['size']}²: {r['label']}",
+                    f"{r['images_per_hour']} img/h ({r['images']} in {r['wall_s']} s)",
+                )
+            )
         elif e == "quality":
-            rows.append((f"quality: {r['label']}", f"PSNR {r['psnr_db']} dB (4× downscaled {r['psnr_4x_down_db']} dB)"))
+            rows.append(
+                (
+                    f"quality: {r['label']}",
+                    f"PSNR {r['psnr_db']} dB (4× downscaled {r['psnr_4x_down_db']} dB)",
+                )
+            )
         elif e == "loadspeed":
-            rows.append((f"reading a {r['file_gb']} GB file to the GPU", ", ".join(f"{k} {v}" for k, v in r.items()
-                                                                        if k.endswith("_s"))))
+            rows.append(
+                (
+                    f"reading a {r['file_gb']} GB file to the GPU",
+                    ", ".join(f"{k} {v}" for k, v in r.items() if k.endswith("_s")),
+                )
+            )
         elif e == "error":
             rows.append((f"FAILED phase {r['phase']}", r["error"][-200:]))
         elif e == "first_requests":
-            rows.append(("first requests after start", ", ".join(f"{k} {v}" for k, v in r.items() if k != "event")))
+            rows.append(
+                ("first requests after start", ", ".join(f"{k} {v}" for k, v in r.items() if k != "event"))
+            )
         elif e == "cold_start":
             parts = ", ".join(f"{k} {v}" for k, v in r.get("breakdown", {}).items())
             first = f" + first image {r['first_image_s']} s" if "first_image_s" in r else ""
-            rows.append((f"start to ready: {r['label']}", f"{r['ready_s']} s{first}" + (f" ({parts})" if parts else "")))
+            rows.append(
+                (
+                    f"start to ready: {r['label']}",
+                    f"{r['ready_s']} s{first}" + (f" ({parts})" if parts else ""),
+                )
+            )
     width = max(len(a) for a, _ in rows)
     print("\n" + "\n".join(f"{a:<{width}}  {b}" for a, b in rows), flush=True)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="zimagectl bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", help="shared/bench/zimage_gpu_baseline.py (copied into the repo); GPU only")
+    parser = argparse.ArgumentParser(
+        prog="zimagectl bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--reference", help="shared/bench/zimage_gpu_baseline.py (copied into the repo); GPU only"
+    )
     parser.add_argument("--model-dir", default="/tmp/zimage-full")
     parser.add_argument("--home", default="/tmp/zimage-bench")
     parser.add_argument("--phases", default=ALL_PHASES, help=f"comma-separated subset of {ALL_PHASES}")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--attention", default="native")
-    parser.add_argument("--keep-cache", action="store_true", help="start the default phases on the compile "
-                        "cache an earlier run left instead of an empty one")
-    parser.add_argument("--images-dir", type=Path, default=None, help="where the quality-check images are written")
+    parser.add_argument(
+        "--keep-cache",
+        action="store_true",
+        help="start the default phases on the compile cache an earlier run left instead of an empty one",
+    )
+    parser.add_argument(
+        "--images-dir", type=Path, default=None, help="where the quality-check images are written"
+    )
     parser.add_argument("--out", default=None, help="write all rows as JSON here")
     args = parser.parse_args(argv)
     import torch
@@ -129,16 +188,24 @@ def main(argv=None) -> int:
     home = Path(args.home)
     home.mkdir(parents=True, exist_ok=True)
     results: list = []
-    emit(results, event="env", gpu=torch.cuda.get_device_name() if gpu else "none (CPU, tiny model)",
-         torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    emit(
+        results,
+        event="env",
+        gpu=torch.cuda.get_device_name() if gpu else "none (CPU, tiny model)",
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"),
+    )
     reference_s = None
     if gpu:
         if not args.reference:
             parser.error("--reference is needed on a GPU machine")
         reference = load_reference(args.reference)
         build_model_dir(reference, Path(args.model_dir), results)
-        model = {"model_dir": args.model_dir, "attention_backend": args.attention,
-                 "compile_cache_dir": str(home / "compile-cache")}
+        model = {
+            "model_dir": args.model_dir,
+            "attention_backend": args.attention,
+            "compile_cache_dir": str(home / "compile-cache"),
+        }
         if "reference" in phases:
             run_reference(reference, results, args.size)
             reference_s = results[-1]["median_s"]
@@ -162,8 +229,14 @@ def main(argv=None) -> int:
 
     def started(label: str, cache: str, **settings) -> AppRun:
         app, ready = start(**settings)
-        emit(results, event="cold_start", label=label, cache=cache, ready_s=round(ready, 1),
-             breakdown=app.startup_breakdown())
+        emit(
+            results,
+            event="cold_start",
+            label=label,
+            cache=cache,
+            ready_s=round(ready, 1),
+            breakdown=app.startup_breakdown(),
+        )
         return app
 
     def guarded(name: str, fn) -> None:
@@ -180,14 +253,20 @@ def main(argv=None) -> int:
     def default_phases():
         if not args.keep_cache:
             shutil.rmtree(home / "compile-cache", ignore_errors=True)
-        app = started("default, batching on (max_batch=4)", "kept" if args.keep_cache else "empty",
-                      max_batch=4, queue_size=16)
+        app = started(
+            "default, batching on (max_batch=4)",
+            "kept" if args.keep_cache else "empty",
+            max_batch=4,
+            queue_size=16,
+        )
         try:
             if "latency" in phases:
                 speedup(measure_latency(app, results, "default settings", args.size, args.n))
             default_image.append(app.image(args.size, seed=42))
             if "throughput" in phases:
-                measure_throughput(app, results, "default, max_batch=4, 8 clients", args.size, requests=32, concurrency=8)
+                measure_throughput(
+                    app, results, "default, max_batch=4, 8 clients", args.size, requests=32, concurrency=8
+                )
         finally:
             app.stop()
 
@@ -198,11 +277,18 @@ def main(argv=None) -> int:
         try:
             speedup(measure_latency(app, results, f"opt-in {option}", args.size, args.n))
             if default_image:
-                quality_row(results, f"{title} vs default, same prompt and seed", default_image[0],
-                            app.image(args.size, seed=42), args.images_dir, image)
+                quality_row(
+                    results,
+                    f"{title} vs default, same prompt and seed",
+                    default_image[0],
+                    app.image(args.size, seed=42),
+                    args.images_dir,
+                    image,
+                )
             if "throughput" in phases:
-                measure_throughput(app, results, f"{title}, max_batch=4, 8 clients", args.size, requests=32,
-                                   concurrency=8)
+                measure_throughput(
+                    app, results, f"{title}, max_batch=4, 8 clients", args.size, requests=32, concurrency=8
+                )
         finally:
             app.stop()
 
@@ -212,8 +298,14 @@ def main(argv=None) -> int:
     def stepcache_phase():
         # Same compiled packages as the default and fp8 phases (the cache changes no block's code).
         for label, settings in (("bf16", {}), ("fp8", {"quantize": "fp8"})):
-            lossy_phase(f"{label} + step cache", f"{label} + step_cache_skips=2", f"{label}-stepcache", "warm",
-                        step_cache_skips=2, **settings)
+            lossy_phase(
+                f"{label} + step cache",
+                f"{label} + step_cache_skips=2",
+                f"{label}-stepcache",
+                "warm",
+                step_cache_skips=2,
+                **settings,
+            )
 
     def coldstart_phase():
         # As deployed (the UI is built while the model loads), and the API alone.
@@ -223,9 +315,16 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 app.generate(args.size, seed=5)
                 first = time.perf_counter() - t0
-                emit(results, event="cold_start", label=f"default, UI {'on' if ui == 'true' else 'off'}, max_batch=1",
-                     cache="warm", ready_s=round(ready, 1), first_image_s=round(first, 2),
-                     total_s=round(ready + first, 1), breakdown=app.startup_breakdown())
+                emit(
+                    results,
+                    event="cold_start",
+                    label=f"default, UI {'on' if ui == 'true' else 'off'}, max_batch=1",
+                    cache="warm",
+                    ready_s=round(ready, 1),
+                    first_image_s=round(first, 2),
+                    total_s=round(ready + first, 1),
+                    breakdown=app.startup_breakdown(),
+                )
                 if ui == "true":
                     first_requests(app)
             finally:
@@ -236,8 +335,11 @@ def main(argv=None) -> int:
         several images), each timed on its first occurrence, and whether any of them compiled."""
         wide = (args.size * 3 // 4 // 64 * 64, args.size * 5 // 4 // 64 * 64)
         row = {"event": "first_requests"}
-        for label, size, extra in (("long_prompt", (args.size, args.size), {"prompt": PROMPT + ", " + PROMPT}),
-                                   ("other_size", wide, {}), ("two_images", (args.size, args.size), {"num_images": 2})):
+        for label, size, extra in (
+            ("long_prompt", (args.size, args.size), {"prompt": PROMPT + ", " + PROMPT}),
+            ("other_size", wide, {}),
+            ("two_images", (args.size, args.size), {"num_images": 2}),
+        ):
             t0 = time.perf_counter()
             app.generate(size[0], height=size[1], **extra)
             row[f"{label}_s"] = round(time.perf_counter() - t0, 2)
@@ -256,7 +358,9 @@ def main(argv=None) -> int:
             app = started("compile_dynamic=auto", cache, compile_dynamic="auto")
             try:
                 if cache == "warm":
-                    speedup(measure_latency(app, results, "compile_dynamic=auto", args.size, max(3, args.n // 2)))
+                    speedup(
+                        measure_latency(app, results, "compile_dynamic=auto", args.size, max(3, args.n // 2))
+                    )
                     first_requests(app)
             finally:
                 app.stop()
@@ -268,7 +372,9 @@ def main(argv=None) -> int:
             app = started("compile_backend=jit", cache, compile_backend="jit", ui="false")
             try:
                 if cache == "warm":
-                    speedup(measure_latency(app, results, "compile_backend=jit", args.size, max(3, args.n // 2)))
+                    speedup(
+                        measure_latency(app, results, "compile_backend=jit", args.size, max(3, args.n // 2))
+                    )
                     first_requests(app)
             finally:
                 app.stop()
@@ -307,10 +413,15 @@ def main(argv=None) -> int:
 
     def parts_phase():
         # Side by side: what compiling the VAE decoder buys, and what compiling the text encoder costs.
-        app = started("VAE eager, text encoder compiled", "partial", compile_text_encoder="true", compile_vae="false")
+        app = started(
+            "VAE eager, text encoder compiled", "partial", compile_text_encoder="true", compile_vae="false"
+        )
         try:
-            speedup(measure_latency(app, results, "VAE decoder eager, text encoder compiled",
-                                    args.size, max(3, args.n // 2)))
+            speedup(
+                measure_latency(
+                    app, results, "VAE decoder eager, text encoder compiled", args.size, max(3, args.n // 2)
+                )
+            )
         finally:
             app.stop()
 
@@ -319,7 +430,11 @@ def main(argv=None) -> int:
             return
         app = started("16 GiB cap", "warm", offload="text-encoder", memory_cap_gib=16)
         try:
-            speedup(measure_latency(app, results, "16 GiB cap, text encoder streamed", args.size, max(3, args.n // 2)))
+            speedup(
+                measure_latency(
+                    app, results, "16 GiB cap, text encoder streamed", args.size, max(3, args.n // 2)
+                )
+            )
         finally:
             app.stop()
 

@@ -20,14 +20,18 @@ import numpy as np
 
 from ops.tempstack import REPO, app_env
 
-PROMPT = ("Young Chinese woman in red Hanfu, intricate embroidery, impeccable makeup, elaborate high bun with a "
-          "golden phoenix headdress, soft-lit outdoor night, silhouetted pagoda, blurred colorful lights, photorealistic")
+PROMPT = (
+    "Young Chinese woman in red Hanfu, intricate embroidery, impeccable makeup, elaborate high bun with a "
+    "golden phoenix headdress, soft-lit outdoor night, silhouetted pagoda, blurred colorful lights, "
+    "photorealistic"
+)
 
 
 def emit(results: list, **row) -> dict:
     results.append(row)
     print(json.dumps(row), flush=True)
     return row
+
 
 def _log_time(ts: str) -> float:
     return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
@@ -48,8 +52,9 @@ class AppRun:
         self.log = open(self.log_path, "wb")
         self.started_wall = time.time()
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app"], cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
 
     def wait_ready(self, timeout: float = 480) -> float:
         deadline = time.monotonic() + timeout
@@ -80,8 +85,19 @@ class AppRun:
         if "starting" in events:
             out["imports_s"] = round(_log_time(events["starting"]["ts"]) - self.started_wall, 1)
         loaded = events.get("model_loaded", {})
-        for key in ("import_s", "cuda_init_s", "read_s", "build_big_s", "from_pretrained_s", "place_s",
-                    "quantize_s", "aot_compile_s", "aot_load_s", "compile_setup_s", "allocated_gib"):
+        for key in (
+            "import_s",
+            "cuda_init_s",
+            "read_s",
+            "build_big_s",
+            "from_pretrained_s",
+            "place_s",
+            "quantize_s",
+            "aot_compile_s",
+            "aot_load_s",
+            "compile_setup_s",
+            "allocated_gib",
+        ):
             if key in loaded:
                 out[key] = loaded[key]
         if loaded.get("notes"):
@@ -95,9 +111,17 @@ class AppRun:
         return out
 
     def generate(self, size: int, steps: int = 9, seed: int = 0, prompt: str = PROMPT, **extra) -> dict:
-        r = self.client.post(self.url + "/api/generate",
-                             json={"prompt": prompt, "width": size, "height": size, "num_inference_steps": steps,
-                                   "seed": seed, **extra})
+        r = self.client.post(
+            self.url + "/api/generate",
+            json={
+                "prompt": prompt,
+                "width": size,
+                "height": size,
+                "num_inference_steps": steps,
+                "seed": seed,
+                **extra,
+            },
+        )
         r.raise_for_status()
         return r.json()
 
@@ -112,7 +136,9 @@ class AppRun:
         from PIL import Image
 
         body = self.generate(size, seed=seed, response_format="base64")
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][0]["b64_png"]))).convert("RGB"))
+        return np.asarray(
+            Image.open(io.BytesIO(base64.b64decode(body["images"][0]["b64_png"]))).convert("RGB")
+        )
 
     def stop(self) -> None:
         self.client.close()
@@ -129,7 +155,9 @@ def measure_latency(app: AppRun, results: list, label: str, size: int, n: int) -
     e2e, timings = [], []
     for i in range(n):
         t0 = time.perf_counter()
-        body = app.generate(size, seed=i, prompt=f"{PROMPT}, variation {i}")  # a new prompt each time: no cache hits
+        body = app.generate(
+            size, seed=i, prompt=f"{PROMPT}, variation {i}"
+        )  # a new prompt each time: no cache hits
         e2e.append(time.perf_counter() - t0)
         timings.append(body["timings"])
     gen = statistics.median(t["generation_s"] for t in timings)
@@ -138,22 +166,46 @@ def measure_latency(app: AppRun, results: list, label: str, size: int, n: int) -
         values = [t[key] for t in timings if t.get(key) is not None]
         return round(statistics.median(values), 3) if values else None
 
-    return emit(results, event="latency", label=label, size=size, n=n, e2e_p50_s=round(statistics.median(e2e), 3),
-                e2e_min_s=round(min(e2e), 3), pipeline_p50_s=round(gen, 3), encode_p50_s=p50("encode_s"),
-                denoise_p50_s=p50("denoise_s"), decode_p50_s=p50("decode_s"), save_p50_s=p50("save_s"),
-                overhead_pct=round(100 * (statistics.median(e2e) - gen) / gen, 1),
-                peak_gib=round((body.get("peak_memory_bytes") or 0) / 2**30, 1))
+    return emit(
+        results,
+        event="latency",
+        label=label,
+        size=size,
+        n=n,
+        e2e_p50_s=round(statistics.median(e2e), 3),
+        e2e_min_s=round(min(e2e), 3),
+        pipeline_p50_s=round(gen, 3),
+        encode_p50_s=p50("encode_s"),
+        denoise_p50_s=p50("denoise_s"),
+        decode_p50_s=p50("decode_s"),
+        save_p50_s=p50("save_s"),
+        overhead_pct=round(100 * (statistics.median(e2e) - gen) / gen, 1),
+        peak_gib=round((body.get("peak_memory_bytes") or 0) / 2**30, 1),
+    )
 
 
-def measure_throughput(app: AppRun, results: list, label: str, size: int, requests: int, concurrency: int) -> dict:
+def measure_throughput(
+    app: AppRun, results: list, label: str, size: int, requests: int, concurrency: int
+) -> dict:
     app.generate(size, seed=1)
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(concurrency) as pool:
-        bodies = list(pool.map(lambda i: app.generate(size, seed=i, prompt=f"{PROMPT} #{i}"), range(requests)))
+        bodies = list(
+            pool.map(lambda i: app.generate(size, seed=i, prompt=f"{PROMPT} #{i}"), range(requests))
+        )
     wall = time.perf_counter() - t0
     batches = sorted({b["timings"]["generation_s"] for b in bodies})
-    return emit(results, event="throughput", label=label, size=size, images=requests, wall_s=round(wall, 2),
-                images_per_hour=round(requests / wall * 3600), concurrency=concurrency, batch_generation_s=batches[:6])
+    return emit(
+        results,
+        event="throughput",
+        label=label,
+        size=size,
+        images=requests,
+        wall_s=round(wall, 2),
+        images_per_hour=round(requests / wall * 3600),
+        concurrency=concurrency,
+        batch_generation_s=batches[:6],
+    )
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -161,8 +213,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def quality_row(results: list, label: str, reference: np.ndarray, candidate: np.ndarray, images_dir: Path | None,
-                name: str) -> dict:
+def quality_row(
+    results: list,
+    label: str,
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    images_dir: Path | None,
+    name: str,
+) -> dict:
     """Same prompt and seed through the default and an opt-in path: PSNR of the full image and of a
     4× downscale (what the eye sees of composition and colour)."""
     if images_dir:
@@ -176,6 +234,11 @@ def quality_row(results: list, label: str, reference: np.ndarray, candidate: np.
         h, w = x.shape[0] // 4 * 4, x.shape[1] // 4 * 4
         return x[:h, :w].reshape(h // 4, 4, w // 4, 4, 3).mean(axis=(1, 3))
 
-    return emit(results, event="quality", label=label, psnr_db=round(psnr(reference, candidate), 1),
-                psnr_4x_down_db=round(psnr(small(reference), small(candidate)), 1),
-                max_abs_diff=int(np.abs(reference.astype(int) - candidate.astype(int)).max()))
+    return emit(
+        results,
+        event="quality",
+        label=label,
+        psnr_db=round(psnr(reference, candidate), 1),
+        psnr_4x_down_db=round(psnr(small(reference), small(candidate)), 1),
+        max_abs_diff=int(np.abs(reference.astype(int) - candidate.astype(int)).max()),
+    )

@@ -29,11 +29,16 @@ HELP = {
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("chaos", help="inject a fault into the running stack",
-                       description="\n".join(f"{k:14} {v}" for k, v in HELP.items()),
-                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "chaos",
+        help="inject a fault into the running stack",
+        description="\n".join(f"{k:14} {v}" for k, v in HELP.items()),
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
     p.add_argument("fault", choices=FAULTS)
-    p.add_argument("--seconds", type=float, default=None, help="slow: per-step delay; receiver-down: duration")
+    p.add_argument(
+        "--seconds", type=float, default=None, help="slow: per-step delay; receiver-down: duration"
+    )
     p.add_argument("--megabytes", type=int, default=1024, help="leak size")
     p.add_argument("--fill", type=float, default=0.98, help="oom on GPU: fill the device to this fraction")
     p.add_argument("--hold", type=float, default=30.0, help="oom on GPU: hold the memory this long")
@@ -99,6 +104,7 @@ def run(stack: Stack, fault: str, args=None) -> int:
     elif fault == "oom":
         try:
             import torch
+
             has_gpu = torch.cuda.is_available()
         except ImportError:
             has_gpu = False
@@ -111,7 +117,9 @@ def run(stack: Stack, fault: str, args=None) -> int:
     elif fault == "leak":
         print(json.dumps(app_fault(stack, {"kind": "leak", "megabytes": args.megabytes if args else 1024})))
     elif fault == "slow":
-        print(json.dumps(app_fault(stack, {"kind": "slow", "seconds": seconds if seconds is not None else 1.0})))
+        print(
+            json.dumps(app_fault(stack, {"kind": "slow", "seconds": seconds if seconds is not None else 1.0}))
+        )
     elif fault == "clear":
         print(json.dumps(app_fault(stack, {"kind": "clear"})))
     elif fault == "log-rotate":
@@ -119,6 +127,8 @@ def run(stack: Stack, fault: str, args=None) -> int:
     elif fault == "receiver-down":
         until = time.time() + (seconds if seconds is not None else 60.0)
         (stack.home / "run" / "chaos.json").write_text(json.dumps({"receiver_down_until": until}))
-        print(f"alert deliveries fail until {time.strftime('%H:%M:%S', time.localtime(until))} "
-              "(needs app.fault_injection = true)")
+        print(
+            f"alert deliveries fail until {time.strftime('%H:%M:%S', time.localtime(until))} "
+            "(needs app.fault_injection = true)"
+        )
     return 0

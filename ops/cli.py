@@ -1,15 +1,15 @@
 """zimagectl: the operator's commands on top of supervisord's XML-RPC and the app's endpoints.
 
-    zimagectl up          start supervisord (if needed) and wait until the app is ready and warm
-    zimagectl down        graceful stop: monitor, then app (drains), then supervisord
-    zimagectl status      supervisord + app readiness/busy/queue + GPU + monitor incidents and budget
-    zimagectl restart     graceful restart of the app, waits for ready and a checked warm-up
-    zimagectl logs [app|monitor|supervisord] [-f] [-n N]
-    zimagectl warmup      send one warm-up generation and check the image
-    zimagectl chaos FAULT inject a fault into the running stack (see `zimagectl chaos -h`)
-    zimagectl drill       the fault-injection drill against a temporary stack, with its table
-    zimagectl bench       the performance benchmark table
-    zimagectl drift       how far the lossy opt-ins move an image from the default (same seed)
+zimagectl up          start supervisord (if needed) and wait until the app is ready and warm
+zimagectl down        graceful stop: monitor, then app (drains), then supervisord
+zimagectl status      supervisord + app readiness/busy/queue + GPU + monitor incidents and budget
+zimagectl restart     graceful restart of the app, waits for ready and a checked warm-up
+zimagectl logs [app|monitor|supervisord] [-f] [-n N]
+zimagectl warmup      send one warm-up generation and check the image
+zimagectl chaos FAULT inject a fault into the running stack (see `zimagectl chaos -h`)
+zimagectl drill       the fault-injection drill against a temporary stack, with its table
+zimagectl bench       the performance benchmark table
+zimagectl drift       how far the lossy opt-ins move an image from the default (same seed)
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ def cmd_up(stack: Stack, args) -> int:
             say(f"error: supervisord did not start: {exc}")
             return 1
         if not wait_until(client.is_running, 20):
-            say(f"error: supervisord not answering on {stack.monitor.supervisor_socket}; see logs/supervisord.log")
+            say(
+                f"error: supervisord not answering on {stack.monitor.supervisor_socket}; "
+                "see logs/supervisord.log"
+            )
             return 1
     started = time.monotonic()
     last = [""]
@@ -56,8 +59,10 @@ def cmd_up(stack: Stack, args) -> int:
     def progress():
         states = program_states(client)
         health = stack.healthz()
-        line = (f"  {time.monotonic() - started:5.1f}s  app={states.get('app', '?')}"
-                f"  monitor={states.get('monitor', '?')}  engine={(health or {}).get('state', 'not answering')}")
+        line = (
+            f"  {time.monotonic() - started:5.1f}s  app={states.get('app', '?')}"
+            f"  monitor={states.get('monitor', '?')}  engine={(health or {}).get('state', 'not answering')}"
+        )
         if line.split("s ", 1)[1] != last[0]:
             say(line)
             last[0] = line.split("s ", 1)[1]
@@ -65,14 +70,23 @@ def cmd_up(stack: Stack, args) -> int:
             raise SystemExit("error: app is FATAL (crashed at start); see: zimagectl logs app")
 
     # Ready means both: the app answers /readyz, and supervisord counts it started (startsecs passed).
-    ready = wait_until(lambda: (stack.readyz() or {}).get("ready") and
-                       all(program_states(client).get(n) == "RUNNING" for n in PROGRAMS),
-                       args.timeout, progress=progress, progress_every=1.0)
+    ready = wait_until(
+        lambda: (
+            (stack.readyz() or {}).get("ready")
+            and all(program_states(client).get(n) == "RUNNING" for n in PROGRAMS)
+        ),
+        args.timeout,
+        progress=progress,
+        progress_every=1.0,
+    )
     if not ready:
         say(f"error: app not ready after {args.timeout:.0f} s; see: zimagectl logs app")
         return 1
     info = stack.readyz() or {}
-    say(f"ready in {time.monotonic() - started:.1f} s (warm-up {info.get('warmup_seconds')} s): {stack.app_url}/")
+    say(
+        f"ready in {time.monotonic() - started:.1f} s (warm-up {info.get('warmup_seconds')} s): "
+        f"{stack.app_url}/"
+    )
     reset_monitor_budget(client)  # an operator's up is a fresh start: restarts before it no longer count
     if stack.app.is_demo_model:
         say("note: serving the built-in DEMO model (random weights); set app.model_dir for Z-Image-Turbo")
@@ -118,32 +132,47 @@ def cmd_status(stack: Stack, args) -> int:
     report: dict = {"home": str(stack.home), "url": stack.app_url}
     try:
         report["supervisord"] = {"state": client.state(), "pid": client.pid()}
-        report["programs"] = {p.name: {"state": p.state, "pid": p.pid, "uptime_s": p.uptime_s}
-                              for p in client.processes()}
+        report["programs"] = {
+            p.name: {"state": p.state, "pid": p.pid, "uptime_s": p.uptime_s} for p in client.processes()
+        }
     except SupervisorUnavailable:
         report["supervisord"] = {"state": "not running"}
     health, ready = stack.healthz(), stack.readyz()
     if health:
         hb = health.get("heartbeat", {})
-        report["app"] = {"engine": health.get("state"), "ready": bool(ready and ready.get("ready")),
-                         "draining": health.get("draining"), "busy": hb.get("busy"),
-                         "steps": f"{hb.get('steps_done')}/{hb.get('steps_total')}",
-                         "queue_waiting": health.get("queue_waiting"), "in_flight": health.get("in_flight")}
+        report["app"] = {
+            "engine": health.get("state"),
+            "ready": bool(ready and ready.get("ready")),
+            "draining": health.get("draining"),
+            "busy": hb.get("busy"),
+            "steps": f"{hb.get('steps_done')}/{hb.get('steps_total')}",
+            "queue_waiting": health.get("queue_waiting"),
+            "in_flight": health.get("in_flight"),
+        }
     else:
         report["app"] = {"engine": "not answering"}
     state = read_state(stack.monitor.state_file)
     if state:
-        report["monitor"] = {"updated_s_ago": round(time.time() - state["updated_at"], 1),
-                             "incidents_open": [f"{i['kind']} ({i['severity']}): {i['reason']}"
-                                                for i in state["incidents_open"]],
-                             "decision": state.get("decision"), "pending_action": state.get("pending_action"),
-                             "budget": state["budget"], "restarts": state["restarts"][-3:],
-                             "gpu_reader": state.get("gpu_reader"), "alerts": state.get("alerts")}
+        report["monitor"] = {
+            "updated_s_ago": round(time.time() - state["updated_at"], 1),
+            "incidents_open": [
+                f"{i['kind']} ({i['severity']}): {i['reason']}" for i in state["incidents_open"]
+            ],
+            "decision": state.get("decision"),
+            "pending_action": state.get("pending_action"),
+            "budget": state["budget"],
+            "restarts": state["restarts"][-3:],
+            "gpu_reader": state.get("gpu_reader"),
+            "alerts": state.get("alerts"),
+        }
         gpu = (state.get("sample") or {}).get("gpu")
         if gpu:
-            report["gpu"] = {"name": gpu["name"], "used_gib": round(gpu["used_bytes"] / 2**30, 2),
-                             "total_gib": round(gpu["total_bytes"] / 2**30, 2),
-                             "app_gib": None if gpu["app_bytes"] is None else round(gpu["app_bytes"] / 2**30, 2)}
+            report["gpu"] = {
+                "name": gpu["name"],
+                "used_gib": round(gpu["used_bytes"] / 2**30, 2),
+                "total_gib": round(gpu["total_bytes"] / 2**30, 2),
+                "app_gib": None if gpu["app_bytes"] is None else round(gpu["app_bytes"] / 2**30, 2),
+            }
         rss = (state.get("sample") or {}).get("rss_bytes")
         if rss:
             report["app"]["rss_mib"] = round(rss / 2**20)
@@ -161,9 +190,11 @@ def _print_status(r: dict) -> None:
     for name, p in r.get("programs", {}).items():
         say(f"  {name:<10}  {p['state']:<9} pid {p['pid']:<7} up {p['uptime_s']} s")
     a = r.get("app", {})
-    say(f"app           engine={a.get('engine')} ready={a.get('ready')} draining={a.get('draining')} "
+    say(
+        f"app           engine={a.get('engine')} ready={a.get('ready')} draining={a.get('draining')} "
         f"busy={a.get('busy')} steps={a.get('steps')} queue={a.get('queue_waiting')} "
-        f"in_flight={a.get('in_flight')} rss={a.get('rss_mib', '?')} MiB")
+        f"in_flight={a.get('in_flight')} rss={a.get('rss_mib', '?')} MiB"
+    )
     if "gpu" in r:
         g = r["gpu"]
         say(f"gpu           {g['name']}: {g['used_gib']}/{g['total_gib']} GiB used (app {g['app_gib']} GiB)")
@@ -178,16 +209,25 @@ def _print_status(r: dict) -> None:
     for line in m["incidents_open"] or ["none"]:
         say(f"  incident    {line}")
     for rs in m["restarts"]:
-        say(f"  restart     {time.strftime('%H:%M:%S', time.localtime(rs['at']))} {rs['action']} for {rs['kind']}: "
-            f"{rs['warmup']}")
+        say(
+            f"  restart     {time.strftime('%H:%M:%S', time.localtime(rs['at']))} "
+            f"{rs['action']} for {rs['kind']}: {rs['warmup']}"
+        )
 
 
 def _actions(stack: Stack, **cfg_overrides):
     """The monitor's own actions (drain, graceful restart, checked warm-up), for an operator's hand."""
     from monitor.actions import Actions
 
-    return Actions(stack.app_url, stack.supervisor(), "app", stack.app.admin_token_file, stack.app.admin_token,
-                   stack.app.api_token, stack.monitor.model_copy(update=cfg_overrides))
+    return Actions(
+        stack.app_url,
+        stack.supervisor(),
+        "app",
+        stack.app.admin_token_file,
+        stack.app.admin_token,
+        stack.app.api_token,
+        stack.monitor.model_copy(update=cfg_overrides),
+    )
 
 
 def cmd_restart(stack: Stack, args) -> int:
@@ -229,7 +269,7 @@ def cmd_logs(stack: Stack, args) -> int:
         say(f"no log yet at {path}")
         return 1
     with open(path, "rb") as fh:
-        lines = fh.readlines()[-args.lines:]
+        lines = fh.readlines()[-args.lines :]
         sys.stdout.write(b"".join(lines).decode(errors="replace"))
         sys.stdout.flush()
         if not args.follow:
@@ -252,8 +292,9 @@ def cmd_logs(stack: Stack, args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zimagectl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="zimagectl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("up", help="start the stack and wait until ready")
     p.add_argument("--timeout", type=float, default=900)
@@ -274,9 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_logs)
     p = sub.add_parser("warmup", help="send a warm-up generation and check the image")
     p.set_defaults(func=cmd_warmup)
-    # Listed for --help; main() hands its arguments to ops.bench untouched (argparse mangles a REMAINDER of options).
+    # Listed for --help; main() hands its arguments to ops.bench untouched (argparse mangles a
+    # REMAINDER of options).
     sub.add_parser("bench", add_help=False, help="the performance table (zimagectl bench --help)")
-    sub.add_parser("drift", add_help=False, help="the lossy opt-ins' drift from the default (zimagectl drift --help)")
+    sub.add_parser(
+        "drift", add_help=False, help="the lossy opt-ins' drift from the default (zimagectl drift --help)"
+    )
     from ops import chaos, drill
 
     chaos.add_parser(sub)

@@ -25,20 +25,33 @@ import numpy as np
 
 from ops.bench_app import psnr
 
-PROMPTS = ("a lighthouse on a cliff at dusk, oil painting", "a red fox in fresh snow, photograph, morning light")
+PROMPTS = (
+    "a lighthouse on a cliff at dusk, oil painting",
+    "a red fox in fresh snow, photograph, morning light",
+)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="zimagectl drift", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", default=None,
-                        help="a Z-Image-Turbo directory (default: the configured app.model_dir, else the demo model)")
-    parser.add_argument("--size", type=int, default=None, help="image side (default 1024 on a GPU, 128 on a CPU)")
+    parser = argparse.ArgumentParser(
+        prog="zimagectl drift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="a Z-Image-Turbo directory (default: the configured app.model_dir, else the demo model)",
+    )
+    parser.add_argument(
+        "--size", type=int, default=None, help="image side (default 1024 on a GPU, 128 on a CPU)"
+    )
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     parser.add_argument("--skips", type=int, default=2, help="step_cache_skips of the step-cache paths")
-    parser.add_argument("--images-dir", type=Path, default=None,
-                        help="write every path's images here (default-1-0.png, fp8-1-0.png, ...: prompt, seed) to look at")
+    parser.add_argument(
+        "--images-dir",
+        type=Path,
+        default=None,
+        help="write every path's images here (default-1-0.png, fp8-1-0.png, ...: prompt, seed) to look at",
+    )
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
@@ -51,8 +64,13 @@ def main(argv=None) -> int:
 
     # The app's own config (model, device, dtype, offload), from the default path: no lossy option on
     # (this tool adds them one by one), nothing compiled, no warm-up.
-    overrides = {"compile": "off", "warmup": False, "text_encoder_graph": False, "quantize": "none",
-                 "step_cache_skips": 0}
+    overrides = {
+        "compile": "off",
+        "warmup": False,
+        "text_encoder_graph": False,
+        "quantize": "none",
+        "step_cache_skips": 0,
+    }
     if args.model_dir:
         overrides["model_dir"] = args.model_dir
     settings = load_settings(**overrides)
@@ -67,7 +85,9 @@ def main(argv=None) -> int:
 
     def noise(seed: int) -> torch.Tensor:  # the latents' shape as ZImagePipeline.prepare_latents makes it
         generator = torch.Generator("cpu").manual_seed(seed)
-        return torch.randn((1, channels, size // scale * 2, size // scale * 2), generator=generator).to(device, loaded.dtype)
+        return torch.randn((1, channels, size // scale * 2, size // scale * 2), generator=generator).to(
+            device, loaded.dtype
+        )
 
     def generate(skips: int) -> list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
         cache.skips = skips
@@ -78,9 +98,16 @@ def main(argv=None) -> int:
                 cache.begin(args.steps)
                 try:
                     with torch.inference_mode():
-                        latents = pipe(prompt_embeds=[embedding], height=size, width=size, num_inference_steps=args.steps,
-                                       guidance_scale=0.0, latents=start.clone(), output_type="latent",
-                                       callback_on_step_end=lambda _p, _i, _t, kw: (cache.end_step(), kw)[1]).images
+                        latents = pipe(
+                            prompt_embeds=[embedding],
+                            height=size,
+                            width=size,
+                            num_inference_steps=args.steps,
+                            guidance_scale=0.0,
+                            latents=start.clone(),
+                            output_type="latent",
+                            callback_on_step_end=lambda _p, _i, _t, kw: (cache.end_step(), kw)[1],
+                        ).images
                         image = np.asarray(decode_to_pil(pipe, latents)[0])
                 finally:
                     cache.end()
@@ -103,14 +130,26 @@ def main(argv=None) -> int:
 
     def compare(label: str, name: str, outputs) -> None:
         save(name, outputs)
-        moved = [float((lat - ref_lat).norm() / (ref_lat - start).norm()) for (start, ref_lat, _), (_, lat, _) in
-                 zip(default, outputs)]
+        moved = [
+            float((lat - ref_lat).norm() / (ref_lat - start).norm())
+            for (start, ref_lat, _), (_, lat, _) in zip(default, outputs)
+        ]
         psnrs = [psnr(ref_img, img) for (_, _, ref_img), (_, _, img) in zip(default, outputs)]
-        largest = max(int(np.abs(ref.astype(int) - img.astype(int)).max()) for (_, _, ref), (_, _, img) in zip(default, outputs))
-        row = {"event": "drift", "label": label, "size": size, "steps": args.steps, "images": len(outputs),
-               "contribution_changed_pct": round(100 * float(np.mean(moved)), 2),
-               "contribution_changed_max_pct": round(100 * max(moved), 2),
-               "psnr_db_min": round(min(psnrs), 1), "max_abs_diff": largest}
+        largest = max(
+            int(np.abs(ref.astype(int) - img.astype(int)).max())
+            for (_, _, ref), (_, _, img) in zip(default, outputs)
+        )
+        row = {
+            "event": "drift",
+            "label": label,
+            "size": size,
+            "steps": args.steps,
+            "images": len(outputs),
+            "contribution_changed_pct": round(100 * float(np.mean(moved)), 2),
+            "contribution_changed_max_pct": round(100 * max(moved), 2),
+            "psnr_db_min": round(min(psnrs), 1),
+            "max_abs_diff": largest,
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -41,31 +41,64 @@ class Row:
     def cells(self) -> list[str]:
         def num(v):
             return "–" if v is None else f"{v:.1f}"
+
         ld = self.load
-        return [self.fault, self.expected, self.detected, num(self.detection_s), num(self.recovered_s),
-                str(ld.get("sent", 0)), str(ld.get("ok", 0)), str(ld.get("rejected", 0)),
-                str(ld.get("refused", 0) + ld.get("reset", 0)), str(ld.get("lost", 0) + ld.get("unclear", 0)
-                                                                   + ld.get("server_errors", 0)),
-                self.alerts, str(self.false_restarts), self.notes]
+        return [
+            self.fault,
+            self.expected,
+            self.detected,
+            num(self.detection_s),
+            num(self.recovered_s),
+            str(ld.get("sent", 0)),
+            str(ld.get("ok", 0)),
+            str(ld.get("rejected", 0)),
+            str(ld.get("refused", 0) + ld.get("reset", 0)),
+            str(ld.get("lost", 0) + ld.get("unclear", 0) + ld.get("server_errors", 0)),
+            self.alerts,
+            str(self.false_restarts),
+            self.notes,
+        ]
 
 
-HEADER = ["fault", "expected", "detected", "detect s", "ready+warm s", "sent", "ok", "rejected (clear)",
-          "conn refused/reset", "lost", "alerts fired/resolved", "false restarts", "notes"]
+HEADER = [
+    "fault",
+    "expected",
+    "detected",
+    "detect s",
+    "ready+warm s",
+    "sent",
+    "ok",
+    "rejected (clear)",
+    "conn refused/reset",
+    "lost",
+    "alerts fired/resolved",
+    "false restarts",
+    "notes",
+]
 
 
 class Drill:
     def __init__(self, root: Path, log: Callable[[str], None] = print):
         self.log = log
         self.receiver = WebhookReceiver()
-        self.stack = StackHome(root, app={"fault_injection": True, "queue_size": 2},
-                               monitor={"webhooks": self.receiver.url, "webhook_secret": SECRET,
-                                        "rss_limit_mb": 1800, "webhook_backoff_s": 0.5,
-                                        "webhook_backoff_max_s": 2})
+        self.stack = StackHome(
+            root,
+            app={"fault_injection": True, "queue_size": 2},
+            monitor={
+                "webhooks": self.receiver.url,
+                "webhook_secret": SECRET,
+                "rss_limit_mb": 1800,
+                "webhook_backoff_s": 0.5,
+                "webhook_backoff_max_s": 2,
+            },
+        )
         self.rows: list[Row] = []
 
     # ---- helpers -------------------------------------------------------------------------------
     def admin(self, body: dict) -> None:
-        r = httpx.post(self.stack.url + "/admin/fault", json=body, headers=self.stack.admin_headers(), timeout=60)
+        r = httpx.post(
+            self.stack.url + "/admin/fault", json=body, headers=self.stack.admin_headers(), timeout=60
+        )
         r.raise_for_status()
 
     def alerts_since(self, index: int, kind: Optional[str] = None) -> list[dict]:
@@ -74,9 +107,17 @@ class Drill:
     def _ready(self) -> bool:
         return self.stack.ready()
 
-    def run_fault(self, name: str, expected: str, inject: Callable[[], None], kind: Optional[str],
-                  restart: bool, window_s: float = 6.0, note: str = "",
-                  observe: Optional[Callable[[float, int], tuple]] = None) -> Row:
+    def run_fault(
+        self,
+        name: str,
+        expected: str,
+        inject: Callable[[], None],
+        kind: Optional[str],
+        restart: bool,
+        window_s: float = 6.0,
+        note: str = "",
+        observe: Optional[Callable[[float, int], tuple]] = None,
+    ) -> Row:
         """Inject under load; wait for detection and recovery; count what the load saw.
         `observe(t0, restarts_before)` replaces the alert-based detection where alerts cannot tell
         (returns detected, detection_s, recovered_s)."""
@@ -91,11 +132,23 @@ class Drill:
             if observe is not None:
                 row.detected, row.detection_s, row.recovered_s = observe(t0, restarts_before)
             elif kind:
-                firing = wait_for(lambda: [a for a in self.alerts_since(alerts_before, kind)
-                                           if a["json"]["status"] == "firing"], 30, 0.1, f"{kind} firing")
+                firing = wait_for(
+                    lambda: [
+                        a for a in self.alerts_since(alerts_before, kind) if a["json"]["status"] == "firing"
+                    ],
+                    30,
+                    0.1,
+                    f"{kind} firing",
+                )
                 row.detected, row.detection_s = "yes", firing[0]["at"] - t0
-                wait_for(lambda: [a for a in self.alerts_since(alerts_before, kind)
-                                  if a["json"]["status"] == "resolved"], 90, 0.2, f"{kind} resolved")
+                wait_for(
+                    lambda: [
+                        a for a in self.alerts_since(alerts_before, kind) if a["json"]["status"] == "resolved"
+                    ],
+                    90,
+                    0.2,
+                    f"{kind} resolved",
+                )
             else:
                 time.sleep(window_s)
             if restart and observe is None:
@@ -117,6 +170,7 @@ class Drill:
         resolved = sum(1 for a in sent if a["json"]["status"] == "resolved")
         row.alerts = f"{fired}/{resolved}"
         from monitor.alert_payloads import verify
+
         row.signed = all(verify(a["body"], SECRET, a["headers"].get("x-signature-256", "")) for a in sent)
         if not row.signed:
             row.notes += " UNSIGNED ALERT"
@@ -132,25 +186,52 @@ class Drill:
         self.log(f"drill: starting a temporary stack in {self.stack.home}")
         self.stack.up()
         s = self.stack
-        self.run_fault("hang (SIGSTOP)", "kill + restart", lambda: os.kill(s.pid(), signal.SIGSTOP), "hang", True)
-        self.run_fault("crash (SIGKILL)", "supervisord restarts, alert",
-                       lambda: os.kill(s.pid(), signal.SIGKILL), "crash", False)
-        self.run_fault("oom (CPU path)", "graceful restart", lambda: self.admin({"kind": "oom"}), "oom_in_log", True,
-                       note="one request gets 507")
+        self.run_fault(
+            "hang (SIGSTOP)", "kill + restart", lambda: os.kill(s.pid(), signal.SIGSTOP), "hang", True
+        )
+        self.run_fault(
+            "crash (SIGKILL)",
+            "supervisord restarts, alert",
+            lambda: os.kill(s.pid(), signal.SIGKILL),
+            "crash",
+            False,
+        )
+        self.run_fault(
+            "oom (CPU path)",
+            "graceful restart",
+            lambda: self.admin({"kind": "oom"}),
+            "oom_in_log",
+            True,
+            note="one request gets 507",
+        )
         rss_mb = (s.state().get("sample") or {}).get("rss_bytes", 600 * 2**20) / 2**20
-        self.run_fault("leak", "graceful restart", lambda: self.admin(
-            {"kind": "leak", "megabytes": int(1800 - rss_mb + 300)}), "memory_limit", True)
-        slow = self.run_fault("slow steps", "no restart", lambda: self.admin({"kind": "slow", "seconds": 0.4}), None,
-                              False, window_s=8.0, note="long but progressing: nothing to heal")
+        self.run_fault(
+            "leak",
+            "graceful restart",
+            lambda: self.admin({"kind": "leak", "megabytes": int(1800 - rss_mb + 300)}),
+            "memory_limit",
+            True,
+        )
+        slow = self.run_fault(
+            "slow steps",
+            "no restart",
+            lambda: self.admin({"kind": "slow", "seconds": 0.4}),
+            None,
+            False,
+            window_s=8.0,
+            note="long but progressing: nothing to heal",
+        )
         slow.detected = "n/a"
         self.admin({"kind": "clear"})
 
         def rotate_then_oom():
             from ops.chaos import rotate_log
             from ops.stack import Stack
+
             rotate_log(Stack.load(s.env))
             time.sleep(0.5)
             self.admin({"kind": "oom"})
+
         self.run_fault("log-rotate (+oom)", "OOM in the new file found", rotate_then_oom, "oom_in_log", True)
 
         monitor_pid = s.pid("monitor")
@@ -159,12 +240,23 @@ class Drill:
             # supervisord restarts it; it is back when it writes its state file again.
             wait_for(lambda: s.pid("monitor") not in (0, monitor_pid), 30, 0.05, "new monitor pid")
             back_s = time.time() - t0
-            wait_for(lambda: s.state().get("monitor_started_at", 0) > t0 and s.state()["updated_at"] > t0,
-                     30, 0.1, "monitor state updated")
+            wait_for(
+                lambda: s.state().get("monitor_started_at", 0) > t0 and s.state()["updated_at"] > t0,
+                30,
+                0.1,
+                "monitor state updated",
+            )
             time.sleep(4)  # it watches a healthy app: it must not restart it
             return "yes", back_s, None
-        row = self.run_fault("kill-monitor", "monitor back, no app restart",
-                             lambda: os.kill(monitor_pid, signal.SIGKILL), None, False, observe=monitor_back)
+
+        row = self.run_fault(
+            "kill-monitor",
+            "monitor back, no app restart",
+            lambda: os.kill(monitor_pid, signal.SIGKILL),
+            None,
+            False,
+            observe=monitor_back,
+        )
         row.notes = f"monitor pid {monitor_pid} → {s.pid('monitor')}"
 
         def receiver_down_then_hang():
@@ -175,18 +267,39 @@ class Drill:
         def healed_by_restart_record(t0, before):
             # No alert can arrive, so detection is read from the monitor's own restart record.
             entry = wait_for(lambda: s.restarts()[before:], 60, 0.2, "hang restart")[0]
-            return ("yes" if entry["kind"] == "hang" else "no"), entry["at"] - entry["seconds"] - t0, entry["at"] - t0
+            return (
+                ("yes" if entry["kind"] == "hang" else "no"),
+                entry["at"] - entry["seconds"] - t0,
+                entry["at"] - t0,
+            )
+
         sent_before = len(self.receiver.requests)
-        row = self.run_fault("receiver-down (+hang)", "healed anyway, alerts after", receiver_down_then_hang, "hang",
-                             True, observe=healed_by_restart_record)
-        failed = wait_for(lambda: s.state().get("alerts", {}).get("failed_attempts", 0), 30, 0.2,
-                          "failed deliveries counted")
+        row = self.run_fault(
+            "receiver-down (+hang)",
+            "healed anyway, alerts after",
+            receiver_down_then_hang,
+            "hang",
+            True,
+            observe=healed_by_restart_record,
+        )
+        failed = wait_for(
+            lambda: s.state().get("alerts", {}).get("failed_attempts", 0),
+            30,
+            0.2,
+            "failed deliveries counted",
+        )
         # The outbox keeps them: once the receiver is back, the hang's firing and resolved arrive, once each.
-        wait_for(lambda: len(self.alerts_since(sent_before, "hang")) >= 2 and s.state()["alerts"]["outbox"] == 0,
-                 60, 0.2, "alerts delivered after the outage")
+        wait_for(
+            lambda: len(self.alerts_since(sent_before, "hang")) >= 2 and s.state()["alerts"]["outbox"] == 0,
+            60,
+            0.2,
+            "alerts delivered after the outage",
+        )
         statuses = [a["json"]["status"] for a in self.alerts_since(sent_before, "hang")]
         row.alerts = f"{statuses.count('firing')}/{statuses.count('resolved')}"
-        row.notes = f"failed attempts while down: {failed}; both alerts delivered from the outbox once it was back"
+        row.notes = (
+            f"failed attempts while down: {failed}; both alerts delivered from the outbox once it was back"
+        )
 
         # Dies with the app stopped for a kill-restart: the next monitor reads the journal and starts it.
         def hang_then_kill_monitor():
@@ -197,23 +310,38 @@ class Drill:
                 def mid_action():
                     journal = json.loads((s.home / "run" / "monitor-journal.json").read_text())
                     return journal.get("pending") and "RUNNING" not in s.supervisorctl("status", "app").stdout
+
                 try:
                     wait_for(mid_action, 30, 0.01, "the kill-restart under way")
                     os.kill(victim, signal.SIGKILL)
                 except (AssertionError, OSError, ValueError):
                     pass
+
             threading.Thread(target=killer, daemon=True).start()
-        row = self.run_fault("monitor killed mid-restart (+hang)", "rolled forward, one incident", hang_then_kill_monitor,
-                             "hang", True)
+
+        row = self.run_fault(
+            "monitor killed mid-restart (+hang)",
+            "rolled forward, one incident",
+            hang_then_kill_monitor,
+            "hang",
+            True,
+        )
         resumes = s.log("monitor").count('"event": "resume"')
         row.notes = f"actions rolled forward by a new monitor so far: {resumes}"
 
         # A line an earlier process wrote (its pid in the JSON): history, never a restart of this one.
         def stale_line():
-            line = {"level": "error", "pid": 1, "msg": "torch.OutOfMemoryError: CUDA out of memory (old process)"}
+            line = {
+                "level": "error",
+                "pid": 1,
+                "msg": "torch.OutOfMemoryError: CUDA out of memory (old process)",
+            }
             with open(s.home / "logs" / "app.log", "a") as fh:
                 fh.write(json.dumps(line) + "\n")
-        row = self.run_fault("stale line of an earlier process", "history, no restart", stale_line, None, False)
+
+        row = self.run_fault(
+            "stale line of an earlier process", "history, no restart", stale_line, None, False
+        )
         row.detected = "history" if '"event": "log_history"' in s.log("monitor") else "no"
         self.log(f"drill: done in {time.monotonic() - started:.0f} s")
         return self.rows
@@ -232,8 +360,9 @@ def table(rows: list[Row]) -> str:
 def write_report(rows: list[Row], seconds: float, path: Path) -> None:
     text = f"""# Reliability drill
 
-Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.uname().nodename} (CPU, tiny demo model),
-{seconds:.0f} s in all. Reproduce: `.venv/bin/zimagectl drill` (or `.venv/bin/python -m pytest -m drill`).
+Last run: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} on {os.uname().nodename} (CPU, tiny demo \
+model), {seconds:.0f} s in all. Reproduce: `.venv/bin/zimagectl drill` (or `.venv/bin/python -m pytest \
+-m drill`).
 
 Each fault is injected into a real supervisord stack while 4 clients send generate requests back to
 back (queue size 2, so some are refused with 503 + Retry-After by design). "conn refused/reset":
@@ -272,8 +401,15 @@ def main(args) -> int:
         out = REPO / "docs" / "RELIABILITY.md"
         write_report(rows, seconds, out)
         print(f"\nwritten to {out}")
-    bad = [r for r in rows if r.detected not in ("yes", "n/a", "history") or r.false_restarts
-           or r.load.get("lost") or r.load.get("server_errors") or r.load.get("unclear")]
+    bad = [
+        r
+        for r in rows
+        if r.detected not in ("yes", "n/a", "history")
+        or r.false_restarts
+        or r.load.get("lost")
+        or r.load.get("server_errors")
+        or r.load.get("unclear")
+    ]
     return 1 if bad else 0
 
 

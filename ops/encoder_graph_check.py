@@ -14,11 +14,16 @@ import json
 import statistics
 import time
 
-PROMPT_SETS = (["a red fox in the snow"], ["a lighthouse at dusk, oil painting", "a bowl of ramen, studio photo"])
+PROMPT_SETS = (
+    ["a red fox in the snow"],
+    ["a lighthouse at dusk, oil painting", "a bowl of ramen, studio photo"],
+)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-dir", required=True)
     args = parser.parse_args(argv)
     import torch
@@ -35,7 +40,9 @@ def main(argv=None) -> int:
 
     def encode(prompts):
         with torch.inference_mode():
-            embeddings, _ = pipe.encode_prompt(prompt=list(prompts), device="cuda", do_classifier_free_guidance=False)
+            embeddings, _ = pipe.encode_prompt(
+                prompt=list(prompts), device="cuda", do_classifier_free_guidance=False
+            )
         torch.cuda.synchronize()
         return embeddings
 

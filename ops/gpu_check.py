@@ -37,12 +37,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="/tmp")
     parser.add_argument("--reference", default=".bench/zimage_gpu_baseline.py")
     parser.add_argument("--phases", default="vram,hang,stall,bigshape")
-    parser.add_argument("--compile", default="auto", help="app.compile (off: a first start without building packages)")
+    parser.add_argument(
+        "--compile", default="auto", help="app.compile (off: a first start without building packages)"
+    )
     parser.add_argument("--bigshape-steps", type=int, default=25)
     parser.add_argument("--ui", default="true", help="app.ui (false: no gradio needed on the machine)")
     args = parser.parse_args(argv)
     phases = set(args.phases.split(","))
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # (a missing one used to fail the log copy and skip `down`)
+    Path(args.out).mkdir(
+        parents=True, exist_ok=True
+    )  # (a missing one used to fail the log copy and skip `down`)
     if not (Path(args.model_dir) / "model_index.json").exists():
         from ops.bench import build_model_dir, load_reference
 
@@ -59,9 +63,10 @@ def main(argv=None) -> int:
     (home / "zimage.toml").write_text(
         f'[app]\nmodel_dir = "{args.model_dir}"\ncompile_cache_dir = "{args.compile_cache}"\n'
         f'compile = "{args.compile}"\nrequest_timeout_s = 150\ndrain_timeout_s = 170\n'
-        f'fault_injection = true\nui = {args.ui}\n'
-        '[monitor]\ninterval_s = 1.0\nvram_threshold = 0.90\nvram_trend_window_s = 20\n'
-        'vram_trend_horizon_s = 60\nvram_escalate_after_s = 15\nwarmup_size = 1024\nwarmup_steps = 2\n')
+        f"fault_injection = true\nui = {args.ui}\n"
+        "[monitor]\ninterval_s = 1.0\nvram_threshold = 0.90\nvram_trend_window_s = 20\n"
+        "vram_trend_horizon_s = 60\nvram_escalate_after_s = 15\nwarmup_size = 1024\nwarmup_steps = 2\n"
+    )
     env = dict(os.environ, ZIMAGE_HOME=str(home))
     ctl = [sys.executable, "-m", "ops.cli"]
     (home / "run" / "monitor-journal.json").unlink(missing_ok=True)  # a run on a warm machine starts clean
@@ -74,20 +79,42 @@ def main(argv=None) -> int:
             return 1
         status = subprocess.run(ctl + ["status"], env=env, capture_output=True, text=True)
         print(status.stdout, flush=True)
-        from common.gpu import open_gpu_reader
         import torch
+
+        from common.gpu import open_gpu_reader
 
         reader = open_gpu_reader()
         free, total = torch.cuda.mem_get_info()
         samples = [s.as_dict() for s in reader.sample()]
+
         def current_app_pid() -> int:
-            return int(subprocess.run([str(home / ".venv/bin/python"), "-m", "supervisor.supervisorctl", "-c",
-                                       str(home / "supervisor/supervisord.conf"), "pid", "app"],
-                                      capture_output=True, text=True, env=env).stdout.strip() or 0)
+            return int(
+                subprocess.run(
+                    [
+                        str(home / ".venv/bin/python"),
+                        "-m",
+                        "supervisor.supervisorctl",
+                        "-c",
+                        str(home / "supervisor/supervisord.conf"),
+                        "pid",
+                        "app",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                ).stdout.strip()
+                or 0
+            )
 
         app_pid = current_app_pid()
-        log(event="nvml", reader=reader.reason, samples=samples, torch_used=total - free, torch_total=total,
-            app_pid=app_pid)
+        log(
+            event="nvml",
+            reader=reader.reason,
+            samples=samples,
+            torch_used=total - free,
+            torch_total=total,
+            app_pid=app_pid,
+        )
         if "vram" in phases:
             vram_phase(state_file)
         if "hang" in phases:
@@ -132,13 +159,22 @@ def vram_phase(state_file: Path) -> None:
             incident = [i for i in state["incidents_open"] if i["kind"] == "vram_pressure"]
             if incident and seen is None:
                 seen = time.time() - started
-                log(event="vram_incident", after_s=round(seen, 1), used_fraction=round(frac, 3),
-                    reason=incident[0]["reason"], evidence=incident[0]["evidence"])
+                log(
+                    event="vram_incident",
+                    after_s=round(seen, 1),
+                    used_fraction=round(frac, 3),
+                    reason=incident[0]["reason"],
+                    evidence=incident[0]["evidence"],
+                )
             if seen is not None and crossed_at is not None and time.time() - started > seen + 20:
                 break
             time.sleep(0.5)
-        log(event="vram_threshold_crossed", after_s=crossed_at, precursor_first=seen is not None and (
-            crossed_at is None or seen < crossed_at), decision=_state(state_file)["decision"])
+        log(
+            event="vram_threshold_crossed",
+            after_s=crossed_at,
+            precursor_first=seen is not None and (crossed_at is None or seen < crossed_at),
+            decision=_state(state_file)["decision"],
+        )
     finally:
         filler.kill()
         filler.wait()
@@ -150,7 +186,12 @@ def hang_phase(state_file: Path, current_app_pid) -> None:
     before = len(_state(state_file)["restarts"])
     t_hang = time.time()
     os.kill(current_app_pid(), signal.SIGSTOP)
-    wait_for(lambda: any(r["kind"] == "hang" for r in _state(state_file)["restarts"][before:]), 300, 0.5, "hang healed")
+    wait_for(
+        lambda: any(r["kind"] == "hang" for r in _state(state_file)["restarts"][before:]),
+        300,
+        0.5,
+        "hang healed",
+    )
     restart = [r for r in _state(state_file)["restarts"][before:] if r["kind"] == "hang"][0]
     log(event="hang_healed", total_s=round(time.time() - t_hang, 1), restart=restart)
 
@@ -166,11 +207,18 @@ def _post_in_background(home: Path, body: dict, results: list) -> threading.Thre
         started = time.time()
         try:
             r = httpx.post(url + "/api/generate", json=body, timeout=400)
-            results.append({"status": r.status_code, "seconds": round(time.time() - started, 2),
-                            "body": r.json() if r.headers.get("content-type", "").startswith("application/json")
-                            else r.text[:300]})
+            results.append(
+                {
+                    "status": r.status_code,
+                    "seconds": round(time.time() - started, 2),
+                    "body": r.json()
+                    if r.headers.get("content-type", "").startswith("application/json")
+                    else r.text[:300],
+                }
+            )
         except Exception as exc:
             results.append({"error": f"{exc.__class__.__name__}: {exc}"[:300]})
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
@@ -187,27 +235,62 @@ def stall_phase(home: Path, state_file: Path, current_app_pid) -> None:
     admin = {"authorization": "Bearer " + (home / "run" / "admin.token").read_text().strip()}
     wait_for(lambda: httpx.get(app.local_url + "/readyz", timeout=2).status_code == 200, 120, 0.5, "ready")
     before, old = len(_state(state_file)["restarts"]), current_app_pid()
-    httpx.post(app.local_url + "/admin/fault", json={"kind": "slow", "seconds": 120}, headers=admin, timeout=10)
+    httpx.post(
+        app.local_url + "/admin/fault", json={"kind": "slow", "seconds": 120}, headers=admin, timeout=10
+    )
     results: list = []
     t0 = time.time()
-    _post_in_background(home, {"prompt": "a stall", "width": 1024, "height": 1024, "num_inference_steps": 8,
-                               "seed": 1}, results)
-    incident = wait_for(lambda: [i for i in _state(state_file)["incidents_open"] + _state(state_file)["incidents_recent"]
-                                 if i["kind"] == "hang" and i["started_at"] >= t0], 120, 0.2, "stall detected")[0]
-    log(event="stall_detected", after_s=round(incident["started_at"] - t0, 2), reason=incident["reason"],
-        evidence=incident["evidence"])
+    _post_in_background(
+        home,
+        {"prompt": "a stall", "width": 1024, "height": 1024, "num_inference_steps": 8, "seed": 1},
+        results,
+    )
+    incident = wait_for(
+        lambda: [
+            i
+            for i in _state(state_file)["incidents_open"] + _state(state_file)["incidents_recent"]
+            if i["kind"] == "hang" and i["started_at"] >= t0
+        ],
+        120,
+        0.2,
+        "stall detected",
+    )[0]
+    log(
+        event="stall_detected",
+        after_s=round(incident["started_at"] - t0, 2),
+        reason=incident["reason"],
+        evidence=incident["evidence"],
+    )
     wait_for(lambda: _state(state_file)["restarts"][before:], 300, 0.5, "stall healed")
-    wait_for(lambda: httpx.get(app.local_url + "/readyz", timeout=2).status_code == 200, 300, 0.5, "ready again")
-    log(event="stall_healed", total_s=round(time.time() - t0, 1), restart=_state(state_file)["restarts"][before],
-        new_pid=current_app_pid(), old_pid=old, client=results)
+    wait_for(
+        lambda: httpx.get(app.local_url + "/readyz", timeout=2).status_code == 200, 300, 0.5, "ready again"
+    )
+    log(
+        event="stall_healed",
+        total_s=round(time.time() - t0, 1),
+        restart=_state(state_file)["restarts"][before],
+        new_pid=current_app_pid(),
+        old_pid=old,
+        client=results,
+    )
 
 
 def bigshape_phase(home: Path, state_file: Path, steps: int) -> None:
     """A 2048², 4-image generation (a shape the warm-up never ran): long steps, not a stall."""
     before = len(_state(state_file)["restarts"])
     results: list = []
-    thread = _post_in_background(home, {"prompt": "a large batch", "width": 2048, "height": 2048, "num_images": 4,
-                                        "num_inference_steps": steps, "seed": 2}, results)
+    thread = _post_in_background(
+        home,
+        {
+            "prompt": "a large batch",
+            "width": 2048,
+            "height": 2048,
+            "num_images": 4,
+            "num_inference_steps": steps,
+            "seed": 2,
+        },
+        results,
+    )
     bounds = []
     while thread.is_alive():
         hb = (_state(state_file)["sample"] or {}).get("heartbeat") or {}
@@ -216,8 +299,13 @@ def bigshape_phase(home: Path, state_file: Path, steps: int) -> None:
         time.sleep(1.0)
     thread.join()
     restarts = _state(state_file)["restarts"][before:]
-    log(event="bigshape", result=results, restarts=restarts, false_positive=bool(restarts),
-        stage_slowest_seen=sorted(set(bounds), key=str)[:12])
+    log(
+        event="bigshape",
+        result=results,
+        restarts=restarts,
+        false_positive=bool(restarts),
+        stage_slowest_seen=sorted(set(bounds), key=str)[:12],
+    )
 
 
 if __name__ == "__main__":

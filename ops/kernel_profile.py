@@ -31,7 +31,9 @@ def category(kernel: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--compile-cache", required=True)
     parser.add_argument("--top", type=int, default=30)
@@ -44,12 +46,19 @@ def main(argv=None) -> int:
     from app.loader import load_pipeline
 
     extra = dict(item.split("=", 1) for item in args.settings)
-    loaded = load_pipeline(load_settings(env={}, model_dir=args.model_dir, compile_cache_dir=args.compile_cache,
-                                         **extra))
+    loaded = load_pipeline(
+        load_settings(env={}, model_dir=args.model_dir, compile_cache_dir=args.compile_cache, **extra)
+    )
     print(json.dumps({"notes": loaded.notes, "phases": loaded.phases}), flush=True)
     pipe = loaded.pipe
-    call = dict(prompt=PROMPT, height=1024, width=1024, num_inference_steps=9, guidance_scale=0.0,
-                output_type="latent")
+    call = dict(
+        prompt=PROMPT,
+        height=1024,
+        width=1024,
+        num_inference_steps=9,
+        guidance_scale=0.0,
+        output_type="latent",
+    )
 
     def one(seed: int) -> float:
         torch.cuda.synchronize()
@@ -73,8 +82,16 @@ def main(argv=None) -> int:
     by_kind: collections.Counter = collections.Counter()
     for name, us in per_kernel.items():
         by_kind[category(name)] += us
-    print(json.dumps({"wall_ms": round(wall * 1e3, 1), "kernel_ms": round(sum(per_kernel.values()) / 1e3, 1),
-                      "by_kind_ms": {k: round(v / 1e3, 1) for k, v in by_kind.most_common()}}), flush=True)
+    print(
+        json.dumps(
+            {
+                "wall_ms": round(wall * 1e3, 1),
+                "kernel_ms": round(sum(per_kernel.values()) / 1e3, 1),
+                "by_kind_ms": {k: round(v / 1e3, 1) for k, v in by_kind.most_common()},
+            }
+        ),
+        flush=True,
+    )
     for name, us in per_kernel.most_common(args.top):
         print(f"{us / 1e3:9.2f} ms {calls[name]:5d}x  {category(name):15s} {name[:140]}")
     return 0

@@ -35,16 +35,34 @@ class LoadStats:
         return data[min(len(data) - 1, int(round(q / 100 * (len(data) - 1))))]
 
     def summary(self) -> dict:
-        return {"sent": self.sent, "ok": self.ok, "rejected": self.rejected, "refused": self.refused,
-                "reset": self.reset, "lost": self.lost, "server_errors": self.server_errors,
-                "unclear": self.unclear, "statuses": dict(sorted(self.statuses.items())),
-                "p50_s": self.percentile(50), "p95_s": self.percentile(95), "p99_s": self.percentile(99),
-                "mean_s": statistics.fmean(self.latencies) if self.latencies else None}
+        return {
+            "sent": self.sent,
+            "ok": self.ok,
+            "rejected": self.rejected,
+            "refused": self.refused,
+            "reset": self.reset,
+            "lost": self.lost,
+            "server_errors": self.server_errors,
+            "unclear": self.unclear,
+            "statuses": dict(sorted(self.statuses.items())),
+            "p50_s": self.percentile(50),
+            "p95_s": self.percentile(95),
+            "p99_s": self.percentile(99),
+            "mean_s": statistics.fmean(self.latencies) if self.latencies else None,
+        }
 
 
 class LoadGenerator:
-    def __init__(self, url: str, concurrency: int = 4, body: Optional[dict] = None, deadline_s: float = 60.0,
-                 max_requests: int = 100_000, headers: Optional[dict] = None, pause_s: float = 0.0):
+    def __init__(
+        self,
+        url: str,
+        concurrency: int = 4,
+        body: Optional[dict] = None,
+        deadline_s: float = 60.0,
+        max_requests: int = 100_000,
+        headers: Optional[dict] = None,
+        pause_s: float = 0.0,
+    ):
         self.url = url.rstrip("/") + "/api/generate"
         self.concurrency = concurrency
         self.body = body or SMALL_BODY

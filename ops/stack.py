@@ -56,8 +56,15 @@ class Stack:
             (self.home / sub).mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, ZIMAGE_HOME=str(self.home))
         # supervisord daemonizes itself (nodaemon is off): this returns once it has forked.
-        subprocess.run([self.supervisord_bin(), "-c", str(self.conf)], check=True, env=env, cwd=self.home,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+        subprocess.run(
+            [self.supervisord_bin(), "-c", str(self.conf)],
+            check=True,
+            env=env,
+            cwd=self.home,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=30,
+        )
 
     def set_maintenance(self, seconds: float, reason: str) -> None:
         path = self.monitor.maintenance_file
@@ -81,8 +88,13 @@ class Stack:
             return None
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.25,
-               progress: Optional[Callable[[], None]] = None, progress_every: float = 2.0):
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float,
+    interval: float = 0.25,
+    progress: Optional[Callable[[], None]] = None,
+    progress_every: float = 2.0,
+):
     deadline = time.monotonic() + timeout
     next_progress = time.monotonic()
     while time.monotonic() < deadline:

@@ -69,8 +69,15 @@ class WebhookReceiver:
             def do_POST(self):
                 length = int(self.headers.get("content-length", 0))
                 body = self.rfile.read(length)
-                received.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                                 "body": body, "json": json.loads(body), "at": time.time()})
+                received.append(
+                    {
+                        "path": self.path,
+                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                        "body": body,
+                        "json": json.loads(body),
+                        "at": time.time(),
+                    }
+                )
                 self.send_response(outer.status)
                 self.end_headers()
 
@@ -102,8 +109,16 @@ class StackHome:
         (root / ".venv").symlink_to(REPO / ".venv")
         (root / "logs").mkdir(exist_ok=True)
         app_cfg = {"port": self.port, "warmup_size": 128, "warmup_steps": 1, "min_size": 64, **(app or {})}
-        mon_cfg = {"interval_s": 0.5, "probe_timeout_s": 1.0, "backoff_initial_s": 1.0, "restart_budget": 20,
-                   "warmup_size": 128, "warmup_steps": 1, "resolve_quiet_samples": 2, **(monitor or {})}
+        mon_cfg = {
+            "interval_s": 0.5,
+            "probe_timeout_s": 1.0,
+            "backoff_initial_s": 1.0,
+            "restart_budget": 20,
+            "warmup_size": 128,
+            "warmup_steps": 1,
+            "resolve_quiet_samples": 2,
+            **(monitor or {}),
+        }
         (root / "zimage.toml").write_text(_toml({"app": app_cfg, "monitor": mon_cfg}))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}
         self.env.update(ZIMAGE_HOME=str(root), PYTHONUNBUFFERED="1")
@@ -113,12 +128,17 @@ class StackHome:
         return self.home / "supervisor" / "supervisord.conf"
 
     def ctl(self, *args, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(ZIMAGECTL + list(args), cwd=REPO, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            ZIMAGECTL + list(args), cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
     def supervisorctl(self, *args) -> subprocess.CompletedProcess:
-        return subprocess.run([str(REPO / ".venv" / "bin" / "supervisorctl"), "-c", str(self.conf), *args],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [str(REPO / ".venv" / "bin" / "supervisorctl"), "-c", str(self.conf), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def up(self) -> "StackHome":
         result = self.ctl("up", "--timeout", "180")

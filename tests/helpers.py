@@ -16,8 +16,11 @@ from ops.tempstack import app_env as tempstack_app_env
 
 def app_env(tmp: Path, port: int, **settings) -> dict:
     """The app's environment with its outputs and admin token inside tmp."""
-    return tempstack_app_env(tmp / "none.toml", port, **{"outputs_dir": tmp / "outputs",
-                                                         "admin_token_file": tmp / "admin.token", **settings})
+    return tempstack_app_env(
+        tmp / "none.toml",
+        port,
+        **{"outputs_dir": tmp / "outputs", "admin_token_file": tmp / "admin.token", **settings},
+    )
 
 
 class AppProcess:
@@ -33,8 +36,14 @@ class AppProcess:
 
     def start(self) -> "AppProcess":
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([PYTHON, "-m", "app"], cwd=REPO, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "app"],
+            cwd=REPO,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
     def wait_ready(self, timeout: float = 90) -> "AppProcess":
@@ -42,6 +51,7 @@ class AppProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"app exited with {self.proc.returncode}:\n{self.log()}")
             return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+
         try:
             wait_for(ready, timeout, 0.2, "app readiness")
         except AssertionError as exc:

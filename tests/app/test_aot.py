@@ -19,8 +19,21 @@ from tests.app.test_engine import make_engine
 
 def merged(engine, prompts, seed=3):
     """Two requests of one shape queued together: the engine merges them (max_batch=2)."""
-    jobs = [engine.submit(GenerationParams(prompt=p, negative_prompt="", width=128, height=128, num_inference_steps=2,
-                                           cfg_scale=0.0, num_images=1, seed=seed + i)) for i, p in enumerate(prompts)]
+    jobs = [
+        engine.submit(
+            GenerationParams(
+                prompt=p,
+                negative_prompt="",
+                width=128,
+                height=128,
+                num_inference_steps=2,
+                cfg_scale=0.0,
+                num_images=1,
+                seed=seed + i,
+            )
+        )
+        for i, p in enumerate(prompts)
+    ]
     return [np.asarray(j.future.result(600).images[0]).astype(float) for j in jobs]
 
 
@@ -44,10 +57,13 @@ def new_process(monkeypatch):
 def test_rotate_real_is_the_complex_rope():
     x = torch.randn(2, 7, 3, 16)
     freqs = torch.polar(torch.ones(2, 7, 8), torch.randn(2, 7, 8))
-    reference = torch.view_as_real(torch.view_as_complex(x.reshape(2, 7, 3, 8, 2)) * freqs.unsqueeze(2)).flatten(3)
+    reference = torch.view_as_real(
+        torch.view_as_complex(x.reshape(2, 7, 3, 8, 2)) * freqs.unsqueeze(2)
+    ).flatten(3)
     torch.testing.assert_close(aot.rotate_real(x, torch.view_as_real(freqs)), reference, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # AOTInductor/torch.compile builds: tens of seconds
 def test_packages_serve_every_request_kind_and_nothing_compiles(tmp_path, cache):
     common = dict(compile_cache_dir=cache, max_batch=2, queue_size=8)
     eager = make_engine(tmp_path / "eager", compile="off", **common)
@@ -57,17 +73,28 @@ def test_packages_serve_every_request_kind_and_nothing_compiles(tmp_path, cache)
         assert loaded.compile_backend == "aot", loaded.notes
         assert loaded.phases["aot_compile_s"] > 0  # made in this start: the cache was empty
         names = sorted(p.name for p in (cache / "aot").glob("*/*.pt2"))
-        assert names == ["decoder-1x16x16x16.pt2", "mod-mask.pt2", "mod-nomask.pt2", "plain-mask.pt2",
-                         "plain-nomask.pt2"], names
+        assert names == [
+            "decoder-1x16x16x16.pt2",
+            "mod-mask.pt2",
+            "mod-nomask.pt2",
+            "plain-mask.pt2",
+            "plain-nomask.pt2",
+        ], names
         assert packaged.warmup_compile["compiles"] == 0  # no dynamo: nothing traced at the warm-up
         # the warm-up went through the packages: every block, and the decoder at its size for its
         # one image and the merged batch's two (a batch is decoded one image at a time)
         blocks, decodes = packaged_calls(packaged)
         assert blocks >= len(aot.blocks_of(loaded.pipe.transformer)) and decodes == 1 + 2
 
-        for prompt, width, height, n in (("a fox", 128, 128, 1), (LONG, 192, 128, 1), ("a fox", 128, 128, 2),
-                                         (LONG, 128, 256, 1)):
-            for a, b in zip(image(eager, prompt, width, height, n), image(packaged, prompt, width, height, n)):
+        for prompt, width, height, n in (
+            ("a fox", 128, 128, 1),
+            (LONG, 192, 128, 1),
+            ("a fox", 128, 128, 2),
+            (LONG, 128, 256, 1),
+        ):
+            for a, b in zip(
+                image(eager, prompt, width, height, n), image(packaged, prompt, width, height, n)
+            ):
                 assert psnr(a, b) > 45, (prompt[:10], width, height, n)  # same picture, up to kernel rounding
         # a merged batch of prompts of different lengths (the masked kinds)
         for a, b in zip(merged(eager, ["a fox", LONG]), merged(packaged, ["a fox", LONG])):
@@ -96,8 +123,9 @@ def test_next_start_loads_the_packages_without_compiling(tmp_path, cache):
 
         def from_another_thread():
             with torch.inference_mode():
-                engine.loaded.pipe(prompt="a lighthouse", height=128, width=128, num_inference_steps=2,
-                                   output_type="latent")
+                engine.loaded.pipe(
+                    prompt="a lighthouse", height=128, width=128, num_inference_steps=2, output_type="latent"
+                )
 
         other = threading.Thread(target=from_another_thread)
         other.start()
@@ -110,6 +138,7 @@ def test_next_start_loads_the_packages_without_compiling(tmp_path, cache):
         torch.compiler.set_stance("default")
 
 
+@pytest.mark.slow  # AOTInductor/torch.compile builds: tens of seconds
 def test_load_check_loads_each_package_in_a_child_and_reports_a_crash(tmp_path, cache, monkeypatch):
     """ops/aot_load_check: every package of a cache loads in a fresh process; a load that kills its
     process is reported with the signal and faulthandler's stack, and fails the check."""
@@ -118,13 +147,23 @@ def test_load_check_loads_each_package_in_a_child_and_reports_a_crash(tmp_path, 
     if not aot_load_check.packages(cache):
         pytest.skip("needs the packages of the first test")
     assert aot_load_check.main(["--compile-cache", str(cache)]) == 0
-    monkeypatch.setattr(aot_verify, "_CHILD_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(
+        aot_verify, "_CHILD_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)"
+    )
     row = aot_verify.load_in_child(aot_load_check.packages(cache)[0], "cpu")
-    assert not row["ok"] and row["crashed"] and row["returncode"] == -11 and "Segmentation fault" in row["stderr_tail"]
+    assert (
+        not row["ok"]
+        and row["crashed"]
+        and row["returncode"] == -11
+        and "Segmentation fault" in row["stderr_tail"]
+    )
     assert aot_load_check.main(["--compile-cache", str(cache)]) == 1
-    assert aot_load_check.main(["--compile-cache", str(tmp_path / "empty")]) == 1  # nothing to check is no pass
+    assert (
+        aot_load_check.main(["--compile-cache", str(tmp_path / "empty")]) == 1
+    )  # nothing to check is no pass
 
 
+@pytest.mark.slow  # AOTInductor/torch.compile builds: tens of seconds
 def test_a_package_that_crashes_its_loader_is_rebuilt_by_another_compiler_or_refused(tmp_path, monkeypatch):
     """A package just compiled is loaded in a child first (on the H100, packages built through the
     machine's CXX wrapper all died with SIGSEGV at load): one that kills the child is deleted, its
@@ -150,8 +189,13 @@ def test_a_package_that_crashes_its_loader_is_rebuilt_by_another_compiler_or_ref
     def check_crashing_first(path, device):  # the first build "segfaults" its loader
         checks.append(path.name)
         if len(checks) == 1:
-            return {"package": str(path), "ok": False, "crashed": True, "returncode": -11,
-                    "stderr_tail": "Fatal Python error: Segmentation fault"}
+            return {
+                "package": str(path),
+                "ok": False,
+                "crashed": True,
+                "returncode": -11,
+                "stderr_tail": "Fatal Python error: Segmentation fault",
+            }
         return real_check(path, device)
 
     monkeypatch.setattr(aot, "_compile_package", compile_package)
@@ -173,7 +217,8 @@ def test_a_package_that_crashes_its_loader_is_rebuilt_by_another_compiler_or_ref
     aot._ensure_loaded(other, export, torch.device("cpu"), aot.AotReport())
     assert compilers[-1] == "g++" and len(compilers) == 3 and len(checks) == 3
     assert json.loads((tmp_path / "other" / "decoder.pt2.broken").read_text()) == {
-        "broken": {"c++": "killed by SIGSEGV (building mod-nomask.pt2)"}}
+        "broken": {"c++": "killed by SIGSEGV (building mod-nomask.pt2)"}
+    }
     aot._REFUSED_IN_THIS_PROCESS.clear()  # from here on, each build is the first of a new start
     # a compiler that is not there (and so cannot build: Inductor really is given the candidate)
     package.unlink()
@@ -210,12 +255,18 @@ def test_a_failure_that_is_not_the_compilers_is_not_retried_nor_recorded(tmp_pat
     monkeypatch.setattr(aot, "_compile_package", failing_compile)
     monkeypatch.setattr(aot, "_compiler_candidates", lambda: ["c++", "g++"])
     with pytest.raises(RuntimeError, match="lowering failed") as raised:
-        aot._ensure_loaded(tmp_path / "mod-nomask.pt2", lambda: object(), torch.device("cpu"), aot.AotReport())
-    assert not isinstance(raised.value, aot.BrokenPackage) and not (tmp_path / "mod-nomask.pt2.broken").exists()
+        aot._ensure_loaded(
+            tmp_path / "mod-nomask.pt2", lambda: object(), torch.device("cpu"), aot.AotReport()
+        )
+    assert (
+        not isinstance(raised.value, aot.BrokenPackage) and not (tmp_path / "mod-nomask.pt2.broken").exists()
+    )
 
 
 def test_the_child_check_reports_a_real_crash(tmp_path, monkeypatch):
-    monkeypatch.setattr(aot_verify, "_CHILD_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(
+        aot_verify, "_CHILD_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)"
+    )
     row = aot_verify.load_in_child(tmp_path / "any.pt2", "cpu")
     assert not row["ok"] and row["crashed"] and aot_verify.why_failed(row) == "killed by SIGSEGV"
     assert "Segmentation fault" in row["stderr_tail"]
@@ -287,7 +338,9 @@ assert loading.wait(60)
 print("loading", package.with_name(package.name + ".loading").exists(), flush=True)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "loading True" in done.stdout, done.stderr[-2000:]  # (marked while loading)
+    assert done.returncode == 0 and "loading True" in done.stdout, done.stderr[
+        -2000:
+    ]  # (marked while loading)
     assert not (tmp_path / "mod-nomask.pt2.loading").exists()
 
 
@@ -297,8 +350,9 @@ def test_a_failed_export_falls_back_to_torch_compile(tmp_path, monkeypatch):
 
     monkeypatch.setattr(aot, "install", broken)
     # no warm-up: torch.compile compiles at the first call, and this test is about the start
-    engine = make_engine(tmp_path, compile="on", compile_backend="aot", warmup=False,
-                         compile_cache_dir=tmp_path / "cache")
+    engine = make_engine(
+        tmp_path, compile="on", compile_backend="aot", warmup=False, compile_cache_dir=tmp_path / "cache"
+    )
     try:
         assert engine.loaded.compile_backend == "jit"
         assert any("AOT unavailable: RuntimeError: export failed" in note for note in engine.loaded.notes)

@@ -6,6 +6,7 @@ so no request compiles; the compile shows up in the warm-up's report, not in the
 monitor's stall bound is made from. Slow on 2 cores (~2-3 min), so one test does it all."""
 
 import numpy as np
+import pytest
 import torch
 import torch.fx.experimental._config
 
@@ -16,8 +17,16 @@ LONG = "a red fox in fresh snow under a pale winter sky, 35mm photograph, " * 4
 
 
 def image(engine, prompt, width=128, height=128, num_images=1):
-    p = GenerationParams(prompt=prompt, negative_prompt="", width=width, height=height, num_inference_steps=2,
-                         cfg_scale=0.0, num_images=num_images, seed=9)
+    p = GenerationParams(
+        prompt=prompt,
+        negative_prompt="",
+        width=width,
+        height=height,
+        num_inference_steps=2,
+        cfg_scale=0.0,
+        num_images=num_images,
+        seed=9,
+    )
     result = engine.submit(p).future.result(600)
     return [np.asarray(im).astype(float) for im in result.images]
 
@@ -27,10 +36,13 @@ def psnr(a, b):
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
+@pytest.mark.slow  # AOTInductor/torch.compile builds: tens of seconds
 def test_warm_up_compiles_what_requests_bring_and_requests_compile_nothing(tmp_path):
     common = dict(quantize="fp8", compile_cache_dir=tmp_path / "cache", max_batch=2)
     eager = make_engine(tmp_path / "eager", compile="off", **common)
-    compiled = make_engine(tmp_path / "compiled", compile="on", compile_backend="jit", ready_timeout=900, **common)
+    compiled = make_engine(
+        tmp_path / "compiled", compile="on", compile_backend="jit", ready_timeout=900, **common
+    )
     try:
         assert compiled.loaded.compiled and not eager.loaded.compiled
         assert compiled.loaded.compile_backend == "jit"
@@ -43,10 +55,21 @@ def test_warm_up_compiles_what_requests_bring_and_requests_compile_nothing(tmp_p
 
         # Requests the warm-up did not make: another size, a longer prompt, several images, a size
         # the VAE decoder has no graph for (it runs eagerly instead of compiling).
-        for prompt, width, height, n in (("a fox", 128, 128, 1), (LONG, 192, 128, 1), ("a fox", 128, 128, 2),
-                                         (LONG, 128, 256, 1)):
-            for a, b in zip(image(eager, prompt, width, height, n), image(compiled, prompt, width, height, n)):
-                assert psnr(a, b) > 40, (prompt[:10], width, height, n)  # same picture, up to fused-kernel rounding
+        for prompt, width, height, n in (
+            ("a fox", 128, 128, 1),
+            (LONG, 192, 128, 1),
+            ("a fox", 128, 128, 2),
+            (LONG, 128, 256, 1),
+        ):
+            for a, b in zip(
+                image(eager, prompt, width, height, n), image(compiled, prompt, width, height, n)
+            ):
+                assert psnr(a, b) > 40, (
+                    prompt[:10],
+                    width,
+                    height,
+                    n,
+                )  # same picture, up to fused-kernel rounding
         assert compiled.compiles_after_warmup == 0
         assert any((tmp_path / "cache" / "inductor").iterdir())  # kernels went to the persistent cache
     finally:

@@ -18,18 +18,21 @@ def test_defaults_are_safe(tmp_path):
 
 def test_file_then_env_precedence(tmp_path):
     cfg = tmp_path / "z.toml"
-    cfg.write_text('[app]\nport = 9000\nqueue_size = 3\n')
+    cfg.write_text("[app]\nport = 9000\nqueue_size = 3\n")
     s = load_settings({"ZIMAGE_CONFIG": str(cfg), "ZIMAGE_APP_QUEUE_SIZE": "5"})
     assert s.port == 9000 and s.queue_size == 5
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"ZIMAGE_APP_PORT": "99999"}, "app.port"),
-    ({"ZIMAGE_APP_MAX_SIZE": "1000"}, "not a multiple of 64"),
-    ({"ZIMAGE_APP_MODEL_DIR": "/nonexistent/model"}, "model_index.json"),
-    ({"ZIMAGE_APP_DEVICE": "tpu"}, "device"),
-    ({"ZIMAGE_APP_BOGUS": "1"}, None),  # unknown env vars are ignored (only known fields are read)
-])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"ZIMAGE_APP_PORT": "99999"}, "app.port"),
+        ({"ZIMAGE_APP_MAX_SIZE": "1000"}, "not a multiple of 64"),
+        ({"ZIMAGE_APP_MODEL_DIR": "/nonexistent/model"}, "model_index.json"),
+        ({"ZIMAGE_APP_DEVICE": "tpu"}, "device"),
+        ({"ZIMAGE_APP_BOGUS": "1"}, None),  # unknown env vars are ignored (only known fields are read)
+    ],
+)
 def test_invalid_values_are_one_clear_line(env, needle):
     if needle is None:
         load_settings(env)
@@ -47,26 +50,45 @@ def test_unknown_key_in_file_is_an_error(tmp_path):
 
 
 def test_bad_config_exits_2_before_loading_the_model(tmp_path):
-    env = {"ZIMAGE_CONFIG": str(tmp_path / "none.toml"), "ZIMAGE_APP_MIN_SIZE": "100", "PATH": "/usr/bin:/bin"}
+    env = {
+        "ZIMAGE_CONFIG": str(tmp_path / "none.toml"),
+        "ZIMAGE_APP_MIN_SIZE": "100",
+        "PATH": "/usr/bin:/bin",
+    }
     (tmp_path / "none.toml").write_text("")
-    proc = subprocess.run([PYTHON, "-m", "app"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [PYTHON, "-m", "app"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "min_size" in proc.stderr
 
 
 @pytest.mark.parametrize("module,section", [("app", "APP"), ("monitor", "MONITOR")])
 def test_help_says_where_configuration_comes_from_and_unknown_arguments_fail(module, section):
-    shown = subprocess.run([PYTHON, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    shown = subprocess.run(
+        [PYTHON, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert shown.returncode == 0 and "zimage.toml" in shown.stdout and f"ZIMAGE_{section}_" in shown.stdout
-    bad = subprocess.run([PYTHON, "-m", module, "--port", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [PYTHON, "-m", module, "--port", "1"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and "unrecognized arguments: --port 1" in bad.stderr
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"ZIMAGE_APP_REQUEST_TIMEOUT_S": "200"}, "app.request_timeout_s (200 s) must be ≤ app.drain_timeout_s (150 s)"),
-    ({"ZIMAGE_APP_DRAIN_TIMEOUT_S": "180"}, "app.drain_timeout_s (180 s) must be < supervisord stopwaitsecs"),
-    ({"ZIMAGE_MONITOR_STOP_TIMEOUT_S": "170"}, "must be < monitor.stop_timeout_s (170 s)"),
-])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        (
+            {"ZIMAGE_APP_REQUEST_TIMEOUT_S": "200"},
+            "app.request_timeout_s (200 s) must be ≤ app.drain_timeout_s (150 s)",
+        ),
+        (
+            {"ZIMAGE_APP_DRAIN_TIMEOUT_S": "180"},
+            "app.drain_timeout_s (180 s) must be < supervisord stopwaitsecs",
+        ),
+        ({"ZIMAGE_MONITOR_STOP_TIMEOUT_S": "170"}, "must be < monitor.stop_timeout_s (170 s)"),
+    ],
+)
 def test_a_broken_timeout_chain_is_one_clear_line(tmp_path, env, needle):
     from monitor.config import load_monitor_settings
 

@@ -14,9 +14,12 @@ def make_settings(tmp_path, **overrides):
     """Settings for an engine on the tiny model with a small, quick warm-up."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "none.toml").write_text("")
-    return load_settings({"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}, outputs_dir=tmp_path / "out",
-                         admin_token_file=tmp_path / "tok", **{"warmup_size": 128, "warmup_steps": 1, "min_size": 64,
-                                                               **overrides})
+    return load_settings(
+        {"ZIMAGE_CONFIG": str(tmp_path / "none.toml")},
+        outputs_dir=tmp_path / "out",
+        admin_token_file=tmp_path / "tok",
+        **{"warmup_size": 128, "warmup_steps": 1, "min_size": 64, **overrides},
+    )
 
 
 def make_engine(tmp_path, ready_timeout=120, **overrides):
@@ -35,8 +38,16 @@ def engine(tmp_path_factory):
 
 
 def params(**kw):
-    base = dict(prompt="a red fox in snow", negative_prompt="", width=256, height=192, num_inference_steps=3,
-                cfg_scale=0.0, num_images=1, seed=7)
+    base = dict(
+        prompt="a red fox in snow",
+        negative_prompt="",
+        width=256,
+        height=192,
+        num_inference_steps=3,
+        cfg_scale=0.0,
+        num_images=1,
+        seed=7,
+    )
     base.update(kw)
     return GenerationParams(**base)
 
@@ -229,7 +240,9 @@ def test_a_warm_up_batch_that_does_not_fit_is_no_incident(tmp_path, caplog):
             engine.stop()
     assert [r for r in caplog.records if getattr(r, "event", None) == "warmup_batch_failed"]
     text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
-    assert not [p.pattern for p in DEFAULT_PATTERNS if re.search(p.pattern, text)], "a restart trigger in the log"
+    assert not [p.pattern for p in DEFAULT_PATTERNS if re.search(p.pattern, text)], (
+        "a restart trigger in the log"
+    )
 
 
 def test_a_fatal_error_in_a_warm_up_batch_fails_the_start(tmp_path):

@@ -43,13 +43,26 @@ def test_same_weights_buffers_and_dtypes_as_from_pretrained(model_dir, cls, sub,
 
 def settings_for(tmp_path, model_dir, **overrides):
     (tmp_path / "none.toml").write_text("")
-    return load_settings({"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}, model_dir=str(model_dir), min_size=64,
-                         outputs_dir=tmp_path / "out", admin_token_file=tmp_path / "tok", **overrides)
+    return load_settings(
+        {"ZIMAGE_CONFIG": str(tmp_path / "none.toml")},
+        model_dir=str(model_dir),
+        min_size=64,
+        outputs_dir=tmp_path / "out",
+        admin_token_file=tmp_path / "tok",
+        **overrides,
+    )
 
 
 def one_image(loaded):
-    req = BatchRequest(prompts=["a red fox in snow"], negatives=None, width=128, height=64, steps=2, cfg_scale=0.0,
-                       generators=[torch.Generator("cpu").manual_seed(4)])
+    req = BatchRequest(
+        prompts=["a red fox in snow"],
+        negatives=None,
+        width=128,
+        height=64,
+        steps=2,
+        cfg_scale=0.0,
+        generators=[torch.Generator("cpu").manual_seed(4)],
+    )
     with torch.inference_mode():
         return np.asarray(run_batch(loaded.pipe, req, CPU, PromptEmbeddingCache(0))[0][0])
 
@@ -94,5 +107,8 @@ def test_prefetched_weights_are_the_ones_the_loader_uses(tmp_path, model_dir, mo
     assert fastload._prefetch._futures == {}  # both taken by the loader
     prefetched = reads["transformer"].result()
     used = dict(loaded.pipe.transformer.named_parameters())
-    assert all(used[name] is tensor or used[name].data_ptr() == tensor.data_ptr() for name, tensor in prefetched.items())
+    assert all(
+        used[name] is tensor or used[name].data_ptr() == tensor.data_ptr()
+        for name, tensor in prefetched.items()
+    )
     assert fastload.take_prefetched(tmp_path / "other", "transformer") is None

@@ -42,17 +42,30 @@ def test_quantized_tiny_pipeline_makes_nearly_the_same_image():
         if quantize:
             count = quantize_transformer(pipe.transformer, min_features=pipe.transformer.config.dim)
             assert count > 0
-            assert not any(type(m) is nn.Linear and m.in_features == pipe.transformer.config.dim
-                           and m.out_features == pipe.transformer.config.dim
-                           for b in pipe.transformer.layers for m in b.modules())
-        req = BatchRequest(prompts=["a red fox in snow"], negatives=None, width=128, height=128, steps=4,
-                           cfg_scale=0.0, generators=[torch.Generator("cpu").manual_seed(1)])
+            assert not any(
+                type(m) is nn.Linear
+                and m.in_features == pipe.transformer.config.dim
+                and m.out_features == pipe.transformer.config.dim
+                for b in pipe.transformer.layers
+                for m in b.modules()
+            )
+        req = BatchRequest(
+            prompts=["a red fox in snow"],
+            negatives=None,
+            width=128,
+            height=128,
+            steps=4,
+            cfg_scale=0.0,
+            generators=[torch.Generator("cpu").manual_seed(1)],
+        )
         with torch.inference_mode():
-            return np.asarray(run_batch(pipe, req, torch.device("cpu"), PromptEmbeddingCache(0))[0][0]).astype(float)
+            return np.asarray(
+                run_batch(pipe, req, torch.device("cpu"), PromptEmbeddingCache(0))[0][0]
+            ).astype(float)
 
     plain, fp8 = image(False), image(True)
     mse = ((plain - fp8) ** 2).mean()
-    psnr = 10 * np.log10(255 ** 2 / mse) if mse else float("inf")
+    psnr = 10 * np.log10(255**2 / mse) if mse else float("inf")
     assert mse > 0, "quantization changed nothing: the FP8 path did not run"
     print(f"tiny pipeline FP8 vs fp32: PSNR {psnr:.1f} dB")
     assert psnr > 30, psnr

@@ -14,8 +14,11 @@ def test_stage_times_are_kept_per_shape_without_compiles():
     hb.enter_stage("decode", 100.6, 0.58, compiled=True)  # the denoise stage compiled: not recorded
     hb.enter_stage(None, 100.65, 0.05, compiled=False)
     hb.end()
-    assert hb.slowest == {("encode", (1024, 1024, 1)): 0.02, ("denoise", (1024, 1024, 1)): 0.1,
-                          ("decode", (1024, 1024, 1)): 0.05}
+    assert hb.slowest == {
+        ("encode", (1024, 1024, 1)): 0.02,
+        ("denoise", (1024, 1024, 1)): 0.1,
+        ("decode", (1024, 1024, 1)): 0.05,
+    }
     snap = Model.model_validate(hb.snapshot())
     assert not snap.busy and snap.stage is None and snap.silent_for(200.0) is None
 

@@ -3,7 +3,9 @@ from pydantic import ValidationError
 
 from app.schemas import Limits, build_request_model
 
-Model = build_request_model(Limits(min_size=256, max_size=2048, max_steps=50, max_images=4, max_prompt_chars=100))
+Model = build_request_model(
+    Limits(min_size=256, max_size=2048, max_steps=50, max_images=4, max_prompt_chars=100)
+)
 
 
 def errors_of(**fields):
@@ -14,8 +16,14 @@ def errors_of(**fields):
 
 def test_defaults_follow_the_turbo_model_card():
     req = Model(prompt="a red fox")
-    assert (req.width, req.height, req.num_inference_steps, req.cfg_scale, req.num_images, req.seed) == \
-        (1024, 1024, 9, 0.0, 1, -1)
+    assert (req.width, req.height, req.num_inference_steps, req.cfg_scale, req.num_images, req.seed) == (
+        1024,
+        1024,
+        9,
+        0.0,
+        1,
+        -1,
+    )
 
 
 @pytest.mark.parametrize("size,expected", [(1000, "try 1024"), (1025, "try 1024"), (300, "try 320")])
@@ -24,15 +32,29 @@ def test_size_not_multiple_of_64_suggests_nearest(size, expected):
     assert "not a multiple of 64" in msg and expected in msg
 
 
-@pytest.mark.parametrize("size,expected", [(4096, "try 2048"), (128, "try 256"), (0, "try 256"), (-64, "try 256")])
+@pytest.mark.parametrize(
+    "size,expected", [(4096, "try 2048"), (128, "try 256"), (0, "try 256"), (-64, "try 256")]
+)
 def test_size_out_of_range(size, expected):
     (msg,) = errors_of(prompt="x", height=size)
     assert "outside 256..2048" in msg and expected in msg
 
 
-@pytest.mark.parametrize("field,value", [("num_inference_steps", 0), ("num_inference_steps", 51), ("num_images", 0),
-                                         ("num_images", 5), ("seed", -2), ("seed", 2**32), ("cfg_scale", -1),
-                                         ("cfg_scale", 21), ("cfg_scale", float("nan")), ("cfg_scale", float("inf"))])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("num_inference_steps", 0),
+        ("num_inference_steps", 51),
+        ("num_images", 0),
+        ("num_images", 5),
+        ("seed", -2),
+        ("seed", 2**32),
+        ("cfg_scale", -1),
+        ("cfg_scale", 21),
+        ("cfg_scale", float("nan")),
+        ("cfg_scale", float("inf")),
+    ],
+)
 def test_numeric_bounds(field, value):
     assert errors_of(prompt="x", **{field: value})
 

@@ -16,14 +16,28 @@ def pipe():
 
 
 def request(prompts, negatives=None, cfg=0.0, seed=3):
-    return BatchRequest(prompts=prompts, negatives=negatives, width=128, height=64, steps=3, cfg_scale=cfg,
-                        generators=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))])
+    return BatchRequest(
+        prompts=prompts,
+        negatives=negatives,
+        width=128,
+        height=64,
+        steps=3,
+        cfg_scale=cfg,
+        generators=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))],
+    )
 
 
 def plain_call(pipe, prompts, negatives=None, cfg=0.0, seed=3):
-    return pipe(prompt=prompts, negative_prompt=negatives, width=128, height=64, num_inference_steps=3,
-                guidance_scale=cfg, generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))],
-                output_type="pil").images
+    return pipe(
+        prompt=prompts,
+        negative_prompt=negatives,
+        width=128,
+        height=64,
+        num_inference_steps=3,
+        guidance_scale=cfg,
+        generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))],
+        output_type="pil",
+    ).images
 
 
 @pytest.mark.parametrize("cfg", [0.0, 4.0])

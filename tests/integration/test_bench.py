@@ -14,9 +14,28 @@ pytestmark = pytest.mark.integration
 
 def test_bench_prints_the_table_with_stage_split_fp8_quality_and_start_up(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "ops.cli", "bench", "--phases", "latency,fp8,stepcache,coldstart", "--n", "2",
-                           "--home", str(tmp_path / "home"), "--images-dir", str(tmp_path / "img"), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ops.cli",
+            "bench",
+            "--phases",
+            "latency,fp8,stepcache,coldstart",
+            "--n",
+            "2",
+            "--home",
+            str(tmp_path / "home"),
+            "--images-dir",
+            str(tmp_path / "img"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = {(r["event"], r.get("label")): r for r in json.loads(out.read_text())}
     default = rows[("latency", "default settings")]
@@ -38,6 +57,6 @@ def test_bench_prints_the_table_with_stage_split_fp8_quality_and_start_up(tmp_pa
     first = rows[("first_requests", None)]
     assert all(first[k] > 0 for k in ("long_prompt_s", "other_size_s", "two_images_s"))
     assert first["compiles_after_warmup"] == 0
-    table = proc.stdout[proc.stdout.index("measurement"):]
+    table = proc.stdout[proc.stdout.index("measurement") :]
     assert "latency 256²: opt-in quantize=fp8" in table and "quality: fp8 vs default" in table
     assert "start to ready: default, UI on" in table and "first requests after start" in table

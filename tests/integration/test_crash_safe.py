@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from common.supervisor_client import SupervisorClient
-from tests.helpers import wait_for
 from ops.tempstack import StackHome
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 OOM_LINE = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
@@ -23,12 +23,23 @@ OOM_LINE = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 G
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, receiver):
-    s = StackHome(tmp_path_factory.mktemp("crashsafe"), app={"fault_injection": True},
-                  # A warm-up of 8 steps at 512²: long enough (about a second) to be caught in the middle.
-                  monitor={"webhooks": receiver.url, "hang_stopped_s": 1.0, "drain_wait_s": 3,
-                           "warmup_size": 512, "warmup_steps": 8,
-                           "backoff_initial_s": 0.2, "backoff_max_s": 0.5, "restart_budget": 50,
-                           "webhook_backoff_s": 0.2, "webhook_backoff_max_s": 1})
+    s = StackHome(
+        tmp_path_factory.mktemp("crashsafe"),
+        app={"fault_injection": True},
+        # A warm-up of 8 steps at 512²: long enough (about a second) to be caught in the middle.
+        monitor={
+            "webhooks": receiver.url,
+            "hang_stopped_s": 1.0,
+            "drain_wait_s": 3,
+            "warmup_size": 512,
+            "warmup_steps": 8,
+            "backoff_initial_s": 0.2,
+            "backoff_max_s": 0.5,
+            "restart_budget": 50,
+            "webhook_backoff_s": 0.2,
+            "webhook_backoff_max_s": 1,
+        },
+    )
     try:
         s.up()
         yield s
@@ -59,11 +70,13 @@ def kill_monitor_when(stack, predicate, timeout: float = 60) -> str:
 
 def post_in_background(url: str, body: dict, timeout: float) -> threading.Thread:
     """A client whose request may end any way (the app it waits on is about to be killed)."""
+
     def run():
         try:
             httpx.post(url + "/api/generate", json=body, timeout=timeout)
         except httpx.HTTPError:
             pass
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
@@ -73,9 +86,12 @@ def slow_generation_in_flight(stack) -> threading.Thread:
     """A 12 s generation (0.3 s a step): a drain waits for it, so the stop lasts long enough to be caught."""
     admin = stack.admin_headers()
     httpx.post(stack.url + "/admin/fault", json={"kind": "slow", "seconds": 0.3}, headers=admin, timeout=5)
-    thread = post_in_background(stack.url, {"prompt": "in flight", "width": 128, "height": 128,
-                                            "num_inference_steps": 40}, 90)
-    wait_for(lambda: httpx.get(stack.url + "/healthz", timeout=2).json()["heartbeat"]["busy"], 10, 0.05, "busy")
+    thread = post_in_background(
+        stack.url, {"prompt": "in flight", "width": 128, "height": 128, "num_inference_steps": 40}, 90
+    )
+    wait_for(
+        lambda: httpx.get(stack.url + "/healthz", timeout=2).json()["heartbeat"]["busy"], 10, 0.05, "busy"
+    )
     return thread
 
 
@@ -94,29 +110,51 @@ def firing_recorded(j) -> bool:
 
 # Each point is inside the action: the journal names it (pending) and supervisord shows where it is.
 POINTS = {
-    "before_stop": lambda stack, old: lambda state, pid, j: (j.get("pending") and pid == old and state == "RUNNING"
-                                                             and firing_recorded(j)),
+    "before_stop": lambda stack, old: (
+        lambda state, pid, j: j.get("pending") and pid == old and state == "RUNNING" and firing_recorded(j)
+    ),
     "while_stopping": lambda stack, old: lambda state, pid, j: j.get("pending") and state == "STOPPING",
-    "after_stopped": lambda stack, old: lambda state, pid, j: j.get("pending") and state in ("STOPPED", "EXITED"),
+    "after_stopped": lambda stack, old: (
+        lambda state, pid, j: j.get("pending") and state in ("STOPPED", "EXITED")
+    ),
     "while_starting": lambda stack, old: lambda state, pid, j: j.get("pending") and state == "STARTING",
     # supervisord says STARTING for startsecs (10 s), longer than the tiny app needs to be ready: the
     # warm-up is when the new process answers /readyz while the action is still under way.
-    "during_warmup": lambda stack, old: lambda state, pid, j: (j.get("pending") and pid not in (0, old)
-                                                               and state in ("STARTING", "RUNNING") and stack.ready()),
+    "during_warmup": lambda stack, old: (
+        lambda state, pid, j: (
+            j.get("pending") and pid not in (0, old) and state in ("STARTING", "RUNNING") and stack.ready()
+        )
+    ),
 }
 
 
 def quiet(stack) -> None:
     """Ready, no incident, and supervisord past startsecs (RUNNING, not STARTING)."""
-    wait_for(lambda: stack.ready() and not journal(stack).get("incidents_open")
-             and "RUNNING" in stack.supervisorctl("status", "app").stdout, 60, 0.2, "a quiet stack")
+    wait_for(
+        lambda: (
+            stack.ready()
+            and not journal(stack).get("incidents_open")
+            and "RUNNING" in stack.supervisorctl("status", "app").stdout
+        ),
+        60,
+        0.2,
+        "a quiet stack",
+    )
 
 
-@pytest.mark.parametrize("action,point", [
-    ("restart", "before_stop"), ("restart", "while_stopping"), ("restart", "after_stopped"),
-    ("restart", "while_starting"), ("restart", "during_warmup"),
-    ("kill", "after_stopped"), ("kill", "while_starting"), ("kill", "during_warmup"),
-])
+@pytest.mark.parametrize(
+    "action,point",
+    [
+        ("restart", "before_stop"),
+        ("restart", "while_stopping"),
+        ("restart", "after_stopped"),
+        ("restart", "while_starting"),
+        ("restart", "during_warmup"),
+        ("kill", "after_stopped"),
+        ("kill", "while_starting"),
+        ("kill", "during_warmup"),
+    ],
+)
 def test_monitor_killed_mid_action_leaves_nothing_down_and_alerts_once(stack, receiver, action, point):
     quiet(stack)
     start, old, monitor_pid = len(receiver.requests), stack.pid(), stack.pid("monitor")
@@ -131,11 +169,21 @@ def test_monitor_killed_mid_action_leaves_nothing_down_and_alerts_once(stack, re
         kind = "hang"
     seen = kill_monitor_when(stack, POINTS[point](stack, old))
     killed_at = time.monotonic()
-    wait_for(lambda: stack.pid("monitor") not in (0, monitor_pid), 20, 0.1, "supervisord restarts the monitor")
+    wait_for(
+        lambda: stack.pid("monitor") not in (0, monitor_pid), 20, 0.1, "supervisord restarts the monitor"
+    )
     wait_for(lambda: stack.ready() and stack.pid() not in (0, old), 30, 0.1, "the app ready again")
     assert time.monotonic() - killed_at < 30, f"killed with the app {seen}"
-    wait_for(lambda: [r for r in receiver.requests[start:] if r["json"]["kind"] == kind
-                      and r["json"]["status"] == "resolved"], 60, 0.2, f"{kind} resolved")
+    wait_for(
+        lambda: [
+            r
+            for r in receiver.requests[start:]
+            if r["json"]["kind"] == kind and r["json"]["status"] == "resolved"
+        ],
+        60,
+        0.2,
+        f"{kind} resolved",
+    )
     time.sleep(1.5)  # a duplicate, if any, would come now
     one_firing_one_resolved(receiver, start, kind)
     assert journal(stack)["pending"] is None
@@ -151,10 +199,19 @@ def test_receiver_down_for_two_minutes_gets_both_alerts_after_once_in_order(stac
     time.sleep(1.5)  # the monitor reads the chaos file on its next tick
     old = stack.pid()
     os.kill(old, signal.SIGSTOP)
-    wait_for(lambda: stack.ready() and stack.pid() not in (0, old), 40, 0.2, "healed while the receiver is down")
-    wait_for(lambda: not journal(stack).get("incidents_open"), 30, 0.2, "incident resolved (not yet delivered)")
+    wait_for(
+        lambda: stack.ready() and stack.pid() not in (0, old), 40, 0.2, "healed while the receiver is down"
+    )
+    wait_for(
+        lambda: not journal(stack).get("incidents_open"), 30, 0.2, "incident resolved (not yet delivered)"
+    )
     assert receiver.requests[start:] == [] and len(journal(stack)["outbox"]) == 2
-    wait_for(lambda: len(receiver.requests[start:]) >= 2, down_until - time.time() + 30, 0.5, "alerts after the outage")
+    wait_for(
+        lambda: len(receiver.requests[start:]) >= 2,
+        down_until - time.time() + 30,
+        0.5,
+        "alerts after the outage",
+    )
     time.sleep(3)
     assert min(r["at"] for r in receiver.requests[start:]) >= down_until - 0.5
     one_firing_one_resolved(receiver, start, "hang")
@@ -167,7 +224,9 @@ def test_a_stall_on_a_warm_app_is_healed_within_20_s(stack, receiver):
     start, old = len(receiver.requests), stack.pid()
     admin = stack.admin_headers()
     httpx.post(stack.url + "/admin/fault", json={"kind": "slow", "seconds": 120}, headers=admin, timeout=5)
-    post_in_background(stack.url, {"prompt": "stuck", "width": 128, "height": 128, "num_inference_steps": 4}, 60)
+    post_in_background(
+        stack.url, {"prompt": "stuck", "width": 128, "height": 128, "num_inference_steps": 4}, 60
+    )
     stalled_at = time.monotonic()
     wait_for(lambda: stack.ready() and stack.pid() not in (0, old), 30, 0.1, "healed")
     healed_s = time.monotonic() - stalled_at
@@ -200,6 +259,14 @@ def test_an_app_left_stopped_by_a_dead_monitor_is_started(stack, receiver):
     assert stack.supervisorctl("stop", "app").returncode == 0
     os.kill(monitor_pid, signal.SIGKILL)
     wait_for(lambda: stack.ready(), 40, 0.2, "the app started again")
-    wait_for(lambda: [r for r in receiver.requests[start:] if r["json"]["kind"] == "app_down"
-                      and r["json"]["status"] == "resolved"], 60, 0.2, "app_down resolved")
+    wait_for(
+        lambda: [
+            r
+            for r in receiver.requests[start:]
+            if r["json"]["kind"] == "app_down" and r["json"]["status"] == "resolved"
+        ],
+        60,
+        0.2,
+        "app_down resolved",
+    )
     one_firing_one_resolved(receiver, start, "app_down")

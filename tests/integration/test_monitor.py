@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from monitor.alert_payloads import verify
-from tests.helpers import wait_for
 from ops.tempstack import StackHome
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 SECRET = "hook-secret-for-tests"
@@ -19,9 +19,17 @@ OOM_LINE = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, receiver):
     root = tmp_path_factory.mktemp("mon")
-    s = StackHome(root, app={"fault_injection": True},
-                  monitor={"webhooks": receiver.url, "webhook_secret": SECRET, "rss_limit_mb": 2500,
-                           "stall_floor_s": 4, "stall_factor": 8})
+    s = StackHome(
+        root,
+        app={"fault_injection": True},
+        monitor={
+            "webhooks": receiver.url,
+            "webhook_secret": SECRET,
+            "rss_limit_mb": 2500,
+            "stall_floor_s": 4,
+            "stall_factor": 8,
+        },
+    )
     # A stale OOM line from a previous life of the app: history, not news.
     (root / "logs" / "app.log").write_text("old run\n" + OOM_LINE)
     try:
@@ -37,8 +45,12 @@ def pairs(receiver, kind):
 
 
 def wait_resolved(receiver, kind, count=1, timeout=60):
-    return wait_for(lambda: len([a for a in receiver.alerts(kind) if a["status"] == "resolved"]) >= count,
-                    timeout, 0.2, f"{kind} resolved alert")
+    return wait_for(
+        lambda: len([a for a in receiver.alerts(kind) if a["status"] == "resolved"]) >= count,
+        timeout,
+        0.2,
+        f"{kind} resolved alert",
+    )
 
 
 def test_stale_oom_line_at_start_does_nothing(stack, receiver):
@@ -52,8 +64,9 @@ def test_sigstop_is_a_hang_killed_restarted_warmed_and_alerted(stack, receiver):
     old = stack.pid()
     stopped_at = time.monotonic()
     os.kill(old, signal.SIGSTOP)
-    firing = wait_for(lambda: [a for a in receiver.alerts("hang") if a["status"] == "firing"], 10, 0.1,
-                      "hang firing alert")
+    firing = wait_for(
+        lambda: [a for a in receiver.alerts("hang") if a["status"] == "firing"], 10, 0.1, "hang firing alert"
+    )
     detected_after = time.monotonic() - stopped_at
     assert detected_after < 10
     wait_resolved(receiver, "hang")
@@ -62,11 +75,16 @@ def test_sigstop_is_a_hang_killed_restarted_warmed_and_alerted(stack, receiver):
     assert restart["kind"] == "hang" and restart["action"] == "kill" and restart["ok"]
     assert "warm-up image" in restart["warmup"]
     # firing then resolved, one incident id, both signed with the shared secret
-    assert pairs(receiver, "hang") == [(firing[0]["incident_id"], "firing"), (firing[0]["incident_id"], "resolved")]
+    assert pairs(receiver, "hang") == [
+        (firing[0]["incident_id"], "firing"),
+        (firing[0]["incident_id"], "resolved"),
+    ]
     for r in receiver.requests:
         assert verify(r["body"], SECRET, r["headers"]["x-signature-256"])
     resolved = receiver.alerts("hang")[-1]
-    assert resolved["evidence"]["warmup"].startswith("ready after") and resolved["host"] and resolved["service"]
+    assert (
+        resolved["evidence"]["warmup"].startswith("ready after") and resolved["host"] and resolved["service"]
+    )
 
 
 def test_oom_line_appended_gives_one_restart_one_incident(stack, receiver):
@@ -88,8 +106,11 @@ def test_long_progressing_generation_is_not_restarted(stack, receiver):
     # 0.6 s per step against a 4 s stall floor: a 15 s generation that keeps stepping.
     httpx.post(stack.url + "/admin/fault", json={"kind": "slow", "seconds": 0.6}, headers=admin, timeout=5)
     try:
-        r = httpx.post(stack.url + "/api/generate", timeout=120,
-                       json={"prompt": "slow but fine", "width": 128, "height": 128, "num_inference_steps": 25})
+        r = httpx.post(
+            stack.url + "/api/generate",
+            timeout=120,
+            json={"prompt": "slow but fine", "width": 128, "height": 128, "num_inference_steps": 25},
+        )
     finally:
         httpx.post(stack.url + "/admin/fault", json={"kind": "clear"}, headers=admin, timeout=5)
     assert r.status_code == 200
@@ -100,7 +121,9 @@ def test_memory_limit_is_enforced_by_the_monitor(stack, receiver):
     before = len(stack.restarts())
     old = stack.pid()
     admin = stack.admin_headers()
-    r = httpx.post(stack.url + "/admin/fault", json={"kind": "leak", "megabytes": 2600}, headers=admin, timeout=30)
+    r = httpx.post(
+        stack.url + "/admin/fault", json={"kind": "leak", "megabytes": 2600}, headers=admin, timeout=30
+    )
     assert r.status_code == 200
     wait_resolved(receiver, "memory_limit", timeout=90)
     (restart,) = stack.restarts()[before:]
@@ -117,8 +140,12 @@ def test_unreachable_receiver_never_slows_healing(tmp_path):
         os.kill(old, signal.SIGSTOP)
         wait_for(lambda: s.pid() not in (0, old) and s.ready(), 40, 0.2, "healed")
         assert time.monotonic() - t0 < 30
-        wait_for(lambda: s.state().get("alerts", {}).get("failed_attempts", 0) >= 1, 60, 0.5,
-                 "delivery failure counted")
+        wait_for(
+            lambda: s.state().get("alerts", {}).get("failed_attempts", 0) >= 1,
+            60,
+            0.5,
+            "delivery failure counted",
+        )
         assert s.state()["alerts"]["outbox"] >= 1  # kept for when the receiver comes back
     finally:
         s.stop()
@@ -126,4 +153,5 @@ def test_unreachable_receiver_never_slows_healing(tmp_path):
 
 def _closed_port() -> int:
     from tests.helpers import free_port
+
     return free_port()

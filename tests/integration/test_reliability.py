@@ -16,8 +16,19 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    proc = AppProcess(tmp_path_factory.mktemp("rel"), queue_size=2, warmup_size=128, warmup_steps=1, min_size=64,
-                      api_token="load-test-api-token", fault_injection="true").start().wait_ready()
+    proc = (
+        AppProcess(
+            tmp_path_factory.mktemp("rel"),
+            queue_size=2,
+            warmup_size=128,
+            warmup_steps=1,
+            min_size=64,
+            api_token="load-test-api-token",
+            fault_injection="true",
+        )
+        .start()
+        .wait_ready()
+    )
     yield proc
     proc.stop()
 
@@ -38,34 +49,67 @@ def test_load_above_queue_size_is_served_or_refused_clearly(app):
     assert summary["ok"] + summary["rejected"] == summary["sent"]
 
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
-                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=50))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                                 st.dictionaries(st.text(max_size=8), inner,
-                                                                                 max_size=3)), max_leaves=8)
-FIELDS = ["prompt", "negative_prompt", "width", "height", "num_inference_steps", "cfg_scale", "num_images", "seed",
-          "response_format"]
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=50),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+FIELDS = [
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "num_inference_steps",
+    "cfg_scale",
+    "num_images",
+    "seed",
+    "response_format",
+]
 bodies = st.one_of(
     st.dictionaries(st.sampled_from(FIELDS + ["steps", "x"]), json_values, max_size=9),
-    st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=200)},
-                          optional={"width": st.integers(-10_000, 100_000), "height": st.integers(-10_000, 100_000),
-                                    "num_images": st.integers(-5, 50), "seed": st.integers(-2**40, 2**40),
-                                    "num_inference_steps": st.integers(-5, 500),
-                                    "cfg_scale": st.floats(allow_nan=True, allow_infinity=True)}),
+    st.fixed_dictionaries(
+        {"prompt": st.text(min_size=1, max_size=200)},
+        optional={
+            "width": st.integers(-10_000, 100_000),
+            "height": st.integers(-10_000, 100_000),
+            "num_images": st.integers(-5, 50),
+            "seed": st.integers(-(2**40), 2**40),
+            "num_inference_steps": st.integers(-5, 500),
+            "cfg_scale": st.floats(allow_nan=True, allow_infinity=True),
+        },
+    ),
     json_values,
 )
 
 
 def _post_json(app, data, headers=AUTH):
     raw = json.dumps(data, allow_nan=True).encode()
-    return httpx.post(app.url + "/api/generate", content=raw, timeout=60,
-                      headers={"content-type": "application/json", **headers})
+    return httpx.post(
+        app.url + "/api/generate",
+        content=raw,
+        timeout=60,
+        headers={"content-type": "application/json", **headers},
+    )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                    HealthCheck.too_slow])
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(body=bodies)
-@example(body={"prompt": "0", "cfg_scale": 1.0})  # (found by this test: guidance at ≤ 1 without a negative was a 500)
+@example(
+    body={"prompt": "0", "cfg_scale": 1.0}
+)  # (found by this test: guidance at ≤ 1 without a negative was a 500)
 def test_hostile_bodies_are_4xx_never_5xx(app, body):
     """A body the schema accepts may run (200); everything else is a 4xx with a reason, never a 5xx."""
     r = _post_json(app, body)
@@ -75,29 +119,60 @@ def test_hostile_bodies_are_4xx_never_5xx(app, body):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(raw=st.binary(max_size=300), ctype=st.sampled_from(["application/json", "text/plain",
-                                                           "application/x-www-form-urlencoded", ""]))
+@given(
+    raw=st.binary(max_size=300),
+    ctype=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", ""]),
+)
 def test_non_json_bodies_are_4xx(app, raw, ctype):
-    r = httpx.post(app.url + "/api/generate", content=raw, timeout=30, headers={"content-type": ctype, **AUTH})
+    r = httpx.post(
+        app.url + "/api/generate", content=raw, timeout=30, headers={"content-type": ctype, **AUTH}
+    )
     assert 400 <= r.status_code < 500 and r.json()["message"]
 
 
-@pytest.mark.parametrize("prompt", ["x" * 100_000, "\udcff".encode("utf-8", "surrogatepass").decode("latin-1"),
-                                    "😀" * 1000 + "中文" * 500, "\x00nul", "".join(string.printable) * 50])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "x" * 100_000,
+        "\udcff".encode("utf-8", "surrogatepass").decode("latin-1"),
+        "😀" * 1000 + "中文" * 500,
+        "\x00nul",
+        "".join(string.printable) * 50,
+    ],
+)
 def test_extreme_prompts(app, prompt):
-    r = _post_json(app, {"prompt": prompt, "width": 128, "height": 128, "num_inference_steps": 1,
-                         "response_format": "base64"})
+    r = _post_json(
+        app,
+        {
+            "prompt": prompt,
+            "width": 128,
+            "height": 128,
+            "num_inference_steps": 1,
+            "response_format": "base64",
+        },
+    )
     assert r.status_code in (200, 422), r.text[:300]
     assert r.status_code == 200 or r.json()["message"]
 
 
-@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer wrong"}, {"authorization": "Basic abc"},
-                                     {"authorization": "Bearer"}, {"authorization": "bearer load-test-api-tokenX"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": "Bearer wrong"},
+        {"authorization": "Basic abc"},
+        {"authorization": "Bearer"},
+        {"authorization": "bearer load-test-api-tokenX"},
+    ],
+)
 def test_wrong_or_missing_tokens_are_refused(app, headers):
     assert _post_json(app, {"prompt": "x"}, headers=headers).status_code == 401
     assert httpx.get(app.url + "/api/info", headers=headers, timeout=5).status_code == 401
-    for path, body in (("/admin/free-cache", {}), ("/admin/drain", {"enable": True}), ("/admin/fault",
-                                                                                      {"kind": "hang"})):
+    for path, body in (
+        ("/admin/free-cache", {}),
+        ("/admin/drain", {"enable": True}),
+        ("/admin/fault", {"kind": "hang"}),
+    ):
         r = httpx.post(app.url + path, json=body, headers=headers, timeout=5)
         assert r.status_code == 401 and r.json()["error"] == "unauthorized"
     assert httpx.get(app.url + "/readyz", timeout=5).json()["ready"]  # nothing was drained
@@ -105,11 +180,21 @@ def test_wrong_or_missing_tokens_are_refused(app, headers):
 
 def test_admin_endpoints_reject_bad_bodies(app):
     admin = {"authorization": f"Bearer {app.admin_token()}"}
-    for body in ([1], {"kind": "nope"}, {"kind": "leak", "megabytes": -1}, {"kind": "slow", "seconds": 1e9}, "x"):
+    for body in (
+        [1],
+        {"kind": "nope"},
+        {"kind": "leak", "megabytes": -1},
+        {"kind": "slow", "seconds": 1e9},
+        "x",
+    ):
         r = httpx.post(app.url + "/admin/fault", json=body, headers=admin, timeout=5)
         assert r.status_code == 422, (body, r.text)
-    r = httpx.post(app.url + "/admin/drain", content=b"\xff", headers={**admin, "content-type": "application/json"},
-                   timeout=5)
+    r = httpx.post(
+        app.url + "/admin/drain",
+        content=b"\xff",
+        headers={**admin, "content-type": "application/json"},
+        timeout=5,
+    )
     assert r.status_code in (400, 422) and r.json()["message"]  # undecodable bytes: 400, bad JSON: 422
 
 
@@ -139,7 +224,9 @@ def test_drill_every_fault_detected_and_recovered(tmp_path):
         assert row.signed, row
         assert "TIMEOUT" not in row.notes, row
     for row in rows:
-        if row.fault.startswith(("hang", "crash", "oom", "leak", "log-rotate", "receiver-down", "monitor killed")):
+        if row.fault.startswith(
+            ("hang", "crash", "oom", "leak", "log-rotate", "receiver-down", "monitor killed")
+        ):
             assert row.alerts == "1/1", row  # every incident: firing then resolved
             assert row.detection_s < 10 and row.recovered_s < 60, row
     stale = [row for row in rows if row.fault.startswith("stale line")]

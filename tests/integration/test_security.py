@@ -26,8 +26,13 @@ GENERATE_DATA = ["x", "", 256, 256, 2, 0, 42, False, 1]  # the UI's generate inp
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("security")
-    proc = AppProcess(tmp, api_token=TOKEN, gradio_temp_dir=tmp / "run" / "gradio", warmup_size=128,
-                      warmup_steps=1).start().wait_ready()
+    proc = (
+        AppProcess(
+            tmp, api_token=TOKEN, gradio_temp_dir=tmp / "run" / "gradio", warmup_size=128, warmup_steps=1
+        )
+        .start()
+        .wait_ready()
+    )
     yield proc
     proc.stop()
 
@@ -35,9 +40,15 @@ def app(tmp_path_factory):
 def test_gradio_api_refuses_without_the_token(app):
     call = httpx.post(app.url + "/gradio_api/call/generate", json={"data": GENERATE_DATA}, timeout=10)
     assert call.status_code == 401 and call.json()["error"] == "unauthorized"
-    for method, path in [("POST", "/gradio_api/queue/join"), ("GET", "/gradio_api/queue/data?session_hash=a"),
-                         ("GET", "/config"), ("GET", "/gradio_api/info"), ("POST", "/gradio_api/upload"),
-                         ("GET", "/"), ("GET", "/gradio_api/call/generate/abc")]:
+    for method, path in [
+        ("POST", "/gradio_api/queue/join"),
+        ("GET", "/gradio_api/queue/data?session_hash=a"),
+        ("GET", "/config"),
+        ("GET", "/gradio_api/info"),
+        ("POST", "/gradio_api/upload"),
+        ("GET", "/"),
+        ("GET", "/gradio_api/call/generate/abc"),
+    ]:
         r = httpx.request(method, app.url + path, timeout=10)
         assert r.status_code == 401, (method, path, r.status_code)
 
@@ -58,10 +69,15 @@ def test_outputs_are_not_a_gradio_file_path_and_copies_live_under_run(app):
     for ref in (str(outputs), f"outputs/{name}"):
         assert httpx.get(f"{app.url}/gradio_api/file={ref}", timeout=10).status_code == 401
         # Even with the token, Gradio's file route serves only its own copies, not outputs/.
-        assert httpx.get(f"{app.url}/gradio_api/file={ref}", headers=AUTH, timeout=10).status_code in (403, 404)
+        assert httpx.get(f"{app.url}/gradio_api/file={ref}", headers=AUTH, timeout=10).status_code in (
+            403,
+            404,
+        )
     assert httpx.get(app.url + r.json()["images"][0]["url"], headers=AUTH, timeout=10).status_code == 200
     # A UI generation: Gradio's copy is under run/gradio/port-N of the app's home, served with the token.
-    job = httpx.post(app.url + "/gradio_api/call/generate", json={"data": GENERATE_DATA}, headers=AUTH, timeout=10)
+    job = httpx.post(
+        app.url + "/gradio_api/call/generate", json={"data": GENERATE_DATA}, headers=AUTH, timeout=10
+    )
     event_id = job.json()["event_id"]
     stream = httpx.get(f"{app.url}/gradio_api/call/generate/{event_id}", headers=AUTH, timeout=60).text
     copy = re.search(r'"path": ?"([^"]+\.png)"', stream).group(1)
@@ -72,13 +88,23 @@ def test_outputs_are_not_a_gradio_file_path_and_copies_live_under_run(app):
     assert oct(cache.stat().st_mode & 0o777) == "0o700"
 
 
-def send_chunked(port: int, path: str, total: int, headers: str = "",
-                 content_type: str = "application/json", prefix: bytes = b"") -> tuple[int, float, bytes]:
+def send_chunked(
+    port: int,
+    path: str,
+    total: int,
+    headers: str = "",
+    content_type: str = "application/json",
+    prefix: bytes = b"",
+) -> tuple[int, float, bytes]:
     """POST `total` bytes with Transfer-Encoding: chunked (no Content-Length); returns (status, seconds,
     body) of the answer. The sender keeps writing while the answer is read, as a real client would."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                  f"Content-Type: {content_type}\r\n{headers}\r\n").encode())
+    sock.sendall(
+        (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            f"Content-Type: {content_type}\r\n{headers}\r\n"
+        ).encode()
+    )
     chunk = b"7" * 65536
 
     def write():
@@ -104,18 +130,28 @@ def send_chunked(port: int, path: str, total: int, headers: str = "",
     return int(head.split()[1]), time.monotonic() - started, body
 
 
-@pytest.mark.parametrize("path,mib,status", [
-    ("/api/generate", 2, 413), ("/api/generate", 64, 413), ("/gradio_api/upload", 64, 413), ("/login", 2, 413),
-    ("/nonexistent", 64, 404),  # a route that never reads its body answers without reading it
-])
+@pytest.mark.parametrize(
+    "path,mib,status",
+    [
+        ("/api/generate", 2, 413),
+        ("/api/generate", 64, 413),
+        ("/gradio_api/upload", 64, 413),
+        ("/login", 2, 413),
+        ("/nonexistent", 64, 404),  # a route that never reads its body answers without reading it
+    ],
+)
 def test_chunked_bodies_over_the_limit_are_refused_as_they_arrive(app, path, mib, status):
     rss_before = psutil.Process(app.proc.pid).memory_info().rss
     # An upload is multipart (Gradio refuses another type before reading); its limit is max_upload_mb (50).
     upload = "upload" in path
     kind = "multipart/form-data; boundary=zzz" if upload else "application/json"
-    part = b'--zzz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
-    answer, seconds, body = send_chunked(app.port, path, mib * 2**20, f"Authorization: Bearer {TOKEN}\r\n", kind,
-                                         part if upload else b"")
+    part = (
+        b'--zzz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n"
+    )
+    answer, seconds, body = send_chunked(
+        app.port, path, mib * 2**20, f"Authorization: Bearer {TOKEN}\r\n", kind, part if upload else b""
+    )
     assert answer == status and (status != 413 or b"body_too_large" in body), body
     assert seconds < 5
     grown = psutil.Process(app.proc.pid).memory_info().rss - rss_before
@@ -125,8 +161,10 @@ def test_chunked_bodies_over_the_limit_are_refused_as_they_arrive(app, path, mib
 
 def test_a_declared_length_over_the_limit_is_refused_before_the_body(app):
     sock = socket.create_connection(("127.0.0.1", app.port), timeout=10)
-    sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n"
-                 b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+    sock.sendall(
+        b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n"
+        b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
+    )
     answer = sock.recv(65536)  # no body was sent: the answer cannot have waited for it
     sock.close()
     assert answer.startswith(b"HTTP/1.1 413") and b"body_too_large" in answer
@@ -134,8 +172,12 @@ def test_a_declared_length_over_the_limit_is_refused_before_the_body(app):
 
 def test_a_body_under_the_limit_still_works_chunked(app):
     body = b'{"prompt": "chunked but small", "width": 256, "height": 256, "num_inference_steps": 1}'
-    r = httpx.post(app.url + "/api/generate", content=iter([body[:20], body[20:]]),
-                   headers={**AUTH, "content-type": "application/json"}, timeout=60)
+    r = httpx.post(
+        app.url + "/api/generate",
+        content=iter([body[:20], body[20:]]),
+        headers={**AUTH, "content-type": "application/json"},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
 
 

@@ -10,8 +10,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import wait_for
 from ops.tempstack import StackHome, wait_ready
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -46,8 +46,15 @@ def test_default_bind_is_loopback(stack):
 def test_app_log_and_rotation_settings_are_real(stack):
     assert '"event": "ready"' in stack.log("app")
     conf = (stack.home / "supervisor" / "app.conf").read_text()
-    for key in ("stdout_logfile_maxbytes=20MB", "stdout_logfile_backups=5", "stopasgroup=true",
-                "killasgroup=true", "stopsignal=TERM", "startsecs=10", "startretries=3"):
+    for key in (
+        "stdout_logfile_maxbytes=20MB",
+        "stdout_logfile_backups=5",
+        "stopasgroup=true",
+        "killasgroup=true",
+        "stopsignal=TERM",
+        "startsecs=10",
+        "startretries=3",
+    ):
         assert key in conf
 
 
@@ -88,7 +95,9 @@ def test_down_leaves_no_process_behind(tmp_path):
         result = s.ctl("down")
         assert result.returncode == 0, result.stdout
         assert time.monotonic() - started < 60
-        alive = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [
+            p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
         assert alive == []
         assert not (s.home / "run" / "supervisor.sock").exists()
     finally:

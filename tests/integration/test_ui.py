@@ -14,15 +14,25 @@ from tests.helpers import REPO, AppProcess
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TOKEN = "ui-test-token-5f1c"
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui")
-    proc = AppProcess(tmp, api_token=TOKEN, gradio_temp_dir=tmp / "gradio", warmup_size=128,
-                      warmup_steps=1).start().wait_ready()
+    proc = (
+        AppProcess(tmp, api_token=TOKEN, gradio_temp_dir=tmp / "gradio", warmup_size=128, warmup_steps=1)
+        .start()
+        .wait_ready()
+    )
     yield proc
     proc.stop()
 
@@ -60,7 +70,9 @@ def test_the_ui_needs_a_login_and_a_wrong_token_is_told(app, browser):
 def test_generate_in_the_browser(app, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     problems = []
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on(
+        "console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None
+    )
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.on("response", lambda r: problems.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None)
     log_in(page, app.url)
@@ -74,7 +86,9 @@ def test_generate_in_the_browser(app, browser, tmp_path):
     page.click("#generate-btn")
     page.wait_for_selector("#gallery img", timeout=60000)
     page.wait_for_function("document.querySelector('#gallery img').naturalWidth > 0")
-    sizes = page.eval_on_selector_all("#gallery img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+    sizes = page.eval_on_selector_all(
+        "#gallery img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])"
+    )
     assert sizes == [[1024, 576]]
     info = page.inner_text("#generation-info")
     assert "1024×576" in info and "Seed" in info and "denoise" in info  # the stage split is shown

@@ -1,10 +1,19 @@
 import json
 
-from monitor.alert_payloads import alertmanager_payload, generic_payload, render, sign, verify, slack_payload
+from monitor.alert_payloads import alertmanager_payload, generic_payload, render, sign, slack_payload, verify
 from monitor.config import WebhookTarget
 
-INCIDENT = {"id": "inc-1", "kind": "hang", "severity": "critical", "reason": "stopped", "started_at": 1_800_000_000,
-            "resolved_at": None, "count": 2, "actions": ["kill"], "evidence": {"pid": 5}}
+INCIDENT = {
+    "id": "inc-1",
+    "kind": "hang",
+    "severity": "critical",
+    "reason": "stopped",
+    "started_at": 1_800_000_000,
+    "resolved_at": None,
+    "count": 2,
+    "actions": ["kill"],
+    "evidence": {"pid": 5},
+}
 
 
 def test_generic_payload_has_the_fields_on_call_needs():
@@ -27,12 +36,16 @@ def test_slack_and_alertmanager_formats():
 
 
 def test_pagerduty_events_v2_trigger_and_resolve_share_the_dedup_key():
-    target = WebhookTarget(url="https://events.pagerduty.com/v2/enqueue", format="pagerduty", routing_key="R0UT1NG")
+    target = WebhookTarget(
+        url="https://events.pagerduty.com/v2/enqueue", format="pagerduty", routing_key="R0UT1NG"
+    )
     trigger = render(target, generic_payload(INCIDENT, "firing", "kill", "zimage-serve", "gpu-01"))
     assert trigger["event_action"] == "trigger" and trigger["routing_key"] == "R0UT1NG"
     assert trigger["dedup_key"] == "inc-1"
     payload = trigger["payload"]
-    assert payload["severity"] == "critical" and payload["source"] == "gpu-01" and "hang" in payload["summary"]
+    assert (
+        payload["severity"] == "critical" and payload["source"] == "gpu-01" and "hang" in payload["summary"]
+    )
     resolved = {**INCIDENT, "resolved_at": 1_800_000_100}
     resolve = render(target, generic_payload(resolved, "resolved", None, "zimage-serve", "gpu-01"))
     assert resolve == {"routing_key": "R0UT1NG", "dedup_key": "inc-1", "event_action": "resolve"}

@@ -7,8 +7,14 @@ from monitor.config import WebhookTarget
 from tests.monitor.factories import cfg, oom_event, sample
 
 T0 = 1_000_000.0  # the factory's wall clock is T0 + sample.now
-C = cfg(webhooks=[WebhookTarget(url="http://127.0.0.1:1/hook")], resolve_quiet_samples=2, restart_budget=2,
-        backoff_initial_s=0, hang_stopped_s=5, down_after_s=3)
+C = cfg(
+    webhooks=[WebhookTarget(url="http://127.0.0.1:1/hook")],
+    resolve_quiet_samples=2,
+    restart_budget=2,
+    backoff_initial_s=0,
+    hang_stopped_s=5,
+    down_after_s=3,
+)
 
 
 class Run:
@@ -31,8 +37,18 @@ class Run:
         return self.feed(core.Observe(s, maintenance), T0 + s.now)
 
     def done(self, at, ok=True, action="kill"):
-        return self.feed(core.ActionDone(action, ok, 2.0, warmup_ok=ok, warmup_note="ready" if ok else "no image",
-                                         old_pid=100, new_pid=200), T0 + at)
+        return self.feed(
+            core.ActionDone(
+                action,
+                ok,
+                2.0,
+                warmup_ok=ok,
+                warmup_note="ready" if ok else "no image",
+                old_pid=100,
+                new_pid=200,
+            ),
+            T0 + at,
+        )
 
     def alerts(self):
         return [(i.incident["kind"], i.status) for i in self.state.outbox]
@@ -157,7 +173,9 @@ def test_a_line_from_an_earlier_process_is_history():
 
 
 def test_outbox_keeps_order_until_delivered_and_drops_on_delivery():
-    run = Run(c=C.model_copy(update=dict(webhooks=[WebhookTarget(url="http://a/"), WebhookTarget(url="http://b/")])))
+    run = Run(
+        c=C.model_copy(update=dict(webhooks=[WebhookTarget(url="http://a/"), WebhookTarget(url="http://b/")]))
+    )
     for t in range(6):
         run.observe(sample(t, status="stopped"))
     run.done(7)

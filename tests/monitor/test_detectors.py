@@ -1,5 +1,13 @@
-from monitor.detectors import (detect_all, detect_crash_loop, detect_engine_unhealthy, detect_hang,
-                               detect_memory, detect_not_running, detect_oom_in_log, detect_vram_pressure)
+from monitor.detectors import (
+    detect_all,
+    detect_crash_loop,
+    detect_engine_unhealthy,
+    detect_hang,
+    detect_memory,
+    detect_not_running,
+    detect_oom_in_log,
+    detect_vram_pressure,
+)
 from tests.monitor.factories import GiB, cfg, oom_event, sample
 
 C = cfg()
@@ -68,8 +76,12 @@ def test_a_warm_stage_silent_past_its_bound_is_a_stall_within_ten_seconds():
     assert detect_hang([sample(0, busy=True, last_step_ago=45, step_max=5.0)], c) is None
     assert detect_hang([sample(0, busy=True, last_step_ago=55, step_max=5.0)], c) is not None
     # the decode of that shape, slowest 8 s: 80 s, whatever the steps took
-    assert detect_hang([sample(0, busy=True, last_step_ago=70, step_max=0.1, stage="decode",
-                              stage_slowest=8.0)], c) is None
+    assert (
+        detect_hang(
+            [sample(0, busy=True, last_step_ago=70, step_max=0.1, stage="decode", stage_slowest=8.0)], c
+        )
+        is None
+    )
 
 
 def test_before_the_warm_up_or_without_a_time_for_the_stage_the_floor_applies():
@@ -136,7 +148,9 @@ def test_rss_limit_and_leak():
 def test_crash_loop():
     c = cfg(crash_loop_count=3, crash_loop_window_s=60)
     w = 1_000_000.0  # unexpected restarts are epoch seconds (the factory's wall = 1e6 + now)
-    assert detect_crash_loop([w + 10, w + 19], sample(30), c) is None  # older than crash_report_s, under the count
+    assert (
+        detect_crash_loop([w + 10, w + 19], sample(30), c) is None
+    )  # older than crash_report_s, under the count
     single = detect_crash_loop([w + 25], sample(30), c)
     assert single.kind == "crash" and single.action == "alert"
     assert detect_crash_loop([w + 10, w + 20, w + 25], sample(30), c).kind == "crash_loop"
@@ -171,8 +185,10 @@ def test_detect_all_orders_by_severity():
 
 def test_memory_rising_while_the_app_loads_is_not_a_precursor():
     c = cfg(vram_threshold=0.9, vram_samples=3, vram_trend_window_s=20, vram_trend_horizon_s=60)
-    loading = [sample(t, ready=False, gpu_used=int((0.1 + 0.02 * t) * 80 * GiB), gpu_total=80 * GiB)
-               for t in range(21)]
+    loading = [
+        sample(t, ready=False, gpu_used=int((0.1 + 0.02 * t) * 80 * GiB), gpu_total=80 * GiB)
+        for t in range(21)
+    ]
     assert detect_vram_pressure(loading, c) is None
 
 

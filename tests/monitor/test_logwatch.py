@@ -80,8 +80,10 @@ def test_a_kept_position_resumes_without_repeating(tmp_path):
 
 
 def json_line(pid: int, msg: str = "request") -> bytes:
-    return ('{"ts": "2026-11-30T12:00:00.000Z", "level": "info", "service": "app", "pid": %d, "msg": "%s"}\n'
-            % (pid, msg)).encode()
+    return (
+        '{"ts": "2026-11-30T12:00:00.000Z", "level": "info", "service": "app", "pid": %d, "msg": "%s"}\n'
+        % (pid, msg)
+    ).encode()
 
 
 def test_every_line_is_attributed_to_the_process_that_wrote_it(tmp_path):

@@ -2,12 +2,19 @@ from monitor.detectors import Finding
 from monitor.policy import PolicyState, backoff_seconds, decide, record, reset_circuit
 from tests.monitor.factories import cfg
 
-C = cfg(restart_budget=3, restart_budget_window_s=600, backoff_initial_s=10, backoff_max_s=60,
-        vram_escalate_after_s=30)
+C = cfg(
+    restart_budget=3,
+    restart_budget_window_s=600,
+    backoff_initial_s=10,
+    backoff_max_s=60,
+    vram_escalate_after_s=30,
+)
 
 
 def finding(kind="hang", action="kill", **evidence):
-    return Finding(kind=kind, severity="critical", reason=f"{kind} happened", action=action, evidence=evidence)
+    return Finding(
+        kind=kind, severity="critical", reason=f"{kind} happened", action=action, evidence=evidence
+    )
 
 
 def test_healthy_means_no_action():
@@ -85,7 +92,9 @@ def test_neighbour_growth_is_not_blamed_on_the_app():
     d = decide([first], state, 0, C)
     record(d, state, 0)
     assert d.action == "free_cache"
-    later = finding("vram_pressure", "free_cache", app_bytes=26, used_bytes=45)  # app still > half, not growing
+    later = finding(
+        "vram_pressure", "free_cache", app_bytes=26, used_bytes=45
+    )  # app still > half, not growing
     assert decide([later], state, 40, C).action == "alert"
     growing = finding("vram_pressure", "free_cache", app_bytes=34, used_bytes=45)  # the app itself grew
     assert decide([growing], state, 40, C).action == "restart"
