@@ -29,7 +29,11 @@ from monitor.config import WebhookTarget
 from monitor.core import Delivered, OutboxItem
 
 log = logging.getLogger("monitor.alerts")
-PERMANENT = lambda status: 400 <= status < 500 and status not in (408, 429)  # noqa: E731
+
+
+def permanent(status: int) -> bool:
+    """A refusal that retrying will not change (408 and 429 ask for a retry)."""
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 class Courier:
@@ -173,7 +177,7 @@ class Courier:
         if response.status_code < 300:
             self.delivered += 1
             return "delivered", ""
-        if PERMANENT(response.status_code):
+        if permanent(response.status_code):
             return "rejected", f"HTTP {response.status_code}"  # retrying will not change its mind
         return None, f"HTTP {response.status_code}"
 
