@@ -37,13 +37,8 @@ class Monitor:
         stop: Optional[threading.Event] = None,
         wall: Callable[[], float] = time.time,
     ):
-        self.cfg, self.probes, self.actions, self.journal, self.metrics = (
-            cfg,
-            probes,
-            actions,
-            journal,
-            metrics,
-        )
+        self.cfg, self.probes, self.actions = cfg, probes, actions
+        self.journal, self.metrics = journal, metrics
         self.state = state if state is not None else journal.load()
         self.events: "queue.Queue[core.Event]" = queue.Queue()
         self.stop = stop or threading.Event()
