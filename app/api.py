@@ -4,7 +4,6 @@ Every failure is JSON {error, message, hint?, request_id?} with a 4xx/5xx status
 are 422 with one readable sentence per problem, never a stack trace.
 """
 
-import hmac
 import logging
 import os
 import re
@@ -20,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__, errors
-from app.auth import TokenGate, session_value
+from app.auth import TokenGate, bearer_token, session_value, tokens_match
 from app.bodylimit import BodyLimit, BodyTooLarge
 from app.config import AppSettings
 from app.engine import Engine
@@ -240,15 +239,8 @@ def create_app(
 
     # ---- auth: api_token is checked by app.auth.TokenGate in front of every route; the admin
     # routes (the monitor's levers) check the admin token here ---------------------------------
-    def _token_ok(supplied: str, expected: str) -> bool:
-        return hmac.compare_digest(supplied.encode(), expected.encode())
-
-    def _bearer(request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        return header[7:].strip() if header.lower().startswith("bearer ") else ""
-
     def require_admin_token(request: Request) -> None:
-        if not _token_ok(_bearer(request), admin_token):
+        if not tokens_match(bearer_token(request.headers.get("authorization", "")), admin_token):
             raise StarletteHTTPException(
                 401, "missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"}
             )
@@ -306,7 +298,7 @@ def create_app(
         """Generate 1–4 images. Defaults follow the Turbo model card: 1024×1024, 9 steps, cfg 0."""
         # The monitor's warm-up check carries the admin token and goes ahead of user traffic.
         priority_token = request.headers.get("x-admin-token", "")
-        priority = bool(priority_token) and _token_ok(priority_token, admin_token)
+        priority = bool(priority_token) and tokens_match(priority_token, admin_token)
         return await service.generate(body, request.state.request_id, priority=priority)
 
     @app.get("/api/info", tags=["api"])

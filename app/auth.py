@@ -37,8 +37,14 @@ def session_value(api_token: str) -> str:
     return hmac.new(api_token.encode(), b"zimage-serve ui session v1", hashlib.sha256).hexdigest()
 
 
-def _same(supplied: str, expected: str) -> bool:
+def tokens_match(supplied: str, expected: str) -> bool:
+    """Constant-time comparison: the time taken says nothing about how much of a guess was right."""
     return hmac.compare_digest(supplied.encode(), expected.encode())
+
+
+def bearer_token(authorization: str) -> str:
+    """The token of an `Authorization: Bearer <token>` header value; "" for anything else."""
+    return authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
 
 
 def _headers(scope) -> dict[str, str]:
@@ -75,10 +81,9 @@ class TokenGate:
         self.secure_cookie = secure_cookie
 
     def authorized(self, headers: dict[str, str]) -> bool:
-        auth = headers.get("authorization", "")
-        if auth.lower().startswith("bearer ") and _same(auth[7:].strip(), self.api_token):
+        if tokens_match(bearer_token(headers.get("authorization", "")), self.api_token):
             return True
-        return _same(_cookie(headers.get("cookie", ""), COOKIE), self.session)
+        return tokens_match(_cookie(headers.get("cookie", ""), COOKIE), self.session)
 
     async def __call__(self, scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -145,7 +150,7 @@ class TokenGate:
                 break
         form = parse_qs(raw.decode("utf-8", "replace"))
         next_path = safe_next(form.get("next", ["/"])[0])
-        if _same(form.get("token", [""])[0].strip(), self.api_token):
+        if tokens_match(form.get("token", [""])[0].strip(), self.api_token):
             log.info("ui login", extra={"event": "login", "ok": True})
             await _respond(
                 send,

@@ -46,7 +46,6 @@ class Monitor:
         self.wall = wall
         self.courier: Optional[Courier] = None
         self.started_at = wall()
-        self.last_action: Optional[ActionResult] = None
 
     # ---- what other threads may call -------------------------------------------------------------
     def post(self, event: core.Event) -> None:
@@ -133,7 +132,6 @@ class Monitor:
                 extra={"event": "action_interrupted", "action": action, "kind": effect.kind},
             )
             return
-        self.last_action = result
         self.metrics.actions.labels(action=action, ok=str(result.ok).lower()).inc()
         warm = result.warmup
         restarting = action != "free_cache"
