@@ -25,12 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     from common.jsonlog import setup_logging
 
     setup_logging("app", settings.log_level, secrets=[settings.api_token or "", settings.admin_token or ""])
-    from app.loader import start_weight_prefetch
+    from app.runtime.loader import start_weight_prefetch
 
     # The weights start streaming to the GPU now, under the imports below (docs/PERFORMANCE.md).
     start_weight_prefetch(settings)
-    from app.api import create_app
-    from app.server import serve
+    from app.web.api import create_app
+    from app.web.server import serve
 
     log = logging.getLogger("app")
     log.info(

@@ -37,7 +37,7 @@ class AppSettings(BaseModel):
     compile_mode: str = "default"
     # How the transformer blocks are compiled. aot: exported once and compiled by AOTInductor into
     # packages under compile_cache_dir, which later starts load without tracing anything (the
-    # start-up time; app/aot.py); jit: torch.compile, re-traced by dynamo at every start. aot
+    # start-up time; app/runtime/aot.py); jit: torch.compile, re-traced by dynamo at every start. aot
     # falls back to jit where it cannot serve (a failed export, offload = "model").
     compile_backend: Literal["aot", "jit"] = "aot"
     # Shape handling of the compiled graphs. on: dynamic from the start, so the warm-up's graphs
@@ -51,17 +51,17 @@ class AppSettings(BaseModel):
     # decoder (100 → 47 ms at 1024²) pays; the text encoder does not (no reliable gain, +10–20 s of warm-up).
     compile_text_encoder: bool = False
     # The text encoder replayed from a CUDA graph per batch size (GPU, nothing offloaded): a new
-    # prompt's encoding is launch-bound, ~45 ms of wall time for ~15 ms of kernels (app/encoder_graph.py).
+    # prompt's encoding is launch-bound: more wall time than kernels (app/runtime/encoder_graph.py).
     text_encoder_graph: bool = True
     compile_vae: bool = True
     # Lossy, opt-in: FP8 (e4m3, per-row scales) linear layers in the transformer blocks; Hopper/Ada only
-    # for speed (elsewhere it runs, emulated and slow). See app/fp8.py and the quality figure.
+    # for speed (elsewhere it runs, emulated and slow). See app/runtime/fp8.py and the quality figure.
     quantize: Literal["none", "fp8"] = "none"
     # Lossy, opt-in: denoising steps at which the 30 main transformer layers do not run and the
-    # residual they added at the step before is reused (app/stepcache.py; each saves ~10 % of a
+    # residual they added at the step before is reused (app/runtime/stepcache.py; each saves ~10 % of a
     # 9-step image). 0: off. Never the first two steps, never the last, never two in a row.
     step_cache_skips: int = Field(0, ge=0, le=8)
-    # Read transformer and text encoder with app/fastload.py (large reads, pinned buffers, straight
+    # Read transformer and text encoder with app/runtime/fastload.py (large reads, pinned buffers, straight
     # to the GPU, both at once) when nothing is offloaded; off: diffusers' from_pretrained for all.
     fast_load: bool = True
     compile_cache_dir: Path = Path("run/compile-cache")

@@ -8,7 +8,7 @@ Each load runs with faulthandler on, so a native crash leaves the Python stack o
 output; `--after-imports` imports diffusers and transformers first, as the app does. Exit status 1
 when any load died or failed. Loading runs the package's native code, which is why each gets its
 own process here: a crash ends that child, not the check. A start does the same for each package it
-has just compiled (app/aot_verify.py), so this is for a cache made elsewhere or before that check.
+has just compiled (app/runtime/aot_verify.py), so this is for a cache made elsewhere or before that check.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from app.aot_verify import load_in_child
+from app.runtime.aot_verify import load_in_child
 
 
 def packages(cache: Path) -> list[Path]:

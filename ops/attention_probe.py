@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from app.fp8 import FP8, FP8_MAX, quantize_rows
+from app.runtime.fp8 import FP8, FP8_MAX, quantize_rows
 
 _LOG2E = 1.4426950408889634
 
@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, S, H, D) → (float8 (B, S, H, D), fp32 scales (B, S, H)) with x ≈ values · scales:
-    app/fp8.py's per-row quantization, a row being one token's head."""
+    app/runtime/fp8.py's per-row quantization, a row being one token's head."""
     values, scale = quantize_rows(x)
     return values, scale.squeeze(-1)
 

@@ -385,7 +385,7 @@ def main(argv=None) -> int:
             return
         from safetensors.torch import load_file as safetensors_load
 
-        from app import fastload
+        from app.runtime import fastload
 
         path = max(Path(args.model_dir, "transformer").glob("*.safetensors"), key=lambda p: p.stat().st_size)
         row = {"event": "loadspeed", "file_gb": round(path.stat().st_size / 1e9, 2)}

@@ -57,10 +57,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from app import fp8, stepcache
     from app.config import load_settings
-    from app.loader import load_pipeline
-    from app.stages import PromptEmbeddingCache, decode_to_pil, encode
+    from app.runtime import fp8, stepcache
+    from app.runtime.loader import load_pipeline
+    from app.runtime.stages import PromptEmbeddingCache, decode_to_pil, encode
 
     # The app's own config (model, device, dtype, offload), from the default path: no lossy option on
     # (this tool adds them one by one), nothing compiled, no warm-up.

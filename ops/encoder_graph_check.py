@@ -1,4 +1,4 @@
-"""The text encoder's CUDA graphs (app/encoder_graph.py) against its eager forward on a GPU: the
+"""The text encoder's CUDA graphs (app/runtime/encoder_graph.py) against its eager forward on a GPU: the
 embeddings diffusers' encode_prompt returns must be identical, for one prompt and for two at once,
 a kept result must survive later replays, and the times are printed side by side.
 
@@ -28,9 +28,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from app import encoder_graph
     from app.config import load_settings
-    from app.loader import load_pipeline
+    from app.runtime import encoder_graph
+    from app.runtime.loader import load_pipeline
 
     pipe = load_pipeline(load_settings(env={}, model_dir=args.model_dir, compile="off")).pipe
     graphed = pipe.text_encoder.forward

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         "--compile", default="auto", help="app.compile (off: a first start without building packages)"
     )
     parser.add_argument("--bigshape-steps", type=int, default=25)
-    parser.add_argument("--ui", default="true", help="app.ui (false: no gradio needed on the machine)")
+    parser.add_argument("--ui", default="true", help="app.web.ui (false: no gradio needed on the machine)")
     args = parser.parse_args(argv)
     phases = set(args.phases.split(","))
     Path(args.out).mkdir(

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from app.config import load_settings
-    from app.loader import load_pipeline
+    from app.runtime.loader import load_pipeline
 
     extra = dict(item.split("=", 1) for item in args.settings)
     loaded = load_pipeline(

@@ -1,4 +1,4 @@
-"""The AOT path (compile_backend = "aot", app/aot.py) on the CPU: the same torch.export and
+"""The AOT path (compile_backend = "aot", app/runtime/aot.py) on the CPU: the same torch.export and
 AOTInductor packaging the GPU runs, through the engine as it serves. Checked: the same pictures as
 eager for every kind of request (one image, a 2-image request, a merged batch whose prompts differ
 in length, other sizes); nothing compiles at the warm-up or in requests; a second start only loads
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from app import aot, aot_verify
-from app.engine import GenerationParams
+from app.runtime import aot, aot_verify
+from app.runtime.engine import GenerationParams
 from tests.app.test_compile import LONG, image, psnr
 from tests.app.test_engine import make_engine
 
@@ -326,7 +326,7 @@ def test_a_process_that_exits_normally_mid_load_leaves_no_crash_evidence(tmp_pat
 
     script = f"""
 import threading, time, torch, pathlib
-from app import aot, aot_verify
+from app.runtime import aot, aot_verify
 loading = threading.Event()
 def load(*args, **kwargs):  # a load that is still running when the process exits
     loading.set()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.fx.experimental._config
 
-from app.engine import GenerationParams
+from app.runtime.engine import GenerationParams
 from tests.app.test_engine import make_engine
 
 LONG = "a red fox in fresh snow under a pale winter sky, 35mm photograph, " * 4

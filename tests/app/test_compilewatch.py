@@ -3,8 +3,8 @@ rule that a step with a compile in it is progress but not a step time."""
 
 import torch
 
-from app.compilewatch import CompileWatch, compile_watch
-from app.engine import Heartbeat
+from app.runtime.compilewatch import CompileWatch, compile_watch
+from app.runtime.engine import Heartbeat
 
 
 def test_watch_counts_real_compiles_and_their_time():

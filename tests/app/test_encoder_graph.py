@@ -1,4 +1,4 @@
-"""The text encoder's CUDA-graph path (app/encoder_graph.py) on the parts a CPU can check: the 4-D
+"""The text encoder's CUDA-graph path (app/runtime/encoder_graph.py) on the parts a CPU can check: the 4-D
 causal-and-padding mask it feeds the encoder gives the same embeddings as the 2-D padding mask
 diffusers passes (the graph's correctness rests on this), and the loader installs graphs only where
 they can work. The capture and replay themselves run on the GPU (ops/bench, docs/PERFORMANCE.md)."""
@@ -6,11 +6,11 @@ they can work. The capture and replay themselves run on the GPU (ops/bench, docs
 import pytest
 import torch
 
-from app import encoder_graph
 from app.config import load_settings
-from app.encoder_graph import causal_padding_mask
-from app.loader import _graph_text_encoder
-from app.tiny import build_tiny_pipeline
+from app.runtime import encoder_graph
+from app.runtime.encoder_graph import causal_padding_mask
+from app.runtime.loader import _graph_text_encoder
+from app.runtime.tiny import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import pytest
 
 from app import errors
 from app.config import load_settings
-from app.engine import Engine, GenerationParams
-from app.faults import FaultInjector
+from app.runtime.engine import Engine, GenerationParams
+from app.runtime.faults import FaultInjector
 from tests.helpers import wait_for
 
 

@@ -9,11 +9,11 @@ import torch
 from diffusers import ZImageTransformer2DModel
 from transformers import Qwen3Model
 
-from app import fastload
 from app.config import load_settings
-from app.loader import load_pipeline
-from app.stages import BatchRequest, PromptEmbeddingCache, run_batch
-from app.tiny import build_tiny_pipeline
+from app.runtime import fastload
+from app.runtime.loader import load_pipeline
+from app.runtime.stages import BatchRequest, PromptEmbeddingCache, run_batch
+from app.runtime.tiny import build_tiny_pipeline
 
 CPU = torch.device("cpu")
 

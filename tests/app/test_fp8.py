@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.fp8 import FP8, Float8Linear, quantize_rows, quantize_transformer
-from app.stages import BatchRequest, PromptEmbeddingCache, run_batch
-from app.tiny import build_tiny_pipeline
+from app.runtime.fp8 import FP8, Float8Linear, quantize_rows, quantize_transformer
+from app.runtime.stages import BatchRequest, PromptEmbeddingCache, run_batch
+from app.runtime.tiny import build_tiny_pipeline
 
 
 def relative_error(a, b):

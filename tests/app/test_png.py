@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.png import encode_png, parallel_zlib
+from app.web.png import encode_png, parallel_zlib
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (7, 5, 3), (576, 1024, 3), (300, 200, 4)])

@@ -1,6 +1,6 @@
 """The heartbeat writer: stage times per shape, the estimate for a new shape, and what /healthz says."""
 
-from app.progress import Heartbeat, estimate_slowest
+from app.runtime.progress import Heartbeat, estimate_slowest
 from common.heartbeat import Heartbeat as Model
 
 

@@ -2,7 +2,7 @@
 
 import os
 
-from app.retention import prune_older_than, reset_dir, stage
+from app.web.retention import prune_older_than, reset_dir, stage
 
 
 def make(path, age_s, now, size=10):

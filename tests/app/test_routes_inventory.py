@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.routing import Mount, Route, WebSocketRoute
 
-from app.api import create_app
-from app.auth import COOKIE, PUBLIC_PATHS, session_value
 from app.config import load_settings
+from app.web.api import create_app
+from app.web.auth import COOKIE, PUBLIC_PATHS, session_value
 
 TOKEN = "inventory-test-token-0123456789"
 # Public without the api token, and why. Everything else must refuse.

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from app.schemas import Limits, build_request_model
+from app.web.schemas import Limits, build_request_model
 
 Model = build_request_model(
     Limits(min_size=256, max_size=2048, max_steps=50, max_images=4, max_prompt_chars=100)

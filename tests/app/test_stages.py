@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.stages import BatchRequest, PromptEmbeddingCache, run_batch
-from app.tiny import build_tiny_pipeline
+from app.runtime.stages import BatchRequest, PromptEmbeddingCache, run_batch
+from app.runtime.tiny import build_tiny_pipeline
 
 CPU = torch.device("cpu")
 
@@ -53,7 +53,7 @@ def test_same_pixels_as_the_pipelines_own_call(pipe, cfg, prompts):
         if len(prompts) == 1:
             assert np.array_equal(a, b)  # one image: the same bytes
         else:
-            # We decode a batch one image at a time (app/stages.py), the pipeline all at once: the
+            # We decode a batch one image at a time (app/runtime/stages.py), the pipeline all at once: the
             # convolutions round differently in the last float bit, a few pixels by one level.
             assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.001
     assert set(stages) == {"encode_s", "denoise_s", "decode_s"} and all(v >= 0 for v in stages.values())

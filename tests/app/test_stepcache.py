@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from app.stepcache import StepCache, install, skipped_steps
+from app.runtime.stepcache import StepCache, install, skipped_steps
 
 
 def test_the_plan_keeps_the_first_two_and_the_last_step_and_never_skips_twice_in_a_row():

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from app.auth import session_value
+from app.web.auth import session_value
 from tests.helpers import AppProcess
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ import gradio as gr  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from app import errors  # noqa: E402
-from app.retention import prune_older_than, reset_dir, stage  # noqa: E402
-from app.schemas import SIZE_STEP, TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS  # noqa: E402
-from app.sysinfo import live_info, model_info  # noqa: E402
+from app.web.retention import prune_older_than, reset_dir, stage  # noqa: E402
+from app.web.schemas import SIZE_STEP, TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS  # noqa: E402
+from app.web.sysinfo import live_info, model_info  # noqa: E402
 
 PRESETS = [
     ("512²", 512, 512),
@@ -80,7 +80,7 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
         try:
             req = service.validate(data)
         except ValidationError as exc:
-            from app.api import validation_message
+            from app.web.api import validation_message
 
             raise gr.Error(validation_message(exc), title="Please check the settings")
         try:
@@ -259,12 +259,12 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
 
 
 def mount_ui(app, service, gpu_reader):
-    """Mount the UI at /. GRADIO_TEMP_DIR must already name settings.gradio_cache_dir (app.api sets
+    """Mount the UI at /. GRADIO_TEMP_DIR must already name settings.gradio_cache_dir (app.web.api sets
     it before gradio is imported: some of gradio reads it at import)."""
     settings = service.settings
     reset_dir(settings.gradio_cache_dir)
     ui = build_ui(service, gpu_reader)
-    # No allowed_paths: Gradio's file route serves only the copies it made, behind app.auth's gate.
+    # No allowed_paths: Gradio's file route serves only the copies it made, behind app.web.auth's gate.
     return gr.mount_gradio_app(
         app,
         ui,

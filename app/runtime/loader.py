@@ -14,7 +14,7 @@ import torch
 
 from app.config import AppSettings
 
-log = logging.getLogger("app.loader")
+log = logging.getLogger("app.runtime.loader")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -33,7 +33,7 @@ class LoadedPipeline:
     notes: list[str] = field(default_factory=list)
     quantize: str = "none"
     compile_backend: str = "none"  # aot | jit | none: how the transformer blocks run
-    step_cache: Optional[object] = None  # app.stepcache.StepCache where step_cache_skips > 0
+    step_cache: Optional[object] = None  # app.runtime.stepcache.StepCache where step_cache_skips > 0
     phases: dict[str, float] = field(default_factory=dict)  # where start-up time went (…_s) and allocated_gib
 
     @property
@@ -78,7 +78,7 @@ def start_weight_prefetch(settings: AppSettings) -> bool:
         device = resolve_device(settings.device)
         if device.type != "cuda":
             return False
-        from app.fastload import start_prefetch
+        from app.runtime.fastload import start_prefetch
 
         apply_memory_cap(settings, device)
         start_prefetch(settings.model_dir, device)
@@ -109,7 +109,7 @@ def trust_cpu_vector_flags() -> None:
     a GPU deployment never runs. Inductor's own switch for this, cpp.vec_isa_ok, is not honoured on
     that path in torch 2.11, so the check itself trusts the CPU's flags (what torch 2.13 does with
     vec_isa_ok = True). GPU machines only: CPU deployments run the C++ this check is for. The child
-    that loads a new AOT package first (app/aot_verify.py) calls it too: without it, each child
+    that loads a new AOT package first (app/runtime/aot_verify.py) calls it too: without it, each child
     check took ~20 s of the first start on the H100."""
     import torch._inductor.config as inductor_config
     import torch._inductor.cpu_vec_isa as cpu_vec_isa
@@ -131,7 +131,7 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         notes.append(f"GPU memory capped at {settings.memory_cap_gib:g} GiB")
 
     if settings.model_dir is None:
-        from app.tiny import build_tiny_pipeline
+        from app.runtime.tiny import build_tiny_pipeline
 
         log.warning(
             "no model_dir configured: serving the built-in random-weight DEMO model (not Z-Image-Turbo)",
@@ -170,7 +170,7 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
             ) from exc
 
     if settings.quantize == "fp8":
-        from app.fp8 import fp8_matmul_supported, quantize_transformer
+        from app.runtime.fp8 import fp8_matmul_supported, quantize_transformer
 
         mark = time.perf_counter()
         count = quantize_transformer(pipe.transformer, min_features=min(512, pipe.transformer.config.dim))
@@ -190,7 +190,7 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         phases["compile_setup_s"] = time.perf_counter() - mark
     step_cache = None
     if settings.step_cache_skips:
-        from app import stepcache
+        from app.runtime import stepcache
 
         step_cache = stepcache.StepCache(settings.step_cache_skips)
         stepcache.install(pipe.transformer, step_cache)
@@ -199,7 +199,7 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
             "main layers' previous residual (lossy)"
         )
     if _graph_text_encoder(settings, device, compiled):
-        from app import encoder_graph
+        from app.runtime import encoder_graph
 
         encoder_graph.install(pipe.text_encoder)
         notes.append("text encoder: CUDA graph per batch size (captured at its first use)")
@@ -240,7 +240,7 @@ def _from_directory(
     phases: dict[str, float],
 ):
     """from_pretrained, except that when everything stays on one device the two big components
-    (transformer 12 GiB, text encoder 8 GiB) are read by app/fastload.py, concurrently: large
+    (transformer 12 GiB, text encoder 8 GiB) are read by app/runtime/fastload.py, concurrently: large
     sequential reads into pinned buffers, straight to the GPU, started under the process's imports
     (diffusers' own loader spent 18.8 s on this on the H100; docs/PERFORMANCE.md)."""
     from diffusers import ZImagePipeline
@@ -253,7 +253,7 @@ def _from_directory(
                 kwargs.update(_read_big_components(settings.model_dir, device, dtype))
                 phases["build_big_s"] = time.perf_counter() - mark
             except Exception as exc:  # a layout we do not know: the library's loader reads everything
-                from app.fastload import discard_prefetch
+                from app.runtime.fastload import discard_prefetch
 
                 discard_prefetch()  # reads nobody will take would hold GPU memory for good
                 notes.append(f"fast load skipped ({exc.__class__.__name__}: {exc})")
@@ -283,7 +283,7 @@ def _read_big_components(model_dir: Path, device: torch.device, dtype: torch.dty
     import importlib
     import json
 
-    from app.fastload import build_model, take_prefetched
+    from app.runtime.fastload import build_model, take_prefetched
 
     index = json.loads((model_dir / "model_index.json").read_text())
     with cf.ThreadPoolExecutor(2, thread_name_prefix="load") as pool:
@@ -346,7 +346,7 @@ def _install_aot(
 ) -> bool:
     """The blocks' AOT packages, or False (said in the notes and the log) to fall back to
     torch.compile: a model that exports differently must still start, only slower."""
-    from app import aot
+    from app.runtime import aot
 
     reason = aot.supported(settings.offload)
     if reason is None:
@@ -379,7 +379,7 @@ def _install_aot(
 def _install_aot_decoder(
     pipe, settings: AppSettings, device: torch.device, notes: list[str], phases: dict[str, float]
 ) -> bool:
-    from app import aot
+    from app.runtime import aot
 
     vae = pipe.vae
     side = settings.warmup_pixels(device.type) // pipe.vae_scale_factor

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from app import errors
-from app.png import encode_png
+from app.web.png import encode_png
 
 # Names we create: <utc timestamp>-<request id>-<index>.png. Anything else is refused when served.
 SAFE_NAME = re.compile(r"^[0-9]{8}T[0-9]{6}-[A-Za-z0-9_-]{1,64}-[0-9]{1,2}\.png$")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from app.compilewatch import CompileWatch
+from app.runtime.compilewatch import CompileWatch
 from common.heartbeat import Heartbeat as HeartbeatModel
 
 Shape = tuple[int, int, int]  # width, height, images in the batch

@@ -13,7 +13,7 @@ import json
 import logging
 from typing import Awaitable, Callable, Optional
 
-log = logging.getLogger("app.bodylimit")
+log = logging.getLogger("app.web.bodylimit")
 
 Scope = dict
 Message = dict
@@ -26,7 +26,7 @@ class BodyTooLarge(Exception):
 
 
 def json_413(limit: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """The API's error shape (app.schemas.ErrorResponse), built by hand: this runs outside FastAPI."""
+    """The API's error shape (app.web.schemas.ErrorResponse), built by hand: this runs outside FastAPI."""
     body = {"error": "body_too_large", "message": f"request body over {limit} bytes; send a smaller body"}
     data = json.dumps(body).encode()
     headers = [

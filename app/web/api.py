@@ -19,21 +19,21 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__, errors
-from app.auth import TokenGate, bearer_token, session_value, tokens_match
-from app.bodylimit import BodyLimit, BodyTooLarge
 from app.config import AppSettings
-from app.engine import Engine
-from app.faults import FaultInjector
-from app.metrics import AppMetrics
-from app.outputs import OutputStore
-from app.schemas import ErrorResponse, GenerateResponse
-from app.service import GenerationService, new_request_id
-from app.sysinfo import live_info, model_info
+from app.runtime.engine import Engine
+from app.runtime.faults import FaultInjector
+from app.web.auth import TokenGate, bearer_token, session_value, tokens_match
+from app.web.bodylimit import BodyLimit, BodyTooLarge
+from app.web.metrics import AppMetrics
+from app.web.outputs import OutputStore
+from app.web.schemas import ErrorResponse, GenerateResponse
+from app.web.service import GenerationService, new_request_id
+from app.web.sysinfo import live_info, model_info
 from common.gpu import GpuReader, open_gpu_reader
 from common.jsonlog import add_secret
 from common.tokenfile import ensure_token
 
-log = logging.getLogger("app.api")
+log = logging.getLogger("app.web.api")
 access_log = logging.getLogger("app.access")
 
 # Routes that take image uploads: they get max_upload_mb instead of max_body_bytes.
@@ -177,7 +177,7 @@ def create_app(
         try:
             response = await call_next(request)
         except BodyTooLarge:
-            raise  # app.bodylimit answers 413 itself; not an internal error
+            raise  # app.web.bodylimit answers 413 itself; not an internal error
         except Exception:
             log.exception("unhandled error", extra={"event": "unhandled", "request_id": rid})
             response = error_response(500, "internal_error", "internal error; see the server log", rid)
@@ -237,7 +237,7 @@ def create_app(
         resp.headers.update(headers)
         return resp
 
-    # ---- auth: api_token is checked by app.auth.TokenGate in front of every route; the admin
+    # ---- auth: api_token is checked by app.web.auth.TokenGate in front of every route; the admin
     # routes (the monitor's levers) check the admin token here ---------------------------------
     def require_admin_token(request: Request) -> None:
         if not tokens_match(bearer_token(request.headers.get("authorization", "")), admin_token):
@@ -344,9 +344,9 @@ def create_app(
         engine.start()
     if with_ui:
         # Gradio's copies of images and uploads go under run/, not /tmp/gradio (some of gradio reads
-        # this at import, so it is set before app.ui imports gradio).
+        # this at import, so it is set before app.web.ui imports gradio).
         os.environ["GRADIO_TEMP_DIR"] = str(settings.gradio_cache_dir)
-        from app.ui import mount_ui
+        from app.web.ui import mount_ui
 
         app = mount_ui(app, service, gpu)
     # Added last = outermost: the body limit counts every byte (the login form's too), then the

@@ -39,7 +39,7 @@ _DTYPES = {
 CHUNK = 64 * 2**20
 READERS = 4
 _EMPTY_INIT_LOCK = threading.Lock()
-log = logging.getLogger("app.fastload")
+log = logging.getLogger("app.runtime.fastload")
 
 
 def read_header(path: Path) -> tuple[int, dict]:

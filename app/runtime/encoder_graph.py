@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-log = logging.getLogger("app.encoder_graph")
+log = logging.getLogger("app.runtime.encoder_graph")
 
 
 def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The engine: owns the pipeline on one thread, runs one generation (or one merged batch) at a time.
 
 Read top to bottom it is: load → warm up → loop { take job(s) → encode/denoise/decode through the
-diffusers pipeline (app/stages.py) → hand results back }. A heartbeat is written on every stage and
+diffusers pipeline (app/runtime/stages.py) → hand results back }. A heartbeat is written on every stage and
 denoising step so the monitor can tell a long generation that progresses from one that is stuck
 (gunicorn's worker heartbeat, per step). A CUDA OOM fails only the request that hit it; an
 unrecoverable CUDA error marks the engine unhealthy so the monitor replaces the process.
@@ -24,15 +24,15 @@ from typing import Callable, Optional
 import torch
 
 from app import errors
-from app.compilewatch import compile_watch
 from app.config import AppSettings
-from app.faults import FaultInjector
-from app.loader import LoadedPipeline, load_pipeline
-from app.progress import Heartbeat
-from app.stages import BatchRequest, PromptEmbeddingCache, run_batch, uses_guidance
+from app.runtime.compilewatch import compile_watch
+from app.runtime.faults import FaultInjector
+from app.runtime.loader import LoadedPipeline, load_pipeline
+from app.runtime.progress import Heartbeat
+from app.runtime.stages import BatchRequest, PromptEmbeddingCache, run_batch, uses_guidance
 from common.cuda_markers import FATAL_CUDA_MARKERS
 
-log = logging.getLogger("app.engine")
+log = logging.getLogger("app.runtime.engine")
 
 
 def _resolve(future: Future, outcome) -> None:
@@ -200,7 +200,7 @@ class Engine:
         the compiled transformer blocks take any size and prompt length (dynamic shapes) but
         specialise on one image against several, and on a batch whose prompts differ in length
         (it carries an attention mask). After that, what is still new runs eagerly. AOT-compiled
-        blocks (app/aot.py) were made for every batch size and mask before the warm-up."""
+        blocks (app/runtime/aot.py) were made for every batch size and mask before the warm-up."""
         device = self.loaded.device
         size = self.settings.warmup_pixels(device.type)
         params = GenerationParams(

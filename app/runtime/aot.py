@@ -41,9 +41,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from app.aot_verify import cpp_compiler, load_in_child, why_failed
+from app.runtime.aot_verify import cpp_compiler, load_in_child, why_failed
 
-log = logging.getLogger("app.aot")
+log = logging.getLogger("app.runtime.aot")
 
 FORMAT = 2  # bump when the exported signature below changes: old packages are then ignored
 _MAX_BATCH = 64

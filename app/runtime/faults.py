@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-log = logging.getLogger("app.faults")
+log = logging.getLogger("app.runtime.faults")
 
 FAULT_KINDS = ("oom", "slow", "leak", "cuda_fatal", "clear")
 

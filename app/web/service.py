@@ -1,5 +1,5 @@
 """The one generation service behind both the JSON API and the Gradio UI: admission, waiting with a
-deadline, saving, and the response. Validation lives in the request model (app.schemas)."""
+deadline, saving, and the response. Validation lives in the request model (app.web.schemas)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from starlette.concurrency import run_in_threadpool
 
 from app import errors
 from app.config import AppSettings
-from app.engine import Engine, GenerationParams
-from app.metrics import AppMetrics
-from app.outputs import OutputStore
-from app.schemas import GenerateResponse, ImageOut, Limits, Timings, build_request_model
-from app.stepcache import skipped_steps
+from app.runtime.engine import Engine, GenerationParams
+from app.runtime.stepcache import skipped_steps
+from app.web.metrics import AppMetrics
+from app.web.outputs import OutputStore
+from app.web.schemas import GenerateResponse, ImageOut, Limits, Timings, build_request_model
 
-log = logging.getLogger("app.service")
+log = logging.getLogger("app.web.service")
 
 
 def new_request_id() -> str:

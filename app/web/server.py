@@ -10,7 +10,7 @@ import time
 
 import uvicorn
 
-log = logging.getLogger("app.server")
+log = logging.getLogger("app.web.server")
 
 
 class DrainingServer(uvicorn.Server):

@@ -2,7 +2,7 @@
 Gradio side (page, assets, /gradio_api/* with its queue, file and upload routes). A request passes
 with `Authorization: Bearer <api_token>` (scripts, gradio_client) or with the UI's session cookie,
 which the small login page at /login sets from the same token. Public: the probes and /metrics
-and the favicon (PUBLIC_PATHS). /admin/* is the monitor's, behind its own admin token (app.api).
+and the favicon (PUBLIC_PATHS). /admin/* is the monitor's, behind its own admin token (app.web.api).
 
 Why an ASGI middleware and not a route dependency: a dependency covers the routes it is attached to,
 and Gradio adds dozens of its own; a gate in front of the router covers every route, including one
@@ -18,7 +18,7 @@ import logging
 from typing import Awaitable, Callable, Optional
 from urllib.parse import parse_qs, quote, urlsplit
 
-log = logging.getLogger("app.auth")
+log = logging.getLogger("app.web.auth")
 
 # /favicon.ico: Gradio's icon, which a browser asks for on the login page itself.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/login", "/logout", "/favicon.ico"})
