@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.jsonlog import setup_logging
 
     setup_logging("app", settings.log_level, secrets=[settings.api_token or "", settings.admin_token or ""])
-    from app.runtime.loader import start_weight_prefetch
+    from app.runtime import start_weight_prefetch
 
     # The weights start streaming to the GPU now, under the imports below (docs/PERFORMANCE.md).
     start_weight_prefetch(settings)

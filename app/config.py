@@ -37,7 +37,7 @@ class AppSettings(BaseModel):
     compile_mode: str = "default"
     # How the transformer blocks are compiled. aot: exported once and compiled by AOTInductor into
     # packages under compile_cache_dir, which later starts load without tracing anything (the
-    # start-up time; app/runtime/aot.py); jit: torch.compile, re-traced by dynamo at every start. aot
+    # start-up time; app/runtime/aot/); jit: torch.compile, re-traced by dynamo at every start. aot
     # falls back to jit where it cannot serve (a failed export, offload = "model").
     compile_backend: Literal["aot", "jit"] = "aot"
     # Shape handling of the compiled graphs. on: dynamic from the start, so the warm-up's graphs

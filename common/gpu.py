@@ -1,8 +1,8 @@
 """GPU readings through NVML (nvidia-ml-py, `import pynvml`), behind one small interface.
 
 `open_gpu_reader()` returns an NvmlReader when NVML initialises, else a NoGpuReader that says why;
-nothing here raises because a GPU or the NVML library is missing. Tests on machines without a GPU
-use FakeGpuReader, which implements the same interface; the real reader is exercised on the device.
+nothing here raises because a GPU or the NVML library is missing. Machines without a GPU (CI) run
+the NoGpuReader path; the NVML path is exercised on the lent GPU (ops/lab/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -118,34 +118,6 @@ class NvmlReader:
             self.nvml.nvmlShutdown()
         except Exception:
             pass
-
-
-class FakeGpuReader:
-    """Scripted readings for tests on machines without a GPU (same interface as NvmlReader)."""
-
-    available = True
-    reason = "fake"
-
-    def __init__(self, total_bytes: int = 80 * 2**30, name: str = "Fake GPU"):
-        self.total_bytes = total_bytes
-        self.name = name
-        self.used_bytes = 0
-        self.process_used_bytes: dict[int, int] = {}
-
-    def sample(self) -> list[GpuSample]:
-        return [
-            GpuSample(
-                index=0,
-                name=self.name,
-                used_bytes=self.used_bytes,
-                total_bytes=self.total_bytes,
-                utilization_pct=0,
-                process_used_bytes=dict(self.process_used_bytes),
-            )
-        ]
-
-    def close(self) -> None:
-        pass
 
 
 def open_gpu_reader(indices: Optional[list[int]] = None) -> GpuReader:

@@ -7,7 +7,6 @@ import socket
 import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from supervisor.xmlrpc import SupervisorTransport, UnixStreamHTTPConnection
 
@@ -118,22 +117,16 @@ class SupervisorClient:
                 return True
             raise
 
+    def config(self, name: str) -> dict:
+        """The program's settings as supervisord parsed them (stopsignal, stopwaitsecs, startsecs,
+        log files and rotation, killasgroup, ...): what it will really do, not what a file says."""
+        for entry in self._call("supervisor.getAllConfigInfo"):
+            if entry["name"] == name:
+                return entry
+        raise KeyError(name)
+
     def signal(self, name: str, signal_name: str) -> bool:
         return self._call("supervisor.signalProcess", name, signal_name)
 
     def shutdown(self) -> bool:
         return self._call("supervisor.shutdown")
-
-    def read_log(self, name: str, offset: int, length: int) -> str:
-        return self._call("supervisor.tailProcessStdoutLog", name, offset, length)
-
-    def with_timeout(self, timeout: float) -> "SupervisorClient":
-        return SupervisorClient(self.socket_path, timeout)
-
-
-def default_socket(home: Path) -> Path:
-    return home / "run" / "supervisor.sock"
-
-
-def find_socket(home: Path, override: Optional[str] = None) -> Path:
-    return Path(override) if override else default_socket(home)

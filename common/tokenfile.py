@@ -38,3 +38,8 @@ def ensure_token(path: Path) -> str:
     finally:
         tmp.unlink(missing_ok=True)
     return read_token(path) or token
+
+
+def bearer_headers(token: str | None) -> dict:
+    """The admin routes' header for `token` (none when there is no token: the app then answers 401)."""
+    return {"authorization": f"Bearer {token}"} if token else {}

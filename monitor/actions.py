@@ -17,8 +17,9 @@ from typing import Callable, Optional
 import httpx
 from PIL import Image
 
+from common.polling import poll_until
 from common.supervisor_client import SupervisorClient, SupervisorUnavailable
-from common.tokenfile import read_token
+from common.tokenfile import bearer_headers, read_token
 
 log = logging.getLogger("monitor.actions")
 
@@ -81,8 +82,7 @@ class Actions:
         return self.admin_token or read_token(self.admin_token_file)
 
     def _admin_headers(self) -> dict:
-        token = self._admin_token()
-        return {"authorization": f"Bearer {token}"} if token else {}
+        return bearer_headers(self._admin_token())
 
     # ---- tier 1 ------------------------------------------------------------------------------
     def free_cache(self) -> ActionResult:
@@ -133,16 +133,18 @@ class Actions:
             )
         except httpx.HTTPError:
             return False
-        deadline = time.monotonic() + self.cfg.drain_wait_s
-        while time.monotonic() < deadline and not self.should_stop():
+
+        def drained() -> Optional[str]:
+            if self.should_stop():
+                return "stopping"
             try:
                 body = httpx.get(self.app_url + "/healthz", timeout=self.cfg.probe_timeout_s).json()
-                if body.get("in_flight", 0) == 0 and not body.get("heartbeat", {}).get("busy"):
-                    return True
             except (httpx.HTTPError, ValueError):
-                return False
-            self._pause(0.2)
-        return False
+                return "unanswered"
+            idle = body.get("in_flight", 0) == 0 and not body.get("heartbeat", {}).get("busy")
+            return "drained" if idle else None
+
+        return poll_until(drained, self.cfg.drain_wait_s, 0.2, sleep=self._pause) == "drained"
 
     # ---- tier 3: kill (a stopped or wedged process cannot drain) ----------------------------------
     def kill_restart(self) -> ActionResult:
@@ -231,15 +233,10 @@ class Actions:
             return "UNKNOWN"
 
     def _wait_state(self, states: set[str], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if self.supervisor.process(self.program).state in states:
-                    return True
-            except SupervisorUnavailable:
-                pass
-            self._pause(0.1)
-        return False
+        def reached() -> bool:
+            return self.supervisor.process(self.program).state in states
+
+        return bool(poll_until(reached, timeout, 0.1, ignore=(SupervisorUnavailable,), sleep=self._pause))
 
     def _start_and_warm(self, action: str, started: float, old_pid: int, detail: str) -> ActionResult:
         if self._state() == "BACKOFF":
@@ -274,21 +271,25 @@ class Actions:
     def warm_up(self) -> WarmupResult:
         """Wait for readiness, send one small generation, check it really returns an image."""
         t0 = time.perf_counter()
-        deadline = time.monotonic() + self.cfg.warmup_ready_timeout_s
-        ready = False
-        while time.monotonic() < deadline and not self.should_stop():
+
+        def ready_or_given_up() -> Optional[str]:
+            if self.should_stop():
+                return "stopping"
             try:
                 if httpx.get(self.app_url + "/readyz", timeout=self.cfg.probe_timeout_s).status_code == 200:
-                    ready = True
-                    break
+                    return "ready"
             except httpx.HTTPError:
                 pass
             try:
                 if self.supervisor.process(self.program).state == "FATAL":
-                    break
+                    return "fatal"
             except Exception:
                 pass
-            self._pause(0.2)
+            return None
+
+        ready = (
+            poll_until(ready_or_given_up, self.cfg.warmup_ready_timeout_s, 0.2, sleep=self._pause) == "ready"
+        )
         ready_after = time.perf_counter() - t0
         if not ready:
             return WarmupResult(
@@ -303,7 +304,7 @@ class Actions:
             "seed": 1,
             "response_format": "base64",
         }
-        headers = {"authorization": f"Bearer {self.api_token}"} if self.api_token else {}
+        headers = bearer_headers(self.api_token)
         headers["x-request-id"] = "monitor-warmup"
         admin = self._admin_token()
         if admin:

@@ -22,8 +22,9 @@ import sys
 import time
 
 from common.configfile import ConfigError
+from common.polling import poll_until
 from common.supervisor_client import SupervisorUnavailable
-from ops.stack import Stack, program_states, wait_until
+from ops.stack import Stack, program_states
 
 PROGRAMS = ("app", "monitor")
 
@@ -47,7 +48,7 @@ def cmd_up(stack: Stack, args) -> int:
         except Exception as exc:
             say(f"error: supervisord did not start: {exc}")
             return 1
-        if not wait_until(client.is_running, 20):
+        if not poll_until(client.is_running, 20, 0.25):
             say(
                 f"error: supervisord not answering on {stack.monitor.supervisor_socket}; "
                 "see logs/supervisord.log"
@@ -70,7 +71,7 @@ def cmd_up(stack: Stack, args) -> int:
             raise SystemExit("error: app is FATAL (crashed at start); see: zimagectl logs app")
 
     # Ready means both: the app answers /readyz, and supervisord counts it started (startsecs passed).
-    ready = wait_until(
+    ready = poll_until(
         lambda: (
             (stack.readyz() or {}).get("ready")
             and all(program_states(client).get(n) == "RUNNING" for n in PROGRAMS)
@@ -109,7 +110,7 @@ def cmd_down(stack: Stack, args) -> int:
     pid = client.pid()
     say("stopping supervisord")
     client.shutdown()
-    gone = wait_until(lambda: not _alive(pid), 30)
+    gone = poll_until(lambda: not _alive(pid), 30, 0.25)
     stack.clear_maintenance()
     say("stopped" if gone else f"warning: supervisord pid {pid} still alive")
     return 0 if gone else 1
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_logs)
     p = sub.add_parser("warmup", help="send a warm-up generation and check the image")
     p.set_defaults(func=cmd_warmup)
-    # Listed for --help; main() hands its arguments to ops.bench untouched (argparse mangles a
+    # Listed for --help; main() hands its arguments to ops.lab.bench untouched (argparse mangles a
     # REMAINDER of options).
     sub.add_parser("bench", add_help=False, help="the performance table (zimagectl bench --help)")
     sub.add_parser(
@@ -331,11 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # needs no running stack
-        from ops import bench
+        from ops.lab import bench
 
         return bench.main(argv[1:])
     if argv[:1] == ["drift"]:  # loads a pipeline in-process; needs no running stack
-        from ops import drift
+        from ops.lab import drift
 
         return drift.main(argv[1:])
     args = build_parser().parse_args(argv)

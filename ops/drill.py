@@ -13,68 +13,16 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import httpx
 
+from ops.drill_report import Row, table, write_report
 from ops.load import LoadGenerator
 from ops.tempstack import REPO, StackHome, WebhookReceiver, wait_for
 
 SECRET = "drill-webhook-secret"
-
-
-@dataclass
-class Row:
-    fault: str
-    expected: str
-    detected: str = "no"
-    detection_s: Optional[float] = None
-    recovered_s: Optional[float] = None
-    load: dict = field(default_factory=dict)
-    alerts: str = "0/0"
-    signed: bool = True
-    false_restarts: int = 0
-    notes: str = ""
-
-    def cells(self) -> list[str]:
-        def num(v):
-            return "–" if v is None else f"{v:.1f}"
-
-        ld = self.load
-        return [
-            self.fault,
-            self.expected,
-            self.detected,
-            num(self.detection_s),
-            num(self.recovered_s),
-            str(ld.get("sent", 0)),
-            str(ld.get("ok", 0)),
-            str(ld.get("rejected", 0)),
-            str(ld.get("refused", 0) + ld.get("reset", 0)),
-            str(ld.get("lost", 0) + ld.get("unclear", 0) + ld.get("server_errors", 0)),
-            self.alerts,
-            str(self.false_restarts),
-            self.notes,
-        ]
-
-
-HEADER = [
-    "fault",
-    "expected",
-    "detected",
-    "detect s",
-    "ready+warm s",
-    "sent",
-    "ok",
-    "rejected (clear)",
-    "conn refused/reset",
-    "lost",
-    "alerts fired/resolved",
-    "false restarts",
-    "notes",
-]
 
 
 class Drill:
@@ -349,41 +297,6 @@ class Drill:
     def close(self) -> None:
         self.stack.stop()
         self.receiver.stop()
-
-
-def table(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def write_report(rows: list[Row], seconds: float, path: Path) -> None:
-    text = f"""# Reliability drill
-
-Last run: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} on {os.uname().nodename} (CPU, tiny demo \
-model), {seconds:.0f} s in all. Reproduce: `.venv/bin/zimagectl drill` (or `.venv/bin/python -m pytest \
--m drill`).
-
-Each fault is injected into a real supervisord stack while 4 clients send generate requests back to
-back (queue size 2, so some are refused with 503 + Retry-After by design). "conn refused/reset":
-the app was down (restart window) or killed mid-request, and the client knew at once. "lost": no
-answer within the client's deadline, a 500, or an error without a reason; it must be 0.
-Alerts are counted at a real local webhook receiver; every one was checked against its
-HMAC-SHA256 signature.
-
-{table(rows)}
-
-The last three rows are the monitor's own crash-safety: "receiver-down" keeps the webhook receiver
-unreachable for 12 s through a hang (the alerts wait in the journal's outbox and arrive afterwards,
-once each); "monitor killed mid-restart" SIGKILLs the monitor while its kill-restart of a hung app
-is under way (the next monitor finds the action in its journal and finishes it: one incident, one
-firing, one resolved); "stale line" appends an OOM line carrying an earlier process's pid (logged as
-history, no restart). A hang is now called after the process has been stopped for
-`hang_stopped_s` (5 s), so a short pause is never killed: hence its detection time.
-`tests/integration/test_crash_safe.py` kills the monitor at every point of both kinds of restart,
-keeps a receiver down for 120 s, and times a stall (those tests, not this table, are the proof).
-"""
-    path.write_text(text)
 
 
 def main(args) -> int:

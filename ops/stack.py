@@ -10,14 +10,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import httpx
 
 from app.config import AppSettings, load_settings
 from common.configfile import home_dir
 from common.supervisor_client import SupervisorClient, SupervisorUnavailable
-from common.tokenfile import read_token
+from common.tokenfile import bearer_headers, read_token
 from monitor.config import MonitorSettings, load_monitor_settings
 
 
@@ -44,8 +44,7 @@ class Stack:
         return SupervisorClient(self.monitor.supervisor_socket, timeout)
 
     def admin_headers(self) -> dict:
-        token = self.app.admin_token or read_token(self.app.admin_token_file)
-        return {"authorization": f"Bearer {token}"} if token else {}
+        return bearer_headers(self.app.admin_token or read_token(self.app.admin_token_file))
 
     def supervisord_bin(self) -> str:
         candidate = Path(sys.executable).parent / "supervisord"
@@ -86,26 +85,6 @@ class Stack:
             return httpx.get(self.app_url + "/healthz", timeout=timeout).json()
         except (httpx.HTTPError, ValueError):
             return None
-
-
-def wait_until(
-    predicate: Callable[[], object],
-    timeout: float,
-    interval: float = 0.25,
-    progress: Optional[Callable[[], None]] = None,
-    progress_every: float = 2.0,
-):
-    deadline = time.monotonic() + timeout
-    next_progress = time.monotonic()
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if progress and time.monotonic() >= next_progress:
-            progress()
-            next_progress = time.monotonic() + progress_every
-        time.sleep(interval)
-    return None
 
 
 def program_states(client: SupervisorClient) -> dict[str, str]:

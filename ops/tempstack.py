@@ -19,6 +19,9 @@ from typing import Optional
 
 import httpx
 
+from common.polling import poll_until
+from common.tokenfile import bearer_headers, read_token
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 ZIMAGECTL = [PYTHON, "-m", "ops.cli"]
@@ -43,17 +46,20 @@ def app_env(config: Path, port: int, **settings) -> dict:
 
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
     """Poll until predicate() is truthy; return its value or raise AssertionError after timeout."""
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while time.monotonic() < deadline:
+    errors: list[Exception] = []
+
+    def attempt():
         try:
-            value = predicate()
-            if value:
-                return value
+            return predicate()
         except Exception as exc:  # a probe that cannot connect yet
-            last_exc = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
+            errors.append(exc)
+            return None
+
+    value = poll_until(attempt, timeout, interval)
+    if not value:
+        last = errors[-1] if errors else None
+        raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last!r})")
+    return value
 
 
 class WebhookReceiver:
@@ -162,7 +168,7 @@ class StackHome:
             return False
 
     def admin_headers(self) -> dict:
-        return {"authorization": "Bearer " + (self.home / "run" / "admin.token").read_text().strip()}
+        return bearer_headers(read_token(self.home / "run" / "admin.token"))
 
     def state(self) -> dict:
         try:

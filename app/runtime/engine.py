@@ -9,90 +9,39 @@ unrecoverable CUDA error marks the engine unhealthy so the monitor replaces the 
 
 from __future__ import annotations
 
-import dataclasses
-import gc
 import itertools
 import logging
 import queue
 import threading
 import time
 import uuid
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from app import errors
 from app.config import AppSettings
+from app.runtime import failures, memory
 from app.runtime.compilewatch import compile_watch
 from app.runtime.faults import FaultInjector
+from app.runtime.jobs import EngineStatus, GenerationParams, Job, JobResult, ModelFacts, resolve
 from app.runtime.loader import LoadedPipeline, load_pipeline
 from app.runtime.progress import Heartbeat
 from app.runtime.stages import BatchRequest, PromptEmbeddingCache, run_batch, uses_guidance
-from common.cuda_markers import FATAL_CUDA_MARKERS
+from app.runtime.warmup import WarmupReport, warm_up
 
-log = logging.getLogger("app.runtime.engine")
+__all__ = ["Engine", "GenerationParams", "JobResult"]
 
-
-def _resolve(future: Future, outcome) -> None:
-    """Set a job's result or exception once; a waiter that gave up may have cancelled it already."""
-    if future.done():
-        return
-    try:
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
-    except Exception:  # InvalidStateError from a concurrent cancel: nobody is waiting any more
-        pass
+log = logging.getLogger(__name__)
 
 
 class _Cancelled(Exception):
     """Raised from the step callback when every request of the running batch was abandoned."""
 
 
-@dataclass
-class GenerationParams:
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    num_inference_steps: int
-    cfg_scale: float
-    num_images: int
-    seed: int
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call without changing their images."""
-        return (self.width, self.height, self.num_inference_steps, self.cfg_scale)
-
-
-@dataclass
-class JobResult:
-    images: list  # PIL images
-    seed: int
-    queue_wait_s: float
-    generation_s: float
-    batch_size: int
-    peak_memory_bytes: Optional[int]
-    stages: dict = field(default_factory=dict)  # encode_s, denoise_s, decode_s of the batch
-
-
-@dataclass
-class Job:
-    params: GenerationParams
-    request_id: str
-    enqueued_at: float = field(default_factory=time.monotonic)
-    future: Future = field(default_factory=Future)
-    abandoned: threading.Event = field(default_factory=threading.Event)
-    started_at: Optional[float] = None
-    priority: int = 1  # 0: health checks (the monitor's warm-up) go before user work
-    seq: int = 0
-
-
 class Engine:
-    STATES = ("starting", "loading", "warming", "ready", "failed", "unhealthy", "stopped")
+    """States: starting → loading → warming → ready; failed (could not start), unhealthy (a fatal
+    CUDA error: the process must be replaced), stopped."""
 
     def __init__(
         self,
@@ -103,16 +52,13 @@ class Engine:
     ):
         self.settings = settings
         self.faults = faults or FaultInjector(enabled=False)
-        self.on_batch_done = on_batch_done  # (images, seconds, steps) → metrics
+        self.on_batch_done = on_batch_done  # (images, seconds, num_inference_steps) → metrics
         self.wall_clock = wall_clock
         self.state = "starting"
         self.state_reason = ""
         self.heartbeat = Heartbeat()
         self.loaded: Optional[LoadedPipeline] = None
-        self.warmup_seconds: Optional[float] = None
-        self.warmup_compile: dict = {}  # what the warm-up compiled: compiles, compile_s
-        self.warmup_stages: dict = {}  # encode_s, denoise_s, decode_s of the first warm-up image
-        self.warmup_parts: dict = {}  # seconds of each warm-up generation
+        self.warmup = WarmupReport()
         self.compiles_after_warmup = 0
         self.prompt_cache = PromptEmbeddingCache(settings.prompt_cache_size)
         # (priority, arrival order, job): FIFO within a priority; None is the stop sentinel.
@@ -175,17 +121,17 @@ class Engine:
             )
             if self.settings.warmup:
                 self.state = "warming"
-                self._warm_up()
+                self.warmup = warm_up(self)
             self.heartbeat.warm = True  # stage times are known from here: the monitor's tight stall bound
             self.state = "ready"
             log.info(
                 "engine ready",
                 extra={
                     "event": "ready",
-                    "warmup_s": self.warmup_seconds,
-                    "warmup_stages": self.warmup_stages,
-                    "warmup_parts": self.warmup_parts,
-                    **self.warmup_compile,
+                    "warmup_s": self.warmup.seconds,
+                    "warmup_stages": self.warmup.stages,
+                    "warmup_parts": self.warmup.parts,
+                    **self.warmup.compile,
                 },
             )
         except Exception as exc:
@@ -193,75 +139,6 @@ class Engine:
             log.exception("engine failed to start", extra={"event": "engine_failed"})
             return
         self._serve()
-
-    def _warm_up(self) -> None:
-        """Make one image (a model that cannot is not ready), and with torch.compile'd graphs run
-        every kind of batch a request can bring, so that no request compiles (docs/PERFORMANCE.md):
-        the compiled transformer blocks take any size and prompt length (dynamic shapes) but
-        specialise on one image against several, and on a batch whose prompts differ in length
-        (it carries an attention mask). After that, what is still new runs eagerly. AOT-compiled
-        blocks (app/runtime/aot.py) were made for every batch size and mask before the warm-up."""
-        device = self.loaded.device
-        size = self.settings.warmup_pixels(device.type)
-        params = GenerationParams(
-            prompt="warm-up: a lighthouse at dusk",
-            negative_prompt="",
-            width=size,
-            height=size,
-            num_inference_steps=self.settings.warmup_steps,
-            cfg_scale=0.0,
-            num_images=1,
-            seed=0,
-        )
-        watch = self.heartbeat.compile_watch
-        compiled_before = watch.mark() if watch else None
-        started = time.perf_counter()
-        job = Job(params=params, request_id="warmup")
-        self._generate([job])
-        self.warmup_parts = {"one_image_s": round(time.perf_counter() - started, 2)}
-        # A model that cannot make one image is not ready: the warm-up's own error fails the start
-        # (and the supervisor's retries / the monitor take over) instead of being reported as ready.
-        result = job.future.result(timeout=0)
-        batches = {}
-        # A request for 2-4 images of one prompt: torch.compile's blocks specialise on one image
-        # against several. AOT packages take any batch size, so with them this is not needed.
-        if self.loaded.compile_backend == "jit":
-            batches["two_images_s"] = [dataclasses.replace(params, num_images=2, seed=1)]
-        if self.settings.max_batch > 1:  # merged requests, prompts of different lengths, a full batch
-            long_prompt = "warm-up: " + ", ".join(["a lighthouse on a cliff at dusk, waves below"] * 8)
-            batches["merged_batch_s"] = [
-                dataclasses.replace(params, prompt=long_prompt if i == 0 else f"warm-up batch {i}", seed=i)
-                for i in range(self.settings.max_batch)
-            ]
-        for label, batch_params in batches.items():
-            mark = time.perf_counter()
-            jobs = [Job(params=p, request_id=f"warmup-{i}") for i, p in enumerate(batch_params)]
-            self._generate(jobs, probe=True)
-            self.warmup_parts[label] = round(time.perf_counter() - mark, 2)
-            error = jobs[0].future.exception(timeout=0)
-            if error is not None:  # e.g. no room for a batch on a small card: single images still work
-                log.warning(
-                    "batch warm-up failed; a batch of this size may fail the same way when it comes",
-                    extra={
-                        "event": "warmup_batch_failed",
-                        "images": sum(p.num_images for p in batch_params),
-                        "error": error.__class__.__name__,
-                    },
-                )
-            if self.state == "unhealthy":  # a fatal CUDA error in a batch: this process cannot serve
-                raise RuntimeError(f"warm-up: {self.state_reason}")
-        self.prompt_cache.clear()
-        self.warmup_seconds = round(time.perf_counter() - started, 3)
-        if watch:
-            count, seconds = watch.since(compiled_before)
-            self.warmup_compile = {"compiles": count, "compile_s": round(seconds, 2)}
-        self.warmup_stages = {k: round(v, 3) for k, v in result.stages.items()}
-        if self.loaded.compiled and not self.settings.compile_in_requests:
-            import torch.compiler
-
-            # From here a shape the warm-up did not compile (a VAE decode at a new size, say) runs
-            # eagerly instead of compiling for seconds to a minute inside somebody's request.
-            torch.compiler.set_stance("eager_on_recompile")
 
     # ---- admission -------------------------------------------------------------------------
     def submit(
@@ -311,9 +188,9 @@ class Engine:
             live = [j for j in batch if not j.abandoned.is_set()]
             for j in batch:
                 if j.abandoned.is_set():
-                    _resolve(j.future, errors.GenerationTimeout("abandoned before it started"))
+                    resolve(j.future, errors.GenerationTimeout("abandoned before it started"))
             if live:
-                self._generate(live)
+                self.generate_batch(live)
             with self._lock:
                 self._running = 0
 
@@ -345,9 +222,9 @@ class Engine:
             self._running = len(batch)
         return batch
 
-    def _generate(self, batch: list[Job], probe: bool = False) -> None:
+    def generate_batch(self, batch: list[Job], probe: bool = False) -> None:
         """Run `batch` and resolve its jobs. probe: a warm-up batch finding out what fits; running
-        out of memory is then an answer, not an incident (see _handle_oom)."""
+        out of memory is then an answer, not an incident (see failures.out_of_memory)."""
         pipe = self.loaded.pipe
         first = batch[0].params
         prompts, negatives, generators = [], [], []
@@ -364,7 +241,7 @@ class Engine:
             negatives=negatives if uses_guidance(first.cfg_scale) else None,
             width=first.width,
             height=first.height,
-            steps=first.num_inference_steps,
+            num_inference_steps=first.num_inference_steps,
             cfg_scale=first.cfg_scale,
             generators=generators,
         )
@@ -429,10 +306,15 @@ class Engine:
             )
             return
         except torch.OutOfMemoryError as exc:
-            self._handle_oom(batch, exc, probe)
+            self.free_cache()
+            self._fail(batch, failures.out_of_memory(batch, exc, probe, self.settings.min_size))
             return
         except Exception as exc:
-            self._handle_error(batch, exc)
+            if failures.is_fatal(exc):
+                self.state, self.state_reason = "unhealthy", f"{exc.__class__.__name__}: {exc}"[:200]
+                self._fail(batch, failures.fatal_cuda_error(exc))
+            else:
+                self._fail(batch, failures.generation_failed(batch, exc))
             return
         finally:
             if step_cache:
@@ -446,7 +328,10 @@ class Engine:
                 pass
         seconds = time.perf_counter() - started
         if watch and self.state == "ready":
-            self._note_compiles(batch, *watch.since(compiled_before))
+            count, compile_s = watch.since(compiled_before)
+            if count > 0:
+                self.compiles_after_warmup += count
+                failures.compiled_in_request(batch, count, compile_s)
         peak = torch.cuda.max_memory_allocated(self.loaded.device) if cuda else None
         hb.generations += 1
         if self.on_batch_done:
@@ -454,7 +339,7 @@ class Engine:
         offset = 0
         for job in batch:
             n = job.params.num_images
-            _resolve(
+            resolve(
                 job.future,
                 JobResult(
                     images=images[offset : offset + n],
@@ -468,105 +353,41 @@ class Engine:
             )
             offset += n
 
-    def _note_compiles(self, batch: list[Job], count: int, seconds: float) -> None:
-        """A request that had to compile waited seconds (a minute with an empty cache) for it: the
-        warm-up is meant to have compiled every shape a request can bring. Said loudly, counted."""
-        if count <= 0:
-            return
-        self.compiles_after_warmup += count
-        p = batch[0].params
-        log.warning(
-            "a request had to compile (a shape the warm-up did not cover)",
-            extra={
-                "event": "compiled_in_request",
-                "compiles": count,
-                "compile_s": round(seconds, 2),
-                "width": p.width,
-                "height": p.height,
-                "images": sum(j.params.num_images for j in batch),
-                "request_ids": [j.request_id for j in batch],
-            },
-        )
-
     def _fail(self, batch: list[Job], exc: Exception) -> None:
         for job in batch:
-            _resolve(job.future, exc)
+            resolve(job.future, exc)
 
-    def _handle_oom(self, batch: list[Job], exc: BaseException, probe: bool = False) -> None:
-        if probe:
-            # Not torch's words: the monitor restarts on them, and a warm-up that meets them at
-            # every start would restart the app in a loop on a card too small for the batch.
-            self.free_cache()
-            self._fail(batch, errors.OutOfMemory("the warm-up batch did not fit in GPU memory"))
-            return
-        p = batch[0].params
-        # The log line keeps torch's own words: operators grep for them and the monitor counts them.
-        log.error(
-            "CUDA out of memory during generation; cache freed, request failed, still serving",
-            extra={
-                "event": "oom",
-                "request_ids": [j.request_id for j in batch],
-                "width": p.width,
-                "height": p.height,
-                "images": len(batch),
-                "error": str(exc)[:300],
-            },
-        )
-        self.free_cache()
-        smaller = max(self.settings.min_size, (min(p.width, p.height) // 2) // 64 * 64)
-        self._fail(
-            batch,
-            errors.OutOfMemory(
-                "the GPU ran out of memory for this request",
-                hint=f"try a smaller size (e.g. {smaller}x{smaller}) or fewer images",
-                retry_after_s=5,
-            ),
-        )
-
-    def _handle_error(self, batch: list[Job], exc: Exception) -> None:
-        text = f"{exc.__class__.__name__}: {exc}"
-        if any(marker in text for marker in FATAL_CUDA_MARKERS):
-            self.state, self.state_reason = "unhealthy", text[:200]
-            log.critical(
-                "unrecoverable CUDA error; engine unhealthy, process must be replaced",
-                extra={"event": "cuda_fatal", "error": text[:500]},
-            )
-            self._fail(
-                batch, errors.EngineUnhealthy("the GPU failed; the service is restarting", retry_after_s=30)
-            )
-            return
-        log.exception(
-            "generation failed",
-            extra={"event": "generation_failed", "request_ids": [j.request_id for j in batch]},
-        )
-        self._fail(batch, errors.GenerationFailed(f"generation failed: {exc.__class__.__name__}"))
-
-    # ---- admin -----------------------------------------------------------------------------
+    # ---- admin and status ----------------------------------------------------------------
     def free_cache(self) -> dict:
         """Return unused cached GPU memory to the driver (safe while a generation runs)."""
         self.prompt_cache.clear()
-        gc.collect()
-        if not torch.cuda.is_available() or self.loaded is None or self.loaded.device.type != "cuda":
-            return {"device": "cpu", "freed_bytes": 0}
-        before = torch.cuda.memory_reserved(self.loaded.device)
-        torch.cuda.empty_cache()
-        after = torch.cuda.memory_reserved(self.loaded.device)
-        log.info("freed GPU cache", extra={"event": "free_cache", "freed_bytes": before - after})
-        return {
-            "device": str(self.loaded.device),
-            "reserved_before": before,
-            "reserved_after": after,
-            "freed_bytes": before - after,
-        }
+        return memory.free_cache(self.loaded.device if self.loaded else None)
 
     def memory(self) -> dict:
-        if self.loaded is None or self.loaded.device.type != "cuda":
-            return {}
-        d = self.loaded.device
-        free, total = torch.cuda.mem_get_info(d)
-        return {
-            "allocated_bytes": torch.cuda.memory_allocated(d),
-            "reserved_bytes": torch.cuda.memory_reserved(d),
-            "device_free_bytes": free,
-            "device_total_bytes": total,
-        }
+        return memory.memory(self.loaded.device if self.loaded else None)
+
+    def status(self) -> EngineStatus:
+        loaded, cache = self.loaded, self.loaded.step_cache if self.loaded else None
+        model = None
+        if loaded is not None:
+            model = ModelFacts(
+                source=loaded.source,
+                device=str(loaded.device),
+                dtype=str(loaded.dtype).replace("torch.", ""),
+                vae_dtype=str(loaded.vae_dtype).replace("torch.", ""),
+                compiled=loaded.compiled,
+                compile_backend=loaded.compile_backend,
+                load_seconds=round(loaded.load_seconds, 3),
+                notes=tuple(loaded.notes),
+            )
+        return EngineStatus(
+            state=self.state,
+            reason=self.state_reason or None,
+            waiting=self._waiting,
+            running=self._running,
+            heartbeat=self.heartbeat.snapshot(),
+            warmup_seconds=self.warmup.seconds,
+            compiles_after_warmup=self.compiles_after_warmup,
+            model=model,
+            step_cache=None if cache is None else {"reused": cache.reused, "computed": cache.computed},
+        )

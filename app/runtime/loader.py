@@ -4,8 +4,8 @@ offload mode, torch.compile. The demo model and a real model directory go throug
 from __future__ import annotations
 
 import logging
-import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -13,10 +13,37 @@ from typing import Optional
 import torch
 
 from app.config import AppSettings
+from app.runtime.compile import compile_pipeline
 
-log = logging.getLogger("app.runtime.loader")
+log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class LoadReport:
+    """What a load did and where its time went: notes for /api/info and the log (fallbacks, lossy
+    options), and seconds per phase (…_s) plus allocated_gib, for docs/PERFORMANCE.md."""
+
+    notes: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def add(self, phase: str, value: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + value
+
+    @contextmanager
+    def timed(self, phase: str):
+        mark = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - mark)
+
+    def rounded(self) -> "LoadReport":
+        return LoadReport(list(self.notes), {k: round(v, 2) for k, v in self.phases.items()})
 
 
 @dataclass
@@ -30,11 +57,18 @@ class LoadedPipeline:
     offload: str
     source: str  # "tiny" or the model directory
     load_seconds: float
-    notes: list[str] = field(default_factory=list)
+    report: LoadReport = field(default_factory=LoadReport)
     quantize: str = "none"
     compile_backend: str = "none"  # aot | jit | none: how the transformer blocks run
     step_cache: Optional[object] = None  # app.runtime.stepcache.StepCache where step_cache_skips > 0
-    phases: dict[str, float] = field(default_factory=dict)  # where start-up time went (…_s) and allocated_gib
+
+    @property
+    def notes(self) -> list[str]:
+        return self.report.notes
+
+    @property
+    def phases(self) -> dict[str, float]:
+        return self.report.phases
 
     @property
     def exec_device(self) -> torch.device:
@@ -90,45 +124,14 @@ def start_weight_prefetch(settings: AppSettings) -> bool:
     return True
 
 
-def _configure_compile_cache(settings: AppSettings) -> None:
-    """Inductor's on-disk caches make the next start of a process reuse compiled kernels.
-    Assigned, not setdefault: torch writes its default into TORCHINDUCTOR_CACHE_DIR the first time
-    anything asks for the cache dir (an import can), and a setdefault after that silently kept
-    the caches in /tmp (caught by tests/app/test_compile.py)."""
-    settings.compile_cache_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings.compile_cache_dir / "inductor")
-    os.environ["TRITON_CACHE_DIR"] = str(settings.compile_cache_dir / "triton")
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
-
-
-def trust_cpu_vector_flags() -> None:
-    """Inductor asks which CPU vector ISA to generate C++ for (loading an AOT package asks too) and
-    finds out by building a test library per ISA and loading each in a child Python that imports
-    torch: 15 s of every start on the lent H100 (torch 2.11), 60 s on a fresh machine, for CPU code
-    a GPU deployment never runs. Inductor's own switch for this, cpp.vec_isa_ok, is not honoured on
-    that path in torch 2.11, so the check itself trusts the CPU's flags (what torch 2.13 does with
-    vec_isa_ok = True). GPU machines only: CPU deployments run the C++ this check is for. The child
-    that loads a new AOT package first (app/runtime/aot_verify.py) calls it too: without it, each child
-    check took ~20 s of the first start on the H100."""
-    import torch._inductor.config as inductor_config
-    import torch._inductor.cpu_vec_isa as cpu_vec_isa
-
-    if inductor_config.cpp.vec_isa_ok is None:
-        inductor_config.cpp.vec_isa_ok = True
-    if inductor_config.cpp.vec_isa_ok:
-        cpu_vec_isa.VecISA.check_build = lambda self, code: True
-
-
 def load_pipeline(settings: AppSettings) -> LoadedPipeline:
     started = time.perf_counter()
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     vae_dtype = dtype if settings.vae_dtype == "auto" else _DTYPES[settings.vae_dtype]
-    notes: list[str] = []
-    phases: dict[str, float] = {}
+    report = LoadReport()
     if apply_memory_cap(settings, device):
-        notes.append(f"GPU memory capped at {settings.memory_cap_gib:g} GiB")
+        report.note(f"GPU memory capped at {settings.memory_cap_gib:g} GiB")
 
     if settings.model_dir is None:
         from app.runtime.tiny import build_tiny_pipeline
@@ -141,25 +144,20 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         source = "tiny"
     else:
         log.info("loading model", extra={"event": "model_loading", "model_dir": str(settings.model_dir)})
-        mark = time.perf_counter()
-        from diffusers import ZImagePipeline  # noqa: F401  (timed on its own: seconds of a cold start are imports)
-        from transformers import PreTrainedModel  # noqa: F401
-
-        phases["import_s"] = time.perf_counter() - mark
-        mark = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.init()
-        phases["cuda_init_s"] = time.perf_counter() - mark
-        mark = time.perf_counter()
-        pipe = _from_directory(settings, device, dtype, notes, phases)
-        phases["read_s"] = time.perf_counter() - mark
+        with report.timed("import_s"):  # on its own: seconds of a cold start are imports
+            from diffusers import ZImagePipeline  # noqa: F401
+            from transformers import PreTrainedModel  # noqa: F401
+        with report.timed("cuda_init_s"):
+            if device.type == "cuda":
+                torch.cuda.init()
+        with report.timed("read_s"):
+            pipe = _from_directory(settings, device, dtype, report)
         source = str(settings.model_dir)
         pipe.set_progress_bar_config(disable=True)
 
-    mark = time.perf_counter()
-    pipe.vae.to(vae_dtype)
-    _place(pipe, settings.offload, device, notes)
-    phases["place_s"] = time.perf_counter() - mark
+    with report.timed("place_s"):
+        pipe.vae.to(vae_dtype)
+        _place(pipe, settings.offload, device, report)
 
     if settings.attention_backend != "native":
         try:
@@ -172,29 +170,27 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
     if settings.quantize == "fp8":
         from app.runtime.fp8 import fp8_matmul_supported, quantize_transformer
 
-        mark = time.perf_counter()
-        count = quantize_transformer(pipe.transformer, min_features=min(512, pipe.transformer.config.dim))
-        phases["quantize_s"] = time.perf_counter() - mark
-        notes.append(
+        with report.timed("quantize_s"):
+            count = quantize_transformer(pipe.transformer, min_features=min(512, pipe.transformer.config.dim))
+        report.note(
             f"FP8 linear layers: {count}"
             + ("" if fp8_matmul_supported(device) else " (emulated: no FP8 matmul here)")
         )
 
     if device.type == "cuda":
-        phases["allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
+        report.add("allocated_gib", torch.cuda.memory_allocated(device) / 2**30)
     compiled = settings.compile == "on" or (settings.compile == "auto" and device.type == "cuda")
     backend = "none"
     if compiled:
-        mark = time.perf_counter()
-        backend = compile_pipeline(pipe, settings, device, dtype, notes, phases)
-        phases["compile_setup_s"] = time.perf_counter() - mark
+        with report.timed("compile_setup_s"):
+            backend = compile_pipeline(pipe, settings, device, dtype, report)
     step_cache = None
     if settings.step_cache_skips:
         from app.runtime import stepcache
 
         step_cache = stepcache.StepCache(settings.step_cache_skips)
         stepcache.install(pipe.transformer, step_cache)
-        notes.append(
+        report.note(
             f"step cache: up to {settings.step_cache_skips} of each generation's steps reuse the "
             "main layers' previous residual (lossy)"
         )
@@ -202,7 +198,7 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         from app.runtime import encoder_graph
 
         encoder_graph.install(pipe.text_encoder)
-        notes.append("text encoder: CUDA graph per batch size (captured at its first use)")
+        report.note("text encoder: CUDA graph per batch size (captured at its first use)")
     return LoadedPipeline(
         pipe=pipe,
         device=device,
@@ -214,10 +210,9 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
         offload=settings.offload,
         source=source,
         load_seconds=time.perf_counter() - started,
-        notes=notes,
+        report=report.rounded(),
         quantize=settings.quantize,
         step_cache=step_cache,
-        phases={k: round(v, 2) for k, v in phases.items()},
     )
 
 
@@ -232,13 +227,7 @@ def _graph_text_encoder(settings: AppSettings, device: torch.device, compiled: b
     )
 
 
-def _from_directory(
-    settings: AppSettings,
-    device: torch.device,
-    dtype: torch.dtype,
-    notes: list[str],
-    phases: dict[str, float],
-):
+def _from_directory(settings: AppSettings, device: torch.device, dtype: torch.dtype, report: LoadReport):
     """from_pretrained, except that when everything stays on one device the two big components
     (transformer 12 GiB, text encoder 8 GiB) are read by app/runtime/fastload.py, concurrently: large
     sequential reads into pinned buffers, straight to the GPU, started under the process's imports
@@ -249,14 +238,13 @@ def _from_directory(
     if settings.offload == "none":
         if settings.fast_load:
             try:
-                mark = time.perf_counter()
-                kwargs.update(_read_big_components(settings.model_dir, device, dtype))
-                phases["build_big_s"] = time.perf_counter() - mark
+                with report.timed("build_big_s"):
+                    kwargs.update(_read_big_components(settings.model_dir, device, dtype))
             except Exception as exc:  # a layout we do not know: the library's loader reads everything
                 from app.runtime.fastload import discard_prefetch
 
                 discard_prefetch()  # reads nobody will take would hold GPU memory for good
-                notes.append(f"fast load skipped ({exc.__class__.__name__}: {exc})")
+                report.note(f"fast load skipped ({exc.__class__.__name__}: {exc})")
                 log.warning(
                     "fast load failed; using from_pretrained",
                     extra={"event": "fast_load_failed", "error": str(exc)[:300]},
@@ -265,14 +253,12 @@ def _from_directory(
             # What is left (VAE, or everything after a fallback): file → GPU, not file → CPU → GPU.
             kwargs["device_map"] = "cuda" if device.index is None else f"cuda:{device.index}"
     try:
-        mark = time.perf_counter()
-        pipe = ZImagePipeline.from_pretrained(str(settings.model_dir), **kwargs)
-        phases["from_pretrained_s"] = time.perf_counter() - mark
-        return pipe
+        with report.timed("from_pretrained_s"):
+            return ZImagePipeline.from_pretrained(str(settings.model_dir), **kwargs)
     except (TypeError, ValueError, NotImplementedError) as exc:
         if "device_map" not in kwargs:
             raise
-        notes.append(f"device_map load unavailable ({exc.__class__.__name__}); loaded on CPU then moved")
+        report.note(f"device_map load unavailable ({exc.__class__.__name__}); loaded on CPU then moved")
         kwargs.pop("device_map")
         return ZImagePipeline.from_pretrained(str(settings.model_dir), **kwargs)
 
@@ -297,150 +283,11 @@ def _read_big_components(model_dir: Path, device: torch.device, dtype: torch.dty
         return {name: future.result() for name, future in futures.items()}
 
 
-def compile_pipeline(
-    pipe,
-    settings: AppSettings,
-    device: torch.device,
-    dtype: torch.dtype,
-    notes: list[str],
-    phases: dict[str, float],
-) -> str:
-    """Compile where it pays; returns how the transformer blocks run ("aot" or "jit"). Compiled code
-    is cached on disk under compile_cache_dir for the next start: AOT packages are made here (once
-    per GPU/torch/architecture), torch.compile's graphs at the first call of each shape (the warm-up)."""
-    _configure_compile_cache(settings)
-    if device.type == "cuda":
-        trust_cpu_vector_flags()
-    import torch._dynamo as dynamo  # (a bare `import torch._dynamo` would make `torch` local here)
-
-    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
-    backend = "jit"
-    if settings.compile_backend == "aot":
-        backend = "aot" if _install_aot(pipe, settings, device, dtype, notes, phases) else "jit"
-    if backend == "jit":
-        _compile_blocks_jit(pipe, settings)
-    if (
-        settings.compile_text_encoder and settings.offload == "none"
-    ):  # (group-offload hooks and compile do not mix)
-        # The pipeline pads every prompt to 512 tokens: one static shape per batch size. Off by
-        # default: on the H100 encoding took 31–54 ms compiled against 46–49 ms eager (the tokenizer
-        # and mask building dominate), for 10–20 s more warm-up.
-        for layer in pipe.text_encoder.layers:
-            layer.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
-    if settings.compile_vae and not (
-        backend == "aot" and _install_aot_decoder(pipe, settings, device, notes, phases)
-    ):
-        # Static shapes: dynamic VAE graphs took 17-21 s to load from a warm cache at start-up (static:
-        # ~2 s) and still recompiled per size. Sizes the warm-up did not decode run eagerly (+50 ms).
-        pipe.vae.decoder.compile(fullgraph=False, dynamic=False, mode=settings.compile_mode)
-    return backend
-
-
-def _install_aot(
-    pipe,
-    settings: AppSettings,
-    device: torch.device,
-    dtype: torch.dtype,
-    notes: list[str],
-    phases: dict[str, float],
-) -> bool:
-    """The blocks' AOT packages, or False (said in the notes and the log) to fall back to
-    torch.compile: a model that exports differently must still start, only slower."""
-    from app.runtime import aot
-
-    reason = aot.supported(settings.offload)
-    if reason is None:
-        try:
-            report = aot.install(
-                pipe.transformer,
-                settings.compile_cache_dir,
-                dtype,
-                device,
-                settings.quantize,
-                settings.attention_backend,
-            )
-        except Exception as exc:
-            aot.uninstall(pipe.transformer)
-            reason = f"{exc.__class__.__name__}: {str(exc)[:300]}"
-            log.warning(
-                "AOT compile of the transformer blocks failed; using torch.compile",
-                extra={"event": "aot_failed", "part": "transformer", "error": reason},
-            )
-        else:
-            _note_aot(report, "transformer blocks", phases)
-            notes.append(
-                f"transformer blocks: AOT packages ({len(report.loaded)} kinds, {report.blocks} blocks)"
-            )
-            return True
-    notes.append(f"transformer blocks: torch.compile (AOT unavailable: {reason})")
-    return False
-
-
-def _install_aot_decoder(
-    pipe, settings: AppSettings, device: torch.device, notes: list[str], phases: dict[str, float]
-) -> bool:
-    from app.runtime import aot
-
-    vae = pipe.vae
-    side = settings.warmup_pixels(device.type) // pipe.vae_scale_factor
-    shape = (1, vae.config.latent_channels, side, side)
-    try:
-        report = aot.install_decoder(vae.decoder, settings.compile_cache_dir, shape, vae.dtype, device)
-    except Exception as exc:
-        vae.decoder.__dict__.pop("forward", None)
-        log.warning(
-            "AOT compile of the VAE decoder failed; using torch.compile",
-            extra={
-                "event": "aot_failed",
-                "part": "vae_decoder",
-                "error": f"{exc.__class__.__name__}: {str(exc)[:300]}",
-            },
-        )
-        return False
-    _note_aot(report, "VAE decoder", phases)
-    notes.append(f"VAE decoder: AOT package for {side * pipe.vae_scale_factor}² (other sizes eager)")
-    return True
-
-
-def _note_aot(report, part: str, phases: dict[str, float]) -> None:
-    phases["aot_load_s"] = phases.get("aot_load_s", 0.0) + report.load_s
-    if report.compiled:
-        phases["aot_compile_s"] = phases.get("aot_compile_s", 0.0) + report.compile_s
-        log.info(
-            f"compiled the {part} ahead of time",
-            extra={
-                "event": "aot_compiled",
-                "part": part,
-                "kinds": report.compiled,
-                "seconds": report.compile_s,
-                "directory": report.directory,
-            },
-        )
-
-
-def _compile_blocks_jit(pipe, settings: AppSettings) -> None:
-    # Regional compilation: the 30 identical transformer blocks compile once and are reused,
-    # which is most of full-graph speed at a fraction of the compile time. Dynamic shapes from the
-    # first call (compile_dynamic = "on"): the caption length differs with every prompt and the
-    # image size with every preset; static shapes recompiled per prompt (on the H100 the recompile
-    # limit was hit after 8 prompts and requests failed), and "auto" left that change to a request.
-    dynamic = {"auto": None, "on": True, "off": False}[settings.compile_dynamic]
-    if dynamic:
-        import torch.fx.experimental._config as fx_config
-
-        # Dynamic sizes still specialise on 1: a graph made for one image recompiled for two.
-        # Size-oblivious reasoning keeps the batch size symbolic: on the CPU one graph then serves
-        # 1-4 images; on the H100 an Inductor guard still splits 1 from 2+, which the warm-up's
-        # 2-image request covers (docs/PERFORMANCE.md). The CPU compile test checks the pixels.
-        fx_config.backed_size_oblivious = True
-    pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=settings.compile_mode)
-
-
-def _place(pipe, offload: str, device: torch.device, notes: list[str]) -> None:
+def _place(pipe, offload: str, device: torch.device, report: LoadReport) -> None:
     if device.type != "cuda":
         pipe.to(device)
         if offload != "none":
-            notes.append(f"offload={offload} ignored on {device.type}")
+            report.note(f"offload={offload} ignored on {device.type}")
         return
     if offload == "none":
         pipe.to(device)

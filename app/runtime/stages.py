@@ -71,7 +71,7 @@ class BatchRequest:
     negatives: Optional[list[str]]  # one per image when uses_guidance(cfg_scale), else None
     width: int
     height: int
-    steps: int
+    num_inference_steps: int
     cfg_scale: float
     generators: list[torch.Generator]
 
@@ -93,6 +93,8 @@ def encode(pipe, texts: list[str], device: torch.device, cache: PromptEmbeddingC
     return [found[t] for t in texts]
 
 
+# Copied from diffusers 0.42.1 diffusers/pipelines/z_image/pipeline_z_image.py ZImagePipeline.__call__ sha256:f155a54e340b1240  # noqa: E501
+# (its decode and postprocess only; tests/app/test_copied_from.py fails when the installed source differs)
 def decode_to_pil(pipe, latents: torch.Tensor) -> list[Image.Image]:
     """The pipeline's own decode and postprocess (VaeImageProcessor: x/2+0.5, clamp, float, ×255,
     round), with the rounding done on the GPU so only uint8 pixels cross to the host.
@@ -132,7 +134,7 @@ def run_batch(
         negative_prompt_embeds=negative_embeds,
         height=request.height,
         width=request.width,
-        num_inference_steps=request.steps,
+        num_inference_steps=request.num_inference_steps,
         guidance_scale=request.cfg_scale,
         num_images_per_prompt=1,
         generator=request.generators,

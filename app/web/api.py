@@ -15,13 +15,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__, errors
 from app.config import AppSettings
-from app.runtime.engine import Engine
-from app.runtime.faults import FaultInjector
+from app.runtime import Engine, FaultInjector
 from app.web.auth import TokenGate, bearer_token, session_value, tokens_match
 from app.web.bodylimit import BodyLimit, BodyTooLarge
 from app.web.metrics import AppMetrics
@@ -29,6 +28,7 @@ from app.web.outputs import OutputStore
 from app.web.schemas import ErrorResponse, GenerateResponse
 from app.web.service import GenerationService, new_request_id
 from app.web.sysinfo import live_info, model_info
+from app.web.validation import describe_validation_errors
 from common.gpu import GpuReader, open_gpu_reader
 from common.jsonlog import add_secret
 from common.tokenfile import ensure_token
@@ -55,29 +55,6 @@ def error_response(
     )
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-def describe_validation_errors(exc_errors) -> list[str]:
-    """pydantic/FastAPI errors → short sentences without echoing the (possibly huge) input."""
-    sentences = []
-    for err in exc_errors:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
-        where = ".".join(loc) or "body"
-        msg = err.get("msg", "invalid")
-        msg = msg.removeprefix("Value error, ")
-        if err.get("type") in ("model_attributes_type", "dict_type") and where == "body":
-            sentences.append('body must be a JSON object such as {"prompt": "a red fox"}')
-        elif err.get("type") == "json_invalid":
-            sentences.append("body is not valid JSON")
-        elif err.get("type") == "missing":
-            sentences.append(f"{where} is required")
-        elif err.get("type") == "extra_forbidden":
-            sentences.append(f"{where} is not a known field")
-        elif msg.startswith(where + " ") or msg.startswith(where.split(".")[-1] + " "):
-            sentences.append(msg)
-        else:
-            sentences.append(f"{where}: {msg}")
-    return sentences
 
 
 class DrainRequest(BaseModel):
@@ -110,30 +87,30 @@ def create_app(
         add_secret(session_value(settings.api_token))
 
     def live_metrics() -> dict:
+        status = engine.status()
         values = {
-            "zimage_queue_depth": ("Requests waiting for the engine", engine.waiting),
+            "zimage_queue_depth": ("Requests waiting for the engine", status.waiting),
             "zimage_in_flight": ("Requests being served (waiting, running or saving)", service.in_flight),
             "zimage_ready": ("1 when loaded, warmed and not draining", 1 if service.ready else 0),
             "zimage_draining": ("1 while draining for a restart", 1 if service.draining else 0),
-            "zimage_busy": ("1 while a generation runs", 1 if engine.heartbeat.busy_since else 0),
+            "zimage_busy": ("1 while a generation runs", 1 if status.heartbeat["busy"] else 0),
             "zimage_compiles_after_warmup": (
                 "torch.compile runs a request waited for (0 when the warm-up covered every shape)",
-                engine.compiles_after_warmup,
+                status.compiles_after_warmup,
             ),
         }
-        if engine.loaded is not None:  # an alert on jit where aot is configured catches a fallback
+        if status.model is not None:  # an alert on jit where aot is configured catches a fallback
             values["zimage_compile_backend"] = (
                 "1 for how the transformer blocks run: aot (packages), jit "
                 "(torch.compile) or none; why a start fell back is in the log's "
                 "aot_* events",
-                {engine.loaded.compile_backend: 1},
+                {status.model.compile_backend: 1},
             )
-            cache = engine.loaded.step_cache
-            if cache is not None:  # the lossy step cache at work: main-layer passes reused vs run
-                values["zimage_step_cache_passes"] = (
-                    "Main-layer passes of the step cache since start, by outcome",
-                    {"reused": cache.reused, "computed": cache.computed},
-                )
+        if status.step_cache is not None:  # the lossy step cache at work: main-layer passes reused vs run
+            values["zimage_step_cache_passes"] = (
+                "Main-layer passes of the step cache since start, by outcome",
+                status.step_cache,
+            )
         memory = engine.memory()
         if memory:
             values["zimage_gpu_memory_bytes"] = (
@@ -249,29 +226,30 @@ def create_app(
     @app.get("/healthz", tags=["probes"])
     async def healthz():
         """Liveness: the event loop answers; 503 when the engine failed or is unhealthy."""
-        alive = engine.state not in ("failed", "unhealthy")
+        status = engine.status()
         body = {
-            "status": "ok" if alive else engine.state,
-            "state": engine.state,
-            "reason": engine.state_reason or None,
+            "status": "ok" if status.alive else status.state,
+            "state": status.state,
+            "reason": status.reason,
             "ready": service.ready,
             "draining": service.draining,
-            "queue_waiting": engine.waiting,
+            "queue_waiting": status.waiting,
             "in_flight": service.in_flight,
             "time": time.time(),
-            "heartbeat": engine.heartbeat.snapshot(),
+            "heartbeat": status.heartbeat,
         }
-        return JSONResponse(body, status_code=200 if alive else 503)
+        return JSONResponse(body, status_code=200 if status.alive else 503)
 
     @app.get("/readyz", tags=["probes"])
     async def readyz():
         """Readiness: 200 only when the model is loaded and warmed and the server is not draining."""
         ready = service.ready
+        status = engine.status()
         body = {
             "ready": ready,
-            "state": engine.state,
+            "state": status.state,
             "draining": service.draining,
-            "warmup_seconds": engine.warmup_seconds,
+            "warmup_seconds": status.warmup_seconds,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -362,8 +340,3 @@ def create_app(
         ),
     )
     return app
-
-
-def validation_message(exc: ValidationError) -> str:
-    """The same readable sentences the API gives, for the UI."""
-    return "; ".join(describe_validation_errors(exc.errors()))

@@ -29,11 +29,11 @@ class AppMetrics:
         )
         self.oom = Counter("zimage_oom", "Generations that ran out of GPU memory", registry=r)
 
-    def on_batch_done(self, images: int, seconds: float, steps: int) -> None:
+    def on_batch_done(self, images: int, seconds: float, num_inference_steps: int) -> None:
         self.images.inc(images)
         self.generation_seconds.observe(seconds)
         if seconds > 0:
-            self.steps_per_second.set(steps / seconds)
+            self.steps_per_second.set(num_inference_steps / seconds)
 
     def add_live(self, live) -> None:
         """Register a collector for values read at scrape time (queue depth, readiness, GPU memory)."""

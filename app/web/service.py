@@ -14,8 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import errors
 from app.config import AppSettings
-from app.runtime.engine import Engine, GenerationParams
-from app.runtime.stepcache import skipped_steps
+from app.runtime import Engine, GenerationParams, skipped_steps
 from app.web.metrics import AppMetrics
 from app.web.outputs import OutputStore
 from app.web.schemas import GenerateResponse, ImageOut, Limits, Timings, build_request_model
@@ -151,7 +150,7 @@ class GenerationService:
                 "seed": seed,
                 "width": req.width,
                 "height": req.height,
-                "steps": req.num_inference_steps,
+                "num_inference_steps": req.num_inference_steps,
                 "images": req.num_images,
                 "batch": result.batch_size,
                 "queue_wait_s": round(result.queue_wait_s, 3),

@@ -11,7 +11,8 @@ from app import __version__
 
 
 def model_info(service) -> dict:
-    settings, loaded = service.settings, service.engine.loaded
+    settings, status = service.settings, service.engine.status()
+    model = status.model
     import diffusers
     import torch
 
@@ -21,23 +22,23 @@ def model_info(service) -> dict:
         "model_source": "tiny" if settings.is_demo_model else "directory",
         "model_dir": None if settings.model_dir is None else str(settings.model_dir),
         "model_label": service.model_label,
-        "state": service.engine.state,
-        "state_reason": service.engine.state_reason or None,
+        "state": status.state,
+        "state_reason": status.reason,
         "ready": service.ready,
         "draining": service.draining,
-        "device": str(loaded.device) if loaded else settings.device,
-        "dtype": str(loaded.dtype).replace("torch.", "") if loaded else settings.dtype,
-        "vae_dtype": str(loaded.vae_dtype).replace("torch.", "") if loaded else settings.vae_dtype,
+        "device": model.device if model else settings.device,
+        "dtype": model.dtype if model else settings.dtype,
+        "vae_dtype": model.vae_dtype if model else settings.vae_dtype,
         "attention_backend": settings.attention_backend,
-        "compile": loaded.compiled if loaded else settings.compile,
-        "compile_backend": loaded.compile_backend if loaded else settings.compile_backend,
+        "compile": model.compiled if model else settings.compile,
+        "compile_backend": model.compile_backend if model else settings.compile_backend,
         "offload": settings.offload,
         "quantize": settings.quantize,  # lossy opt-ins, shown beside the images they made
         "step_cache_skips": settings.step_cache_skips,
         "max_batch": settings.max_batch,
-        "load_seconds": round(loaded.load_seconds, 3) if loaded else None,
-        "warmup_seconds": service.engine.warmup_seconds,
-        "notes": loaded.notes if loaded else [],
+        "load_seconds": model.load_seconds if model else None,
+        "warmup_seconds": status.warmup_seconds,
+        "notes": list(model.notes) if model else [],
         "limits": {
             "min_size": settings.min_size,
             "max_size": settings.max_size,
@@ -55,22 +56,23 @@ def model_info(service) -> dict:
         },
     }
     if torch.cuda.is_available():
-        info["gpu_name"] = torch.cuda.get_device_name(loaded.device if loaded else None)
+        info["gpu_name"] = torch.cuda.get_device_name(model.device if model else None)
     return info
 
 
 def live_info(service, gpu_reader) -> dict:
     engine = service.engine
+    status = engine.status()
     proc = psutil.Process(os.getpid())
     vm = psutil.virtual_memory()
     info = {
         "ready": service.ready,
-        "state": engine.state,
+        "state": status.state,
         "draining": service.draining,
-        "queue_waiting": engine.waiting,
-        "running": engine.running,
+        "queue_waiting": status.waiting,
+        "running": status.running,
         "in_flight": service.in_flight,
-        "heartbeat": engine.heartbeat.snapshot(),
+        "heartbeat": status.heartbeat,
         "cpu_percent": psutil.cpu_percent(interval=None),
         "ram_used_bytes": vm.total - vm.available,
         "ram_total_bytes": vm.total,

@@ -15,6 +15,7 @@ from app import errors  # noqa: E402
 from app.web.retention import prune_older_than, reset_dir, stage  # noqa: E402
 from app.web.schemas import SIZE_STEP, TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS  # noqa: E402
 from app.web.sysinfo import live_info, model_info  # noqa: E402
+from app.web.validation import validation_message  # noqa: E402
 
 PRESETS = [
     ("512²", 512, 512),
@@ -41,20 +42,19 @@ def _fmt_bytes(value) -> str:
 
 
 def status_text(service) -> str:
-    engine = service.engine
+    status = service.engine.status()
     if service.ready:
-        waiting = engine.waiting
-        return f"● Ready · queue {waiting} waiting · {service.in_flight} in progress"
+        return f"● Ready · queue {status.waiting} waiting · {service.in_flight} in progress"
     if service.draining:
         return "◐ Draining for a restart: new generations are paused"
     labels = {
         "starting": "starting",
         "loading": "loading the model…",
         "warming": "warming up…",
-        "failed": f"failed to start: {engine.state_reason}",
+        "failed": f"failed to start: {status.reason}",
         "unhealthy": "unhealthy: being replaced",
     }
-    return f"○ Model {labels.get(engine.state, engine.state)} — the Generate button unlocks when ready"
+    return f"○ Model {labels.get(status.state, status.state)} — the Generate button unlocks when ready"
 
 
 def build_ui(service, gpu_reader) -> gr.Blocks:
@@ -65,23 +65,30 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
     default_size = min(1024, limits.max_size)
 
     async def generate(
-        prompt, negative_prompt, width, height, steps, cfg, seed, random_seed, num_images, request: gr.Request
+        prompt,
+        negative_prompt,
+        width,
+        height,
+        num_inference_steps,
+        cfg_scale,
+        seed,
+        random_seed,
+        num_images,
+        request: gr.Request,
     ):
         data = {
             "prompt": prompt or "",
             "negative_prompt": negative_prompt or "",
             "width": int(width),
             "height": int(height),
-            "num_inference_steps": int(steps),
-            "cfg_scale": float(cfg),
+            "num_inference_steps": int(num_inference_steps),
+            "cfg_scale": float(cfg_scale),
             "num_images": int(num_images),
             "seed": -1 if random_seed else int(seed),
         }
         try:
             req = service.validate(data)
         except ValidationError as exc:
-            from app.web.api import validation_message
-
             raise gr.Error(validation_message(exc), title="Please check the settings")
         try:
             result = await service.generate(req)
@@ -187,7 +194,7 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
                                 elem_id="height",
                             )
                         with gr.Row():
-                            steps = gr.Slider(
+                            num_inference_steps = gr.Slider(
                                 1,
                                 limits.max_steps,
                                 value=TURBO_DEFAULT_STEPS,
@@ -195,7 +202,7 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
                                 label="Steps",
                                 info="Turbo is distilled for 8–9 steps",
                             )
-                            cfg = gr.Slider(
+                            cfg_scale = gr.Slider(
                                 0,
                                 limits.max_cfg,
                                 value=TURBO_DEFAULT_CFG,
@@ -249,7 +256,17 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
         )
         go.click(
             generate,
-            inputs=[prompt, negative, width, height, steps, cfg, seed, random_seed, num_images],
+            inputs=[
+                prompt,
+                negative,
+                width,
+                height,
+                num_inference_steps,
+                cfg_scale,
+                seed,
+                random_seed,
+                num_images,
+            ],
             outputs=[gallery, info, last_seed],
             api_name=GENERATE_API_NAME,
             concurrency_limit=settings.max_batch,

@@ -1,4 +1,4 @@
-"""The AOT path (compile_backend = "aot", app/runtime/aot.py) on the CPU: the same torch.export and
+"""The AOT path (compile_backend = "aot", app/runtime/aot/) on the CPU: the same torch.export and
 AOTInductor packaging the GPU runs, through the engine as it serves. Checked: the same pictures as
 eager for every kind of request (one image, a 2-image request, a merged batch whose prompts differ
 in length, other sizes); nothing compiles at the warm-up or in requests; a second start only loads
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from app.runtime import aot, aot_verify
+from app.runtime import aot
+from app.runtime.aot import export, store, verify
 from app.runtime.engine import GenerationParams
-from tests.app.test_compile import LONG, image, psnr
-from tests.app.test_engine import make_engine
+from tests.engine_helpers import LONG, image, make_engine, psnr
 
 
 def merged(engine, prompts, seed=3):
@@ -51,7 +51,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def new_process(monkeypatch):
     """Each test starts as a new process would: no compiler refused yet."""
-    monkeypatch.setattr(aot, "_REFUSED_IN_THIS_PROCESS", {})
+    monkeypatch.setattr(store, "_REFUSED_IN_THIS_PROCESS", {})
 
 
 def test_rotate_real_is_the_complex_rope():
@@ -60,7 +60,9 @@ def test_rotate_real_is_the_complex_rope():
     reference = torch.view_as_real(
         torch.view_as_complex(x.reshape(2, 7, 3, 8, 2)) * freqs.unsqueeze(2)
     ).flatten(3)
-    torch.testing.assert_close(aot.rotate_real(x, torch.view_as_real(freqs)), reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        export.rotate_real(x, torch.view_as_real(freqs)), reference, rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.slow  # AOTInductor/torch.compile builds: tens of seconds
@@ -80,7 +82,7 @@ def test_packages_serve_every_request_kind_and_nothing_compiles(tmp_path, cache)
             "plain-mask.pt2",
             "plain-nomask.pt2",
         ], names
-        assert packaged.warmup_compile["compiles"] == 0  # no dynamo: nothing traced at the warm-up
+        assert packaged.warmup.compile["compiles"] == 0  # no dynamo: nothing traced at the warm-up
         # the warm-up went through the packages: every block, and the decoder at its size for its
         # one image and the merged batch's two (a batch is decoded one image at a time)
         blocks, decodes = packaged_calls(packaged)
@@ -140,17 +142,17 @@ def test_next_start_loads_the_packages_without_compiling(tmp_path, cache):
 
 @pytest.mark.slow  # AOTInductor/torch.compile builds: tens of seconds
 def test_load_check_loads_each_package_in_a_child_and_reports_a_crash(tmp_path, cache, monkeypatch):
-    """ops/aot_load_check: every package of a cache loads in a fresh process; a load that kills its
+    """ops/lab/aot_load_check: every package of a cache loads in a fresh process; a load that kills its
     process is reported with the signal and faulthandler's stack, and fails the check."""
-    from ops import aot_load_check
+    from ops.lab import aot_load_check
 
     if not aot_load_check.packages(cache):
         pytest.skip("needs the packages of the first test")
     assert aot_load_check.main(["--compile-cache", str(cache)]) == 0
     monkeypatch.setattr(
-        aot_verify, "_CHILD_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)"
+        verify, "_CHILD_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)"
     )
-    row = aot_verify.load_in_child(aot_load_check.packages(cache)[0], "cpu")
+    row = verify.load_in_child(aot_load_check.packages(cache)[0], "cpu")
     assert (
         not row["ok"]
         and row["crashed"]
@@ -178,7 +180,7 @@ def test_a_package_that_crashes_its_loader_is_rebuilt_by_another_compiler_or_ref
         exports.append(1)
         return torch.export.export(linear, (torch.randn(2, 4),))
 
-    real_compile, real_check = aot._compile_package, aot.load_in_child
+    real_compile, real_check = store._compile_package, store.load_in_child
 
     def compile_package(exported, path):  # which compiler Inductor was given for this build
         from torch._inductor import config
@@ -198,12 +200,14 @@ def test_a_package_that_crashes_its_loader_is_rebuilt_by_another_compiler_or_ref
             }
         return real_check(path, device)
 
-    monkeypatch.setattr(aot, "_compile_package", compile_package)
-    monkeypatch.setattr(aot, "load_in_child", check_crashing_first)
-    monkeypatch.setattr(aot, "_compiler_candidates", lambda: ["c++", "g++"])  # ("c++": the CXX of this test)
+    monkeypatch.setattr(store, "_compile_package", compile_package)
+    monkeypatch.setattr(store, "load_in_child", check_crashing_first)
+    monkeypatch.setattr(
+        store, "_compiler_candidates", lambda: ["c++", "g++"]
+    )  # ("c++": the CXX of this test)
     package, verdict = tmp_path / "mod-nomask.pt2", tmp_path / "mod-nomask.pt2.broken"
     report = aot.AotReport()
-    runner = aot._ensure_loaded(package, export, torch.device("cpu"), report)
+    runner = store.ensure_loaded(package, export, torch.device("cpu"), report)
     assert compilers == ["c++", "g++"] and exports == [1] and len(checks) == 2  # (exported once)
     assert json.loads(verdict.read_text()) == {"broken": {"c++": "killed by SIGSEGV"}}
     assert report.compiled == report.loaded == ["mod-nomask"]
@@ -214,37 +218,37 @@ def test_a_package_that_crashes_its_loader_is_rebuilt_by_another_compiler_or_ref
     # was a wasted build and check per package), and records why beside itself
     other = tmp_path / "other" / "decoder.pt2"
     other.parent.mkdir()
-    aot._ensure_loaded(other, export, torch.device("cpu"), aot.AotReport())
+    store.ensure_loaded(other, export, torch.device("cpu"), aot.AotReport())
     assert compilers[-1] == "g++" and len(compilers) == 3 and len(checks) == 3
     assert json.loads((tmp_path / "other" / "decoder.pt2.broken").read_text()) == {
         "broken": {"c++": "killed by SIGSEGV (building mod-nomask.pt2)"}
     }
-    aot._REFUSED_IN_THIS_PROCESS.clear()  # from here on, each build is the first of a new start
+    store._REFUSED_IN_THIS_PROCESS.clear()  # from here on, each build is the first of a new start
     # a compiler that is not there (and so cannot build: Inductor really is given the candidate)
     package.unlink()
     verdict.unlink()
-    monkeypatch.setattr(aot, "_compiler_candidates", lambda: ["/nonexistent/c++", "c++"])
-    aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
+    monkeypatch.setattr(store, "_compiler_candidates", lambda: ["/nonexistent/c++", "c++"])
+    store.ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
     assert compilers[-2:] == ["/nonexistent/c++", "c++"]
     assert "InvalidCxxCompiler" in json.loads(verdict.read_text())["broken"]["/nonexistent/c++"]
-    aot._REFUSED_IN_THIS_PROCESS.clear()
-    monkeypatch.setattr(aot, "_compiler_candidates", lambda: ["c++", "g++"])
+    store._REFUSED_IN_THIS_PROCESS.clear()
+    monkeypatch.setattr(store, "_compiler_candidates", lambda: ["c++", "g++"])
     verdict.write_text(json.dumps({"broken": {"c++": "killed by SIGSEGV"}}))
     # the cache cleared but the record kept: the next build goes straight to the compiler that works
     package.unlink()
-    aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
+    store.ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
     assert compilers[-1] == "g++" and len(compilers) == 6
     # every candidate on record: refused at once, nothing exported or compiled
     package.unlink()
     verdict.write_text(json.dumps({"broken": {"c++": "killed by SIGSEGV", "g++": "killed by SIGSEGV"}}))
     with pytest.raises(aot.BrokenPackage, match="set CXX .* remove .*broken"):
-        aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
+        store.ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
     assert len(exports) == 4 and len(compilers) == 6
     # a child whose load raises is no crash: the package is kept and the load here decides
     verdict.unlink()
-    monkeypatch.setattr(aot, "load_in_child", real_check)
-    monkeypatch.setattr(aot_verify, "_CHILD_LOAD", "{imports}\nraise RuntimeError('no GPU left')")
-    aot._ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
+    monkeypatch.setattr(store, "load_in_child", real_check)
+    monkeypatch.setattr(verify, "_CHILD_LOAD", "{imports}\nraise RuntimeError('no GPU left')")
+    store.ensure_loaded(package, export, torch.device("cpu"), aot.AotReport())
     assert package.exists() and not verdict.exists() and compilers[-1] == "c++"
 
 
@@ -252,10 +256,10 @@ def test_a_failure_that_is_not_the_compilers_is_not_retried_nor_recorded(tmp_pat
     def failing_compile(exported, path):
         raise RuntimeError("lowering failed")
 
-    monkeypatch.setattr(aot, "_compile_package", failing_compile)
-    monkeypatch.setattr(aot, "_compiler_candidates", lambda: ["c++", "g++"])
+    monkeypatch.setattr(store, "_compile_package", failing_compile)
+    monkeypatch.setattr(store, "_compiler_candidates", lambda: ["c++", "g++"])
     with pytest.raises(RuntimeError, match="lowering failed") as raised:
-        aot._ensure_loaded(
+        store.ensure_loaded(
             tmp_path / "mod-nomask.pt2", lambda: object(), torch.device("cpu"), aot.AotReport()
         )
     assert (
@@ -265,14 +269,14 @@ def test_a_failure_that_is_not_the_compilers_is_not_retried_nor_recorded(tmp_pat
 
 def test_the_child_check_reports_a_real_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        aot_verify, "_CHILD_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)"
+        verify, "_CHILD_LOAD", "import os, signal\n{imports}\nos.kill(os.getpid(), signal.SIGSEGV)"
     )
-    row = aot_verify.load_in_child(tmp_path / "any.pt2", "cpu")
-    assert not row["ok"] and row["crashed"] and aot_verify.why_failed(row) == "killed by SIGSEGV"
+    row = verify.load_in_child(tmp_path / "any.pt2", "cpu")
+    assert not row["ok"] and row["crashed"] and verify.why_failed(row) == "killed by SIGSEGV"
     assert "Segmentation fault" in row["stderr_tail"]
-    monkeypatch.setattr(aot_verify, "_CHILD_LOAD", "{imports}\nraise RuntimeError('no GPU left')")
-    row = aot_verify.load_in_child(tmp_path / "any.pt2", "cpu")
-    assert not row["ok"] and not row["crashed"] and "no GPU left" in aot_verify.why_failed(row)
+    monkeypatch.setattr(verify, "_CHILD_LOAD", "{imports}\nraise RuntimeError('no GPU left')")
+    row = verify.load_in_child(tmp_path / "any.pt2", "cpu")
+    assert not row["ok"] and not row["crashed"] and "no GPU left" in verify.why_failed(row)
 
 
 def test_compiler_candidates_are_cxx_then_the_system_gxx(monkeypatch):
@@ -280,10 +284,10 @@ def test_compiler_candidates_are_cxx_then_the_system_gxx(monkeypatch):
 
     if shutil.which("g++") is None:
         pytest.skip("no g++ here")
-    monkeypatch.setattr(aot, "cpp_compiler", lambda: "g++")
-    assert aot._compiler_candidates() == ["g++"]
-    monkeypatch.setattr(aot, "cpp_compiler", lambda: "/opt/gcc/bin/g++")  # (the lent machine's CXX)
-    assert aot._compiler_candidates() == ["/opt/gcc/bin/g++", "g++"]
+    monkeypatch.setattr(store, "cpp_compiler", lambda: "g++")
+    assert store._compiler_candidates() == ["g++"]
+    monkeypatch.setattr(store, "cpp_compiler", lambda: "/opt/gcc/bin/g++")  # (the lent machine's CXX)
+    assert store._compiler_candidates() == ["/opt/gcc/bin/g++", "g++"]
 
 
 def dead_pid():
@@ -304,19 +308,19 @@ def test_loads_that_kept_dying_make_the_next_start_refuse_the_package(tmp_path):
     # and finishing (here: failing with an exception) clears the marker
     marker.write_text(str(dead_pid()))
     with pytest.raises(Exception) as raised:
-        aot._load_package(package, torch.device("cpu"))
-    assert not isinstance(raised.value, aot.PreviousLoadCrashed) and not marker.exists()
+        store._load_package(package, torch.device("cpu"))
+    assert not isinstance(raised.value, store.PreviousLoadCrashed) and not marker.exists()
     # as many as the limit, all gone: a crash that repeats, so the package is refused
-    marker.write_text(" ".join(str(dead_pid()) for _ in range(aot.CRASHED_LOADS_LIMIT)))
-    with pytest.raises(aot.PreviousLoadCrashed):
-        aot._load_package(package, torch.device("cpu"))
+    marker.write_text(" ".join(str(dead_pid()) for _ in range(store.CRASHED_LOADS_LIMIT)))
+    with pytest.raises(store.PreviousLoadCrashed):
+        store._load_package(package, torch.device("cpu"))
     # a load still running in another process (this one's parent, alive) is not a crash
     import os
 
-    marker.write_text(" ".join([str(os.getppid())] * aot.CRASHED_LOADS_LIMIT))
+    marker.write_text(" ".join([str(os.getppid())] * store.CRASHED_LOADS_LIMIT))
     with pytest.raises(Exception) as raised:
-        aot._load_package(package, torch.device("cpu"))
-    assert not isinstance(raised.value, aot.PreviousLoadCrashed)
+        store._load_package(package, torch.device("cpu"))
+    assert not isinstance(raised.value, store.PreviousLoadCrashed)
 
 
 def test_a_process_that_exits_normally_mid_load_leaves_no_crash_evidence(tmp_path):
@@ -326,14 +330,15 @@ def test_a_process_that_exits_normally_mid_load_leaves_no_crash_evidence(tmp_pat
 
     script = f"""
 import threading, time, torch, pathlib
-from app.runtime import aot, aot_verify
+from app.runtime import aot
+from app.runtime.aot import export, store, verify
 loading = threading.Event()
 def load(*args, **kwargs):  # a load that is still running when the process exits
     loading.set()
     time.sleep(30)
 torch._inductor.aoti_load_package = load
 package = pathlib.Path({str(tmp_path / "mod-nomask.pt2")!r})
-threading.Thread(target=aot._load_package, args=(package, torch.device("cpu")), daemon=True).start()
+threading.Thread(target=store._load_package, args=(package, torch.device("cpu")), daemon=True).start()
 assert loading.wait(60)
 print("loading", package.with_name(package.name + ".loading").exists(), flush=True)
 """

@@ -1,11 +1,11 @@
-"""The FP8 attention probe's quantized math (ops/attention_probe.py), on the CPU: the reference its
+"""The FP8 attention probe's quantized math (ops/lab/attention_probe.py), on the CPU: the reference its
 Triton kernel is checked against on the GPU must itself be attention, up to FP8 rounding."""
 
 import math
 
 import torch
 
-from ops.attention_probe import FP8, quantize_per_token, quantize_v, reference
+from ops.lab.attention_probe import FP8, quantize_per_token, quantize_v, reference
 
 
 def test_quantizers_round_trip_within_e4m3_precision_and_v_is_transposed():

@@ -5,35 +5,11 @@ the warm-up compiles everything a request can bring (other sizes, longer prompts
 so no request compiles; the compile shows up in the warm-up's report, not in the step times the
 monitor's stall bound is made from. Slow on 2 cores (~2-3 min), so one test does it all."""
 
-import numpy as np
 import pytest
 import torch
 import torch.fx.experimental._config
 
-from app.runtime.engine import GenerationParams
-from tests.app.test_engine import make_engine
-
-LONG = "a red fox in fresh snow under a pale winter sky, 35mm photograph, " * 4
-
-
-def image(engine, prompt, width=128, height=128, num_images=1):
-    p = GenerationParams(
-        prompt=prompt,
-        negative_prompt="",
-        width=width,
-        height=height,
-        num_inference_steps=2,
-        cfg_scale=0.0,
-        num_images=num_images,
-        seed=9,
-    )
-    result = engine.submit(p).future.result(600)
-    return [np.asarray(im).astype(float) for im in result.images]
-
-
-def psnr(a, b):
-    mse = ((a - b) ** 2).mean()
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+from tests.engine_helpers import LONG, image, make_engine, psnr
 
 
 @pytest.mark.slow  # AOTInductor/torch.compile builds: tens of seconds
@@ -47,7 +23,7 @@ def test_warm_up_compiles_what_requests_bring_and_requests_compile_nothing(tmp_p
         assert compiled.loaded.compiled and not eager.loaded.compiled
         assert compiled.loaded.compile_backend == "jit"
         # the warm-up compiled (single image, a 2-image request, a merged batch with a mask) ...
-        assert compiled.warmup_compile["compiles"] >= 3 and compiled.warmup_compile["compile_s"] > 0
+        assert compiled.warmup.compile["compiles"] >= 3 and compiled.warmup.compile["compile_s"] > 0
         # ... and its compiled first step is not in the step figures: steps of the tiny model on a CPU
         # take well under a second, a compile takes tens of seconds.
         assert compiled.heartbeat.step_seconds_max < 5, compiled.heartbeat.step_seconds_max

@@ -4,30 +4,10 @@ import numpy as np
 import pytest
 
 from app import errors
-from app.config import load_settings
 from app.runtime.engine import Engine, GenerationParams
 from app.runtime.faults import FaultInjector
+from tests.engine_helpers import make_engine, make_settings
 from tests.helpers import wait_for
-
-
-def make_settings(tmp_path, **overrides):
-    """Settings for an engine on the tiny model with a small, quick warm-up."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "none.toml").write_text("")
-    return load_settings(
-        {"ZIMAGE_CONFIG": str(tmp_path / "none.toml")},
-        outputs_dir=tmp_path / "out",
-        admin_token_file=tmp_path / "tok",
-        **{"warmup_size": 128, "warmup_steps": 1, "min_size": 64, **overrides},
-    )
-
-
-def make_engine(tmp_path, ready_timeout=120, **overrides):
-    engine = Engine(make_settings(tmp_path, **overrides), faults=FaultInjector(enabled=True))
-    engine.start()
-    wait_for(lambda: engine.state in ("ready", "failed"), ready_timeout, what="engine start")
-    assert engine.state == "ready", engine.state_reason
-    return engine
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def one_image(loaded):
         negatives=None,
         width=128,
         height=64,
-        steps=2,
+        num_inference_steps=2,
         cfg_scale=0.0,
         generators=[torch.Generator("cpu").manual_seed(4)],
     )

@@ -1,6 +1,6 @@
 """FP8 linear layers: the quantization is real (values change a little, not a lot), and a quantized
 tiny pipeline still makes nearly the same picture. On this CPU the FP8 product is emulated with the
-same rounding; the kernel path (torch._scaled_mm) runs on the GPU in ops/bench.py's fp8 phase."""
+same rounding; the kernel path (torch._scaled_mm) runs on the GPU in ops/lab/bench.py's fp8 phase."""
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ def test_quantized_tiny_pipeline_makes_nearly_the_same_image():
             negatives=None,
             width=128,
             height=128,
-            steps=4,
+            num_inference_steps=4,
             cfg_scale=0.0,
             generators=[torch.Generator("cpu").manual_seed(1)],
         )

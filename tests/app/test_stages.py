@@ -21,7 +21,7 @@ def request(prompts, negatives=None, cfg=0.0, seed=3):
         negatives=negatives,
         width=128,
         height=64,
-        steps=3,
+        num_inference_steps=3,
         cfg_scale=cfg,
         generators=[torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))],
     )

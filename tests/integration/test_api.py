@@ -18,20 +18,8 @@ SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    proc = (
-        AppProcess(
-            tmp_path_factory.mktemp("api"),
-            fault_injection="true",
-            queue_size=1,
-            warmup_size=128,
-            warmup_steps=1,
-        )
-        .start()
-        .wait_ready()
-    )
-    yield proc
-    proc.stop()
+def app(start_app):
+    return start_app("api", fault_injection="true", queue_size=1)
 
 
 def post(app, body, **kw):

@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from common.polling import poll_until
 from common.supervisor_client import SupervisorClient
 from ops.tempstack import StackHome
 from tests.helpers import wait_for
@@ -58,14 +59,16 @@ def kill_monitor_when(stack, predicate, timeout: float = 60) -> str:
     """Poll supervisord and the journal every 10 ms; SIGKILL the monitor the moment predicate(app
     state, app pid, journal) holds. Returns the app state seen at that moment."""
     client = SupervisorClient(stack.home / "run" / "supervisor.sock", timeout=2)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def reached():
         info = client.process("app")
-        if predicate(info.state, info.pid, journal(stack)):
-            os.kill(client.process("monitor").pid, signal.SIGKILL)
-            return info.state
-        time.sleep(0.01)
-    raise AssertionError(f"the point was not reached in {timeout} s\n{stack.logs()}")
+        return info if predicate(info.state, info.pid, journal(stack)) else None
+
+    info = poll_until(reached, timeout, 0.01)
+    if info is None:
+        raise AssertionError(f"the point was not reached in {timeout} s\n{stack.logs()}")
+    os.kill(client.process("monitor").pid, signal.SIGKILL)
+    return info.state
 
 
 def post_in_background(url: str, body: dict, timeout: float) -> threading.Thread:

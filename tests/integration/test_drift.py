@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ops.bench import REPO
+from ops.lab.bench import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -9,28 +9,15 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ops.load import LoadGenerator
-from tests.helpers import AppProcess
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    proc = (
-        AppProcess(
-            tmp_path_factory.mktemp("rel"),
-            queue_size=2,
-            warmup_size=128,
-            warmup_steps=1,
-            min_size=64,
-            api_token="load-test-api-token",
-            fault_injection="true",
-        )
-        .start()
-        .wait_ready()
+def app(start_app):
+    return start_app(
+        "rel", queue_size=2, min_size=64, api_token="load-test-api-token", fault_injection="true"
     )
-    yield proc
-    proc.stop()
 
 
 AUTH = {"authorization": "Bearer load-test-api-token"}

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from app.web.auth import session_value
-from tests.helpers import AppProcess
 
 pytestmark = pytest.mark.integration
 TOKEN = "s3cret-ui-and-api-token"
@@ -24,17 +23,8 @@ GENERATE_DATA = ["x", "", 256, 256, 2, 0, 42, False, 1]  # the UI's generate inp
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("security")
-    proc = (
-        AppProcess(
-            tmp, api_token=TOKEN, gradio_temp_dir=tmp / "run" / "gradio", warmup_size=128, warmup_steps=1
-        )
-        .start()
-        .wait_ready()
-    )
-    yield proc
-    proc.stop()
+def app(start_app):
+    return start_app("security", api_token=TOKEN, gradio_temp_dir=lambda tmp: tmp / "run" / "gradio")
 
 
 def test_gradio_api_refuses_without_the_token(app):

@@ -5,11 +5,14 @@ import os
 import signal
 import stat
 import time
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
+from app.config import load_settings
+from common.supervisor_client import SupervisorClient
 from ops.tempstack import StackHome, wait_ready
 from tests.helpers import wait_for
 
@@ -43,19 +46,21 @@ def test_default_bind_is_loopback(stack):
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
 
 
-def test_app_log_and_rotation_settings_are_real(stack):
+def test_app_log_and_rotation_settings_are_what_supervisord_runs(stack):
+    """Asked of the running supervisord (getAllConfigInfo), not grepped from our own file: what it
+    parsed is what it will do at a stop, a crash and a full log."""
     assert '"event": "ready"' in stack.log("app")
-    conf = (stack.home / "supervisor" / "app.conf").read_text()
-    for key in (
-        "stdout_logfile_maxbytes=20MB",
-        "stdout_logfile_backups=5",
-        "stopasgroup=true",
-        "killasgroup=true",
-        "stopsignal=TERM",
-        "startsecs=10",
-        "startretries=3",
-    ):
-        assert key in conf
+    client = SupervisorClient(stack.home / "run" / "supervisor.sock")
+    app, settings = client.config("app"), load_settings({"ZIMAGE_CONFIG": str(stack.home / "zimage.toml")})
+    assert Path(app["stdout_logfile"]).resolve() == (stack.home / "logs" / "app.log").resolve()
+    assert app["redirect_stderr"]
+    assert app["stdout_logfile_maxbytes"] == 20 * 2**20 and app["stdout_logfile_backups"] == 5
+    assert app["stopsignal"] == signal.SIGTERM and app["killasgroup"]
+    assert app["startsecs"] == 10 and app["startretries"] == 3
+    # the stop timeout outlasts a drain, which outlasts one generation
+    assert app["stopwaitsecs"] > settings.drain_timeout_s >= settings.request_timeout_s
+    monitor = client.config("monitor")
+    assert Path(monitor["stdout_logfile"]).resolve().parent == (stack.home / "logs").resolve()
 
 
 def test_killed_app_is_restarted_by_supervisord(stack):

@@ -1,6 +1,6 @@
 """zimagectl drift: how far each lossy opt-in moves an image away from the default, same prompt and seed.
 
-    python -m ops.drift --model-dir /path/to/Z-Image-Turbo [--size 1024] [--seeds 2] [--images-dir drift/]
+    python -m ops.lab.drift --model-dir /path/to/Z-Image-Turbo [--size 1024] [--seeds 2] [--images-dir drift/]
 
 One pipeline is loaded (eager: compiling changes no figure here), then each path generates the
 same prompts from the same starting noise: the default (bf16), the step cache, FP8, FP8 with the
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ops.bench_app import psnr
+from ops.lab.bench_app import psnr
 
 PROMPTS = (
     "a lighthouse on a cliff at dusk, oil painting",

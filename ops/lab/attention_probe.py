@@ -1,6 +1,6 @@
 """zimagectl-free probe: would an FP8 attention kernel of our own beat cuDNN's bf16 attention?
 
-    python -m ops.attention_probe [--out probe.json]        # on the GPU machine; needs Triton
+    python -m ops.lab.attention_probe [--out probe.json]        # on the GPU machine; needs Triton
 
 With FP8 linear layers, attention is ~188 of an image's ~626 ms of kernels (docs/PERFORMANCE.md)
 and PyTorch 2.11 has no FP8 attention, so the lever left for throughput was a Triton FP8 kernel

@@ -2,13 +2,13 @@
 and say which ones kill the process: for a start that keeps falling back to torch.compile
 (`aot_unfinished_load` in the app's log), or a new environment, before it serves.
 
-    python -m ops.aot_load_check --compile-cache run/compile-cache [--after-imports]
+    python -m ops.lab.aot_load_check --compile-cache run/compile-cache [--after-imports]
 
 Each load runs with faulthandler on, so a native crash leaves the Python stack of the crash in the
 output; `--after-imports` imports diffusers and transformers first, as the app does. Exit status 1
 when any load died or failed. Loading runs the package's native code, which is why each gets its
 own process here: a crash ends that child, not the check. A start does the same for each package it
-has just compiled (app/runtime/aot_verify.py), so this is for a cache made elsewhere or before that check.
+has just compiled (app/runtime/aot/verify.py), so this is for a cache made elsewhere or before that check.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from app.runtime.aot_verify import load_in_child
+from app.runtime.aot.verify import load_in_child
 
 
 def packages(cache: Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """The app under measurement: `python -m app` in a subprocess, driven over HTTP with one keep-alive
 client, and the measurements taken through it (latency with its stage split, throughput, a
-same-seed image for quality checks). ops/bench.py decides what to run and prints the table."""
+same-seed image for quality checks). ops/lab/bench.py decides what to run and prints the table."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from common.polling import poll_until
 from ops.tempstack import REPO, app_env
 
 PROMPT = (
@@ -57,16 +58,14 @@ class AppRun:
         )
 
     def wait_ready(self, timeout: float = 480) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"app exited {self.proc.returncode}: " + self.log_path.read_text()[-3000:])
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return time.perf_counter() - self.started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+
+        if poll_until(ready, timeout, 0.1, ignore=(httpx.HTTPError,)):
+            return time.perf_counter() - self.started
         raise TimeoutError(f"app not ready in {timeout:.0f} s: " + self.log_path.read_text()[-3000:])
 
     def startup_breakdown(self) -> dict:

@@ -5,7 +5,7 @@ Found on the lent H100 (docs/PERFORMANCE.md): its environment names a wrapper of
 (/opt/gcc/bin/g++), which AOTInductor uses for the package's shared library; every package built
 through it died with SIGSEGV when loaded, in any process, and the same packages built by the
 system g++ loaded. A crash inside the app's start is what supervisord would restart into the same
-crash; a crash in a child is a clean answer: the package is refused, and app/runtime/aot.py records the
+crash; a crash in a child is a clean answer: the package is refused, and app/runtime/aot/ records the
 compiler that built it and builds again with the system g++, or falls back to torch.compile.
 """
 
@@ -23,10 +23,10 @@ TIMEOUT_S = 300.0  # a fresh interpreter: torch import + the load (a few seconds
 _CHILD_LOAD = """
 import sys, pathlib, torch
 {imports}
-from app.runtime.aot import aoti_load
+from app.runtime.aot.store import aoti_load
 device = torch.device(sys.argv[2])
 if device.type == "cuda":  # as the app's start does (loading asks Inductor the CPU's vector ISA)
-    from app.runtime.loader import trust_cpu_vector_flags
+    from app.runtime.compile import trust_cpu_vector_flags
     trust_cpu_vector_flags()
 aoti_load(pathlib.Path(sys.argv[1]), device)
 print("loaded", flush=True)

@@ -3,7 +3,7 @@ Triton kernels, the rest) and the costliest kernels, through the app's own loade
 packages and all), next to the wall time of the same encode + denoise. A wall time well above the
 kernel time means the GPU waits on the CPU (docs/PERFORMANCE.md, "where a 1024² image's time goes").
 
-    python -m ops.kernel_profile --model-dir /tmp/zimage-full --compile-cache DIR [setting=value ...]
+    python -m ops.lab.kernel_profile --model-dir /tmp/zimage-full --compile-cache DIR [setting=value ...]
 
 e.g. `quantize=fp8`. GPU only; the model directory is the one `zimagectl bench` builds.
 """

@@ -2,7 +2,7 @@
 embeddings diffusers' encode_prompt returns must be identical, for one prompt and for two at once,
 a kept result must survive later replays, and the times are printed side by side.
 
-    python -m ops.encoder_graph_check --model-dir /tmp/zimage-full
+    python -m ops.lab.encoder_graph_check --model-dir /tmp/zimage-full
 
 Exits 1 when the graphs differ from eager or did not serve. GPU only.
 """

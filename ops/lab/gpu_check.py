@@ -1,6 +1,6 @@
 """The whole stack on a GPU machine: supervisord + app (full-size model) + monitor with real NVML.
 
-    python -m ops.gpu_check --model-dir /tmp/zimage-full --out DIR
+    python -m ops.lab.gpu_check --model-dir /tmp/zimage-full --out DIR
 
 Brings the stack up with zimagectl, prints NVML readings next to torch's, then lets another
 process fill GPU memory steadily and reports when the monitor calls it a precursor (before the
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         parents=True, exist_ok=True
     )  # (a missing one used to fail the log copy and skip `down`)
     if not (Path(args.model_dir) / "model_index.json").exists():
-        from ops.bench import build_model_dir, load_reference
+        from ops.lab.bench import build_model_dir, load_reference
 
         build_model_dir(load_reference(args.reference), Path(args.model_dir), [])
     home = REPO

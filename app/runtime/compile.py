@@ -1,0 +1,175 @@
+"""Compile where it pays: AOT packages of the transformer blocks and the VAE decoder
+(app/runtime/aot/), else torch.compile's regional compilation; and the on-disk caches that make
+the next start reuse the compiled code."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from app.config import AppSettings
+
+if TYPE_CHECKING:
+    from app.runtime.loader import LoadReport
+
+log = logging.getLogger(__name__)
+
+
+def _configure_compile_cache(settings: AppSettings) -> None:
+    """Inductor's on-disk caches make the next start of a process reuse compiled kernels.
+    Assigned, not setdefault: torch writes its default into TORCHINDUCTOR_CACHE_DIR the first time
+    anything asks for the cache dir (an import can), and a setdefault after that silently kept
+    the caches in /tmp (caught by tests/app/test_compile.py)."""
+    settings.compile_cache_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings.compile_cache_dir / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(settings.compile_cache_dir / "triton")
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def trust_cpu_vector_flags() -> None:
+    """Inductor asks which CPU vector ISA to generate C++ for (loading an AOT package asks too) and
+    finds out by building a test library per ISA and loading each in a child Python that imports
+    torch: 15 s of every start on the lent H100 (torch 2.11), 60 s on a fresh machine, for CPU code
+    a GPU deployment never runs. Inductor's own switch for this, cpp.vec_isa_ok, is not honoured on
+    that path in torch 2.11, so the check itself trusts the CPU's flags (what torch 2.13 does with
+    vec_isa_ok = True). GPU machines only: CPU deployments run the C++ this check is for. The child
+    that loads a new AOT package first (app/runtime/aot/verify.py) calls it too: without it, each child
+    check took ~20 s of the first start on the H100."""
+    import torch._inductor.config as inductor_config
+    import torch._inductor.cpu_vec_isa as cpu_vec_isa
+
+    if inductor_config.cpp.vec_isa_ok is None:
+        inductor_config.cpp.vec_isa_ok = True
+    if inductor_config.cpp.vec_isa_ok:
+        cpu_vec_isa.VecISA.check_build = lambda self, code: True
+
+
+def compile_pipeline(
+    pipe, settings: AppSettings, device: torch.device, dtype: torch.dtype, report: "LoadReport"
+) -> str:
+    """Compile where it pays; returns how the transformer blocks run ("aot" or "jit"). Compiled code
+    is cached on disk under compile_cache_dir for the next start: AOT packages are made here (once
+    per GPU/torch/architecture), torch.compile's graphs at the first call of each shape (the warm-up)."""
+    _configure_compile_cache(settings)
+    if device.type == "cuda":
+        trust_cpu_vector_flags()
+    import torch._dynamo as dynamo  # (a bare `import torch._dynamo` would make `torch` local here)
+
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+    backend = "jit"
+    if settings.compile_backend == "aot":
+        backend = "aot" if _install_aot(pipe, settings, device, dtype, report) else "jit"
+    if backend == "jit":
+        _compile_blocks_jit(pipe, settings)
+    if (
+        settings.compile_text_encoder and settings.offload == "none"
+    ):  # (group-offload hooks and compile do not mix)
+        # The pipeline pads every prompt to 512 tokens: one static shape per batch size. Off by
+        # default: on the H100 encoding took 31–54 ms compiled against 46–49 ms eager (the tokenizer
+        # and mask building dominate), for 10–20 s more warm-up.
+        for layer in pipe.text_encoder.layers:
+            layer.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
+    if settings.compile_vae and not (
+        backend == "aot" and _install_aot_decoder(pipe, settings, device, report)
+    ):
+        # Static shapes: dynamic VAE graphs took 17-21 s to load from a warm cache at start-up (static:
+        # ~2 s) and still recompiled per size. Sizes the warm-up did not decode run eagerly (+50 ms).
+        pipe.vae.decoder.compile(fullgraph=False, dynamic=False, mode=settings.compile_mode)
+    return backend
+
+
+def _install_aot(
+    pipe, settings: AppSettings, device: torch.device, dtype: torch.dtype, load: "LoadReport"
+) -> bool:
+    """The blocks' AOT packages, or False (said in the notes and the log) to fall back to
+    torch.compile: a model that exports differently must still start, only slower."""
+    from app.runtime import aot
+
+    reason = aot.supported(settings.offload)
+    if reason is None:
+        try:
+            report = aot.install(
+                pipe.transformer,
+                settings.compile_cache_dir,
+                dtype,
+                device,
+                settings.quantize,
+                settings.attention_backend,
+            )
+        except Exception as exc:
+            aot.uninstall(pipe.transformer)
+            reason = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+            log.warning(
+                "AOT compile of the transformer blocks failed; using torch.compile",
+                extra={"event": "aot_failed", "part": "transformer", "error": reason},
+            )
+        else:
+            _note_aot(report, "transformer blocks", load)
+            load.note(
+                f"transformer blocks: AOT packages ({len(report.loaded)} kinds, {report.blocks} blocks)"
+            )
+            return True
+    load.note(f"transformer blocks: torch.compile (AOT unavailable: {reason})")
+    return False
+
+
+def _install_aot_decoder(pipe, settings: AppSettings, device: torch.device, load: "LoadReport") -> bool:
+    from app.runtime import aot
+
+    vae = pipe.vae
+    side = settings.warmup_pixels(device.type) // pipe.vae_scale_factor
+    shape = (1, vae.config.latent_channels, side, side)
+    try:
+        report = aot.install_decoder(vae.decoder, settings.compile_cache_dir, shape, vae.dtype, device)
+    except Exception as exc:
+        vae.decoder.__dict__.pop("forward", None)
+        log.warning(
+            "AOT compile of the VAE decoder failed; using torch.compile",
+            extra={
+                "event": "aot_failed",
+                "part": "vae_decoder",
+                "error": f"{exc.__class__.__name__}: {str(exc)[:300]}",
+            },
+        )
+        return False
+    _note_aot(report, "VAE decoder", load)
+    load.note(f"VAE decoder: AOT package for {side * pipe.vae_scale_factor}² (other sizes eager)")
+    return True
+
+
+def _note_aot(report, part: str, load: "LoadReport") -> None:
+    load.add("aot_load_s", report.load_s)
+    if report.compiled:
+        load.add("aot_compile_s", report.compile_s)
+        log.info(
+            f"compiled the {part} ahead of time",
+            extra={
+                "event": "aot_compiled",
+                "part": part,
+                "kinds": report.compiled,
+                "seconds": report.compile_s,
+                "directory": report.directory,
+            },
+        )
+
+
+def _compile_blocks_jit(pipe, settings: AppSettings) -> None:
+    # Regional compilation: the 30 identical transformer blocks compile once and are reused,
+    # which is most of full-graph speed at a fraction of the compile time. Dynamic shapes from the
+    # first call (compile_dynamic = "on"): the caption length differs with every prompt and the
+    # image size with every preset; static shapes recompiled per prompt (on the H100 the recompile
+    # limit was hit after 8 prompts and requests failed), and "auto" left that change to a request.
+    dynamic = {"auto": None, "on": True, "off": False}[settings.compile_dynamic]
+    if dynamic:
+        import torch.fx.experimental._config as fx_config
+
+        # Dynamic sizes still specialise on 1: a graph made for one image recompiled for two.
+        # Size-oblivious reasoning keeps the batch size symbolic: on the CPU one graph then serves
+        # 1-4 images; on the H100 an Inductor guard still splits 1 from 2+, which the warm-up's
+        # 2-image request covers (docs/PERFORMANCE.md). The CPU compile test checks the pixels.
+        fx_config.backed_size_oblivious = True
+    pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=settings.compile_mode)

@@ -1,0 +1,99 @@
+"""What goes into the engine and what comes out: a generation's parameters, a queued job, its
+result, and the engine's status snapshot for the web side."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class GenerationParams:
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_inference_steps: int
+    cfg_scale: float
+    num_images: int
+    seed: int
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call without changing their images."""
+        return (self.width, self.height, self.num_inference_steps, self.cfg_scale)
+
+
+@dataclass
+class JobResult:
+    images: list  # PIL images
+    seed: int
+    queue_wait_s: float
+    generation_s: float
+    batch_size: int
+    peak_memory_bytes: Optional[int]
+    stages: dict = field(default_factory=dict)  # encode_s, denoise_s, decode_s of the batch
+
+
+@dataclass
+class Job:
+    params: GenerationParams
+    request_id: str
+    enqueued_at: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    started_at: Optional[float] = None
+    priority: int = 1  # 0: health checks (the monitor's warm-up) go before user work
+    seq: int = 0
+
+
+def resolve(future: Future, outcome) -> None:
+    """Set a job's result or exception once; a waiter that gave up may have cancelled it already."""
+    if future.done():
+        return
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except Exception:  # InvalidStateError from a concurrent cancel: nobody is waiting any more
+        pass
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """How the loaded model runs, for /api/info, the UI and the metrics."""
+
+    source: str  # "tiny" or the model directory
+    device: str
+    dtype: str
+    vae_dtype: str
+    compiled: bool
+    compile_backend: str  # aot | jit | none
+    load_seconds: float
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """One consistent read of the engine, everything the web side may know about it."""
+
+    state: str  # starting, loading, warming, ready, failed, unhealthy, stopped
+    reason: Optional[str]
+    waiting: int
+    running: int
+    heartbeat: dict  # common.heartbeat.Heartbeat as a dict (the monitor reads it from /healthz)
+    warmup_seconds: Optional[float]
+    compiles_after_warmup: int
+    model: Optional[ModelFacts]  # None until loaded
+    step_cache: Optional[dict] = None  # {"reused", "computed"} where the lossy step cache is on
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in ("failed", "unhealthy")
