@@ -32,18 +32,22 @@ fi
 log "installing zimage-serve and its test dependencies"
 "$PY" -m pip install -q -e ".[test]"
 
-# Headless Chromium for the browser test (Debian's package: no browser download from a test tool),
-# and a CJK font so Chinese prompts render in it.
+# Debian's packages: HAProxy (the balancer of app.replicas > 1, docs/SCALING.md), headless
+# Chromium for the browser test (no browser download from a test tool), and a CJK font so Chinese
+# prompts render in it.
 missing=()
-command -v chromium >/dev/null 2>&1 || missing+=(chromium)
-dpkg -s fonts-wqy-zenhei >/dev/null 2>&1 || missing+=(fonts-wqy-zenhei)
-if [ "${#missing[@]}" -gt 0 ] && [ "${SKIP_BROWSER:-0}" != 1 ]; then
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+if [ "${SKIP_BROWSER:-0}" != 1 ]; then
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  dpkg -s fonts-wqy-zenhei >/dev/null 2>&1 || missing+=(fonts-wqy-zenhei)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    log "installing Debian packages for the UI test: ${missing[*]}"
+    log "installing Debian packages: ${missing[*]}"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
-      || log "apt-get install failed: the browser test will be skipped"
+      || log "apt-get install failed: the replica and browser tests will be skipped"
   else
-    log "missing ${missing[*]} and not root: the browser test will be skipped (apt-get install ${missing[*]})"
+    log "missing ${missing[*]} and not root: their tests will be skipped (apt-get install ${missing[*]})"
   fi
 fi
 

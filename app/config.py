@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal, Mapping, Optional
+from typing import Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.configfile import load_section, resolve_under
 from common.contract import check_timeout_chain, supervisor_stopwaitsecs
+from common.replicas import replica_index
 
 OffloadMode = Literal["none", "model", "text-encoder"]
 Switch = Literal["auto", "on", "off"]
@@ -47,8 +49,8 @@ class AppSettings(BaseModel):
     # After the warm-up, a shape no compiled graph covers runs eagerly (slower for that call) rather
     # than compiling inside a request (seconds, a minute with an empty cache). true: compile it.
     compile_in_requests: bool = False
-    # What else compiles when compile is on (measured on the H100, docs/PERFORMANCE.md): the VAE
-    # decoder (100 → 47 ms at 1024²) pays; the text encoder does not (no reliable gain, +10–20 s of warm-up).
+    # What else compiles when compile is on (measured: docs/PERFORMANCE.md): the VAE decoder pays
+    # (about twice as fast at 1024²); the text encoder does not (no reliable gain, more warm-up).
     compile_text_encoder: bool = False
     # The text encoder replayed from a CUDA graph per batch size (GPU, nothing offloaded): a new
     # prompt's encoding is launch-bound: more wall time than kernels (app/runtime/encoder_graph.py).
@@ -116,6 +118,12 @@ class AppSettings(BaseModel):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # One app per GPU behind HAProxy (docs/SCALING.md): N, or "auto" for one per visible GPU. With
+    # N > 1 HAProxy takes `port` and replica i listens on replica_base_port + i (common/replicas.py).
+    replicas: Union[int, Literal["auto"]] = 1
+    replica_base_port: int = Field(7870, ge=1, le=65535)
+    balancer_stats_port: int = Field(7869, ge=1, le=65535)  # HAProxy's stats and /metrics, on loopback
+
     @field_validator("model_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
@@ -177,6 +185,10 @@ class AppSettings(BaseModel):
 
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides) -> AppSettings:
+    env = os.environ if env is None else env
     settings = load_section(AppSettings, "app", env, overrides)
+    index = replica_index(env)
+    if index is not None and "port" not in overrides:  # a replica listens on its own port
+        settings.port = settings.replica_base_port + index
     check_timeout_chain(settings.request_timeout_s, settings.drain_timeout_s, supervisor_stopwaitsecs())
     return settings

@@ -4,12 +4,14 @@ importing app/ (the two processes share only common/), and the timeout chain bot
 from __future__ import annotations
 
 import configparser
+import os
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.configfile import REPO_ROOT, ConfigError, load_section, resolve_under
+from common.replicas import Replica, layout, replica_count, replica_index
 
 APP_PROGRAM_CONF = REPO_ROOT / "supervisor" / "app.conf"
 
@@ -28,6 +30,9 @@ class AppContract(BaseModel):
     fault_injection: bool = False
     request_timeout_s: float = Field(120.0, gt=0)
     drain_timeout_s: float = Field(150.0, ge=0)
+    replicas: Union[int, Literal["auto"]] = 1
+    replica_base_port: int = Field(7870, ge=1, le=65535)
+    replica: Optional[int] = None  # this process's replica (ZIMAGE_REPLICA), None in a single-app stack
 
     @field_validator("api_token", "admin_token", mode="before")
     @classmethod
@@ -39,6 +44,9 @@ class AppContract(BaseModel):
         self.admin_token_file = resolve_under(self.home, self.admin_token_file)
         return self
 
+    def replica_set(self) -> list[Replica]:
+        return layout(replica_count(self.replicas), self.port, self.replica_base_port)
+
     @property
     def local_url(self) -> str:
         """Where a process on this host reaches the app (a wildcard bind is reached on loopback)."""
@@ -47,7 +55,13 @@ class AppContract(BaseModel):
 
 
 def load_app_contract(env: Mapping[str, str] | None = None) -> AppContract:
-    return load_section(AppContract, "app", env)
+    """The [app] keys; in a replica (ZIMAGE_REPLICA set) `port` is that replica's own."""
+    env = os.environ if env is None else env
+    contract = load_section(AppContract, "app", env)
+    index = replica_index(env)
+    if index is not None:
+        contract.replica, contract.port = index, contract.replica_base_port + index
+    return contract
 
 
 def supervisor_stopwaitsecs(conf: Path = APP_PROGRAM_CONF) -> Optional[float]:

@@ -69,3 +69,4 @@ class FindingKind(_Name):
     app_down = "app_down"
     warmup_failed = "warmup_failed"
     restart_budget_exhausted = "restart_budget_exhausted"
+    capacity = "capacity"  # fewer replicas ready than min_ready (watched by replica 0's monitor)

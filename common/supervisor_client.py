@@ -42,6 +42,12 @@ class ProcessInfo:
     now: int
     exitstatus: int
     description: str
+    group: str = ""
+
+    @property
+    def full_name(self) -> str:
+        """The name XML-RPC takes: "app", or "app:app-0" for a process of a numprocs group."""
+        return self.name if self.group in ("", self.name) else f"{self.group}:{self.name}"
 
     @property
     def uptime_s(self) -> int:
@@ -91,6 +97,7 @@ class SupervisorClient:
             now=raw["now"],
             exitstatus=raw["exitstatus"],
             description=raw["description"],
+            group=raw.get("group", ""),
         )
 
     def process(self, name: str) -> ProcessInfo:

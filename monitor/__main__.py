@@ -47,9 +47,18 @@ def main(argv: list[str] | None = None) -> int:
 
     log = logging.getLogger("monitor")
     app_url = cfg.app_url or app_cfg.local_url
+    # A replica's monitor knows the others (the rolling heal) and reads its own GPU.
+    peers: tuple[str, ...] = ()
+    heal_slot = None
+    if app_cfg.replica is not None:
+        from monitor.rolling import HealSlot
+
+        host = app_url.rsplit(":", 1)[0]
+        peers = tuple(f"{host}:{r.port}" for r in app_cfg.replica_set() if r.index != app_cfg.replica)
+        heal_slot = HealSlot(cfg.home / "run" / "heal.lock", app_url, peers, cfg.warmup_ready_timeout_s)
     metrics = MonitorMetrics()
     metrics.serve(cfg.metrics_port)
-    gpu = open_gpu_reader()
+    gpu = open_gpu_reader(None if app_cfg.replica is None else [app_cfg.replica])
     log.info("GPU reader: %s", gpu.reason, extra={"event": "gpu_reader", "available": gpu.available})
     journal = Journal(cfg.journal_file)
     state = journal.load()
@@ -57,7 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     supervisor = SupervisorClient(cfg.supervisor_socket, timeout=max(2.0, cfg.probe_timeout_s))
     chaos_file = cfg.home / "run" / "chaos.json" if app_cfg.fault_injection else None
     probes = Probes(
-        app_url, supervisor, cfg.program, gpu, follower, cfg.probe_timeout_s, cfg.maintenance_file, chaos_file
+        app_url,
+        supervisor,
+        cfg.program,
+        gpu,
+        follower,
+        cfg.probe_timeout_s,
+        cfg.maintenance_file,
+        chaos_file,
+        peer_urls=peers,
     )
     monitor = None
     actions = Actions(
@@ -69,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         app_cfg.api_token,
         cfg,
         should_stop=lambda: monitor is not None and monitor.stop.is_set(),
+        heal_slot=heal_slot,
     )
     monitor = Monitor(cfg, probes, actions, journal, metrics, state=state)
     actions.idle = monitor.drain_events
@@ -101,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             "event": "monitor_config",
             "app_url": app_url,
             "program": cfg.program,
+            "peers": list(peers),
             "log": str(cfg.app_log),
             "webhooks": len(cfg.webhooks),
             "signed": bool(cfg.webhook_secret),

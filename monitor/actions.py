@@ -20,6 +20,7 @@ from PIL import Image
 from common.polling import poll_until
 from common.supervisor_client import SupervisorClient, SupervisorUnavailable
 from common.tokenfile import bearer_headers, read_token
+from monitor.rolling import HealSlot
 
 log = logging.getLogger("monitor.actions")
 
@@ -47,6 +48,7 @@ class ActionResult:
     old_pid: int = 0
     new_pid: int = 0
     extra: dict = field(default_factory=dict)
+    deferred: bool = False  # not carried out: another replica is down or healing (monitor/rolling.py)
 
 
 class Actions:
@@ -60,6 +62,7 @@ class Actions:
         api_token: Optional[str],
         cfg,
         should_stop: Callable[[], bool] = lambda: False,
+        heal_slot: Optional[HealSlot] = None,
     ):
         self.app_url = app_url.rstrip("/")
         self.supervisor = supervisor
@@ -69,6 +72,7 @@ class Actions:
         self.api_token = api_token
         self.cfg = cfg
         self.should_stop = should_stop
+        self.heal_slot = heal_slot  # replicas only: one heal at a time, never the last serving one
         # Called while an action waits (drain, stop, readiness, warm-up): the loop folds what came
         # meanwhile (an alert delivered) into its journal, so a monitor killed mid-action does not
         # send that alert again.
@@ -168,6 +172,19 @@ class Actions:
 
     # ---- one entry for the loop, and the roll-forward of an interrupted action --------------------
     def run(self, action: str, target_pid: int, resumed: bool) -> ActionResult:
+        if self.heal_slot is None or action == "free_cache":
+            return self._run(action, target_pid, resumed)
+        # A resumed action already took this replica down (or began to): finish it, no re-check.
+        with self.heal_slot.hold(action, self._pause, check=not resumed) as refused:
+            if refused:
+                log.warning(
+                    "action deferred (rolling heal)",
+                    extra={"event": "action_deferred", "action": action, "why": refused},
+                )
+                return ActionResult(action, False, 0.0, detail=f"deferred: {refused}", deferred=True)
+            return self._run(action, target_pid, resumed)
+
+    def _run(self, action: str, target_pid: int, resumed: bool) -> ActionResult:
         if resumed:
             return self.roll_forward(action, target_pid)
         return {

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from common.configfile import load_section, resolve_under
 from common.contract import check_timeout_chain, load_app_contract, supervisor_stopwaitsecs
 from common.cuda_markers import FATAL_CUDA_MARKERS, OOM_MARKERS
+from common.replicas import Replica
 
 Tier = Literal["alert", "free_cache", "restart", "kill"]
 
@@ -125,6 +126,10 @@ class MonitorSettings(BaseModel):
     alert_outbox_max_age_s: float = Field(3600.0, ge=60)
     alert_queue_size: int = Field(1000, ge=1)  # outbox entries kept at most; the oldest go first
     service_name: str = "zimage-serve"
+    # Replicas (app.replicas > 1): page when fewer than this many are ready for capacity_after_s.
+    min_ready: int = Field(1, ge=0)
+    capacity_after_s: float = Field(10.0, ge=0)
+    watch_capacity: bool = False  # set for replica 0's monitor: one page for the whole pool
     host_name: str = Field(default_factory=socket.gethostname)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -161,10 +166,31 @@ class MonitorSettings(BaseModel):
 
 
 def load_monitor_settings(env: Mapping[str, str] | None = None, **overrides) -> MonitorSettings:
-    """The [monitor] section; the timeout chain is checked against the [app] section and supervisord's."""
+    """The [monitor] section; the timeout chain is checked against the [app] section and supervisord's.
+    In a replica's monitor (ZIMAGE_REPLICA set) the program, log and own files are that replica's."""
     settings = load_section(MonitorSettings, "monitor", env, overrides)
     app = load_app_contract(env)
+    if app.replica is not None:
+        settings = for_replica(settings, app.replica_set()[app.replica])
     check_timeout_chain(
         app.request_timeout_s, app.drain_timeout_s, supervisor_stopwaitsecs(), settings.stop_timeout_s
     )
     return settings
+
+
+def for_replica(settings: MonitorSettings, replica: Replica) -> MonitorSettings:
+    """The settings of the monitor that watches `replica` (common/replicas.py names its files)."""
+    run = resolve_under(settings.home, replica.run_dir)
+    return settings.model_copy(
+        update={
+            "program": replica.program,
+            "app_log": resolve_under(settings.home, replica.log),
+            "state_file": run / "monitor-state.json",
+            "journal_file": run / "monitor-journal.json",
+            "maintenance_file": run / "maintenance",
+            "metrics_file": run / "monitor.prom",
+            "metrics_port": None if settings.metrics_port is None else settings.metrics_port + replica.index,
+            "service_name": f"{settings.service_name}/{replica.label}",
+            "watch_capacity": replica.index == 0,
+        }
+    )

@@ -170,7 +170,9 @@ def _observe(w: _Step, event: Observe) -> None:
                 severity=finding.severity,
                 evidence=finding.evidence,
             )
-    decision = pol.decide(findings, policy, now, cfg)
+    serving = bool(sample.ready and sample.ready.ok)
+    peers_down = 0 if sample.peers_ready is None else sample.peers_total - sample.peers_ready
+    decision = pol.decide(findings, policy, now, cfg, serving=serving, peers_down=peers_down)
     w.set(last_decision={"action": decision.action, "reason": decision.reason})
     _log_decision(w, decision)
     if decision.action not in (Action.none, Action.wait):
@@ -300,6 +302,13 @@ def _action_done(w: _Step, done: ActionDone) -> None:
     pending = w.get("pending")
     kind = pending.kind if pending else "free_cache"
     w.set(pending=None)
+    if done.deferred:  # nothing happened to the app: take back what _act counted, decide again
+        if pending is not None and pending.since in w.s.policy.restarts:
+            w.s.policy.restarts.remove(pending.since)
+        w.set(expect_new_pid=False)
+        w.s.book.warmed_up(done.detail)
+        w.log(logging.WARNING, f"{done.action} deferred", event="deferred", kind=kind, detail=done.detail)
+        return
     if done.warmup_ok is None:  # free_cache: nothing to warm up
         return
     book = w.s.book

@@ -317,6 +317,28 @@ def detect_crash_loop(
     return None
 
 
+def detect_capacity(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Finding]:
+    """Fewer replicas ready (this one and its peers) than min_ready for capacity_after_s: page. Only
+    the monitor that is told its peers (replica 0's) reports it, so it is paged once, not N times."""
+    last = history[-1]
+    if last.peers_ready is None or not cfg.watch_capacity:
+        return None
+
+    def ready_count(s: Sample) -> int:
+        return (s.peers_ready or 0) + (1 if s.ready is not None and s.ready.ok else 0)
+
+    short = _tail(history, lambda s: s.peers_ready is not None and ready_count(s) < cfg.min_ready)
+    if not short or last.now - history[-short].now < cfg.capacity_after_s:
+        return None
+    return Finding(
+        kind=FindingKind.capacity,
+        severity=Severity.critical,
+        action=Action.alert,
+        reason=f"{ready_count(last)} of {last.peers_total + 1} replicas ready (min_ready {cfg.min_ready})",
+        evidence={"ready": ready_count(last), "replicas": last.peers_total + 1},
+    )
+
+
 def detect_all(
     history: Sequence[Sample], unexpected_restarts: Sequence[float], cfg: MonitorSettings
 ) -> list[Finding]:
@@ -330,6 +352,7 @@ def detect_all(
         detect_oom_in_log(last),
         detect_memory(history, cfg),
         detect_vram_pressure(history, cfg),
+        detect_capacity(history, cfg),
     ]
     found = [f for f in candidates if f is not None]
     return sorted(found, key=lambda f: -f.severity.rank)

@@ -132,6 +132,11 @@ class Monitor:
                 extra={"event": "action_interrupted", "action": action, "kind": effect.kind},
             )
             return
+        if result.deferred:
+            self.apply(
+                core.ActionDone(action=action, ok=False, seconds=0.0, detail=result.detail, deferred=True)
+            )
+            return
         self.metrics.actions.labels(action=action, ok=str(result.ok).lower()).inc()
         warm = result.warmup
         restarting = action != "free_cache"

@@ -49,7 +49,17 @@ def backoff_seconds(restarts_in_window: int, cfg: MonitorSettings) -> float:
     return min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (restarts_in_window - 1))
 
 
-def decide(findings: list[Finding], state: PolicyState, now: float, cfg: MonitorSettings) -> Decision:
+def decide(
+    findings: list[Finding],
+    state: PolicyState,
+    now: float,
+    cfg: MonitorSettings,
+    serving: bool = False,
+    peers_down: int = 0,
+) -> Decision:
+    """serving: this replica answers /readyz 200 now; peers_down: other replicas not ready. A
+    replica that serves is not taken down while another is down or warming (a rolling heal): the
+    balancer would have nothing to send work to. One that does not serve is healed at once."""
     if not findings:
         return Decision("none", "healthy")
     finding = findings[0]  # most urgent first (detect_all sorts)
@@ -97,6 +107,12 @@ def decide(findings: list[Finding], state: PolicyState, now: float, cfg: Monitor
                 f"backing off: next restart allowed in {next_at - now:.0f} s",
                 finding,
                 wait_s=next_at - now,
+            )
+        if serving and peers_down and action in (Action.restart, Action.kill):
+            return Decision(
+                "wait",
+                f"rolling heal: {peers_down} other replica(s) not ready; this one serves until they are",
+                finding,
             )
         return Decision(
             action, f"tier {'3' if action == 'kill' else '2'} for {finding.kind}: {finding.reason}", finding

@@ -62,6 +62,7 @@ class Probes:
         timeout_s: float,
         maintenance_file: Optional[Path] = None,
         chaos_file: Optional[Path] = None,
+        peer_urls: tuple[str, ...] = (),
     ):
         self.app_url = app_url.rstrip("/")
         self.supervisor = supervisor
@@ -71,6 +72,7 @@ class Probes:
         self.timeout_s = timeout_s
         self.maintenance_file = maintenance_file
         self.chaos_file = chaos_file  # only set when fault injection is enabled in the config
+        self.peer_urls = tuple(u.rstrip("/") for u in peer_urls)  # the other replicas (rolling heal)
         # A fresh connection per probe: a keep-alive socket to a stopped process would hide a hang.
         self.http = httpx.Client(headers={"connection": "close"})
         self.latencies: dict[str, float] = {}
@@ -131,7 +133,16 @@ class Probes:
         if self.follower is not None:
             s.log_events = self.follower.poll()
             s.log_position = self.follower.position
+        if self.peer_urls:
+            s.peers_total = len(self.peer_urls)
+            s.peers_ready = self.peers_ready()
         return s
+
+    def peers_ready(self) -> int:
+        """How many of the other replicas answer /readyz 200 now (a short timeout: a stopped peer
+        must not slow this replica's own watch)."""
+        timeout = min(self.timeout_s, 0.5)
+        return sum(1 for url in self.peer_urls if http_get(self.http, url + "/readyz", timeout).ok)
 
     def maintenance(self, wall: float) -> Optional[dict]:
         """An operator's maintenance window (zimagectl restart/down): observe, but do not heal."""

@@ -49,6 +49,9 @@ class Sample:
     gpu_name: Optional[str] = None
     log_events: list[LogEvent] = field(default_factory=list)
     log_position: Optional[dict] = None  # where the log follower stands after this sample's read
+    # Replicas: how many of the other replicas answered /readyz 200 this tick (None: no peers).
+    peers_ready: Optional[int] = None
+    peers_total: int = 0
 
     @cached_property
     def heartbeat(self) -> Optional[Heartbeat]:

@@ -30,6 +30,7 @@ class ActionDone:
     warmup_note: str = ""
     old_pid: int = 0
     new_pid: int = 0
+    deferred: bool = False  # not carried out (rolling heal): nothing changed, the next tick decides
 
 
 @dataclass(frozen=True)

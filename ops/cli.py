@@ -24,9 +24,7 @@ import time
 from common.configfile import ConfigError
 from common.polling import poll_until
 from common.supervisor_client import SupervisorUnavailable
-from ops.stack import Stack, program_states
-
-PROGRAMS = ("app", "monitor")
+from ops.stack import Stack, program_names, program_states
 
 
 def say(message: str) -> None:
@@ -37,10 +35,10 @@ def cmd_up(stack: Stack, args) -> int:
     client = stack.supervisor()
     if client.is_running():
         say(f"supervisord already running (pid {client.pid()})")
-        for name in PROGRAMS:
+        for name, full in program_names(client).items():
             if program_states(client).get(name) not in ("RUNNING", "STARTING"):
                 say(f"starting {name}")
-                client.start(name, wait=False)
+                client.start(full, wait=False)
     else:
         say(f"starting supervisord -c {stack.conf}")
         try:
@@ -70,11 +68,11 @@ def cmd_up(stack: Stack, args) -> int:
         if states.get("app") == "FATAL":
             raise SystemExit("error: app is FATAL (crashed at start); see: zimagectl logs app")
 
-    # Ready means both: the app answers /readyz, and supervisord counts it started (startsecs passed).
+    # Ready means both: every app answers /readyz, and supervisord counts each started (startsecs).
     ready = poll_until(
         lambda: (
-            (stack.readyz() or {}).get("ready")
-            and all(program_states(client).get(n) == "RUNNING" for n in PROGRAMS)
+            all((stack.readyz(url=stack.replica_url(r)) or {}).get("ready") for r in stack.replicas)
+            and all(program_states(client).get(n) == "RUNNING" for n in stack.programs())
         ),
         args.timeout,
         progress=progress,
@@ -88,7 +86,9 @@ def cmd_up(stack: Stack, args) -> int:
         f"ready in {time.monotonic() - started:.1f} s (warm-up {info.get('warmup_seconds')} s): "
         f"{stack.app_url}/"
     )
-    reset_monitor_budget(client)  # an operator's up is a fresh start: restarts before it no longer count
+    # An operator's up is a fresh start: restarts before it no longer count.
+    for name in [p for p in stack.programs() if p.startswith("monitor")]:
+        reset_monitor_budget(client, name if name == "monitor" else f"monitor:{name}")
     if stack.app.is_demo_model:
         say("note: serving the built-in DEMO model (random weights); set app.model_dir for Z-Image-Turbo")
     return 0
@@ -101,10 +101,13 @@ def cmd_down(stack: Stack, args) -> int:
         return 0
     stack.set_maintenance(args.timeout + 30, "zimagectl down")
     slow = stack.supervisor(timeout=args.timeout + 10)
-    for name in ("monitor", "app"):  # the monitor first, so it does not "heal" the planned stop
+    # The monitors first, so they do not "heal" the planned stop; the apps drain together; the
+    # balancer last, so nothing in flight loses its way out.
+    groups = ("monitor", "app", "haproxy") if stack.replicated else ("monitor", "app")
+    for name in groups:
         say(f"stopping {name}{' (draining in-flight requests)' if name == 'app' else ''}")
         try:
-            slow.stop(name, wait=True)
+            slow.stop(f"{name}:*" if stack.replicated else name, wait=True)
         except Exception as exc:
             say(f"  {name}: {exc}")
     pid = client.pid()
@@ -152,7 +155,7 @@ def cmd_status(stack: Stack, args) -> int:
         }
     else:
         report["app"] = {"engine": "not answering"}
-    state = read_state(stack.monitor.state_file)
+    state = None if stack.replicated else read_state(stack.monitor.state_file)  # (per replica below)
     if state:
         report["monitor"] = {
             "updated_s_ago": round(time.time() - state["updated_at"], 1),
@@ -177,10 +180,17 @@ def cmd_status(stack: Stack, args) -> int:
         rss = (state.get("sample") or {}).get("rss_bytes")
         if rss:
             report["app"]["rss_mib"] = round(rss / 2**20)
+    if stack.replicated:
+        from ops.replica_ops import print_replicas, replica_report
+
+        report["replicas"] = replica_report(stack)
+        report["app"]["ready"] = any(r["ready"] for r in report["replicas"])
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:
         _print_status(report)
+        if stack.replicated:
+            print_replicas(report["replicas"], say)
     ok = report.get("app", {}).get("ready") and not (state or {}).get("budget", {}).get("circuit_open")
     return 0 if ok else 3
 
@@ -200,6 +210,8 @@ def _print_status(r: dict) -> None:
         g = r["gpu"]
         say(f"gpu           {g['name']}: {g['used_gib']}/{g['total_gib']} GiB used (app {g['app_gib']} GiB)")
     m = r.get("monitor")
+    if "replicas" in r:
+        return
     if not m:
         say("monitor       no state file yet")
         return
@@ -236,6 +248,18 @@ def cmd_restart(stack: Stack, args) -> int:
     if not client.is_running():
         say("supervisord is not running: use zimagectl up")
         return 1
+    if stack.replicated:
+        from ops.replica_ops import pick, rolling_restart
+
+        try:
+            targets = pick(stack, args.target)
+        except ValueError as exc:
+            say(f"error: {exc}")
+            return 2
+        ok = rolling_restart(stack, targets, args.timeout, say)
+        for i in range(len(stack.replicas)):
+            reset_monitor_budget(client, f"monitor:monitor-{i}")
+        return 0 if ok else 1
     stack.set_maintenance(args.timeout + 30, "zimagectl restart")
     try:
         say("draining (readiness off, in-flight requests finish), then stopping and starting the app")
@@ -249,11 +273,11 @@ def cmd_restart(stack: Stack, args) -> int:
     return 0 if result.ok else 1
 
 
-def reset_monitor_budget(client) -> None:
+def reset_monitor_budget(client, name: str = "monitor") -> None:
     """SIGHUP: the monitor forgets its restarts in the window and closes its circuit (its journal keeps
     them across its own restarts, not across an operator's hand)."""
     try:
-        client.signal("monitor", "HUP")
+        client.signal(name, "HUP")
     except Exception:
         pass
 
@@ -307,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("restart", help="graceful restart of the app, then a checked warm-up")
+    p.add_argument("target", nargs="?", help="with replicas: app:N restarts one; none: all, one at a time")
     p.add_argument("--timeout", type=float, default=900)
     p.set_defaults(func=cmd_restart)
     p = sub.add_parser("logs", help="show a program's log")

@@ -44,6 +44,25 @@ def app_env(config: Path, port: int, **settings) -> dict:
     return env
 
 
+def free_port_run(count: int) -> int:
+    """A port p such that p … p+count-1 are all free now (the replicas' ports)."""
+    for _ in range(200):
+        base = free_port()
+        sockets = []
+        try:
+            for offset in range(count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + offset))
+                sockets.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no run of {count} free ports")
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
     """Poll until predicate() is truthy; return its value or raise AssertionError after timeout."""
     errors: list[Exception] = []
@@ -107,10 +126,21 @@ class WebhookReceiver:
 class StackHome:
     """A checkout-like home: supervisor/ copied, .venv linked, its own zimage.toml, run/ and logs/."""
 
-    def __init__(self, root: Path, app: Optional[dict] = None, monitor: Optional[dict] = None):
+    def __init__(
+        self, root: Path, app: Optional[dict] = None, monitor: Optional[dict] = None, replicas: int = 1
+    ):
         self.home = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.replicas = replicas
+        if replicas > 1:  # HAProxy takes self.port; the replicas and its stats get ports of their own
+            self.base_port = free_port_run(replicas)
+            app = {
+                "replicas": replicas,
+                "replica_base_port": self.base_port,
+                "balancer_stats_port": free_port(),
+                **(app or {}),
+            }
         shutil.copytree(REPO / "supervisor", root / "supervisor")
         (root / ".venv").symlink_to(REPO / ".venv")
         (root / "logs").mkdir(exist_ok=True)
@@ -183,8 +213,16 @@ class StackHome:
         path = self.home / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def replica_url(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.base_port + index}"
+
     def logs(self) -> str:
-        return "\n".join(f"--- {n} ---\n{self.log(n)[-3000:]}" for n in ("supervisord", "app", "monitor"))
+        names = ["supervisord", "app", "monitor"]
+        if self.replicas > 1:
+            names = ["supervisord", "haproxy"] + [
+                f"{p}-{i}" for i in range(self.replicas) for p in ("app", "monitor")
+            ]
+        return "\n".join(f"--- {n} ---\n{self.log(n)[-3000:]}" for n in names)
 
     def stop(self) -> None:
         """Graceful down, then make sure: nothing this stack started survives the test."""

@@ -33,12 +33,11 @@ def _configure_compile_cache(settings: AppSettings) -> None:
 def trust_cpu_vector_flags() -> None:
     """Inductor asks which CPU vector ISA to generate C++ for (loading an AOT package asks too) and
     finds out by building a test library per ISA and loading each in a child Python that imports
-    torch: 15 s of every start on the lent H100 (torch 2.11), 60 s on a fresh machine, for CPU code
+    torch: seconds of every start (a minute on a fresh machine; docs/PERFORMANCE.md), for CPU code
     a GPU deployment never runs. Inductor's own switch for this, cpp.vec_isa_ok, is not honoured on
     that path in torch 2.11, so the check itself trusts the CPU's flags (what torch 2.13 does with
     vec_isa_ok = True). GPU machines only: CPU deployments run the C++ this check is for. The child
-    that loads a new AOT package first (app/runtime/aot/verify.py) calls it too: without it, each child
-    check took ~20 s of the first start on the H100."""
+    that loads a new AOT package first (app/runtime/aot/verify.py) calls it too, for the same reason."""
     import torch._inductor.config as inductor_config
     import torch._inductor.cpu_vec_isa as cpu_vec_isa
 
@@ -69,8 +68,8 @@ def compile_pipeline(
         settings.compile_text_encoder and settings.offload == "none"
     ):  # (group-offload hooks and compile do not mix)
         # The pipeline pads every prompt to 512 tokens: one static shape per batch size. Off by
-        # default: on the H100 encoding took 31–54 ms compiled against 46–49 ms eager (the tokenizer
-        # and mask building dominate), for 10–20 s more warm-up.
+        # default: compiled encoding was no reliably faster (the tokenizer and mask building
+        # dominate) for seconds more warm-up (docs/PERFORMANCE.md).
         for layer in pipe.text_encoder.layers:
             layer.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
     if settings.compile_vae and not (
@@ -161,15 +160,15 @@ def _compile_blocks_jit(pipe, settings: AppSettings) -> None:
     # Regional compilation: the 30 identical transformer blocks compile once and are reused,
     # which is most of full-graph speed at a fraction of the compile time. Dynamic shapes from the
     # first call (compile_dynamic = "on"): the caption length differs with every prompt and the
-    # image size with every preset; static shapes recompiled per prompt (on the H100 the recompile
-    # limit was hit after 8 prompts and requests failed), and "auto" left that change to a request.
+    # image size with every preset; static shapes recompiled per prompt (on a GPU the recompile
+    # limit was hit after a few prompts and requests failed), and "auto" left that change to a request.
     dynamic = {"auto": None, "on": True, "off": False}[settings.compile_dynamic]
     if dynamic:
         import torch.fx.experimental._config as fx_config
 
         # Dynamic sizes still specialise on 1: a graph made for one image recompiled for two.
         # Size-oblivious reasoning keeps the batch size symbolic: on the CPU one graph then serves
-        # 1-4 images; on the H100 an Inductor guard still splits 1 from 2+, which the warm-up's
+        # 1-4 images; on a GPU an Inductor guard still splits 1 from 2+, which the warm-up's
         # 2-image request covers (docs/PERFORMANCE.md). The CPU compile test checks the pixels.
         fx_config.backed_size_oblivious = True
     pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=settings.compile_mode)

@@ -145,8 +145,8 @@ def load_state_dict(folder: Path, device: torch.device) -> dict[str, torch.Tenso
 
 class Prefetch:
     """Component weights read in the background from the first moments of the process, while it
-    imports the rest (diffusers, transformers, the web stack: 6–14 s of a start on the H100 host,
-    against ~3.5 s of reading). The loader takes them with take(); a failed read re-raises there."""
+    imports the rest (diffusers, transformers, the web stack: on a GPU host the imports take longer
+    than the reads; docs/PERFORMANCE.md). The loader takes them with take(); a failed read re-raises there."""
 
     def __init__(self, model_dir: Path, device: torch.device, names: tuple[str, ...]):
         self.model_dir = Path(model_dir)

@@ -231,7 +231,7 @@ def _from_directory(settings: AppSettings, device: torch.device, dtype: torch.dt
     """from_pretrained, except that when everything stays on one device the two big components
     (transformer 12 GiB, text encoder 8 GiB) are read by app/runtime/fastload.py, concurrently: large
     sequential reads into pinned buffers, straight to the GPU, started under the process's imports
-    (diffusers' own loader spent 18.8 s on this on the H100; docs/PERFORMANCE.md)."""
+    (diffusers' own loader was the longest part of a cold start; figures in docs/PERFORMANCE.md)."""
     from diffusers import ZImagePipeline
 
     kwargs = {"torch_dtype": dtype}

@@ -99,8 +99,8 @@ def decode_to_pil(pipe, latents: torch.Tensor) -> list[Image.Image]:
     """The pipeline's own decode and postprocess (VaeImageProcessor: x/2+0.5, clamp, float, ×255,
     round), with the rounding done on the GPU so only uint8 pixels cross to the host.
     One image at a time: at 1024² a decode is compute-bound, so a batch gains nothing, while it
-    needs a compiled decoder graph of its own (2.5 s more warm-up per start on the H100) and
-    several GiB of activations per image at once."""
+    needs a compiled decoder graph of its own (seconds more warm-up per start; docs/PERFORMANCE.md)
+    and several GiB of activations per image at once."""
     vae = pipe.vae
     latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
     images = []

@@ -31,6 +31,7 @@ from app.web.sysinfo import live_info, model_info
 from app.web.validation import describe_validation_errors
 from common.gpu import GpuReader, open_gpu_reader
 from common.jsonlog import add_secret
+from common.replicas import replica_count
 from common.tokenfile import ensure_token
 
 log = logging.getLogger("app.web.api")
@@ -75,6 +76,7 @@ def create_app(
     start_engine: bool = False,
 ) -> FastAPI:
     metrics = AppMetrics()
+    pooled = replica_count(settings.replicas) > 1
     faults = FaultInjector(enabled=settings.fault_injection)
     engine = Engine(settings, faults=faults, on_batch_done=metrics.on_batch_done)
     store = OutputStore(settings.outputs_dir, settings.min_free_disk_mb * 2**20, settings.png_compress_level)
@@ -182,8 +184,14 @@ def create_app(
     # ---- errors --------------------------------------------------------------------------------
     @app.exception_handler(errors.ServiceError)
     async def service_error(request: Request, exc: errors.ServiceError):
+        status = exc.status
+        if pooled and isinstance(exc, errors.OutOfMemory):
+            # In a pool of replicas an OOM says "not here, not now": 503 + Retry-After is what the
+            # balancer retries on another replica (HAProxy's retry-on has no 507). Only when every
+            # replica runs out does the client see it, with the same reason and hint.
+            status = 503
         return error_response(
-            exc.status,
+            status,
             exc.code,
             exc.message,
             getattr(request.state, "request_id", None),

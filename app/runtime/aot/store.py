@@ -90,8 +90,8 @@ def aoti_load(path: Path, device: torch.device):
     """The package, run without AOTInductor's thread-safety protocol. That protocol hands each call
     a model instance and, with the default one instance per package, first waits on an event for
     the previous call's GPU work to finish: the CPU could never queue block N+1 while the GPU ran
-    block N, and the GPU sat idle during every block's launch (306 block calls per image). Without
-    it, on the H100: 1.03–1.06 → 0.99 s per 1024² image in bf16, 0.82 → 0.71 s in FP8. The engine
+    block N, and the GPU sat idle during every block's launch (306 block calls per image); without
+    it an image is several percent faster (docs/PERFORMANCE.md, "AOT packages"). The engine
     loads the pipeline and makes every generation on its one thread, so no two calls of a package
     overlap; the installed forwards send a call from any other thread to the eager forward."""
     try:

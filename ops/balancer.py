@@ -1,0 +1,109 @@
+"""HAProxy in front of the replicas: its config, written from zimage.toml, and its view of them.
+
+Why each line is there (docs/SCALING.md has the whole story):
+- `option httpchk GET /readyz` with a fast fall/rise: a replica that drains, warms up or hangs
+  leaves the pool within about a second, and comes back once it answers 200 twice.
+- `retry-on conn-failure empty-response response-timeout 503` with `option redispatch 1` and
+  `option http-buffer-request`: a request whose replica died before answering (killed, restarted)
+  or refused it (queue full, draining) is sent again, to another replica. The client sees an error
+  only when every replica refused: then the last 503 with its Retry-After passes through.
+- `balance leastconn`: a generation holds a connection for its whole length.
+- A cookie pins a browser to one replica: Gradio's queue (join, then the event stream) must reach
+  the process that holds the job. API clients without the cookie are balanced per request.
+- /admin/* is refused at the balancer: the monitor talks to each replica directly.
+- Stats and HAProxy's own Prometheus metrics on loopback only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+if TYPE_CHECKING:
+    from ops.stack import Stack
+
+CHECK_INTERVAL_MS = 500
+
+
+def render(stack: "Stack") -> str:
+    app = stack.app
+    server_timeout = int(app.request_timeout_s) + 15  # the app answers 504 itself before this
+    bind_host = app.host if app.host not in ("", "::") else "0.0.0.0"
+    servers = "\n".join(
+        f"    server {r.label} 127.0.0.1:{r.port} cookie {r.label} check" for r in stack.replicas
+    )
+    return f"""# Written by zimagectl from zimage.toml ([app] replicas, port, replica_base_port,
+# balancer_stats_port); edits here are overwritten at the next `zimagectl up`. Why: ops/balancer.py.
+global
+    log stdout format raw local0 notice
+    maxconn 4096
+    stats socket {stack.home}/run/haproxy.sock mode 600 level admin
+
+defaults
+    mode http
+    log global
+    option httplog
+    option dontlognull
+    timeout connect 2s
+    timeout client {server_timeout}s
+    timeout server {server_timeout}s
+    timeout http-request 30s
+    timeout queue 30s
+    timeout check 2s
+    retries 3
+    option redispatch 1
+    option http-buffer-request
+    retry-on conn-failure empty-response response-timeout 503
+
+frontend zimage
+    bind {bind_host}:{app.port}
+    http-request deny deny_status 403 if {{ path_beg /admin }}
+    default_backend replicas
+
+backend replicas
+    balance leastconn
+    cookie zimage_replica insert indirect nocache httponly
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server inter {CHECK_INTERVAL_MS}ms fastinter {CHECK_INTERVAL_MS}ms downinter 1s fall 2 rise 2
+{servers}
+
+listen stats
+    bind 127.0.0.1:{app.balancer_stats_port}
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    stats enable
+    stats uri /stats
+    stats refresh 5s
+"""
+
+
+def config_path(stack: "Stack") -> Path:
+    return stack.home / "run" / "haproxy.cfg"
+
+
+def write_config(stack: "Stack") -> Path:
+    path = config_path(stack)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(render(stack))
+    tmp.replace(path)
+    return path
+
+
+def server_states(stack: "Stack", timeout: float = 2.0) -> dict[str, str]:
+    """HAProxy's view of each replica ("UP", "DOWN", "UP 1/2", "MAINT", ...), {} when it does not answer."""
+    url = f"http://127.0.0.1:{stack.app.balancer_stats_port}/stats;csv"
+    try:
+        text = httpx.get(url, timeout=timeout).text
+    except httpx.HTTPError:
+        return {}
+    rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
+    return {
+        row["svname"]: row["status"]
+        for row in rows
+        if row.get("pxname") == "replicas" and row["svname"] not in ("FRONTEND", "BACKEND")
+    }

@@ -1,0 +1,193 @@
+"""Two replicas of the tiny model behind a real HAProxy, under a real supervisord with one monitor
+per replica: a replica killed, hung or restarted under load costs the clients nothing, and the
+pool never has both replicas out at once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from ops.load import LoadGenerator
+from ops.tempstack import StackHome, wait_for
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not (shutil.which("haproxy") or os.path.exists("/usr/sbin/haproxy")), reason="no haproxy"
+    ),
+]
+BODY = {"prompt": "replicas: a red fox in snow", "width": 128, "height": 128, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = StackHome(
+        tmp_path_factory.mktemp("replicas"),
+        replicas=2,
+        app={"fault_injection": True, "queue_size": 8},
+        monitor={"hang_stopped_s": 2.0, "restart_budget": 20},
+    )
+    try:
+        s.up()
+        yield s
+    finally:
+        s.stop()
+
+
+class PoolWatch:
+    """HAProxy's view of the replicas every 100 ms, from its stats on loopback."""
+
+    def __init__(self, stack: StackHome):
+        self.url = f"http://127.0.0.1:{stack_stats_port(stack)}/stats;csv"
+        self.samples: list[dict[str, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                rows = httpx.get(self.url, timeout=1).text.splitlines()
+                states = {}
+                for row in rows[1:]:
+                    cells = row.split(",")
+                    if cells[0] == "replicas" and cells[1].startswith("app-"):
+                        states[cells[1]] = cells[17]
+                self.samples.append(states)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+    def both_out(self) -> list[dict]:
+        return [s for s in self.samples if s and not any(v.startswith("UP") for v in s.values())]
+
+    def saw_out(self, label: str) -> bool:
+        return any(not s.get(label, "UP").startswith("UP") for s in self.samples)
+
+
+def stack_stats_port(stack: StackHome) -> int:
+    text = (stack.home / "zimage.toml").read_text()
+    return int(text.split("balancer_stats_port = ")[1].split()[0])
+
+
+def pid_of(stack: StackHome, index: int) -> int:
+    return stack.pid(f"app:app-{index}")
+
+
+def all_ready(stack: StackHome) -> bool:
+    return all(httpx.get(stack.replica_url(i) + "/readyz", timeout=1).status_code == 200 for i in range(2))
+
+
+def under_load(stack: StackHome, fault, settle_s: float = 4.0) -> dict:
+    """Four clients through the balancer while `fault` runs; returns the load's buckets."""
+    gen = LoadGenerator(stack.url, concurrency=4, body=BODY, deadline_s=60).start()
+    time.sleep(1.5)
+    fault()
+    time.sleep(settle_s)
+    stats = gen.stop().summary()
+    assert stats["ok"] > 0, stats
+    return stats
+
+
+def assert_no_client_visible_errors(stats: dict, logs: str) -> None:
+    bad = {k: stats[k] for k in ("refused", "reset", "lost", "server_errors", "unclear") if stats[k]}
+    statuses = {int(k): v for k, v in stats["statuses"].items() if int(k) != 200}
+    assert not bad and set(statuses) <= {503}, f"{stats}\n{logs[-6000:]}"
+
+
+def test_the_balancer_spreads_requests_and_status_shows_each_replica(stack):
+    served = set()
+    for _ in range(6):
+        r = httpx.post(stack.url + "/api/generate", json=BODY, timeout=30)
+        assert r.status_code == 200, r.text
+        served.add(r.headers.get("set-cookie", "").split(";")[0])
+    assert served == {"zimage_replica=app-0", "zimage_replica=app-1"}
+    out = stack.ctl("status").stdout
+    assert "app-0" in out and "app-1" in out and out.count("balancer=UP") == 2, out
+
+
+def test_admin_routes_are_refused_at_the_balancer(stack):
+    r = httpx.post(stack.url + "/admin/free-cache", headers=stack.admin_headers(), timeout=5)
+    assert r.status_code == 403
+    # each replica still takes them directly (the monitor's lever)
+    assert httpx.post(
+        stack.replica_url(0) + "/admin/free-cache", headers=stack.admin_headers(), timeout=5
+    ).is_success
+
+
+def test_a_replica_killed_under_load_costs_the_clients_nothing(stack):
+    old = pid_of(stack, 0)
+    with PoolWatch(stack) as watch:
+        stats = under_load(stack, lambda: os.kill(old, signal.SIGKILL), settle_s=6)
+        wait_for(lambda: all_ready(stack), 60, 0.2, "both replicas ready again")
+    assert pid_of(stack, 0) != old
+    assert_no_client_visible_errors(stats, stack.logs())
+    assert watch.saw_out("app-0") and not watch.both_out()
+
+
+def test_a_hung_replica_is_healed_by_its_monitor_while_the_other_serves(stack):
+    old = pid_of(stack, 1)
+    with PoolWatch(stack) as watch:
+        stats = under_load(stack, lambda: os.kill(old, signal.SIGSTOP), settle_s=12)
+        wait_for(lambda: pid_of(stack, 1) not in (0, old) and all_ready(stack), 60, 0.2, "app-1 replaced")
+    assert_no_client_visible_errors(stats, stack.logs())
+    assert watch.saw_out("app-1") and not watch.both_out()
+    assert '"kind": "hang"' in stack.log("monitor-1") and "app:app-1" in stack.log("monitor-1")
+
+
+def test_a_rolling_restart_under_load_takes_one_replica_at_a_time(stack):
+    olds = [pid_of(stack, 0), pid_of(stack, 1)]
+    gen = LoadGenerator(stack.url, concurrency=4, body=BODY, deadline_s=60).start()
+    with PoolWatch(stack) as watch:
+        time.sleep(1)
+        result = stack.ctl("restart", "--timeout", "120")
+        time.sleep(1)
+    stats = gen.stop().summary()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "app-0: back in the pool" in result.stdout and "app-1: back in the pool" in result.stdout
+    assert [pid_of(stack, 0), pid_of(stack, 1)] != olds and 0 not in (pid_of(stack, 0), pid_of(stack, 1))
+    assert_no_client_visible_errors(stats, stack.logs())
+    assert watch.saw_out("app-0") and watch.saw_out("app-1") and not watch.both_out()
+    # and no monitor took the planned stops for an incident
+    assert "incident_open" not in stack.log("monitor-0").split("restart budget reset")[-1]
+
+
+def test_restart_of_one_replica_by_name(stack):
+    olds = [pid_of(stack, 0), pid_of(stack, 1)]
+    result = stack.ctl("restart", "app:1", "--timeout", "120")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert pid_of(stack, 0) == olds[0] and pid_of(stack, 1) not in (0, olds[1])
+    assert stack.ctl("restart", "app:7").returncode == 2
+
+
+def test_an_oom_in_one_replica_is_retried_on_the_other_and_healed(stack):
+    old = pid_of(stack, 0)
+
+    def oom():
+        r = httpx.post(
+            stack.replica_url(0) + "/admin/fault",
+            json={"kind": "oom", "count": 1},
+            headers=stack.admin_headers(),
+            timeout=5,
+        )
+        assert r.status_code == 200, r.text
+
+    with PoolWatch(stack) as watch:
+        stats = under_load(stack, oom, settle_s=8)
+        wait_for(lambda: pid_of(stack, 0) not in (0, old) and all_ready(stack), 90, 0.2, "app-0 restarted")
+    assert_no_client_visible_errors(stats, stack.logs())
+    assert not watch.both_out()
+    assert '"kind": "oom_in_log"' in stack.log("monitor-0")
