@@ -52,14 +52,7 @@ def main(argv=None) -> int:
 
         build_model_dir(load_reference(args.reference), Path(args.model_dir), [])
     home = REPO
-    venv_python = home / ".venv" / "bin" / "python"
-    if venv_python.is_symlink() or not venv_python.exists():  # no venv there: point at the image's python
-        # A wrapper, not a symlink: a symlinked venv python would look for pyvenv.cfg next to the
-        # link and lose the image's site-packages.
-        venv_python.parent.mkdir(parents=True, exist_ok=True)
-        venv_python.unlink(missing_ok=True)
-        venv_python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-        venv_python.chmod(0o755)
+    use_image_python(home)
     (home / "zimage.toml").write_text(
         f'[app]\nmodel_dir = "{args.model_dir}"\ncompile_cache_dir = "{args.compile_cache}"\n'
         f'compile = "{args.compile}"\nrequest_timeout_s = 150\ndrain_timeout_s = 170\n'
@@ -135,6 +128,18 @@ def main(argv=None) -> int:
         down = subprocess.run(ctl + ["down"], env=env, capture_output=True, text=True)
         log(event="down", rc=down.returncode, out=down.stdout[-300:])
     return 0
+
+
+def use_image_python(home: Path) -> None:
+    """The supervisor files start `.venv/bin/python`; a GPU machine has no venv, only its image's
+    Python. A wrapper, not a symlink: a symlinked venv python would look for pyvenv.cfg next to the
+    link and lose the image's site-packages."""
+    venv_python = home / ".venv" / "bin" / "python"
+    if venv_python.is_symlink() or not venv_python.exists():
+        venv_python.parent.mkdir(parents=True, exist_ok=True)
+        venv_python.unlink(missing_ok=True)
+        venv_python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        venv_python.chmod(0o755)
 
 
 def _state(state_file: Path) -> dict:
