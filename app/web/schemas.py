@@ -13,7 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SIZE_STEP = 64
 SEED_MAX = 2**32 - 1  # torch generators take any int; 32 bits keeps seeds easy to copy and type
-TURBO_DEFAULT_STEPS = 9
+# Z-Image-Turbo is distilled for 8 transformer forwards. Since diffusers PR #13730 (0.42) n steps run
+# n forwards on linspace(1, 1/n, n): 8 is the distilled schedule, 9 one extra forward off it (the
+# model card's "9 steps" predates the fix). tests/app/test_schedule.py pins this.
+TURBO_DEFAULT_STEPS = 8
 TURBO_DEFAULT_CFG = 0.0
 DEFAULT_SIZE = 1024
 

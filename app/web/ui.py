@@ -127,7 +127,7 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
         return ", ".join(parts)
 
     with gr.Blocks(title="Z-Image-Turbo · zimage-serve", analytics_enabled=False) as ui:
-        gr.Markdown("## Z-Image-Turbo\nText to image in 8–9 steps. Prompts in English or Chinese (中文).")
+        gr.Markdown("## Z-Image-Turbo\nText to image in 8 steps. Prompts in English or Chinese (中文).")
         if settings.is_demo_model:
             gr.Markdown(
                 "**Demo model:** this server runs a tiny random-weight model of the Z-Image "
@@ -200,7 +200,8 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
                                 value=TURBO_DEFAULT_STEPS,
                                 step=1,
                                 label="Steps",
-                                info="Turbo is distilled for 8–9 steps",
+                                info="Turbo is distilled for 8 steps (8 forwards with diffusers ≥ 0.42; "
+                                "the older advice of 9 now runs one extra)",
                             )
                             cfg_scale = gr.Slider(
                                 0,

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--size", type=int, default=None, help="image side (default 1024 on a GPU, 128 on a CPU)"
     )
-    parser.add_argument("--steps", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     parser.add_argument("--skips", type=int, default=2, help="step_cache_skips of the step-cache paths")
     parser.add_argument(

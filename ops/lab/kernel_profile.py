@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         prompt=PROMPT,
         height=1024,
         width=1024,
-        num_inference_steps=9,
+        num_inference_steps=8,
         guidance_scale=0.0,
         output_type="latent",
     )

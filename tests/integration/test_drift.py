@@ -39,8 +39,8 @@ def test_drift_rows_for_each_lossy_path_and_none_for_the_default_itself(tmp_path
     rows = {r["label"]: r for r in json.loads(out.read_text())}
     same = rows["default, again (determinism)"]
     assert same["contribution_changed_pct"] == 0 and same["max_abs_diff"] == 0
-    cached, quant = rows["step cache (2 of 9 steps)"], rows["fp8"]
-    both = rows["fp8 + step cache (2 of 9 steps)"]
+    cached, quant = rows["step cache (2 of 8 steps)"], rows["fp8"]
+    both = rows["fp8 + step cache (2 of 8 steps)"]
     for row in (cached, quant, both):
         assert 0 < row["contribution_changed_pct"] < 25 and row["psnr_db_min"] > 30 and row["images"] == 2
     names = {p.name for p in (tmp_path / "img").iterdir()}  # two prompts, seed 0, each path: to look at
