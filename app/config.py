@@ -97,6 +97,13 @@ class AppSettings(BaseModel):
     outputs_dir: Path = Path("outputs")
     min_free_disk_mb: int = Field(100, ge=0)
     png_compress_level: int = Field(1, ge=0, le=9)
+    # Retention of outputs/ (either, both or neither): oldest first, at start and every
+    # retention_interval_s, never a file a live job still returns. The free-space check stays.
+    outputs_max_gb: Optional[float] = Field(None, gt=0)
+    outputs_max_age_days: Optional[float] = Field(None, gt=0)
+    retention_interval_s: float = Field(300.0, ge=1)
+    history_file: Path = Path("run/history.sqlite")  # the index behind GET /api/history
+    jobs_kept: int = Field(1000, ge=1)  # finished jobs remembered for GET /api/jobs/{id}
 
     # Security (docs/SECURITY.md). api_token guards every route but the probes, /metrics and the
     # monitor's /admin/* (its own token): Authorization: Bearer <token>, or the UI's login cookie.
@@ -161,6 +168,7 @@ class AppSettings(BaseModel):
         self.admin_token_file = resolve_under(self.home, self.admin_token_file)
         self.compile_cache_dir = resolve_under(self.home, self.compile_cache_dir)
         self.gradio_temp_dir = resolve_under(self.home, self.gradio_temp_dir)
+        self.history_file = resolve_under(self.home, self.history_file)
         return self
 
     def warmup_pixels(self, device_type: str) -> int:

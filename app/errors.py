@@ -41,6 +41,11 @@ class GenerationTimeout(ServiceError):
     code = "timeout"
 
 
+class Cancelled(ServiceError):
+    status = 409
+    code = "cancelled"
+
+
 class GenerationFailed(ServiceError):
     status = 500
     code = "generation_failed"

@@ -152,6 +152,7 @@ def cmd_status(stack: Stack, args) -> int:
             "steps": f"{hb.get('steps_done')}/{hb.get('steps_total')}",
             "queue_waiting": health.get("queue_waiting"),
             "in_flight": health.get("in_flight"),
+            "jobs": health.get("jobs"),
         }
     else:
         report["app"] = {"engine": "not answering"}
@@ -206,6 +207,8 @@ def _print_status(r: dict) -> None:
         f"busy={a.get('busy')} steps={a.get('steps')} queue={a.get('queue_waiting')} "
         f"in_flight={a.get('in_flight')} rss={a.get('rss_mib', '?')} MiB"
     )
+    if a.get("jobs"):
+        say(f"jobs          queued={a['jobs'].get('queued')} running={a['jobs'].get('running')}")
     if "gpu" in r:
         g = r["gpu"]
         say(f"gpu           {g['name']}: {g['used_gib']}/{g['total_gib']} GiB used (app {g['app_gib']} GiB)")

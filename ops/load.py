@@ -87,6 +87,11 @@ class LoadGenerator:
             t.join(join_timeout if join_timeout is not None else self.deadline_s + 5)
         return self.stats
 
+    def run_for(self, seconds: float) -> LoadStats:
+        self.start()
+        time.sleep(seconds)
+        return self.stop()
+
     def _take(self) -> bool:
         with self._lock:
             if self._stop.is_set() or self.stats.sent >= self.max_requests:

@@ -40,6 +40,8 @@ def app_env(config: Path, port: int, **settings) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}
     config.write_text("")
     env.update(ZIMAGE_CONFIG=str(config), PYTHONUNBUFFERED="1", ZIMAGE_APP_PORT=str(port))
+    # Files the app keeps (its history index) beside the config, not in the checkout's run/.
+    settings = {"history_file": config.parent / "history.sqlite", **settings}
     env.update({f"ZIMAGE_APP_{key.upper()}": str(value) for key, value in settings.items()})
     return env
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -24,6 +23,7 @@ from app.config import AppSettings
 from app.runtime import failures, memory
 from app.runtime.compilewatch import compile_watch
 from app.runtime.faults import FaultInjector
+from app.runtime.jobqueue import JobQueue
 from app.runtime.jobs import EngineStatus, GenerationParams, Job, JobResult, ModelFacts, resolve
 from app.runtime.loader import LoadedPipeline, load_pipeline
 from app.runtime.progress import Heartbeat
@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 
 class _Cancelled(Exception):
     """Raised from the step callback when every request of the running batch was abandoned."""
+
+
+def _why_stopped(job: Job) -> errors.ServiceError:
+    if job.cancelled.is_set():
+        return errors.Cancelled("cancelled while running")
+    return errors.GenerationTimeout("the request timed out and was cancelled mid-generation")
 
 
 class Engine:
@@ -61,12 +67,8 @@ class Engine:
         self.warmup = WarmupReport()
         self.compiles_after_warmup = 0
         self.prompt_cache = PromptEmbeddingCache(settings.prompt_cache_size)
-        # (priority, arrival order, job): FIFO within a priority; None is the stop sentinel.
-        self._jobs: "queue.PriorityQueue[tuple[int, int, Optional[Job]]]" = queue.PriorityQueue()
+        self.queue = JobQueue(settings.queue_size, settings.max_batch, self._retry_after)
         self._seq = itertools.count()
-        self._lock = threading.Lock()
-        self._waiting = 0
-        self._running = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -80,7 +82,7 @@ class Engine:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._jobs.put((-1, next(self._seq), None))
+        self.queue.stop()
         if self._thread is not None:
             self._thread.join(timeout)
         self.state = "stopped" if self.state not in ("failed", "unhealthy") else self.state
@@ -91,14 +93,22 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return self.queue.waiting
 
     @property
     def running(self) -> int:
-        return self._running
+        return self.queue.running
 
     def idle(self) -> bool:
-        return self._waiting == 0 and self._running == 0
+        return self.queue.waiting == 0 and self.queue.running == 0
+
+    def cancel(self, job: Job) -> str:
+        """A queued job leaves the line at once; a running one stops at the next denoising step
+        (alone) or is left out of its batch's results (with others). Returns where it was."""
+        return self.queue.cancel(job)
+
+    def position(self, job: Job) -> Optional[int]:
+        return self.queue.position(job)
 
     def _run(self) -> None:
         try:
@@ -159,68 +169,26 @@ class Engine:
             priority=0 if priority else 1,
             seq=next(self._seq),
         )
-        with self._lock:
-            if (
-                not priority
-                and self._waiting >= self.settings.queue_size
-                and (self._running or self._waiting)
-            ):
-                raise errors.QueueFull(
-                    f"the queue is full ({self._waiting} waiting, {self._running} running)",
-                    hint="retry after the time in Retry-After",
-                    retry_after_s=self._retry_after(),
-                )
-            self._waiting += 1
-        self._jobs.put((job.priority, job.seq, job))
+        self.queue.put(job)
         return job
 
-    def _retry_after(self) -> int:
-        per_job = (self.heartbeat.step_seconds_ewma or 1.0) * 9
-        return max(1, int(per_job * (self._waiting + 1)))
+    def _retry_after(self, waiting: int) -> int:
+        per_job = (self.heartbeat.step_seconds_ewma or 1.0) * 8
+        return max(1, int(per_job * (waiting + 1)))
 
     # ---- the serving loop ------------------------------------------------------------------
     def _serve(self) -> None:
         while not self._stop.is_set():
-            _, _, job = self._jobs.get()
-            if job is None:
+            batch = self.queue.next_batch()
+            if batch is None:
                 break
-            batch = self._take_batch(job)
             live = [j for j in batch if not j.abandoned.is_set()]
             for j in batch:
                 if j.abandoned.is_set():
                     resolve(j.future, errors.GenerationTimeout("abandoned before it started"))
             if live:
                 self.generate_batch(live)
-            with self._lock:
-                self._running = 0
-
-    def _take_batch(self, first: Job) -> list[Job]:
-        """The first job plus queued jobs of the same shape, up to max_batch images in all."""
-        with self._lock:
-            self._waiting -= 1
-            batch, images = [first], first.params.num_images
-            if self.settings.max_batch > 1:
-                keep = []
-                while True:
-                    try:
-                        item = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    nxt = item[2]
-                    if (
-                        nxt is not None
-                        and nxt.params.batch_key() == first.params.batch_key()
-                        and images + nxt.params.num_images <= self.settings.max_batch
-                    ):
-                        batch.append(nxt)
-                        images += nxt.params.num_images
-                        self._waiting -= 1
-                    else:
-                        keep.append(item)
-                for item in keep:  # (priority, seq) keys keep their order
-                    self._jobs.put(item)
-            self._running = len(batch)
-        return batch
+            self.queue.done()
 
     def generate_batch(self, batch: list[Job], probe: bool = False) -> None:
         """Run `batch` and resolve its jobs. probe: a warm-up batch finding out what fits; running
@@ -290,6 +258,10 @@ class Engine:
             compiles = watch.mark()[0] if watch else 0
             hb.record_step(step, step_s, self.wall_clock(), compiled=compiles != last_compiles[0])
             last_compiles[0] = compiles
+            for job in batch:
+                job.steps_done = step + 1
+                if job.on_step is not None:
+                    job.on_step(step + 1)
             if all(j.abandoned.is_set() for j in batch):
                 raise _Cancelled()
             return callback_kwargs
@@ -301,9 +273,8 @@ class Engine:
                     pipe, request, self.loaded.exec_device, self.prompt_cache, on_step_end, on_stage
                 )
         except _Cancelled:
-            self._fail(
-                batch, errors.GenerationTimeout("the request timed out and was cancelled mid-generation")
-            )
+            for job in batch:
+                resolve(job.future, _why_stopped(job))
             return
         except torch.OutOfMemoryError as exc:
             self.free_cache()
@@ -339,6 +310,10 @@ class Engine:
         offset = 0
         for job in batch:
             n = job.params.num_images
+            if job.cancelled.is_set():  # its batch ran on for the others: its images are dropped
+                resolve(job.future, errors.Cancelled("cancelled while running"))
+                offset += n
+                continue
             resolve(
                 job.future,
                 JobResult(
@@ -383,8 +358,8 @@ class Engine:
         return EngineStatus(
             state=self.state,
             reason=self.state_reason or None,
-            waiting=self._waiting,
-            running=self._running,
+            waiting=self.queue.waiting,
+            running=self.queue.running,
             heartbeat=self.heartbeat.snapshot(),
             warmup_seconds=self.warmup.seconds,
             compiles_after_warmup=self.compiles_after_warmup,

@@ -7,7 +7,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 
 @dataclass
@@ -43,10 +43,13 @@ class Job:
     request_id: str
     enqueued_at: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
-    abandoned: threading.Event = field(default_factory=threading.Event)
+    abandoned: threading.Event = field(default_factory=threading.Event)  # nobody waits: stop early
+    cancelled: threading.Event = field(default_factory=threading.Event)  # a user asked: say so
     started_at: Optional[float] = None
     priority: int = 1  # 0: health checks (the monitor's warm-up) go before user work
     seq: int = 0
+    steps_done: int = 0  # denoising steps of this job's batch finished so far
+    on_step: Optional[Callable[[int], None]] = None  # told steps_done after each step (engine thread)
 
 
 def resolve(future: Future, outcome) -> None:

@@ -4,6 +4,7 @@ Every failure is JSON {error, message, hint?, request_id?} with a 4xx/5xx status
 are 422 with one readable sentence per problem, never a stack trace.
 """
 
+import asyncio
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__, errors
@@ -23,6 +25,9 @@ from app.config import AppSettings
 from app.runtime import Engine, FaultInjector
 from app.web.auth import TokenGate, bearer_token, session_value, tokens_match
 from app.web.bodylimit import BodyLimit, BodyTooLarge
+from app.web.history import History
+from app.web.job_routes import Retention, add_job_routes
+from app.web.jobs import JobBook
 from app.web.metrics import AppMetrics
 from app.web.outputs import OutputStore
 from app.web.schemas import ErrorResponse, GenerateResponse
@@ -80,7 +85,10 @@ def create_app(
     faults = FaultInjector(enabled=settings.fault_injection)
     engine = Engine(settings, faults=faults, on_batch_done=metrics.on_batch_done)
     store = OutputStore(settings.outputs_dir, settings.min_free_disk_mb * 2**20, settings.png_compress_level)
-    service = GenerationService(settings, engine, store, metrics)
+    history = History(settings.history_file)
+    service = GenerationService(settings, engine, store, metrics, history)
+    book = JobBook(service, settings.jobs_kept)
+    retention = Retention(settings, service, book, history, metrics)
     gpu = gpu_reader or open_gpu_reader()
     admin_token = settings.admin_token or ensure_token(settings.admin_token_file)
     add_secret(admin_token)
@@ -132,9 +140,17 @@ def create_app(
     async def lifespan(_app: FastAPI):
         store.check_writable()
         engine.start()
+        rebuilt = await run_in_threadpool(history.rebuild_from, settings.outputs_dir)
+        if rebuilt:
+            log.info(
+                "history rebuilt from the PNGs", extra={"event": "history_rebuilt", "generations": rebuilt}
+            )
+        retention_task = asyncio.create_task(retention.loop())
         yield
+        retention_task.cancel()
         engine.stop()
         gpu.close()
+        history.close()
 
     app = FastAPI(
         title="zimage-serve",
@@ -243,6 +259,7 @@ def create_app(
             "draining": service.draining,
             "queue_waiting": status.waiting,
             "in_flight": service.in_flight,
+            "jobs": book.counts(),
             "time": time.time(),
             "heartbeat": status.heartbeat,
         }
@@ -286,6 +303,8 @@ def create_app(
         priority_token = request.headers.get("x-admin-token", "")
         priority = bool(priority_token) and tokens_match(priority_token, admin_token)
         return await service.generate(body, request.state.request_id, priority=priority)
+
+    add_job_routes(app, book, history, RequestModel)
 
     @app.get("/api/info", tags=["api"])
     async def info():
@@ -334,7 +353,7 @@ def create_app(
         os.environ["GRADIO_TEMP_DIR"] = str(settings.gradio_cache_dir)
         from app.web.ui import mount_ui
 
-        app = mount_ui(app, service, gpu)
+        app = mount_ui(app, service, gpu, book)
     # Added last = outermost: the body limit counts every byte (the login form's too), then the
     # gate refuses without reading a body.
     if settings.api_token:

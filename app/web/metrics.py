@@ -28,6 +28,11 @@ class AppMetrics:
             "zimage_steps_per_second", "Denoising steps per second, last batch", registry=r
         )
         self.oom = Counter("zimage_oom", "Generations that ran out of GPU memory", registry=r)
+        self.outputs_files = Gauge("zimage_outputs_files", "PNG files kept in outputs/", registry=r)
+        self.outputs_bytes = Gauge("zimage_outputs_bytes", "Bytes of PNG files kept in outputs/", registry=r)
+        self.outputs_deleted = Counter(
+            "zimage_outputs_deleted", "Output files removed by retention", registry=r
+        )
 
     def on_batch_done(self, images: int, seconds: float, num_inference_steps: int) -> None:
         self.images.inc(images)

@@ -51,3 +51,41 @@ def stage(source: Path, into: Path) -> Path:
     except OSError:
         shutil.copyfile(source, target)
     return target
+
+
+def enforce_outputs(
+    directory: Path,
+    max_bytes: float | None,
+    max_age_s: float | None,
+    protected: set[str],
+    now: float,
+) -> list[tuple[str, int]]:
+    """Delete generated PNGs, oldest first, until those kept are younger than max_age_s and hold
+    at most max_bytes in all; never a name in `protected` (a file a live job still returns).
+    Returns the (name, size) of each file deleted."""
+    if not directory.is_dir() or (max_bytes is None and max_age_s is None):
+        return []
+    files = []
+    for path in directory.glob("*.png"):
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue
+        files.append((info.st_mtime, path.name, info.st_size))
+    files.sort()
+    total = sum(size for _, _, size in files)
+    deleted = []
+    for mtime, name, size in files:
+        too_old = max_age_s is not None and now - mtime > max_age_s
+        too_big = max_bytes is not None and total > max_bytes
+        if not (too_old or too_big):
+            break  # oldest first: everything after this one is younger and fits
+        if name in protected:
+            continue
+        try:
+            (directory / name).unlink()
+        except FileNotFoundError:
+            pass
+        total -= size
+        deleted.append((name, size))
+    return deleted

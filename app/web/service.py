@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from app import errors
 from app.config import AppSettings
 from app.runtime import Engine, GenerationParams, skipped_steps
+from app.web.history import History
 from app.web.metrics import AppMetrics
 from app.web.outputs import OutputStore
 from app.web.schemas import GenerateResponse, ImageOut, Limits, Timings, build_request_model
@@ -27,7 +28,14 @@ def new_request_id() -> str:
 
 
 class GenerationService:
-    def __init__(self, settings: AppSettings, engine: Engine, store: OutputStore, metrics: AppMetrics):
+    def __init__(
+        self,
+        settings: AppSettings,
+        engine: Engine,
+        store: OutputStore,
+        metrics: AppMetrics,
+        history: Optional[History] = None,
+    ):
         self.settings = settings
         self.engine = engine
         self.store = store
@@ -36,6 +44,8 @@ class GenerationService:
         self.request_model = build_request_model(self.limits)
         self.draining = False
         self.in_flight = 0  # requests inside generate(), waiting or running or saving
+        self.live_files: dict[str, float] = {}  # name → saved at: retention keeps its hands off
+        self.history = history
 
     @property
     def ready(self) -> bool:
@@ -63,30 +73,9 @@ class GenerationService:
     def idle(self) -> bool:
         return self.in_flight == 0 and self.engine.idle()
 
-    async def generate(
-        self, req, request_id: Optional[str] = None, url_prefix: str = "/outputs/", priority: bool = False
-    ) -> GenerateResponse:
-        request_id = request_id or new_request_id()
-        started = time.perf_counter()
-        status = "error"
-        self.in_flight += 1
-        try:
-            response = await self._generate(req, request_id, started, url_prefix, priority)
-            status = "ok"
-            return response
-        except errors.ServiceError as exc:
-            status = exc.code
-            if isinstance(exc, errors.OutOfMemory):
-                self.metrics.oom.inc()
-            raise
-        finally:
-            self.in_flight -= 1
-            self.metrics.requests.labels(status=status).inc()
-            self.metrics.request_seconds.observe(time.perf_counter() - started)
-
-    async def _generate(
-        self, req, request_id: str, started: float, url_prefix: str, priority: bool
-    ) -> GenerateResponse:
+    def submit(self, req, request_id: str, priority: bool = False, on_step=None):
+        """Queue the generation of `req`: the engine's job and the seed it will use. Raises Draining,
+        QueueFull, NotReady or EngineUnhealthy instead of waiting."""
         if self.draining:
             raise errors.Draining("the server is draining for a restart; retry shortly", retry_after_s=10)
         seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32)
@@ -101,6 +90,41 @@ class GenerationService:
             seed=seed,
         )
         job = self.engine.submit(params, request_id, priority=priority)
+        job.on_step = on_step
+        return job, seed
+
+    async def generate(
+        self, req, request_id: Optional[str] = None, url_prefix: str = "/outputs/", priority: bool = False
+    ) -> GenerateResponse:
+        """Synchronous: queue, wait, save, answer."""
+        request_id = request_id or new_request_id()
+        return await self.complete(
+            req, request_id, url_prefix, lambda: self.submit(req, request_id, priority)
+        )
+
+    async def complete(self, req, request_id: str, url_prefix: str, submit) -> GenerateResponse:
+        """submit() → (job, seed), then wait, save and answer; counted in the metrics either way."""
+        started = time.perf_counter()
+        status = "error"
+        self.in_flight += 1
+        try:
+            job, seed = submit()
+            response = await self._finish(req, job, seed, request_id, started, url_prefix)
+            status = "ok"
+            return response
+        except errors.ServiceError as exc:
+            status = exc.code
+            if isinstance(exc, errors.OutOfMemory):
+                self.metrics.oom.inc()
+            raise
+        finally:
+            self.in_flight -= 1
+            self.metrics.requests.labels(status=status).inc()
+            self.metrics.request_seconds.observe(time.perf_counter() - started)
+
+    async def _finish(
+        self, req, job, seed: int, request_id: str, started: float, url_prefix: str
+    ) -> GenerateResponse:
         timeout = self.settings.request_timeout_s
         try:
             # shield: a timeout here must not cancel the engine's future; we flag the job instead.
@@ -133,6 +157,7 @@ class GenerationService:
         save_started = time.perf_counter()
         saved = await run_in_threadpool(self.store.save, result.images, request_id, metadata)
         save_s = time.perf_counter() - save_started
+        self.live_files.update({name: time.time() for name, _ in saved})
         images = []
         for name, data in saved:
             image = ImageOut(filename=name, width=req.width, height=req.height)
@@ -158,7 +183,7 @@ class GenerationService:
                 "total_s": round(total, 3),
             },
         )
-        return GenerateResponse(
+        response = GenerateResponse(
             request_id=request_id,
             seed=seed,
             images=images,
@@ -176,3 +201,16 @@ class GenerationService:
             peak_memory_bytes=result.peak_memory_bytes,
             model=self.model_label,
         )
+        if self.history is not None:
+            params = {k: v for k, v in metadata.items() if k != "request_id"}
+            timings = response.timings.model_dump(exclude_none=True)
+            await run_in_threadpool(
+                self.history.add, request_id, time.time(), params, seed, timings, [n for n, _ in saved]
+            )
+        return response
+
+    def protected_files(self, now: float) -> set[str]:
+        """Files saved so recently that a response naming them may still be on its way."""
+        horizon = now - self.settings.request_timeout_s
+        self.live_files = {n: t for n, t in self.live_files.items() if t >= horizon}
+        return set(self.live_files)

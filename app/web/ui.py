@@ -3,6 +3,7 @@ the same request model, limits, queue and errors) as POST /api/generate: no seco
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -12,6 +13,7 @@ import gradio as gr  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from app import errors  # noqa: E402
+from app.web.jobs import TERMINAL  # noqa: E402
 from app.web.retention import prune_older_than, reset_dir, stage  # noqa: E402
 from app.web.schemas import SIZE_STEP, TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS  # noqa: E402
 from app.web.sysinfo import live_info, model_info  # noqa: E402
@@ -57,7 +59,7 @@ def status_text(service) -> str:
     return f"○ Model {labels.get(status.state, status.state)} — the Generate button unlocks when ready"
 
 
-def build_ui(service, gpu_reader) -> gr.Blocks:
+def build_ui(service, gpu_reader, book) -> gr.Blocks:
     settings, limits = service.settings, service.limits
     presets = [
         p for p in PRESETS if limits.min_size <= min(p[1], p[2]) and max(p[1], p[2]) <= limits.max_size
@@ -75,6 +77,7 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
         random_seed,
         num_images,
         request: gr.Request,
+        progress=gr.Progress(),
     ):
         data = {
             "prompt": prompt or "",
@@ -91,9 +94,24 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
         except ValidationError as exc:
             raise gr.Error(validation_message(exc), title="Please check the settings")
         try:
-            result = await service.generate(req)
+            record = book.start(req)  # a job like POST /api/jobs: the same queue, progress to show
         except errors.ServiceError as exc:
             raise gr.Error(exc.message + (f" — {exc.hint}" if exc.hint else ""), title="Could not generate")
+        try:
+            while record.state not in TERMINAL:
+                view = book.view(record)
+                if view["state"] == "queued":
+                    progress(0, desc=f"Waiting: position {view['queue_position'] + 1} in the queue")
+                else:
+                    progress((view["step"], view["steps"]), desc="Denoising", unit="steps")
+                await asyncio.sleep(0.1)
+        except asyncio.CancelledError:  # the Cancel button (or the browser went away)
+            book.cancel(record)
+            raise
+        if record.error is not None:
+            exc = record.error
+            raise gr.Error(exc.message + (f" — {exc.hint}" if exc.hint else ""), title="Could not generate")
+        result = record.response
         # Gradio serves its own copies from gradio_temp_dir; outputs/ itself is not a Gradio path.
         temp_dir = settings.gradio_cache_dir
         prune_older_than(temp_dir, settings.gradio_cache_max_age_s, time.time())
@@ -118,6 +136,33 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
             f"Request `{result.request_id}` · files: " + ", ".join(f"`{i.filename}`" for i in result.images)
         )
         return paths, info, result.seed
+
+    def load_history():
+        """The newest generations, one picture each (those retention removed are skipped)."""
+        rows, items = [], []
+        staged = settings.gradio_cache_dir / "staged"
+        for row in service.history.page(24) if service.history else []:
+            source = settings.outputs_dir / row["images"][0] if row["images"] else None
+            if source is None or not source.is_file():
+                continue
+            items.append((str(stage(source, staged)), row["parameters"].get("prompt", "")[:80]))
+            rows.append(row)
+        return items, rows
+
+    def restore(rows, evt: gr.SelectData):
+        row = rows[evt.index]
+        p = row["parameters"]
+        return (
+            p.get("prompt", ""),
+            p.get("negative_prompt", ""),
+            p.get("width", default_size),
+            p.get("height", default_size),
+            p.get("num_inference_steps", TURBO_DEFAULT_STEPS),
+            p.get("cfg_scale", TURBO_DEFAULT_CFG),
+            row["seed"],
+            False,
+            f"Restored `{row['request_id']}` (seed `{row['seed']}`): press Generate on the Generate tab.",
+        )
 
     def refresh_status():
         return status_text(service), gr.update(interactive=service.ready)
@@ -218,9 +263,14 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
                             random_seed = gr.Checkbox(value=True, label="Random seed")
                             reuse = gr.Button("Reuse last seed", size="sm")
                             num_images = gr.Slider(1, limits.max_images, value=1, step=1, label="Images")
-                        go = gr.Button(
-                            "Generate", variant="primary", interactive=service.ready, elem_id="generate-btn"
-                        )
+                        with gr.Row():
+                            go = gr.Button(
+                                "Generate",
+                                variant="primary",
+                                interactive=service.ready,
+                                elem_id="generate-btn",
+                            )
+                            cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
                     with gr.Column(scale=6):
                         gallery = gr.Gallery(
                             label="Images",
@@ -233,6 +283,13 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
                             preview=True,
                         )
                         info = gr.Markdown("", elem_id="generation-info")
+            with gr.Tab("History", id="history") as history_tab:
+                gr.Markdown("Recent generations, newest first. Click one to restore its parameters and seed.")
+                history_gallery = gr.Gallery(
+                    label="History", columns=4, height=520, elem_id="history-gallery", allow_preview=False
+                )
+                history_rows = gr.State([])
+                history_info = gr.Markdown("", elem_id="history-info")
             with gr.Tab("Advanced", id="advanced"):
                 gr.Markdown("### Model")
                 model_json = gr.JSON(value=lambda: model_info(service), label="Model and options")
@@ -255,7 +312,24 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
         compose_btn.click(
             compose, inputs=[h_subject, h_action, h_setting, h_style, h_detail], outputs=prompt, queue=False
         )
-        go.click(
+        history_tab.select(load_history, outputs=[history_gallery, history_rows], queue=False)
+        history_gallery.select(
+            restore,
+            inputs=history_rows,
+            outputs=[
+                prompt,
+                negative,
+                width,
+                height,
+                num_inference_steps,
+                cfg_scale,
+                seed,
+                random_seed,
+                history_info,
+            ],
+            queue=False,
+        )
+        generation = go.click(
             generate,
             inputs=[
                 prompt,
@@ -272,16 +346,17 @@ def build_ui(service, gpu_reader) -> gr.Blocks:
             api_name=GENERATE_API_NAME,
             concurrency_limit=settings.max_batch,
         )
+        cancel.click(None, cancels=[generation], queue=False)
     ui.queue(max_size=max(1, settings.queue_size), default_concurrency_limit=settings.max_batch)
     return ui
 
 
-def mount_ui(app, service, gpu_reader):
+def mount_ui(app, service, gpu_reader, book):
     """Mount the UI at /. GRADIO_TEMP_DIR must already name settings.gradio_cache_dir (app.web.api sets
     it before gradio is imported: some of gradio reads it at import)."""
     settings = service.settings
     reset_dir(settings.gradio_cache_dir)
-    ui = build_ui(service, gpu_reader)
+    ui = build_ui(service, gpu_reader, book)
     # No allowed_paths: Gradio's file route serves only the copies it made, behind app.web.auth's gate.
     return gr.mount_gradio_app(
         app,

@@ -31,6 +31,7 @@ ALL_PHASES = ",".join(
     [
         "reference",
         "latency",
+        "jobs",
         "throughput",
         "fp8",
         "stepcache",
@@ -152,6 +153,9 @@ def main(argv=None) -> int:
                 speedup(measure_latency(app, results, "default settings", args.size, args.n))
                 # The old default beside it: one forward more, off the distilled schedule.
                 measure_latency(app, results, "default settings at 9 steps", args.size, args.n, steps=9)
+            if "jobs" in phases:  # the async path with every step event read, beside the sync one
+                measure_latency(app, results, "default, POST /api/generate", args.size, args.n)
+                measure_latency(app, results, "default, as a job + SSE", args.size, args.n, as_job=True)
             default_image.append(app.image(args.size, seed=42))
             if "throughput" in phases:
                 measure_throughput(

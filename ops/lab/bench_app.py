@@ -124,6 +124,25 @@ class AppRun:
         r.raise_for_status()
         return r.json()
 
+    def generate_as_job(self, size: int, steps: int = 8, seed: int = 0, prompt: str = PROMPT) -> dict:
+        """POST /api/jobs, then follow its event stream to the end (every step event read): the
+        async path as a client with a progress bar uses it. Returns the job's final view."""
+        body = {"prompt": prompt, "width": size, "height": size, "num_inference_steps": steps, "seed": seed}
+        job_id = self.client.post(self.url + "/api/jobs", json=body).json()["job_id"]
+        final, steps_seen = None, 0
+        with self.client.stream("GET", f"{self.url}/api/jobs/{job_id}/events") as r:
+            event = None
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    steps_seen += event == "step"
+                    if event in ("done", "failed", "cancelled"):
+                        final = json.loads(line[6:])
+        if final is None or final["state"] != "done" or steps_seen != steps:
+            raise RuntimeError(f"job {job_id}: {final} after {steps_seen} step events")
+        return final["result"]
+
     def metric(self, name: str) -> float | None:
         """One unlabelled value from the app's /metrics."""
         for line in self.client.get(self.url + "/metrics").text.splitlines():
@@ -149,13 +168,17 @@ class AppRun:
         self.log.close()
 
 
-def measure_latency(app: AppRun, results: list, label: str, size: int, n: int, steps: int = 8) -> dict:
-    app.generate(size, steps=steps, seed=999)  # one more warm-up at this exact size and prompt length
+def measure_latency(
+    app: AppRun, results: list, label: str, size: int, n: int, steps: int = 8, as_job: bool = False
+) -> dict:
+    """as_job: through POST /api/jobs and its event stream instead of POST /api/generate."""
+    call = app.generate_as_job if as_job else app.generate
+    call(size, steps=steps, seed=999)  # one more warm-up at this exact size and prompt length
     e2e, timings = [], []
     for i in range(n):
         t0 = time.perf_counter()
-        body = app.generate(
-            size, steps=steps, seed=i, prompt=f"{PROMPT}, variation {i}"
+        body = call(
+            size, steps=steps, seed=i, prompt=f"{PROMPT}, variation {i} {'job' if as_job else ''}"
         )  # a new prompt each time: no cache hits
         e2e.append(time.perf_counter() - t0)
         timings.append(body["timings"])

@@ -33,3 +33,21 @@ def test_reset_empties_and_closes_the_dir_and_stage_links_without_copying(tmp_pa
     staged = stage(source, root / "staged")
     assert staged.read_bytes() == source.read_bytes() and os.path.samefile(staged, source)
     assert stage(source, root / "staged") == staged  # again: no error, same file
+
+
+def test_outputs_retention_deletes_the_oldest_first_and_never_a_protected_file(tmp_path):
+    from app.web.retention import enforce_outputs
+
+    now = 1_000_000.0
+    for i, name in enumerate(["a.png", "b.png", "c.png", "d.png"]):
+        path = tmp_path / name
+        path.write_bytes(b"x" * 100)
+        os.utime(path, (now - 1000 + i * 100, now - 1000 + i * 100))  # a oldest … d newest
+    # over the size: oldest go first, until 200 bytes are left; b is in a live job's answer
+    deleted = enforce_outputs(tmp_path, 200, None, {"b.png"}, now)
+    assert [n for n, _ in deleted] == ["a.png", "c.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.png", "d.png"]
+    # by age: older than 800 s goes (b, protected, stays)
+    assert enforce_outputs(tmp_path, None, 800, {"b.png"}, now) == []
+    assert [n for n, _ in enforce_outputs(tmp_path, None, 750, set(), now)] == ["b.png"]
+    assert enforce_outputs(tmp_path, None, None, set(), now) == []  # no limit configured: nothing

@@ -14,12 +14,12 @@ def errors_of(**fields):
     return [e["msg"] for e in info.value.errors()]
 
 
-def test_defaults_follow_the_turbo_model_card():
+def test_defaults_are_turbos_distilled_schedule():
     req = Model(prompt="a red fox")
     assert (req.width, req.height, req.num_inference_steps, req.cfg_scale, req.num_images, req.seed) == (
         1024,
         1024,
-        9,
+        8,
         0.0,
         1,
         -1,
