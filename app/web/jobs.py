@@ -16,7 +16,7 @@ from app.web.service import GenerationService, new_request_id
 
 TERMINAL = ("done", "failed", "cancelled")
 KEEPALIVE_S = 10.0
-POLL_S = 0.05
+POLL_S = 0.25  # queue positions are polled; steps and the end wake the stream at once
 
 
 @dataclass
@@ -31,6 +31,7 @@ class JobRecord:
     response: Any = None  # GenerateResponse
     error: Optional[errors.ServiceError] = None
     finished_at: Optional[float] = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # a step or the end: wake the stream
 
     @property
     def state(self) -> str:
@@ -49,7 +50,13 @@ class JobBook:
     def start(self, req, url_prefix: str = "/outputs/") -> JobRecord:
         """Queue `req`; raises what the synchronous route would (QueueFull → 503, Draining, ...)."""
         record = JobRecord(id=new_request_id(), req=req)
-        record.job, record.seed = self.service.submit(req, record.id, on_step=record.steps.append)
+        loop = asyncio.get_running_loop()
+
+        def on_step(step: int) -> None:  # (the engine's thread)
+            record.steps.append(step)
+            loop.call_soon_threadsafe(record.changed.set)
+
+        record.job, record.seed = self.service.submit(req, record.id, on_step=on_step)
         self.records[record.id] = record
         while len(self.records) > self.keep:
             oldest = next(iter(self.records.values()))
@@ -70,6 +77,7 @@ class JobBook:
             record.error = errors.GenerationFailed(f"generation failed: {exc.__class__.__name__}")
         finally:
             record.finished_at = time.time()
+            record.changed.set()
 
     def get(self, job_id: str) -> Optional[JobRecord]:
         return self.records.get(job_id)
@@ -137,6 +145,7 @@ class JobBook:
         sent_steps, last_position, last_state = 0, None, None
         last_write = time.monotonic()
         while True:
+            record.changed.clear()  # before reading: a step that lands meanwhile sets it again
             view = self.view(record)
             out = []
             if view["state"] != last_state and view["state"] in ("queued", "running"):
@@ -160,7 +169,10 @@ class JobBook:
             if time.monotonic() - last_write > KEEPALIVE_S:
                 yield ": keep-alive\n\n"
                 last_write = time.monotonic()
-            await asyncio.sleep(POLL_S)
+            try:
+                await asyncio.wait_for(record.changed.wait(), POLL_S)
+            except asyncio.TimeoutError:
+                pass
 
 
 def _sse(event: str, data: dict) -> str:

@@ -332,7 +332,7 @@ def main(argv=None) -> int:
         finally:
             app.stop()
 
-    if phases & {"latency", "throughput"}:
+    if phases & {"latency", "jobs", "throughput"}:
         phases.add("default")
     guarded("default", default_phases)
     guarded("fp8", fp8_phase)
