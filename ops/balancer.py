@@ -11,6 +11,7 @@ Why each line is there (docs/SCALING.md has the whole story):
 - A cookie pins a browser to one replica: Gradio's queue (join, then the event stream) must reach
   the process that holds the job. API clients without the cookie are balanced per request.
 - /admin/* is refused at the balancer: the monitor talks to each replica directly.
+- /api/jobs/r<i>-… goes to replica i, which holds that job (its events, its cancel).
 - Stats and HAProxy's own Prometheus metrics on loopback only.
 """
 
@@ -35,6 +36,10 @@ def render(stack: "Stack") -> str:
     bind_host = app.host if app.host not in ("", "::") else "0.0.0.0"
     servers = "\n".join(
         f"    server {r.label} 127.0.0.1:{r.port} cookie {r.label} check" for r in stack.replicas
+    )
+    # A job lives in the replica that took it; its id starts r<i>- (app/web/jobs.py).
+    job_routes = "\n".join(
+        f"    use-server {r.label} if {{ path_beg /api/jobs/r{r.index}- }}" for r in stack.replicas
     )
     return f"""# Written by zimagectl from zimage.toml ([app] replicas, port, replica_base_port,
 # balancer_stats_port); edits here are overwritten at the next `zimagectl up`. Why: ops/balancer.py.
@@ -70,6 +75,7 @@ backend replicas
     option httpchk GET /readyz
     http-check expect status 200
     default-server inter {CHECK_INTERVAL_MS}ms fastinter {CHECK_INTERVAL_MS}ms downinter 1s fall 2 rise 2
+{job_routes}
 {servers}
 
 listen stats

@@ -36,7 +36,7 @@ from app.web.sysinfo import live_info, model_info
 from app.web.validation import describe_validation_errors
 from common.gpu import GpuReader, open_gpu_reader
 from common.jsonlog import add_secret
-from common.replicas import replica_count
+from common.replicas import replica_count, replica_index
 from common.tokenfile import ensure_token
 
 log = logging.getLogger("app.web.api")
@@ -87,7 +87,7 @@ def create_app(
     store = OutputStore(settings.outputs_dir, settings.min_free_disk_mb * 2**20, settings.png_compress_level)
     history = History(settings.history_file)
     service = GenerationService(settings, engine, store, metrics, history)
-    book = JobBook(service, settings.jobs_kept)
+    book = JobBook(service, settings.jobs_kept, replica_index(os.environ))
     retention = Retention(settings, service, book, history, metrics)
     gpu = gpu_reader or open_gpu_reader()
     admin_token = settings.admin_token or ensure_token(settings.admin_token_file)
@@ -145,9 +145,12 @@ def create_app(
             log.info(
                 "history rebuilt from the PNGs", extra={"event": "history_rebuilt", "generations": rebuilt}
             )
-        retention_task = asyncio.create_task(retention.loop())
+        # One process sweeps a shared outputs/: the single app, or replica 0 of a pool.
+        sweeps = replica_index(os.environ) in (None, 0)
+        retention_task = asyncio.create_task(retention.loop()) if sweeps else None
         yield
-        retention_task.cancel()
+        if retention_task is not None:
+            retention_task.cancel()
         engine.stop()
         gpu.close()
         history.close()

@@ -33,7 +33,8 @@ class History:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         # One connection, used from the event loop's threads under a lock: writes are tiny.
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        # (replicas of one host share the file: sqlite's own locking, and a wait instead of an error)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()

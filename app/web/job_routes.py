@@ -94,8 +94,8 @@ class Retention:
         max_bytes = None if s.outputs_max_gb is None else s.outputs_max_gb * 2**30
         max_age = None if s.outputs_max_age_days is None else s.outputs_max_age_days * 86400
         now = time.time()
-        protected = self.service.protected_files(now) | self.book.protected_files()
-        deleted = enforce_outputs(s.outputs_dir, max_bytes, max_age, protected, now)
+        protected = self.book.protected_files()
+        deleted = enforce_outputs(s.outputs_dir, max_bytes, max_age, protected, now, s.request_timeout_s)
         if deleted:
             self.history.forget_images({name for name, _ in deleted})
             self.metrics.outputs_deleted.inc(len(deleted))

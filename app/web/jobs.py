@@ -43,13 +43,18 @@ class JobRecord:
 
 
 class JobBook:
-    def __init__(self, service: GenerationService, keep: int):
+    def __init__(self, service: GenerationService, keep: int, replica: Optional[int] = None):
         self.service, self.keep = service, keep
+        # In a pool, the id names the replica that holds the job: HAProxy routes /api/jobs/r<i>-…
+        # to it (ops/balancer.py), so following a job works without a cookie.
+        self.id_prefix = "" if replica is None else f"r{replica}-"
         self.records: "OrderedDict[str, JobRecord]" = OrderedDict()
 
     def start(self, req, url_prefix: str = "/outputs/") -> JobRecord:
         """Queue `req`; raises what the synchronous route would (QueueFull → 503, Draining, ...)."""
-        record = JobRecord(id=new_request_id(), req=req)
+        # Results as URLs: a remembered job must not hold megabytes of base64 for a thousand jobs.
+        req = req.model_copy(update={"response_format": "url"})
+        record = JobRecord(id=self.id_prefix + new_request_id(), req=req)
         loop = asyncio.get_running_loop()
 
         def on_step(step: int) -> None:  # (the engine's thread)

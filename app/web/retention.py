@@ -59,10 +59,12 @@ def enforce_outputs(
     max_age_s: float | None,
     protected: set[str],
     now: float,
+    min_age_s: float = 0.0,
 ) -> list[tuple[str, int]]:
     """Delete generated PNGs, oldest first, until those kept are younger than max_age_s and hold
-    at most max_bytes in all; never a name in `protected` (a file a live job still returns).
-    Returns the (name, size) of each file deleted."""
+    at most max_bytes in all; never a name in `protected` (a finished job's images, still to be
+    fetched) nor a file younger than min_age_s (a response naming it may still be on its way, from
+    this process or from another replica sharing the directory). Returns (name, size) per deletion."""
     if not directory.is_dir() or (max_bytes is None and max_age_s is None):
         return []
     files = []
@@ -80,7 +82,7 @@ def enforce_outputs(
         too_big = max_bytes is not None and total > max_bytes
         if not (too_old or too_big):
             break  # oldest first: everything after this one is younger and fits
-        if name in protected:
+        if name in protected or now - mtime < min_age_s:
             continue
         try:
             (directory / name).unlink()

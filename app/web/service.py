@@ -44,7 +44,6 @@ class GenerationService:
         self.request_model = build_request_model(self.limits)
         self.draining = False
         self.in_flight = 0  # requests inside generate(), waiting or running or saving
-        self.live_files: dict[str, float] = {}  # name → saved at: retention keeps its hands off
         self.history = history
 
     @property
@@ -157,7 +156,6 @@ class GenerationService:
         save_started = time.perf_counter()
         saved = await run_in_threadpool(self.store.save, result.images, request_id, metadata)
         save_s = time.perf_counter() - save_started
-        self.live_files.update({name: time.time() for name, _ in saved})
         images = []
         for name, data in saved:
             image = ImageOut(filename=name, width=req.width, height=req.height)
@@ -208,9 +206,3 @@ class GenerationService:
                 self.history.add, request_id, time.time(), params, seed, timings, [n for n, _ in saved]
             )
         return response
-
-    def protected_files(self, now: float) -> set[str]:
-        """Files saved so recently that a response naming them may still be on its way."""
-        horizon = now - self.settings.request_timeout_s
-        self.live_files = {n: t for n, t in self.live_files.items() if t >= horizon}
-        return set(self.live_files)

@@ -84,6 +84,7 @@ def test_haproxy_accepts_the_generated_config(tmp_path):
         "option redispatch 1",
         "balance leastconn",
         "server app-2 127.0.0.1:9102",
+        "use-server app-2 if { path_beg /api/jobs/r2- }",
         "bind 127.0.0.1:9000",
     ):
         assert line in text

@@ -51,3 +51,5 @@ def test_outputs_retention_deletes_the_oldest_first_and_never_a_protected_file(t
     assert enforce_outputs(tmp_path, None, 800, {"b.png"}, now) == []
     assert [n for n, _ in enforce_outputs(tmp_path, None, 750, set(), now)] == ["b.png"]
     assert enforce_outputs(tmp_path, None, None, set(), now) == []  # no limit configured: nothing
+    # a file younger than min_age_s may be in an answer on its way (any replica's): kept
+    assert enforce_outputs(tmp_path, 1, None, set(), now, min_age_s=800) == []

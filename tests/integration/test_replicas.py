@@ -191,3 +191,25 @@ def test_an_oom_in_one_replica_is_retried_on_the_other_and_healed(stack):
     assert_no_client_visible_errors(stats, stack.logs())
     assert not watch.both_out()
     assert '"kind": "oom_in_log"' in stack.log("monitor-0")
+
+
+def test_jobs_are_followed_through_the_balancer_without_a_cookie(stack):
+    """A job lives in the replica that took it; its id routes every later call there."""
+    wait_for(lambda: all_ready(stack), 60, 0.2, "both replicas ready")
+    ids: list[str] = []
+    for _ in range(20):  # one at a time, until both replicas took some (the balancer decides which)
+        r = httpx.post(stack.url + "/api/jobs", json=BODY, timeout=10)
+        assert r.status_code == 202, (r.status_code, r.text)
+        job_id = r.json()["job_id"]
+        ids.append(job_id)
+        wait_for(
+            lambda: httpx.get(f"{stack.url}/api/jobs/{job_id}", timeout=5).json()["state"] == "done",
+            60,
+            0.1,
+            f"job {job_id} done",
+        )
+        if {i.split("-")[0] for i in ids} == {"r0", "r1"}:
+            break
+    assert {i.split("-")[0] for i in ids} == {"r0", "r1"}, ids
+    for job_id in ids:  # each still answers through the balancer, from the replica that holds it
+        assert httpx.get(f"{stack.url}/api/jobs/{job_id}", timeout=5).json()["state"] == "done"
