@@ -41,6 +41,11 @@ class GenerationTimeout(ServiceError):
     code = "timeout"
 
 
+class InvalidImage(ServiceError):
+    status = 422
+    code = "invalid_image"
+
+
 class Cancelled(ServiceError):
     status = 409
     code = "cancelled"

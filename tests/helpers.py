@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -73,3 +74,15 @@ class AppProcess:
             self.proc.wait(10)
         if getattr(self, "_log", None):
             self._log.close()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header declaring width×height pixels, and nothing behind it: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + b"\x08\x02\x00\x00\x00"
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )

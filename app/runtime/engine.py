@@ -212,6 +212,10 @@ class Engine:
             num_inference_steps=first.num_inference_steps,
             cfg_scale=first.cfg_scale,
             generators=generators,
+            # (an image-to-image job is alone in its batch: batch_key keeps it apart)
+            init_images=None if first.init_image is None else [first.init_image] * len(prompts),
+            mask_images=None if first.mask_image is None else [first.mask_image] * len(prompts),
+            strength=first.strength,
         )
         hb = self.heartbeat
         now = self.wall_clock()
@@ -221,7 +225,7 @@ class Engine:
         hb.begin(
             (first.width, first.height, len(prompts)),
             tuple(j.request_id for j in batch),
-            first.num_inference_steps,
+            first.forwards,
             now,
         )
         last_step_perf = [started]

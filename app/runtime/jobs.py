@@ -20,10 +20,32 @@ class GenerationParams:
     cfg_scale: float
     num_images: int
     seed: int
+    init_image: Optional[object] = None  # PIL image at width×height: image-to-image
+    mask_image: Optional[object] = None  # PIL "L" image at width×height: inpainting (white repaints)
+    strength: float = 1.0
+
+    @property
+    def forwards(self) -> int:
+        """Transformer forwards this request runs: image-to-image skips the first (1 − strength)
+        of the schedule (diffusers' get_timesteps)."""
+        n = self.num_inference_steps
+        return n if self.init_image is None else n - int(max(n - n * self.strength, 0))
+
+    @property
+    def mode(self) -> str:
+        return (
+            "inpaint"
+            if self.mask_image is not None
+            else "img2img"
+            if self.init_image is not None
+            else "text2img"
+        )
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call without changing their images."""
-        return (self.width, self.height, self.num_inference_steps, self.cfg_scale)
+        """Requests with equal keys can share one pipeline call without changing their images (an
+        image-to-image request never does: its own image is part of the call)."""
+        key = (self.width, self.height, self.num_inference_steps, self.cfg_scale)
+        return key if self.mode == "text2img" else key + (self.mode, id(self))
 
 
 @dataclass
@@ -50,6 +72,7 @@ class Job:
     seq: int = 0
     steps_done: int = 0  # denoising steps of this job's batch finished so far
     on_step: Optional[Callable[[int], None]] = None  # told steps_done after each step (engine thread)
+    labels: dict = field(default_factory=dict)  # the caller's own notes (the web side: input hashes)
 
 
 def resolve(future: Future, outcome) -> None:

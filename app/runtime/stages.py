@@ -74,6 +74,29 @@ class BatchRequest:
     num_inference_steps: int
     cfg_scale: float
     generators: list[torch.Generator]
+    init_images: Optional[list] = None  # image-to-image: one PIL image per image, at width×height
+    mask_images: Optional[list] = None  # inpainting: one "L" mask per image (white repaints)
+    strength: float = 1.0
+
+
+def pipeline_for(pipe, request: BatchRequest):
+    """The pipeline that runs `request`: the loaded one, or its image-to-image / inpainting sibling
+    made once with from_pipe: the same modules (transformer, VAE, text encoder, compiled or not),
+    no second copy of any weight."""
+    if request.init_images is None:
+        return pipe, {}
+    kind = "inpaint" if request.mask_images is not None else "img2img"
+    variants = pipe.__dict__.setdefault("_zimage_variants", {})
+    if kind not in variants:
+        from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline
+
+        cls = ZImageInpaintPipeline if kind == "inpaint" else ZImageImg2ImgPipeline
+        variants[kind] = cls.from_pipe(pipe)
+        variants[kind].set_progress_bar_config(disable=True)
+    extra = {"image": request.init_images, "strength": request.strength}
+    if kind == "inpaint":
+        extra["mask_image"] = request.mask_images
+    return variants[kind], extra
 
 
 def encode(pipe, texts: list[str], device: torch.device, cache: PromptEmbeddingCache) -> list[torch.Tensor]:
@@ -129,7 +152,9 @@ def run_batch(
     sync()
     t1 = time.perf_counter()
     on_stage("denoise")
-    latents = pipe(
+    runner, extra = pipeline_for(pipe, request)
+    latents = runner(
+        **extra,
         prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_embeds,
         height=request.height,

@@ -108,7 +108,7 @@ class JobBook:
     def view(self, record: JobRecord) -> dict:
         state = record.state
         req = record.req
-        total = req.num_inference_steps
+        total = record.job.params.forwards
         done = record.steps[-1] if record.steps else 0
         now = time.time()
         body: dict = {

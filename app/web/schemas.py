@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SIZE_STEP = 64
 SEED_MAX = 2**32 - 1  # torch generators take any int; 32 bits keeps seeds easy to copy and type
@@ -118,6 +118,26 @@ def build_request_model(limits: Limits) -> type[GenerateRequestBase]:
         response_format: Literal["url", "base64"] = Field(
             "url", description="Image URLs, or base64 PNGs inline."
         )
+        init_image: Optional[str] = Field(
+            None,
+            description="Image-to-image: the start, base64 PNG/JPEG/WebP (resized to width×height).",
+        )
+        strength: float = Field(
+            0.6,
+            gt=0.0,
+            le=1.0,
+            allow_inf_nan=False,
+            description="Image-to-image: how far from init_image (1: ignore it); ~strength × steps run.",
+        )
+        mask_image: Optional[str] = Field(
+            None, description="Inpainting: white where to repaint, black where to keep; init_image's size."
+        )
+
+        @model_validator(mode="after")
+        def _mask_needs_an_image(self):
+            if self.mask_image is not None and self.init_image is None:
+                raise ValueError("mask_image needs init_image (inpainting repaints part of an image)")
+            return self
 
     return GenerateRequest
 

@@ -16,6 +16,7 @@ from app import errors
 from app.config import AppSettings
 from app.runtime import Engine, GenerationParams, skipped_steps
 from app.web.history import History
+from app.web.images import decode_image, fit
 from app.web.metrics import AppMetrics
 from app.web.outputs import OutputStore
 from app.web.schemas import GenerateResponse, ImageOut, Limits, Timings, build_request_model
@@ -78,6 +79,20 @@ class GenerationService:
         if self.draining:
             raise errors.Draining("the server is draining for a restart; retry shortly", retry_after_s=10)
         seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32)
+        init = mask = None
+        labels: dict = {}
+        if req.init_image is not None:
+            init, labels["init_image_sha256"] = decode_image(req.init_image, "init_image")
+            labels["strength"] = req.strength
+            if req.mask_image is not None:
+                mask, labels["mask_image_sha256"] = decode_image(req.mask_image, "mask_image", mode="L")
+                if mask.size != init.size:
+                    raise errors.InvalidImage(
+                        f"mask_image is {mask.size[0]}×{mask.size[1]} but init_image is "
+                        f"{init.size[0]}×{init.size[1]}; they must be the same size"
+                    )
+                mask = fit(mask, req.width, req.height)
+            init = fit(init, req.width, req.height)
         params = GenerationParams(
             prompt=req.prompt,
             negative_prompt=req.negative_prompt,
@@ -87,9 +102,13 @@ class GenerationService:
             cfg_scale=float(req.cfg_scale),
             num_images=req.num_images,
             seed=seed,
+            init_image=init,
+            mask_image=mask,
+            strength=req.strength if init is not None else 1.0,
         )
         job = self.engine.submit(params, request_id, priority=priority)
         job.on_step = on_step
+        job.labels = {"mode": params.mode, **labels} if init is not None else {}
         return job, seed
 
     async def generate(
@@ -149,6 +168,7 @@ class GenerationService:
             "seed": seed,
             "model": self.model_label,
             "request_id": request_id,
+            **job.labels,  # image-to-image: the mode, strength and the inputs' hashes
         }
         lossy = self.lossy_options(req.num_inference_steps)
         if lossy:

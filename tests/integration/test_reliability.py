@@ -1,5 +1,6 @@
 """Load above the queue size, hostile input (property-based), and the fault drill."""
 
+import base64
 import json
 import string
 
@@ -60,7 +61,22 @@ FIELDS = [
     "num_images",
     "seed",
     "response_format",
+    "init_image",
+    "strength",
+    "mask_image",
 ]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# A PNG that claims 30000×30000 pixels: a decompression bomb's header, nothing behind it.
+PNG_HEAD = (
+    b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (30000).to_bytes(4, "big") * 2 + b"\x08\x02\x00\x00\x00"
+)
+
+
 bodies = st.one_of(
     st.dictionaries(st.sampled_from(FIELDS + ["steps", "x"]), json_values, max_size=9),
     st.fixed_dictionaries(
@@ -72,6 +88,12 @@ bodies = st.one_of(
             "seed": st.integers(-(2**40), 2**40),
             "num_inference_steps": st.integers(-5, 500),
             "cfg_scale": st.floats(allow_nan=True, allow_infinity=True),
+            # image-to-image: base64 of anything (garbage, truncated or real PNG headers), any strength
+            "init_image": st.one_of(
+                st.text(max_size=64), st.binary(max_size=200).map(_b64), st.just(_b64(PNG_HEAD))
+            ),
+            "mask_image": st.one_of(st.text(max_size=16), st.binary(max_size=64).map(_b64)),
+            "strength": st.floats(allow_nan=True, allow_infinity=True),
         },
     ),
     json_values,
