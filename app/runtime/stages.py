@@ -79,6 +79,27 @@ class BatchRequest:
     strength: float = 1.0
 
 
+def _encode_in_vae_dtype(vae) -> None:
+    """diffusers' image-to-image pipelines hand the VAE the image in the transformer's dtype (bf16),
+    while this service may keep the VAE in fp32 (vae_dtype): the encoder's convolution then refuses
+    the input. The image goes in in the VAE's dtype, and the latent distribution comes back in the
+    caller's, so the rest of the pipeline sees what it expects. Once per VAE; decode is untouched."""
+    if getattr(vae, "_zimage_encode_cast", False):
+        return
+    encode = vae.encode
+
+    def encode_cast(x, *args, **kwargs):
+        out = encode(x.to(vae.dtype), *args, **kwargs)
+        dist = out.latent_dist
+        for name in ("parameters", "mean", "logvar", "std", "var"):
+            if isinstance(getattr(dist, name, None), torch.Tensor):
+                setattr(dist, name, getattr(dist, name).to(x.dtype))
+        return out
+
+    vae.encode = encode_cast
+    vae._zimage_encode_cast = True
+
+
 def pipeline_for(pipe, request: BatchRequest):
     """The pipeline that runs `request`: the loaded one, or its image-to-image / inpainting sibling
     made once with from_pipe: the same modules (transformer, VAE, text encoder, compiled or not),
@@ -91,6 +112,7 @@ def pipeline_for(pipe, request: BatchRequest):
         from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline
 
         cls = ZImageInpaintPipeline if kind == "inpaint" else ZImageImg2ImgPipeline
+        _encode_in_vae_dtype(pipe.vae)
         variants[kind] = cls.from_pipe(pipe)
         variants[kind].set_progress_bar_config(disable=True)
     extra = {"image": request.init_images, "strength": request.strength}

@@ -138,3 +138,22 @@ def test_a_large_but_honest_image_is_refused_by_its_size_before_decoding(app):
     big.save(buf, format="PNG")
     r = post(app, {**BASE, "init_image": b64(buf.getvalue())})
     assert r.status_code == 422 and "5000×4000" in r.json()["message"], r.text
+
+
+def test_img2img_with_the_vae_in_another_dtype_than_the_transformer():
+    """As on a GPU by default: transformer bf16, VAE fp32 (the H200 run failed here first)."""
+    import torch
+
+    from app.runtime.stages import BatchRequest, PromptEmbeddingCache, run_batch
+    from app.runtime.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(dtype=torch.bfloat16)
+    pipe.vae.to(torch.float32)
+    init, mask = Image.new("RGB", (64, 64), (10, 200, 30)), Image.new("L", (64, 64), 255)
+    for masks in (None, [mask]):
+        request = BatchRequest(
+            ["x"], None, 64, 64, 4, 0.0, [torch.Generator().manual_seed(0)], [init], masks, strength=0.6
+        )
+        with torch.inference_mode():
+            images, _ = run_batch(pipe, request, torch.device("cpu"), PromptEmbeddingCache(0))
+        assert images[0].size == (64, 64)
