@@ -149,6 +149,7 @@ def test_img2img_with_the_vae_in_another_dtype_than_the_transformer():
 
     pipe = build_tiny_pipeline(dtype=torch.bfloat16)
     pipe.vae.to(torch.float32)
+    dtypes = {n: getattr(pipe, n).dtype for n in ("transformer", "text_encoder", "vae")}
     init, mask = Image.new("RGB", (64, 64), (10, 200, 30)), Image.new("L", (64, 64), 255)
     for masks in (None, [mask]):
         request = BatchRequest(
@@ -157,3 +158,5 @@ def test_img2img_with_the_vae_in_another_dtype_than_the_transformer():
         with torch.inference_mode():
             images, _ = run_batch(pipe, request, torch.device("cpu"), PromptEmbeddingCache(0))
         assert images[0].size == (64, 64)
+        # the shared modules keep their dtypes (from_pipe cast them all to fp32: twice the memory)
+        assert {n: getattr(pipe, n).dtype for n in dtypes} == dtypes
