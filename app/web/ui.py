@@ -313,35 +313,14 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
             compose, inputs=[h_subject, h_action, h_setting, h_style, h_detail], outputs=prompt, queue=False
         )
         history_tab.select(load_history, outputs=[history_gallery, history_rows], queue=False)
+        # The settings a generation is made from: what generate reads and what History restores.
+        settings_fields = [prompt, negative, width, height, num_inference_steps, cfg_scale, seed, random_seed]
         history_gallery.select(
-            restore,
-            inputs=history_rows,
-            outputs=[
-                prompt,
-                negative,
-                width,
-                height,
-                num_inference_steps,
-                cfg_scale,
-                seed,
-                random_seed,
-                history_info,
-            ],
-            queue=False,
+            restore, inputs=history_rows, outputs=settings_fields + [history_info], queue=False
         )
         generation = go.click(
             generate,
-            inputs=[
-                prompt,
-                negative,
-                width,
-                height,
-                num_inference_steps,
-                cfg_scale,
-                seed,
-                random_seed,
-                num_images,
-            ],
+            inputs=settings_fields + [num_images],
             outputs=[gallery, info, last_seed],
             api_name=GENERATE_API_NAME,
             concurrency_limit=settings.max_batch,
