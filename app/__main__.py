@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     from common.jsonlog import setup_logging
 
     setup_logging("app", settings.log_level, secrets=[settings.api_token or "", settings.admin_token or ""])
+    from app import ranks
+
+    ranks.start(settings)  # parallel = "context": the other ranks, before anything touches CUDA
     from app.runtime import start_weight_prefetch
 
     # The weights start streaming to the GPU now, under the imports below (docs/PERFORMANCE.md).

@@ -131,6 +131,13 @@ class AppSettings(BaseModel):
     replica_base_port: int = Field(7870, ge=1, le=65535)
     balancer_stats_port: int = Field(7869, ge=1, le=65535)  # HAProxy's stats and /metrics, on loopback
 
+    # One image on several GPUs (docs/SCALING.md): "context" runs the transformer with diffusers'
+    # context parallelism over parallel_degree processes, one GPU each (the first parallel_degree of
+    # CUDA_VISIBLE_DEVICES), started by python -m app (app/ranks.py). Latency, not throughput:
+    # replicas make more images per hour from the same GPUs (docs/PERFORMANCE.md).
+    parallel: Literal["none", "context"] = "none"
+    parallel_degree: int = Field(2, ge=2, le=8)
+
     @field_validator("model_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
@@ -155,6 +162,15 @@ class AppSettings(BaseModel):
         for name in ("min_size", "max_size"):
             if getattr(self, name) % 64:
                 raise ValueError(f"{name} {getattr(self, name)} is not a multiple of 64")
+        if self.parallel == "context":
+            # Each is a per-rank decision the ranks would have to make identically, or a second way
+            # to use the same GPUs: refused rather than half-supported.
+            if self.replicas != 1:
+                raise ValueError("parallel = 'context' uses several GPUs for one app: set replicas = 1")
+            if self.offload != "none":
+                raise ValueError("parallel = 'context' needs offload = 'none' (each rank holds the model)")
+            if self.step_cache_skips:
+                raise ValueError("parallel = 'context' does not combine with step_cache_skips")
         if self.min_size > self.max_size:
             raise ValueError(f"min_size {self.min_size} is larger than max_size {self.max_size}")
         if self.model_dir is not None:

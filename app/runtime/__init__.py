@@ -5,6 +5,7 @@ runtime's own business (tests of the runtime import its modules directly)."""
 
 from app.runtime.engine import Engine
 from app.runtime.faults import FaultInjector
+from app.runtime.follower import serve_follower
 from app.runtime.jobs import EngineStatus, GenerationParams, JobResult, ModelFacts
 from app.runtime.loader import LoadReport, start_weight_prefetch
 from app.runtime.stepcache import skipped_steps
@@ -17,6 +18,7 @@ __all__ = [
     "JobResult",
     "LoadReport",
     "ModelFacts",
+    "serve_follower",
     "skipped_steps",
     "start_weight_prefetch",
 ]

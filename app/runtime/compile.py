@@ -60,7 +60,10 @@ def compile_pipeline(
 
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
     backend = "jit"
-    if settings.compile_backend == "aot":
+    if settings.parallel == "context" and settings.compile_backend == "aot":
+        # An AOT package is one GPU's block: the context-parallel attention (all-to-all) is not in it.
+        report.note("transformer blocks: torch.compile (AOT packages are single-GPU; parallel = context)")
+    elif settings.compile_backend == "aot":
         backend = "aot" if _install_aot(pipe, settings, device, dtype, report) else "jit"
     if backend == "jit":
         _compile_blocks_jit(pipe, settings)

@@ -26,6 +26,7 @@ from app.runtime.faults import FaultInjector
 from app.runtime.jobqueue import JobQueue
 from app.runtime.jobs import EngineStatus, GenerationParams, Job, JobResult, ModelFacts, resolve
 from app.runtime.loader import LoadedPipeline, load_pipeline
+from app.runtime.parallel import RankLink, RankWork
 from app.runtime.progress import Heartbeat
 from app.runtime.stages import BatchRequest, PromptEmbeddingCache, run_batch, uses_guidance
 from app.runtime.warmup import WarmupReport, warm_up
@@ -71,6 +72,9 @@ class Engine:
         self._seq = itertools.count()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        # Context parallelism (app/runtime/parallel.py): this is rank 0, and every pipeline call
+        # is shared with the other ranks first.
+        self.link: Optional[RankLink] = RankLink(0) if settings.parallel == "context" else None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -189,21 +193,24 @@ class Engine:
             if live:
                 self.generate_batch(live)
             self.queue.done()
+        if self.link is not None and self.state == "ready":
+            self.link.share(None)  # the other ranks exit (0) once the drain is over
 
     def generate_batch(self, batch: list[Job], probe: bool = False) -> None:
         """Run `batch` and resolve its jobs. probe: a warm-up batch finding out what fits; running
         out of memory is then an answer, not an incident (see failures.out_of_memory)."""
         pipe = self.loaded.pipe
         first = batch[0].params
-        prompts, negatives, generators = [], [], []
+        prompts, negatives, seeds = [], [], []
         for job in batch:
             p = job.params
             for i in range(p.num_images):
                 prompts.append(p.prompt)
                 negatives.append(p.negative_prompt)
-                # One CPU generator per image, seeded seed+i: an image depends on its request only,
-                # never on what it was batched with, and a seed gives the same picture on CPU and GPU.
-                generators.append(torch.Generator("cpu").manual_seed((p.seed + i) % 2**63))
+                seeds.append((p.seed + i) % 2**63)
+        # One CPU generator per image, seeded seed+i: an image depends on its request only, never
+        # on what it was batched with, and a seed gives the same picture on CPU and GPU.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         request = BatchRequest(
             prompts=prompts,
             negatives=negatives if uses_guidance(first.cfg_scale) else None,
@@ -266,12 +273,19 @@ class Engine:
                 job.steps_done = step + 1
                 if job.on_step is not None:
                     job.on_step(step + 1)
-            if all(j.abandoned.is_set() for j in batch):
+            stop = all(j.abandoned.is_set() for j in batch)
+            if self.link is not None:  # every rank stops at the same step, or none does
+                stop = self.link.agree_to_stop(stop)
+            if stop:
                 raise _Cancelled()
             return callback_kwargs
 
+        shared = False  # whether the other ranks are running this batch too
         try:
             self.faults.before_generation()
+            if self.link is not None:
+                self.link.share(RankWork.of(request, seeds, self.warmup.seconds is not None))
+                shared = True
             with torch.inference_mode():
                 images, stages = run_batch(
                     pipe, request, self.loaded.exec_device, self.prompt_cache, on_step_end, on_stage
@@ -280,12 +294,16 @@ class Engine:
             for job in batch:
                 resolve(job.future, _why_stopped(job))
             return
-        except torch.OutOfMemoryError as exc:
-            self.free_cache()
-            self._fail(batch, failures.out_of_memory(batch, exc, probe, self.settings.min_size))
-            return
         except Exception as exc:
-            if failures.is_fatal(exc):
+            if shared:
+                # The other ranks may be inside a collective this rank will never join: only a
+                # restart of the whole group gets them out (the monitor replaces an unhealthy app).
+                self.state, self.state_reason = "unhealthy", f"{exc.__class__.__name__}: {exc}"[:200]
+                self._fail(batch, failures.parallel_generation_failed(batch, exc))
+            elif isinstance(exc, torch.OutOfMemoryError):
+                self.free_cache()
+                self._fail(batch, failures.out_of_memory(batch, exc, probe, self.settings.min_size))
+            elif failures.is_fatal(exc):
                 self.state, self.state_reason = "unhealthy", f"{exc.__class__.__name__}: {exc}"[:200]
                 self._fail(batch, failures.fatal_cuda_error(exc))
             else:

@@ -54,6 +54,18 @@ def fatal_cuda_error(exc: BaseException) -> errors.ServiceError:
     return errors.EngineUnhealthy("the GPU failed; the service is restarting", retry_after_s=30)
 
 
+def parallel_generation_failed(batch: list[Job], exc: BaseException) -> errors.ServiceError:
+    log.critical(
+        "generation failed on a context-parallel group; the ranks may be out of step, so the "
+        "engine is unhealthy and the group must be restarted",
+        exc_info=exc,
+        extra={"event": "parallel_failed", "request_ids": [j.request_id for j in batch]},
+    )
+    return errors.EngineUnhealthy(
+        "a generation failed across GPUs; the service is restarting", retry_after_s=30
+    )
+
+
 def generation_failed(batch: list[Job], exc: BaseException) -> errors.ServiceError:
     log.error(
         "generation failed",

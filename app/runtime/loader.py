@@ -78,10 +78,16 @@ class LoadedPipeline:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None:
+        from app.runtime.parallel import RankEnv
+
+        env = RankEnv.from_env()
+        if env is not None:  # context parallel: rank r computes on the r-th visible GPU
+            device = torch.device("cuda", env.rank)
     return device
 
 
@@ -166,6 +172,16 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
             raise RuntimeError(
                 f"attention backend {settings.attention_backend!r} unavailable: {exc}"
             ) from exc
+
+    if settings.parallel == "context":
+        from app.runtime import parallel
+
+        env = parallel.RankEnv.from_env()
+        if env is None:
+            raise RuntimeError("parallel = 'context' needs the ranks python -m app starts (app/ranks.py)")
+        with report.timed("parallel_join_s"):
+            parallel.join_group(env, device)
+        report.note(parallel.enable(pipe.transformer, device, env.world_size))
 
     if settings.quantize == "fp8":
         from app.runtime.fp8 import fp8_matmul_supported, quantize_transformer

@@ -1,0 +1,186 @@
+"""One image on several GPUs: diffusers' context parallelism (Ulysses) for Z-Image's transformer.
+
+Each rank is a process with one GPU and the whole pipeline. Rank 0 is the app: it takes requests and,
+before each pipeline call, broadcasts what to run (a RankWork: prompts, size, steps, seeds, images)
+to the other ranks, which run the same call (app/follower.py). Inside the 30 main layers every rank
+holds 1/N of the token sequence; attention all-to-alls heads against tokens, so it still sees every
+token (lossless: the same image as one GPU within bf16 noise; docs/PERFORMANCE.md). Text encoding,
+the refiners and the VAE run whole on every rank: they are a small part of the time, and running
+them everywhere costs no communication.
+
+Everything the ranks do together must happen in the same order on all of them, or a collective
+waits forever. Hence: a cancel is agreed at every step (one tiny all-reduce on a CPU group), and a
+failure inside a generation is not survivable (the ranks may be at different collectives): the
+engine becomes unhealthy and the monitor replaces the group (app/ranks.py ties the processes
+together so no rank outlives the others).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+# Where the sequence is split and gathered (a diffusers ContextParallelModelPlan). Z-Image has no
+# _cp_plan in diffusers 0.42.1. Its forward builds one unified sequence (image tokens, then caption
+# tokens) before the 30 main layers: the first main layer's input is split along the sequence, every
+# main layer splits its RoPE frequencies the same way (they are passed whole to each), and the final
+# layer's output is gathered back before unpatchify. The attention mask of a merged batch stays whole:
+# after the all-to-all, attention sees the whole sequence, which is what the mask describes.
+def cp_plan(patch_key: str = "2-1") -> dict:
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    return {
+        "layers.0": {"x": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+        "layers.*": {"freqs_cis": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+        f"all_final_layer.{patch_key}": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    """This process's place in the group, from the environment app/ranks.py sets (torchrun's names)."""
+
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> Optional["RankEnv"]:
+        if "ZIMAGE_PARALLEL_RANK" not in env:
+            return None
+        return cls(
+            rank=int(env["ZIMAGE_PARALLEL_RANK"]),
+            world_size=int(env["ZIMAGE_PARALLEL_WORLD"]),
+            master_addr=env.get("ZIMAGE_PARALLEL_ADDR", "127.0.0.1"),
+            master_port=int(env["ZIMAGE_PARALLEL_PORT"]),
+        )
+
+
+_control_group = None
+
+
+def join_group(env: RankEnv, device: torch.device, timeout_s: float = 600.0) -> None:
+    """Join the process group (NCCL between GPUs, gloo on a CPU) and make the CPU group that carries
+    the work and the per-step cancel vote (small objects; no GPU synchronisation). Idempotent."""
+    global _control_group
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    _control_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    log.info(
+        "joined the context-parallel group",
+        extra={"event": "parallel_joined", "rank": env.rank, "world": env.world_size, "backend": backend},
+    )
+
+
+@contextlib.contextmanager
+def _cpu_counts_as_one_device(device: torch.device):
+    """diffusers 0.42.1 picks each rank's device as rank % torch.accelerator.device_count(), which is
+    a division by zero without an accelerator. On a CPU (the tests, gloo) there is one device."""
+    if device.type != "cpu":
+        yield
+        return
+    original = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = original
+
+
+def enable(transformer, device: torch.device, world_size: int) -> str:
+    """Shard Z-Image's main layers over the group (Ulysses: heads must divide by the ranks)."""
+    from diffusers import ContextParallelConfig
+
+    heads = transformer.config.n_heads
+    if heads % world_size:
+        raise ValueError(
+            f"context parallelism over {world_size} GPUs needs the attention heads ({heads}) to divide "
+            f"by {world_size}; use parallel_degree = a divisor of {heads}"
+        )
+    patch_key = f"{transformer.config.all_patch_size[0]}-{transformer.config.all_f_patch_size[0]}"
+    with _cpu_counts_as_one_device(device):
+        transformer.enable_parallelism(
+            config=ContextParallelConfig(ulysses_degree=world_size), cp_plan=cp_plan(patch_key)
+        )
+    return f"context parallel: Ulysses over {world_size} ranks (one image per {world_size} GPUs)"
+
+
+@dataclass
+class RankWork:
+    """What every rank runs for one batch: the engine's BatchRequest, with seeds in place of the
+    generators (a generator does not travel; the same seed makes the same noise on every rank)."""
+
+    prompts: list[str]
+    negatives: Optional[list[str]]
+    width: int
+    height: int
+    num_inference_steps: int
+    cfg_scale: float
+    seeds: list[int]
+    init_images: Optional[list] = None
+    mask_images: Optional[list] = None
+    strength: float = 1.0
+    eager_on_recompile: bool = False  # rank 0's compile stance after its warm-up, followed by all
+
+    @classmethod
+    def of(cls, request, seeds: list[int], eager_on_recompile: bool) -> "RankWork":
+        fields = {
+            f.name: getattr(request, f.name) for f in dataclasses.fields(cls) if hasattr(request, f.name)
+        }
+        return cls(**fields, seeds=seeds, eager_on_recompile=eager_on_recompile)
+
+    def request(self):
+        from app.runtime.stages import BatchRequest
+
+        names = {f.name for f in dataclasses.fields(BatchRequest)} - {"generators"}
+        return BatchRequest(
+            **{n: getattr(self, n) for n in names},
+            generators=[torch.Generator("cpu").manual_seed(s) for s in self.seeds],
+        )
+
+
+class RankLink:
+    """The collectives rank 0 and the followers make together besides the model's own. Every call
+    is made by every rank, in the same order: rank 0 from the engine thread only."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def share(self, work: Optional[RankWork]) -> Optional[RankWork]:
+        """Rank 0 sends `work` (None: stop); the others receive it."""
+        import torch.distributed as dist
+
+        box = [work]
+        dist.broadcast_object_list(box, src=0, group=_control_group)
+        return box[0]
+
+    def agree_to_stop(self, stop: bool) -> bool:
+        """Rank 0's cancel, known to every rank at the same step (only rank 0 ever votes yes)."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if stop else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_control_group)
+        return bool(flag.item())

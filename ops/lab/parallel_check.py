@@ -1,0 +1,184 @@
+"""One image on two GPUs (parallel = "context") against one GPU, side by side in one run, on the
+full-size model under the real stack (zimagectl up: supervisord, the app's ranks, the monitor).
+
+    python -m ops.lab.parallel_check --model-dir /tmp/zimage-full --compile off,jit
+
+For each compile mode, one GPU then two: the stack up, `--n` sequential 1024² requests at 8 steps
+(different seeds; the first of each shape is left out), the end-to-end and service latencies, the
+first seed's pixels kept; then the PSNR of the two GPUs' image against one GPU's on the same seed.
+With `--kill`, rank 1 is SIGKILLed after the two-GPU run and the time until the group serves again
+is measured. One JSON line per measurement; the last line is the table for docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+from PIL import Image
+
+from ops.lab.gpu_check import use_image_python
+from ops.tempstack import REPO, wait_for
+
+URL = "http://127.0.0.1:7860"
+PROMPT = "a lighthouse on a cliff at dusk, waves, cinematic light"
+
+
+def log(**row) -> None:
+    print(json.dumps(row, default=str), flush=True)
+
+
+def ctl(*argv: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ZIMAGE_HOME=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "ops.cli", *argv], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def write_config(args, compile_mode: str, parallel: bool) -> None:
+    compile_lines = (
+        'compile = "off"\n' if compile_mode == "off" else 'compile = "on"\ncompile_backend = "jit"\n'
+    )
+    (REPO / "zimage.toml").write_text(
+        f'[app]\nmodel_dir = "{args.model_dir}"\ncompile_cache_dir = "{args.compile_cache}"\n'
+        + compile_lines
+        + ('parallel = "context"\nparallel_degree = 2\n' if parallel else "")
+        + "request_timeout_s = 150\ndrain_timeout_s = 170\nui = false\n"
+        "[monitor]\ninterval_s = 1.0\nwarmup_size = 512\nwarmup_steps = 2\n"
+    )
+
+
+def generate(seed: int, size: int) -> tuple[float, dict, np.ndarray]:
+    body = {"prompt": PROMPT, "width": size, "height": size, "seed": seed, "num_inference_steps": 8}
+    started = time.perf_counter()
+    r = httpx.post(URL + "/api/generate", json=body, timeout=300)
+    wall = time.perf_counter() - started
+    r.raise_for_status()
+    data = r.json()
+    png = httpx.get(URL + data["images"][0]["url"], timeout=30).content
+    return wall, data["timings"], np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.float64)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def app_children() -> list[int]:
+    sup = [
+        sys.executable,
+        "-m",
+        "supervisor.supervisorctl",
+        "-c",
+        str(REPO / "supervisor" / "supervisord.conf"),
+    ]
+    pid = subprocess.run(sup + ["pid", "app"], capture_output=True, text=True).stdout.strip()
+    if not pid.isdigit():
+        return []
+    return [p.pid for p in psutil.Process(int(pid)).children() if "app.follower" in " ".join(p.cmdline())]
+
+
+def measure(args, compile_mode: str, parallel: bool) -> dict:
+    write_config(args, compile_mode, parallel)
+    t0 = time.time()
+    up = ctl("up", "--timeout", "600")
+    label = f"{'two' if parallel else 'one'}_gpu_{compile_mode}"
+    log(event="up", config=label, rc=up.returncode, seconds=round(time.time() - t0, 1), out=up.stdout[-600:])
+    try:
+        if up.returncode != 0:
+            log(event="app_log", tail=(REPO / "logs" / "app.log").read_text()[-4000:])
+            return {}
+        info = httpx.get(URL + "/api/info", timeout=10).json()
+        log(event="info", config=label, notes=info.get("model", {}).get("notes"))
+        generate(1000, args.size)  # a first request of the shape, left out
+        walls, services, first = [], [], None
+        for i in range(args.n):
+            wall, timings, pixels = generate(i, args.size)
+            walls.append(wall)
+            services.append(timings["generation_s"])
+            if i == 0:
+                first = pixels
+        row = {
+            "config": label,
+            "end_to_end_s": round(statistics.median(walls), 3),
+            "generation_s": round(statistics.median(services), 3),
+            "min_end_to_end_s": round(min(walls), 3),
+            "n": args.n,
+        }
+        log(event="latency", **row)
+        np.save(f"/tmp/parallel-{label}.npy", first)
+        if parallel and args.kill:
+            row["kill_heal_s"] = kill_rank(args.size)
+        return row
+    finally:
+        down = ctl("down")
+        log(event="down", rc=down.returncode)
+
+
+def kill_rank(size: int) -> float:
+    [rank1] = app_children()
+    killed = time.monotonic()
+    os.kill(rank1, signal.SIGKILL)
+
+    def serving() -> bool:
+        try:
+            return httpx.get(URL + "/readyz", timeout=2).status_code == 200 and bool(app_children())
+        except httpx.HTTPError:
+            return False
+
+    time.sleep(1)
+    wait_for(serving, 600, 0.5, "group back")
+    healed = round(time.monotonic() - killed, 1)
+    wall, _, _ = generate(7, size)
+    log(event="kill_rank1", healed_s=healed, next_request_s=round(wall, 3))
+    return healed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--compile-cache", default="/tmp/zimage-bench/compile-cache")
+    parser.add_argument("--compile", default="off", help="comma list of off, jit")
+    parser.add_argument("--reference", default=".bench/zimage_gpu_baseline.py")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--kill", action="store_true")
+    parser.add_argument("--only", default="one,two")
+    args = parser.parse_args(argv)
+    if not (Path(args.model_dir) / "model_index.json").exists():
+        from ops.lab.bench import build_model_dir, load_reference
+
+        started = time.time()
+        build_model_dir(load_reference(args.reference), Path(args.model_dir), [])
+        log(event="model_built", seconds=round(time.time() - started, 1))
+    use_image_python(REPO)
+    table = []
+    for mode in args.compile.split(","):
+        rows = {}
+        for which in args.only.split(","):
+            rows[which] = measure(args, mode, parallel=which == "two")
+        if rows.get("one") and rows.get("two"):
+            quality = psnr(
+                np.load(f"/tmp/parallel-one_gpu_{mode}.npy"), np.load(f"/tmp/parallel-two_gpu_{mode}.npy")
+            )
+            rows["two"]["psnr_db_vs_one_gpu"] = round(quality, 1)
+            rows["two"]["speedup"] = round(rows["one"]["end_to_end_s"] / rows["two"]["end_to_end_s"], 3)
+        table += [r for r in rows.values() if r]
+    log(event="table", rows=table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""parallel = "context": what the settings refuse, which GPU each rank gets, and the work a rank
+receives making the same noise as rank 0's own generators (the CPU run of the ranks themselves is
+tests/integration/test_context_parallel.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.config import load_settings
+from app.ranks import rank_gpus
+from app.runtime.parallel import RankEnv, RankWork, cp_plan
+from app.runtime.stages import BatchRequest
+from common.configfile import ConfigError
+
+
+@pytest.mark.parametrize(
+    "extra, reason",
+    [
+        ({"replicas": 2}, "replicas = 1"),
+        ({"offload": "model"}, "offload = 'none'"),
+        ({"step_cache_skips": 1}, "step_cache_skips"),
+        ({"parallel_degree": 1}, "parallel_degree"),
+    ],
+)
+def test_settings_that_cannot_run_across_ranks_are_refused_with_the_reason(extra, reason):
+    with pytest.raises((ConfigError, ValueError)) as err:
+        load_settings(env={}, parallel="context", **extra)
+    assert reason in str(err.value)
+
+
+def test_each_rank_gets_its_own_gpu_from_the_visible_ones():
+    assert rank_gpus(2, "3,5,6") == ["3", "5"]
+    assert rank_gpus(2, "GPU-aaa,GPU-bbb") == ["GPU-aaa", "GPU-bbb"]
+    with pytest.raises(RuntimeError, match="needs 2 GPUs; this process sees 1"):
+        rank_gpus(2, "0")
+    assert rank_gpus(2, "") == [None, None]  # no GPU: the CPU path
+
+
+def test_the_rank_environment_is_read_only_when_set():
+    assert RankEnv.from_env({}) is None
+    env = {"ZIMAGE_PARALLEL_RANK": "1", "ZIMAGE_PARALLEL_WORLD": "2", "ZIMAGE_PARALLEL_PORT": "2900"}
+    assert RankEnv.from_env(env) == RankEnv(1, 2, "127.0.0.1", 2900)
+
+
+def test_shared_work_makes_the_same_noise_as_rank_zeros_generators():
+    seeds = [7, 8]
+    request = BatchRequest(
+        prompts=["a", "b"],
+        negatives=None,
+        width=128,
+        height=64,
+        num_inference_steps=8,
+        cfg_scale=0.0,
+        generators=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        strength=0.6,
+    )
+    work = RankWork.of(request, seeds, eager_on_recompile=True)
+    again = work.request()
+    assert (again.prompts, again.width, again.height, again.strength) == (["a", "b"], 128, 64, 0.6)
+    for mine, theirs in zip(request.generators, again.generators):
+        assert torch.equal(torch.randn(4, generator=mine), torch.randn(4, generator=theirs))
+
+
+def test_the_plan_splits_the_main_layers_and_gathers_the_final_layer():
+    plan = cp_plan("2-1")
+    assert set(plan) == {"layers.0", "layers.*", "all_final_layer.2-1"}
+    assert plan["layers.0"]["x"].split_dim == 1 and plan["layers.*"]["freqs_cis"].split_dim == 1
+    assert plan["all_final_layer.2-1"].gather_dim == 1

@@ -1,0 +1,170 @@
+"""parallel = "context" on the CPU: two ranks of the tiny model (gloo) under a real supervisord with
+the real monitor. One image is split over both ranks and comes out as the one-process image; a
+cancel, a rank killed, a rank hung and a graceful stop each leave the group whole or replaced whole,
+never half of it."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from ops.tempstack import StackHome
+from tests.helpers import wait_for
+
+pytestmark = [pytest.mark.integration]
+BODY = {"prompt": "context parallel: a red fox in snow", "width": 128, "height": 128, "seed": 11}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = StackHome(
+        tmp_path_factory.mktemp("cp"),
+        app={"parallel": "context", "parallel_degree": 2},
+        monitor={"stall_floor_s": 4, "stall_factor": 8, "hang_stopped_s": 1.0, "restart_budget": 20},
+    )
+    try:
+        s.up()
+        yield s
+    finally:
+        s.stop()
+
+
+def follower_pids(stack: StackHome) -> list[int]:
+    app = stack.pid()
+    try:
+        children = psutil.Process(app).children()
+    except psutil.Error:
+        return []
+    return [p.pid for p in children if "app.follower" in " ".join(p.cmdline())]
+
+
+def pixels(response: httpx.Response, base_url: str) -> np.ndarray:
+    url = response.json()["images"][0]["url"]
+    png = httpx.get(base_url + url, timeout=10).content
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+
+def post_into(url: str, body: dict, results: list) -> None:
+    try:
+        results.append(httpx.post(url + "/api/generate", json=body, timeout=90))
+    except httpx.HTTPError as exc:
+        results.append(exc)
+
+
+def one_process_image(tmp_path) -> np.ndarray:
+    from app.config import load_settings
+    from app.runtime import Engine, GenerationParams
+
+    settings = load_settings(env={}, warmup=False, outputs_dir=tmp_path)
+    engine = Engine(settings)
+    engine.start()
+    wait_for(lambda: engine.ready, 60, 0.1, "engine ready")
+    params = GenerationParams(
+        prompt=BODY["prompt"],
+        negative_prompt="",
+        width=128,
+        height=128,
+        num_inference_steps=8,
+        cfg_scale=0.0,
+        num_images=1,
+        seed=BODY["seed"],
+    )
+    result = engine.submit(params).future.result(timeout=60)
+    engine.stop()
+    buffer = io.BytesIO()
+    result.images[0].save(buffer, format="PNG")
+    return np.asarray(Image.open(buffer).convert("RGB")).astype(int)
+
+
+def test_one_image_over_two_ranks_is_the_one_process_image(stack, tmp_path):
+    assert len(follower_pids(stack)) == 1
+    info = httpx.get(stack.url + "/api/info", timeout=5).json()
+    assert any("context parallel: Ulysses over 2 ranks" in n for n in str(info).split("', '")), info
+    r = httpx.post(stack.url + "/api/generate", json=BODY, timeout=60)
+    assert r.status_code == 200, r.text
+    split = pixels(r, stack.url)
+    whole = one_process_image(tmp_path)
+    # fp32 on a CPU: the two differ only in the order of a few additions
+    assert np.abs(split - whole).max() <= 2 and (split != whole).mean() < 0.01
+    assert split.std() > 5  # a picture, not a blank
+
+
+def test_a_cancelled_running_job_stops_every_rank_at_the_same_step(stack):
+    body = {**BODY, "width": 256, "height": 256, "num_inference_steps": 40}
+    job = httpx.post(stack.url + "/api/jobs", json=body, timeout=10).json()["job_id"]
+    wait_for(
+        lambda: httpx.get(f"{stack.url}/api/jobs/{job}", timeout=5).json()["state"] == "running",
+        30,
+        0.05,
+        "job running",
+    )
+    assert httpx.delete(f"{stack.url}/api/jobs/{job}", timeout=5).status_code in (200, 202)
+    wait_for(
+        lambda: httpx.get(f"{stack.url}/api/jobs/{job}", timeout=5).json()["state"] == "cancelled",
+        30,
+        0.05,
+        "job cancelled",
+    )
+    # both ranks left the batch at the same step: the next generation goes through both of them
+    r = httpx.post(stack.url + "/api/generate", json=BODY, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_a_killed_rank_takes_the_group_down_and_supervisord_brings_it_back(stack):
+    app, [rank1] = stack.pid(), follower_pids(stack)
+    os.kill(rank1, signal.SIGKILL)
+    wait_for(lambda: stack.pid() not in (0, app) and stack.ready(), 90, 0.2, "group restarted")
+    assert len(follower_pids(stack)) == 1 and not psutil.pid_exists(app)
+    assert '"event": "rank_exited"' in stack.log("app")
+    assert httpx.post(stack.url + "/api/generate", json=BODY, timeout=60).status_code == 200
+
+
+def test_a_hung_rank_stalls_the_generation_and_the_monitor_replaces_the_group(stack):
+    app, [rank1] = stack.pid(), follower_pids(stack)
+    before = len(stack.log("monitor"))
+    results = []
+    body = {**BODY, "width": 256, "height": 256, "num_inference_steps": 40}
+    thread = threading.Thread(target=post_into, args=(stack.url, body, results), daemon=True)
+    thread.start()
+    time.sleep(1.0)  # inside the generation
+    os.kill(rank1, signal.SIGSTOP)
+    try:
+        wait_for(lambda: stack.pid() not in (0, app) and stack.ready(), 90, 0.2, "group replaced")
+    finally:
+        try:
+            os.kill(rank1, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert not psutil.pid_exists(rank1) or psutil.Process(rank1).status() == psutil.STATUS_ZOMBIE
+    incident = stack.log("monitor")[before:]
+    assert "generation stalled in denoise" in incident and '"msg": "decision: kill"' in incident
+    thread.join(30)
+    # that request went down with the group (an error, not a hang); a balancer in front retries it
+    assert results and not (isinstance(results[0], httpx.Response) and results[0].status_code == 200)
+
+
+def test_a_graceful_stop_finishes_the_running_generation_on_both_ranks(stack):
+    wait_for(stack.ready, 60, 0.2, "ready")
+    app, [rank1] = stack.pid(), follower_pids(stack)
+    results = []
+    body = {**BODY, "width": 256, "height": 256, "num_inference_steps": 12}
+    thread = threading.Thread(target=post_into, args=(stack.url, body, results), daemon=True)
+    thread.start()
+    time.sleep(0.8)
+    stopped = stack.supervisorctl("stop", "app")  # SIGTERM to the whole process group
+    thread.join(60)
+    assert "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert results and isinstance(results[0], httpx.Response) and results[0].status_code == 200, results
+    assert not psutil.pid_exists(app) and not psutil.pid_exists(rank1)
+    assert '"event": "rank_stopped"' in stack.log("app")
+    stack.supervisorctl("start", "app")
+    wait_for(stack.ready, 90, 0.2, "ready again")
