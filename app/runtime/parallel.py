@@ -125,7 +125,26 @@ def enable(transformer, device: torch.device, world_size: int) -> str:
         transformer.enable_parallelism(
             config=ContextParallelConfig(ulysses_degree=world_size), cp_plan=cp_plan(patch_key)
         )
+    _cache_forward_signatures(transformer)
     return f"context parallel: Ulysses over {world_size} ranks (one image per {world_size} GPUs)"
+
+
+def _cache_forward_signatures(transformer) -> None:
+    """diffusers' split hook finds a positional argument by inspecting the module's forward signature
+    at its first call, and caches it. Under torch.compile that first call is traced, and dynamo
+    cannot trace inspect.signature (the hooks sit on the compiled blocks): the H200's first compiled
+    start failed there. Filled in here, before anything is traced."""
+    import inspect
+
+    from diffusers.hooks.context_parallel import ContextParallelSplitHook
+
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in getattr(registry, "hooks", {}).values():
+            if isinstance(hook, ContextParallelSplitHook):
+                meta = hook.module_forward_metadata
+                names = list(inspect.signature(meta._cls.forward).parameters)[1:]  # without self
+                meta.cached_parameter_indices = {name: i for i, name in enumerate(names)}
 
 
 @dataclass

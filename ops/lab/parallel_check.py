@@ -93,7 +93,7 @@ def app_children() -> list[int]:
 def measure(args, compile_mode: str, parallel: bool) -> dict:
     write_config(args, compile_mode, parallel)
     t0 = time.time()
-    up = ctl("up", "--timeout", "600")
+    up = ctl("up", "--timeout", "420")
     label = f"{'two' if parallel else 'one'}_gpu_{compile_mode}"
     log(event="up", config=label, rc=up.returncode, seconds=round(time.time() - t0, 1), out=up.stdout[-600:])
     try:
