@@ -5,6 +5,7 @@ never half of it."""
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import signal
@@ -96,6 +97,20 @@ def test_one_image_over_two_ranks_is_the_one_process_image(stack, tmp_path):
     # fp32 on a CPU: the two differ only in the order of a few additions
     assert np.abs(split - whole).max() <= 2 and (split != whole).mean() < 0.01
     assert split.std() > 5  # a picture, not a blank
+
+
+def test_image_to_image_and_inpainting_run_across_the_ranks_too(stack):
+    """The variants share the transformer, split hooks included, and the input images travel with
+    the shared work: both ranks run the same variant (or the group would hang in a collective)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (128, 128), (200, 60, 20)).save(buffer, format="PNG")
+    init = base64.b64encode(buffer.getvalue()).decode()
+    buffer = io.BytesIO()
+    Image.new("L", (128, 128), 255).save(buffer, format="PNG")
+    mask = base64.b64encode(buffer.getvalue()).decode()
+    for extra in ({"init_image": init, "strength": 0.5}, {"init_image": init, "mask_image": mask}):
+        r = httpx.post(stack.url + "/api/generate", json={**BODY, **extra}, timeout=60)
+        assert r.status_code == 200, r.text
 
 
 def test_a_cancelled_running_job_stops_every_rank_at_the_same_step(stack):
