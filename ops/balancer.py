@@ -8,6 +8,11 @@ Why each line is there (docs/SCALING.md has the whole story):
   or refused it (queue full, draining) is sent again, to another replica. The client sees an error
   only when every replica refused: then the last 503 with its Retry-After passes through.
 - `balance leastconn`: a generation holds a connection for its whole length.
+- `observe layer4 error-limit 1 on-error mark-down`: the first refused connection takes a replica
+  out of the pool at once. Without it a killed replica, having no connections, was leastconn's
+  favourite until the checks caught up (up to a second), and the retries all went to it: the
+  2-replica drill saw resets and HAProxy's own empty 503s. Found with `zimagectl drill --replicas 2`.
+- HAProxy's own 502/503/504 carry a JSON reason and Retry-After, like the app's.
 - A cookie pins a browser to one replica: Gradio's queue (join, then the event stream) must reach
   the process that holds the job. API clients without the cookie are balanced per request.
 - /admin/* is refused at the balancer: the monitor talks to each replica directly.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +34,24 @@ if TYPE_CHECKING:
     from ops.stack import Stack
 
 CHECK_INTERVAL_MS = 500
+
+
+# When no replica can take a request, HAProxy answers itself: in the app's shape (a JSON reason,
+# Retry-After), so a client treats it as the app's own "busy" and tries again.
+_OWN_ERRORS = {
+    503: ("no_replica", "no replica could take the request; try again shortly"),
+    502: ("bad_gateway", "a replica failed while answering; try again"),
+    504: ("gateway_timeout", "no replica answered in time"),
+}
+
+
+def _own_errors() -> str:
+    lines = []
+    for status, (error, message) in _OWN_ERRORS.items():
+        body = json.dumps({"error": error, "message": message}, separators=(",", ":"))
+        kind = "content-type application/json"
+        lines.append(f"    http-error status {status} {kind} string '{body}' hdr Retry-After 2\n")
+    return "".join(lines)
 
 
 def render(stack: "Stack") -> str:
@@ -63,7 +87,7 @@ defaults
     option redispatch 1
     option http-buffer-request
     retry-on conn-failure empty-response response-timeout 503
-
+{_own_errors()}
 frontend zimage
     bind {bind_host}:{app.port}
     http-request deny deny_status 403 if {{ path_beg /admin }}
@@ -71,10 +95,19 @@ frontend zimage
 
 backend replicas
     balance leastconn
+    # A fresh connection per request (loopback: tens of microseconds). On a reused idle connection
+    # that the replica closes as it restarts, HAProxy does not retry a POST: it closes the client's
+    # connection instead, for a browser to retry — an API client saw a reset (the 2-replica drill's OOM row).
+    http-reuse never
     cookie zimage_replica insert indirect nocache httponly
     option httpchk GET /readyz
     http-check expect status 200
+    # A killed replica refuses connections at once, but the checks need up to a second to see it,
+    # and leastconn prefers it meanwhile (it has no connections): the retries all went to it and
+    # clients got HAProxy's 503, some with an empty body (the drill with 2 replicas). The first
+    # refused connection now takes it out of the pool; the checks bring it back (rise 2).
     default-server inter {CHECK_INTERVAL_MS}ms fastinter {CHECK_INTERVAL_MS}ms downinter 1s fall 2 rise 2
+    default-server observe layer4 error-limit 1 on-error mark-down
 {job_routes}
 {servers}
 

@@ -26,11 +26,18 @@ SECRET = "drill-webhook-secret"
 
 
 class Drill:
-    def __init__(self, root: Path, log: Callable[[str], None] = print):
+    """replicas = 1: the whole drill on one app. replicas = 2: two apps behind HAProxy, the faults
+    that hit an app (hang, crash, OOM, leak, slow steps) injected into replica 0 under load through
+    the balancer; the monitor's own crash-safety rows are the single stack's (one monitor per replica
+    is the same monitor)."""
+
+    def __init__(self, root: Path, log: Callable[[str], None] = print, replicas: int = 1):
         self.log = log
         self.receiver = WebhookReceiver()
+        self.replicas = replicas
         self.stack = StackHome(
             root,
+            replicas=replicas,
             app={"fault_injection": True, "queue_size": 2},
             monitor={
                 "webhooks": self.receiver.url,
@@ -41,11 +48,29 @@ class Drill:
             },
         )
         self.rows: list[Row] = []
+        # The app the faults hit, and where its monitor keeps its state.
+        self.program = "app:app-0" if replicas > 1 else "app"
+        self.state_file = root / "run" / ("replica-0" if replicas > 1 else "") / "monitor-state.json"
+
+    def target_url(self) -> str:
+        return self.stack.replica_url(0) if self.replicas > 1 else self.stack.url
+
+    def state(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def restarts(self) -> list[dict]:
+        return self.state().get("restarts", [])
+
+    def target_pid(self) -> int:
+        return self.stack.pid(self.program)
 
     # ---- helpers -------------------------------------------------------------------------------
     def admin(self, body: dict) -> None:
         r = httpx.post(
-            self.stack.url + "/admin/fault", json=body, headers=self.stack.admin_headers(), timeout=60
+            self.target_url() + "/admin/fault", json=body, headers=self.stack.admin_headers(), timeout=60
         )
         r.raise_for_status()
 
@@ -53,7 +78,10 @@ class Drill:
         return [r for r in self.receiver.requests[index:] if kind is None or r["json"].get("kind") == kind]
 
     def _ready(self) -> bool:
-        return self.stack.ready()
+        try:
+            return httpx.get(self.target_url() + "/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def run_fault(
         self,
@@ -70,7 +98,7 @@ class Drill:
         `observe(t0, restarts_before)` replaces the alert-based detection where alerts cannot tell
         (returns detected, detection_s, recovered_s)."""
         row = Row(fault=name, expected=expected, notes=note)
-        restarts_before = len(self.stack.restarts())
+        restarts_before = len(self.restarts())
         alerts_before = len(self.receiver.requests)
         load = LoadGenerator(self.stack.url, concurrency=4, deadline_s=30).start()
         time.sleep(1.0)
@@ -100,7 +128,7 @@ class Drill:
             else:
                 time.sleep(window_s)
             if restart and observe is None:
-                entry = wait_for(lambda: self.stack.restarts()[restarts_before:], 60, 0.2, "restart entry")[0]
+                entry = wait_for(lambda: self.restarts()[restarts_before:], 60, 0.2, "restart entry")[0]
                 row.recovered_s = entry["at"] - t0
                 if not entry["ok"]:
                     row.notes += f" warm-up: {entry['warmup']}"
@@ -111,7 +139,7 @@ class Drill:
             row.notes += f" TIMEOUT: {exc}"
         finally:
             row.load = load.stop().summary()
-        new_restarts = self.stack.restarts()[restarts_before:]
+        new_restarts = self.restarts()[restarts_before:]
         row.false_restarts = sum(1 for r in new_restarts if not restart or (kind and r["kind"] != kind))
         sent = self.alerts_since(alerts_before)
         fired = sum(1 for a in sent if a["json"]["status"] == "firing")
@@ -135,12 +163,16 @@ class Drill:
         self.stack.up()
         s = self.stack
         self.run_fault(
-            "hang (SIGSTOP)", "kill + restart", lambda: os.kill(s.pid(), signal.SIGSTOP), "hang", True
+            "hang (SIGSTOP)",
+            "kill + restart",
+            lambda: os.kill(self.target_pid(), signal.SIGSTOP),
+            "hang",
+            True,
         )
         self.run_fault(
             "crash (SIGKILL)",
             "supervisord restarts, alert",
-            lambda: os.kill(s.pid(), signal.SIGKILL),
+            lambda: os.kill(self.target_pid(), signal.SIGKILL),
             "crash",
             False,
         )
@@ -150,9 +182,9 @@ class Drill:
             lambda: self.admin({"kind": "oom"}),
             "oom_in_log",
             True,
-            note="one request gets 507",
+            note="one request gets 507" if self.replicas == 1 else "503 from replica 0, retried on replica 1",
         )
-        rss_mb = (s.state().get("sample") or {}).get("rss_bytes", 600 * 2**20) / 2**20
+        rss_mb = (self.state().get("sample") or {}).get("rss_bytes", 600 * 2**20) / 2**20
         self.run_fault(
             "leak",
             "graceful restart",
@@ -171,6 +203,9 @@ class Drill:
         )
         slow.detected = "n/a"
         self.admin({"kind": "clear"})
+        if self.replicas > 1:
+            self.log(f"drill: done in {time.monotonic() - started:.0f} s")
+            return self.rows
 
         def rotate_then_oom():
             from ops.chaos import rotate_log
@@ -301,7 +336,7 @@ class Drill:
 
 def main(args) -> int:
     root = Path(tempfile.mkdtemp(prefix="zimage-drill-"))
-    drill = Drill(root)
+    drill = Drill(root, replicas=getattr(args, "replicas", 1))
     started = time.monotonic()
     try:
         rows = drill.run()
@@ -312,7 +347,7 @@ def main(args) -> int:
     print(table(rows))
     if not getattr(args, "no_write", False):
         out = REPO / "docs" / "RELIABILITY.md"
-        write_report(rows, seconds, out)
+        write_report(rows, seconds, out, drill.replicas)
         print(f"\nwritten to {out}")
     bad = [
         r
@@ -322,6 +357,8 @@ def main(args) -> int:
         or r.load.get("lost")
         or r.load.get("server_errors")
         or r.load.get("unclear")
+        # behind the balancer the promise is stronger: no refused or reset connection either
+        or (drill.replicas > 1 and (r.load.get("refused") or r.load.get("reset")))
     ]
     return 1 if bad else 0
 
@@ -329,4 +366,7 @@ def main(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("drill", help="inject every fault into a temporary stack under load; print the table")
     p.add_argument("--no-write", action="store_true", help="do not update docs/RELIABILITY.md")
+    p.add_argument(
+        "--replicas", type=int, default=1, choices=(1, 2), help="2: two apps behind HAProxy, faults in one"
+    )
     p.set_defaults(func=lambda _stack, args: main(args))

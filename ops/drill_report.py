@@ -68,8 +68,39 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_report(rows: list[Row], seconds: float, path: Path) -> None:
-    text = f"""# Reliability drill
+REPLICAS_MARK = "\n## Two replicas behind HAProxy"
+
+
+def write_report(rows: list[Row], seconds: float, path: Path, replicas: int = 1) -> None:
+    """The single-app drill is the page; the replicas drill is its last section. Each run replaces
+    its own part and keeps the other's."""
+    old = path.read_text() if path.exists() else ""
+    main, _, section = old.partition(REPLICAS_MARK)
+    if replicas > 1:
+        path.write_text(main.rstrip("\n") + "\n" + REPLICAS_MARK + _replicas_section(rows, seconds))
+        return
+    path.write_text(_single_page(rows, seconds) + (REPLICAS_MARK + section if section else ""))
+
+
+def _replicas_section(rows: list[Row], seconds: float) -> str:
+    return f"""
+
+Last run: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} on {os.uname().nodename} (CPU, tiny demo \
+model, 2 replicas), {seconds:.0f} s in all. Reproduce: `.venv/bin/zimagectl drill --replicas 2`.
+
+The same faults, injected into replica 0 while 4 clients send requests through HAProxy (queue size
+2 per replica). The promise: **no client-visible error** — "conn refused/reset" and "lost" are 0,
+and the only refusals are 503 + Retry-After when both replicas' queues are full ("rejected").
+Detection and recovery are replica 0's monitor's; replica 1 served throughout (the rolling rule
+never takes down a replica while another is out). `tests/integration/test_replicas.py` asserts the
+same for a kill, a hang, an OOM and a rolling restart, with HAProxy's view sampled every 100 ms.
+
+{table(rows)}
+"""
+
+
+def _single_page(rows: list[Row], seconds: float) -> str:
+    return f"""# Reliability drill
 
 Last run: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} on {os.uname().nodename} (CPU, tiny demo \
 model), {seconds:.0f} s in all. Reproduce: `.venv/bin/zimagectl drill` (or `.venv/bin/python -m pytest \
@@ -94,4 +125,3 @@ history, no restart). A hang is now called after the process has been stopped fo
 `tests/integration/test_crash_safe.py` kills the monitor at every point of both kinds of restart,
 keeps a receiver down for 120 s, and times a stall (those tests, not this table, are the proof).
 """
-    path.write_text(text)

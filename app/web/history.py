@@ -97,10 +97,8 @@ class History:
         for path in sorted(outputs_dir.glob("*.png")):
             if not SAFE_NAME.match(path.name):
                 continue
-            try:
-                with Image.open(path) as image:
-                    params = json.loads(image.text.get("parameters", "{}"))
-            except (OSError, ValueError):
+            params = read_parameters(path)
+            if params is None:
                 continue  # a file we cannot read is not history
             request_id = params.get("request_id") or path.name
             entry = grouped.setdefault(
@@ -115,3 +113,17 @@ class History:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def read_parameters(path: Path) -> Optional[dict]:
+    """The generation parameters this service wrote into a PNG (its `parameters` iTXt chunk), or
+    None. Only the chunks before the pixels are read (ours come first): no pixel is decoded, so a
+    huge or malicious image costs nothing here."""
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                return None
+            params = json.loads(image.info.get("parameters", ""))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return params if isinstance(params, dict) else None

@@ -34,7 +34,7 @@ def add_job_routes(app: FastAPI, book: JobBook, history: History, request_model)
     @app.post("/api/jobs", status_code=202, tags=["jobs"])
     async def create_job(body: request_model):  # type: ignore[valid-type]
         """Queue a generation and return at once; follow it with GET /api/jobs/{id}[/events]."""
-        record = book.start(body)
+        record = await book.start(body)
         view = book.view(record)
         return JSONResponse(
             {"job_id": record.id, "state": view["state"], "queue_position": view["queue_position"]},

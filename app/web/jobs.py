@@ -50,10 +50,11 @@ class JobBook:
         self.id_prefix = "" if replica is None else f"r{replica}-"
         self.records: "OrderedDict[str, JobRecord]" = OrderedDict()
 
-    def start(self, req, url_prefix: str = "/outputs/") -> JobRecord:
+    async def start(self, req, url_prefix: str = "/outputs/") -> JobRecord:
         """Queue `req`; raises what the synchronous route would (QueueFull → 503, Draining, ...)."""
         # Results as URLs: a remembered job must not hold megabytes of base64 for a thousand jobs.
         req = req.model_copy(update={"response_format": "url"})
+        inputs = await self.service.decode_inputs_off_loop(req)
         record = JobRecord(id=self.id_prefix + new_request_id(), req=req)
         loop = asyncio.get_running_loop()
 
@@ -61,7 +62,7 @@ class JobBook:
             record.steps.append(step)
             loop.call_soon_threadsafe(record.changed.set)
 
-        record.job, record.seed = self.service.submit(req, record.id, on_step=on_step)
+        record.job, record.seed = self.service.submit(req, record.id, on_step=on_step, inputs=inputs)
         self.records[record.id] = record
         while len(self.records) > self.keep:
             oldest = next(iter(self.records.values()))
@@ -73,9 +74,11 @@ class JobBook:
 
     async def _run(self, record: JobRecord, url_prefix: str) -> None:
         try:
-            record.response = await self.service.complete(
-                record.req, record.id, url_prefix, lambda: (record.job, record.seed)
-            )
+
+            async def submitted():  # (start queued it already)
+                return record.job, record.seed
+
+            record.response = await self.service.complete(record.req, record.id, url_prefix, submitted)
         except errors.ServiceError as exc:
             record.error = exc
         except Exception as exc:  # never a task dying silently: the job says it failed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a production server
 
@@ -13,6 +14,7 @@ import gradio as gr  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from app import errors  # noqa: E402
+from app.web.history import read_parameters  # noqa: E402
 from app.web.jobs import TERMINAL  # noqa: E402
 from app.web.retention import prune_older_than, reset_dir, stage  # noqa: E402
 from app.web.schemas import SIZE_STEP, TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS  # noqa: E402
@@ -94,7 +96,7 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         except ValidationError as exc:
             raise gr.Error(validation_message(exc), title="Please check the settings")
         try:
-            record = book.start(req)  # a job like POST /api/jobs: the same queue, progress to show
+            record = await book.start(req)  # a job like POST /api/jobs: the same queue, progress to show
         except errors.ServiceError as exc:
             raise gr.Error(exc.message + (f" — {exc.hint}" if exc.hint else ""), title="Could not generate")
         try:
@@ -149,9 +151,8 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
             rows.append(row)
         return items, rows
 
-    def restore(rows, evt: gr.SelectData):
-        row = rows[evt.index]
-        p = row["parameters"]
+    def restored(p: dict, seed, message: str) -> tuple:
+        """The settings fields set from a generation's parameters (a History row or a PNG's)."""
         return (
             p.get("prompt", ""),
             p.get("negative_prompt", ""),
@@ -159,9 +160,39 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
             p.get("height", default_size),
             p.get("num_inference_steps", TURBO_DEFAULT_STEPS),
             p.get("cfg_scale", TURBO_DEFAULT_CFG),
-            row["seed"],
+            seed,
             False,
+            message,
+        )
+
+    def restore(rows, evt: gr.SelectData):
+        row = rows[evt.index]
+        return restored(
+            row["parameters"],
+            row["seed"],
             f"Restored `{row['request_id']}` (seed `{row['seed']}`): press Generate on the Generate tab.",
+        )
+
+    def restore_from_png(path):
+        """A1111's "PNG Info": a PNG made here carries what it was made with."""
+        if not path:
+            return (gr.update(),) * 8 + ("",)
+        p = read_parameters(Path(path))
+        if p is None or "prompt" not in p:
+            return (gr.update(),) * 8 + (
+                "That file carries no zimage-serve parameters (not a PNG made here, or its metadata "
+                "was stripped on the way).",
+            )
+        seed = int(p.get("seed", 0))
+        image_input = (
+            " It was made from an input image, which the PNG does not hold."
+            if p.get("mode") not in (None, "text2img")
+            else ""
+        )
+        return restored(
+            p,
+            seed,
+            f"Restored from the PNG (seed `{seed}`): press Generate on the Generate tab.{image_input}",
         )
 
     def refresh_status():
@@ -290,6 +321,12 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
                 )
                 history_rows = gr.State([])
                 history_info = gr.Markdown("", elem_id="history-info")
+                png_drop = gr.File(
+                    label="PNG info: drop a PNG made by this service to restore its parameters and seed",
+                    file_types=[".png"],
+                    type="filepath",
+                    elem_id="png-info",
+                )
             with gr.Tab("Advanced", id="advanced"):
                 gr.Markdown("### Model")
                 model_json = gr.JSON(value=lambda: model_info(service), label="Model and options")
@@ -317,6 +354,9 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         settings_fields = [prompt, negative, width, height, num_inference_steps, cfg_scale, seed, random_seed]
         history_gallery.select(
             restore, inputs=history_rows, outputs=settings_fields + [history_info], queue=False
+        )
+        png_drop.upload(
+            restore_from_png, inputs=png_drop, outputs=settings_fields + [history_info], queue=False
         )
         generation = go.click(
             generate,

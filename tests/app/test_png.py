@@ -35,3 +35,34 @@ def test_parallel_zlib_is_a_valid_stream():
 def test_rejects_wrong_input():
     with pytest.raises(ValueError):
         encode_png(np.zeros((4, 4), np.uint8))
+
+
+def test_the_parameters_of_a_png_made_here_are_read_back_without_decoding_its_pixels(tmp_path):
+    """What the UI's "PNG info" drop restores from: our own PNGs give their parameters; anything
+    else — another PNG, a JPEG, a truncated file, a 2-gigapixel header — gives None, quickly."""
+    import json
+    import time
+
+    from PIL import Image
+
+    from app.web.history import read_parameters
+    from tests.helpers import bomb_png
+
+    params = {"prompt": "山水画, a lighthouse", "seed": 42, "width": 64, "height": 64}
+    ours = tmp_path / "ours.png"
+    ours.write_bytes(encode_png(np.zeros((64, 64, 3), np.uint8), {"parameters": json.dumps(params)}))
+    assert read_parameters(ours) == params
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    jpeg = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(jpeg)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(ours.read_bytes()[:30])
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bomb_png(50_000, 50_000))
+    not_json = tmp_path / "notjson.png"
+    not_json.write_bytes(encode_png(np.zeros((4, 4, 3), np.uint8), {"parameters": "{not json"}))
+    started = time.perf_counter()
+    for path in (plain, jpeg, truncated, bomb, not_json):
+        assert read_parameters(path) is None, path
+    assert time.perf_counter() - started < 1.0

@@ -86,6 +86,9 @@ def test_haproxy_accepts_the_generated_config(tmp_path):
         "server app-2 127.0.0.1:9102",
         "use-server app-2 if { path_beg /api/jobs/r2- }",
         "bind 127.0.0.1:9000",
+        "observe layer4 error-limit 1 on-error mark-down",
+        "http-reuse never",  # a refused connection takes it out at once
+        "http-error status 503 content-type application/json",  # HAProxy's own 503 in the app's shape
     ):
         assert line in text
     (tmp_path / "run").mkdir()

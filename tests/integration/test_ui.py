@@ -107,7 +107,7 @@ def test_generate_in_the_browser(app, browser, tmp_path):
     page.close()
 
 
-def test_progress_moves_cancel_stops_and_history_restores(app, browser):
+def test_progress_moves_cancel_stops_and_history_restores(app, browser, tmp_path):
     admin = {"authorization": f"Bearer {app.admin_token()}"}
     api = {"authorization": f"Bearer {TOKEN}"}
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -150,6 +150,21 @@ def test_progress_moves_cancel_stops_and_history_restores(app, browser):
     page.wait_for_selector("text=Restored", timeout=10000)
     assert page.input_value("#prompt textarea") == "history: a blue boat on a lake"
     assert made["request_id"] in page.inner_text("#history-info")
+
+    # PNG info: a PNG made here, dropped on the History tab, restores what it was made with
+    png = tmp_path / "made-here.png"
+    png.write_bytes(httpx.get(app.url + made["image_urls"][0], headers=api).content)
+    page.fill("#prompt textarea", "something else again")
+    page.locator("#png-info input[type=file]").set_input_files(str(png))
+    page.wait_for_selector("text=Restored from the PNG", timeout=15000)
+    assert page.input_value("#prompt textarea") == "history: a blue boat on a lake"
+    assert f"seed `{made['seed']}`" in page.inner_text("#history-info")
+    # and a PNG from elsewhere is told, not half-restored
+    other = tmp_path / "elsewhere.png"
+    Image.new("RGB", (16, 16)).save(other)
+    page.locator("#png-info input[type=file]").set_input_files(str(other))
+    page.wait_for_selector("text=carries no zimage-serve parameters", timeout=15000)
+    assert page.input_value("#prompt textarea") == "history: a blue boat on a lake"
     page.close()
 
 
