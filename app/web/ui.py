@@ -174,14 +174,16 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         )
 
     def restore_from_png(path):
-        """A1111's "PNG Info": a PNG made here carries what it was made with."""
+        """A1111's "PNG Info": a PNG made here carries what it was made with. The drop zone is
+        emptied again (the last output), ready for the next file."""
         if not path:
-            return (gr.update(),) * 8 + ("",)
+            return (gr.update(),) * 8 + ("", None)
         p = read_parameters(Path(path))
         if p is None or "prompt" not in p:
             return (gr.update(),) * 8 + (
                 "That file carries no zimage-serve parameters (not a PNG made here, or its metadata "
                 "was stripped on the way).",
+                None,
             )
         seed = int(p.get("seed", 0))
         image_input = (
@@ -189,11 +191,8 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
             if p.get("mode") not in (None, "text2img")
             else ""
         )
-        return restored(
-            p,
-            seed,
-            f"Restored from the PNG (seed `{seed}`): press Generate on the Generate tab.{image_input}",
-        )
+        message = f"Restored from the PNG (seed `{seed}`): press Generate on the Generate tab.{image_input}"
+        return (*restored(p, seed, message), None)
 
     def refresh_status():
         return status_text(service), gr.update(interactive=service.ready)
@@ -356,7 +355,7 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
             restore, inputs=history_rows, outputs=settings_fields + [history_info], queue=False
         )
         png_drop.upload(
-            restore_from_png, inputs=png_drop, outputs=settings_fields + [history_info], queue=False
+            restore_from_png, inputs=png_drop, outputs=settings_fields + [history_info, png_drop], queue=False
         )
         generation = go.click(
             generate,
