@@ -1,5 +1,7 @@
 """The engine on the real tiny Z-Image pipeline, in-process: sizes, determinism, batching, faults."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -233,5 +235,36 @@ def test_a_fatal_error_in_a_warm_up_batch_fails_the_start(tmp_path):
         # (it used to be overwritten with "ready" once the warm-up returned)
         wait_for(lambda: engine.state in ("ready", "failed"), 120, what="engine start")
         assert engine.state == "failed" and "illegal memory access" in engine.state_reason
+    finally:
+        engine.stop()
+
+
+def test_a_cancelled_job_is_not_a_stall_to_the_monitor(tmp_path):
+    """The heartbeat the monitor reads (GET /healthz's) ends with the cancel: busy becomes false, so
+    the stall rule has nothing to time, however long after the cancel it looks. The same rule on the
+    heartbeat of the job still running shows the check can fail."""
+    from monitor.config import MonitorSettings
+    from monitor.detectors import detect_hang
+    from monitor.samples import HttpResult, Sample
+
+    def monitor_sees(heartbeat: dict, later_s: float):
+        wall = time.time() + later_s
+        live = HttpResult(ok=True, status=200, body={"state": engine.state, "heartbeat": heartbeat})
+        sample = Sample(now=later_s, wall=wall, program_state="RUNNING", pid=1, uptime_s=600, live=live)
+        return detect_hang([sample], MonitorSettings(stall_floor_s=4, stall_factor=8))
+
+    engine = make_engine(tmp_path)
+    try:
+        engine.faults.inject("slow", seconds=0.2)
+        job = engine.submit(params(num_inference_steps=40))
+        wait_for(lambda: engine.heartbeat.steps_done >= 2, 20, what="steps")
+        running = engine.heartbeat.snapshot()
+        assert monitor_sees(running, later_s=120) is not None  # a job silent for 2 min is a stall
+        assert engine.cancel(job) == "running"
+        with pytest.raises(errors.Cancelled):
+            job.future.result(20)
+        after = engine.heartbeat.snapshot()
+        assert not after["busy"] and after["request_ids"] == []
+        assert monitor_sees(after, later_s=120) is None
     finally:
         engine.stop()

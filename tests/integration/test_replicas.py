@@ -213,3 +213,26 @@ def test_jobs_are_followed_through_the_balancer_without_a_cookie(stack):
     assert {i.split("-")[0] for i in ids} == {"r0", "r1"}, ids
     for job_id in ids:  # each still answers through the balancer, from the replica that holds it
         assert httpx.get(f"{stack.url}/api/jobs/{job_id}", timeout=5).json()["state"] == "done"
+
+
+def test_a_burst_of_jobs_fills_both_replicas_before_any_is_refused(stack):
+    """POST /api/jobs answers at once, so leastconn sees two idle replicas; a replica whose queue is
+    full answers 503 and HAProxy retries on the other. Once per-replica capacity (1 running + 8
+    queued) is passed, the overflow lands on the other replica; what is refused is refused clearly.
+    One client with the sticky cookie: a full replica still hands the request over."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wait_for(lambda: all_ready(stack), 60, 0.2, "both replicas ready")
+    body = {**BODY, "width": 256, "height": 256, "num_inference_steps": 8}
+    with httpx.Client(cookies={"zimage_replica": "app-0"}) as client:
+
+        def post(_):
+            r = client.post(stack.url + "/api/jobs", json=body, timeout=30)
+            return r.status_code, r.json(), r.headers
+
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(post, range(24)))
+    accepted = [data["job_id"][:3] for status, data, _ in results if status == 202]
+    refused = [(data, headers) for status, data, headers in results if status != 202]
+    assert {"r0-", "r1-"} <= set(accepted) and len(accepted) > 9, accepted
+    assert all(d.get("error") == "queue_full" and "retry-after" in h for d, h in refused), refused
