@@ -58,3 +58,24 @@ def decode_image(
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     """The image at the output's size (the pipeline works at width×height)."""
     return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+
+
+def to_base64_png(image: Image.Image) -> str:
+    """The UI's images travel to the service as the API's do: base64 PNG (one path, one validation)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def mask_from_layers(layers: list, size: tuple[int, int]) -> Image.Image | None:
+    """Gradio's image editor gives the strokes as RGBA layers over the picture: whatever was
+    painted (alpha > 0, any colour) is repainted (white), the rest kept (black). None: nothing painted."""
+    mask = Image.new("L", size, 0)
+    for layer in layers or []:
+        if layer is None:
+            continue
+        alpha = layer.convert("RGBA").getchannel("A")
+        if alpha.size != size:
+            alpha = alpha.resize(size, Image.Resampling.NEAREST)
+        mask.paste(255, mask=alpha.point(lambda a: 255 if a > 0 else 0))
+    return mask if mask.getbbox() else None

@@ -19,6 +19,7 @@ from app.web.jobs import TERMINAL  # noqa: E402
 from app.web.retention import prune_older_than, reset_dir, stage  # noqa: E402
 from app.web.schemas import SIZE_STEP, TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS  # noqa: E402
 from app.web.sysinfo import live_info, model_info  # noqa: E402
+from app.web.ui_images import TEXT2IMG, build_image_inputs, image_fields  # noqa: E402
 from app.web.validation import validation_message  # noqa: E402
 
 PRESETS = [
@@ -78,7 +79,12 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         seed,
         random_seed,
         num_images,
-        request: gr.Request,
+        mode=TEXT2IMG,
+        init_image=None,
+        strength=0.6,
+        inpaint=None,
+        inpaint_strength=1.0,
+        request: gr.Request = None,
         progress=gr.Progress(),
     ):
         data = {
@@ -90,6 +96,7 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
             "cfg_scale": float(cfg_scale),
             "num_images": int(num_images),
             "seed": -1 if random_seed else int(seed),
+            **image_fields(mode, init_image, strength, inpaint, inpaint_strength),
         }
         try:
             req = service.validate(data)
@@ -246,6 +253,7 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
                                 label="Detail", placeholder="soft bokeh lights, fine embroidery"
                             )
                             compose_btn = gr.Button("Compose prompt", size="sm")
+                        image_inputs = build_image_inputs()
                         with gr.Row():
                             preset_buttons = [
                                 gr.Button(label, size="sm", elem_id=f"preset-{w}x{h}")
@@ -359,12 +367,22 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         )
         generation = go.click(
             generate,
+            inputs=settings_fields + [num_images, *image_inputs],
+            outputs=[gallery, info, last_seed],
+            api_name="generate_from_ui",
+            concurrency_limit=settings.max_batch,
+        )
+        cancel.click(None, cancels=[generation], queue=False)
+        # The named API that gradio_client users call keeps its arguments (text to image; the
+        # image modes are the JSON API's): an invisible trigger over the same function.
+        api_only = gr.Button(visible=False)
+        api_only.click(
+            generate,
             inputs=settings_fields + [num_images],
             outputs=[gallery, info, last_seed],
             api_name=GENERATE_API_NAME,
             concurrency_limit=settings.max_batch,
         )
-        cancel.click(None, cancels=[generation], queue=False)
     ui.queue(max_size=max(1, settings.queue_size), default_concurrency_limit=settings.max_batch)
     return ui
 

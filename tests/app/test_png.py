@@ -66,3 +66,23 @@ def test_the_parameters_of_a_png_made_here_are_read_back_without_decoding_its_pi
     for path in (plain, jpeg, truncated, bomb, not_json):
         assert read_parameters(path) is None, path
     assert time.perf_counter() - started < 1.0
+
+
+def test_the_inpaint_editors_strokes_become_the_mask():
+    """Gradio's editor gives RGBA layers over the picture: painted pixels (any colour, any alpha >
+    0) are repainted (white), the rest kept (black); nothing painted is no mask."""
+    from PIL import Image
+
+    from app.web.images import mask_from_layers
+
+    stroke = Image.new("RGBA", (8, 4), (0, 0, 0, 0))
+    stroke.putpixel((1, 1), (255, 255, 255, 255))
+    faint = Image.new("RGBA", (16, 8), (0, 0, 0, 0))  # another size: scaled to the picture
+    for xy in ((12, 6), (13, 6), (12, 7), (13, 7)):  # a 2×2 dab: one pixel of the picture
+        faint.putpixel(xy, (10, 200, 10, 30))
+    mask = mask_from_layers([stroke, None, faint], (8, 4))
+    assert mask.mode == "L" and mask.size == (8, 4)
+    assert mask.getpixel((1, 1)) == 255 and mask.getpixel((6, 3)) == 255 and mask.getpixel((0, 0)) == 0
+    assert sorted(set(mask.getdata())) == [0, 255]
+    assert mask_from_layers([Image.new("RGBA", (8, 4), (0, 0, 0, 0))], (8, 4)) is None
+    assert mask_from_layers(None, (8, 4)) is None

@@ -202,3 +202,32 @@ def test_gradio_client_calls_the_generate_event(app):
     assert "`7`" in info and len(gallery) == 2
     assert Image.open(gallery[0]["image"]).size == (256, 320)
     assert "256×320" in info
+
+
+def test_image_to_image_from_the_ui(app, browser, tmp_path):
+    """The "Start from an image" tabs send the API's own fields: an upload in Image to image makes
+    an img2img generation (the PNG and the history say so); Inpaint without a picture is told."""
+    api = {"authorization": f"Bearer {TOKEN}"}
+    start = tmp_path / "start.png"
+    Image.new("RGB", (300, 200), (200, 60, 20)).save(start)
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    log_in(page, app.url)
+    page.wait_for_selector("#generate-btn:not([disabled])", timeout=30000)
+    page.fill("#prompt textarea", "img2img: the same scene at night")
+    page.click("#preset-512x512")
+    page.get_by_text("Start from an image").click()
+    page.locator("#init-image input[type=file]").set_input_files(str(start))
+    page.wait_for_selector("#init-image img", timeout=15000)
+    page.locator("#mode").get_by_text("Image to image").click()
+    page.click("#generate-btn")
+    page.wait_for_selector("#gallery img", timeout=60000)
+    made = httpx.get(app.url + "/api/history?limit=1", headers=api).json()["items"][0]
+    assert made["parameters"]["prompt"] == "img2img: the same scene at night"
+    assert made["parameters"]["mode"] == "img2img" and made["parameters"]["strength"] == 0.6
+    # Inpaint with nothing to paint on: the user is told what to do, nothing is queued (the mask
+    # from the editor's strokes is tests/app/test_png.py's; inpainting itself, the API tests')
+    page.get_by_role("tab", name="Inpaint").click()
+    page.locator("#mode").get_by_text("Inpaint").click()
+    page.click("#generate-btn")
+    page.wait_for_selector("text=Upload the image to paint on", timeout=15000)
+    page.close()
