@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a production server
 
@@ -14,11 +13,11 @@ import gradio as gr  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from app import errors  # noqa: E402
-from app.web.history import read_parameters  # noqa: E402
 from app.web.jobs import TERMINAL  # noqa: E402
 from app.web.retention import prune_older_than, reset_dir, stage  # noqa: E402
 from app.web.schemas import SIZE_STEP, TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS  # noqa: E402
 from app.web.sysinfo import live_info, model_info  # noqa: E402
+from app.web.ui_history import Restorer  # noqa: E402
 from app.web.ui_images import TEXT2IMG, build_image_inputs, image_fields  # noqa: E402
 from app.web.validation import validation_message  # noqa: E402
 
@@ -146,60 +145,7 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         )
         return paths, info, result.seed
 
-    def load_history():
-        """The newest generations, one picture each (those retention removed are skipped)."""
-        rows, items = [], []
-        staged = settings.gradio_cache_dir / "staged"
-        for row in service.history.page(24) if service.history else []:
-            source = settings.outputs_dir / row["images"][0] if row["images"] else None
-            if source is None or not source.is_file():
-                continue
-            items.append((str(stage(source, staged)), row["parameters"].get("prompt", "")[:80]))
-            rows.append(row)
-        return items, rows
-
-    def restored(p: dict, seed, message: str) -> tuple:
-        """The settings fields set from a generation's parameters (a History row or a PNG's)."""
-        return (
-            p.get("prompt", ""),
-            p.get("negative_prompt", ""),
-            p.get("width", default_size),
-            p.get("height", default_size),
-            p.get("num_inference_steps", TURBO_DEFAULT_STEPS),
-            p.get("cfg_scale", TURBO_DEFAULT_CFG),
-            seed,
-            False,
-            message,
-        )
-
-    def restore(rows, evt: gr.SelectData):
-        row = rows[evt.index]
-        return restored(
-            row["parameters"],
-            row["seed"],
-            f"Restored `{row['request_id']}` (seed `{row['seed']}`): press Generate on the Generate tab.",
-        )
-
-    def restore_from_png(path):
-        """A1111's "PNG Info": a PNG made here carries what it was made with. The drop zone is
-        emptied again (the last output), ready for the next file."""
-        if not path:
-            return (gr.update(),) * 8 + ("", None)
-        p = read_parameters(Path(path))
-        if p is None or "prompt" not in p:
-            return (gr.update(),) * 8 + (
-                "That file carries no zimage-serve parameters (not a PNG made here, or its metadata "
-                "was stripped on the way).",
-                None,
-            )
-        seed = int(p.get("seed", 0))
-        image_input = (
-            " It was made from an input image, which the PNG does not hold."
-            if p.get("mode") not in (None, "text2img")
-            else ""
-        )
-        message = f"Restored from the PNG (seed `{seed}`): press Generate on the Generate tab.{image_input}"
-        return (*restored(p, seed, message), None)
+    restorer = Restorer(settings, service.history, default_size)
 
     def refresh_status():
         return status_text(service), gr.update(interactive=service.ready)
@@ -356,14 +302,17 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         compose_btn.click(
             compose, inputs=[h_subject, h_action, h_setting, h_style, h_detail], outputs=prompt, queue=False
         )
-        history_tab.select(load_history, outputs=[history_gallery, history_rows], queue=False)
+        history_tab.select(restorer.load_history, outputs=[history_gallery, history_rows], queue=False)
         # The settings a generation is made from: what generate reads and what History restores.
         settings_fields = [prompt, negative, width, height, num_inference_steps, cfg_scale, seed, random_seed]
         history_gallery.select(
-            restore, inputs=history_rows, outputs=settings_fields + [history_info], queue=False
+            restorer.restore, inputs=history_rows, outputs=settings_fields + [history_info], queue=False
         )
         png_drop.upload(
-            restore_from_png, inputs=png_drop, outputs=settings_fields + [history_info, png_drop], queue=False
+            restorer.restore_from_png,
+            inputs=png_drop,
+            outputs=settings_fields + [history_info, png_drop],
+            queue=False,
         )
         generation = go.click(
             generate,

@@ -1,0 +1,77 @@
+"""The UI's History tab: recent generations to click, and a PNG made here to drop (A1111's "PNG
+Info"); either restores the settings a generation was made from, seed included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from app.web.history import read_parameters
+from app.web.retention import stage
+from app.web.schemas import TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS
+
+SETTINGS_FIELDS = 8  # prompt, negative, width, height, steps, cfg, seed, random seed (ui.settings_fields)
+
+
+class Restorer:
+    def __init__(self, settings, history, default_size: int):
+        self.settings = settings
+        self.history = history
+        self.default_size = default_size
+
+    def load_history(self):
+        """The newest generations, one picture each (those retention removed are skipped)."""
+        rows, items = [], []
+        staged = self.settings.gradio_cache_dir / "staged"
+        for row in self.history.page(24) if self.history else []:
+            source = self.settings.outputs_dir / row["images"][0] if row["images"] else None
+            if source is None or not source.is_file():
+                continue
+            items.append((str(stage(source, staged)), row["parameters"].get("prompt", "")[:80]))
+            rows.append(row)
+        return items, rows
+
+    def restored(self, p: dict, seed, message: str) -> tuple:
+        """The settings fields set from a generation's parameters (a History row or a PNG's)."""
+        return (
+            p.get("prompt", ""),
+            p.get("negative_prompt", ""),
+            p.get("width", self.default_size),
+            p.get("height", self.default_size),
+            p.get("num_inference_steps", TURBO_DEFAULT_STEPS),
+            p.get("cfg_scale", TURBO_DEFAULT_CFG),
+            seed,
+            False,
+            message,
+        )
+
+    def restore(self, rows, evt: gr.SelectData):
+        row = rows[evt.index]
+        return self.restored(
+            row["parameters"],
+            row["seed"],
+            f"Restored `{row['request_id']}` (seed `{row['seed']}`): press Generate on the Generate tab.",
+        )
+
+    def restore_from_png(self, path):
+        """A PNG made here carries what it was made with. The drop zone is emptied again (the last
+        output), ready for the next file."""
+        unchanged = (gr.update(),) * SETTINGS_FIELDS
+        if not path:
+            return (*unchanged, "", None)
+        p = read_parameters(Path(path))
+        if p is None or "prompt" not in p:
+            told = (
+                "That file carries no zimage-serve parameters (not a PNG made here, or its metadata "
+                "was stripped on the way)."
+            )
+            return (*unchanged, told, None)
+        seed = int(p.get("seed", 0))
+        image_input = (
+            " It was made from an input image, which the PNG does not hold."
+            if p.get("mode") not in (None, "text2img")
+            else ""
+        )
+        message = f"Restored from the PNG (seed `{seed}`): press Generate on the Generate tab.{image_input}"
+        return (*self.restored(p, seed, message), None)
