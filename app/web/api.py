@@ -33,6 +33,7 @@ from app.web.outputs import OutputStore
 from app.web.schemas import ErrorResponse, GenerateResponse
 from app.web.service import GenerationService, new_request_id
 from app.web.sysinfo import live_info, model_info
+from app.web.upload_routes import UPLOAD_ROUTES, add_upload_routes
 from app.web.validation import describe_validation_errors
 from common.gpu import GpuReader, open_gpu_reader
 from common.jsonlog import add_secret
@@ -43,7 +44,7 @@ log = logging.getLogger("app.web.api")
 access_log = logging.getLogger("app.access")
 
 # Routes that take image uploads: they get max_upload_mb instead of max_body_bytes.
-UPLOAD_PATHS = frozenset({"/gradio_api/upload"})
+UPLOAD_PATHS = frozenset({"/gradio_api/upload", *UPLOAD_ROUTES})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
 
@@ -308,6 +309,7 @@ def create_app(
         return await service.generate(body, request.state.request_id, priority=priority)
 
     add_job_routes(app, book, history, RequestModel)
+    add_upload_routes(app, service, book)
 
     @app.get("/api/info", tags=["api"])
     async def info():
