@@ -24,6 +24,16 @@ from app.web.retention import enforce_outputs
 log = logging.getLogger(__name__)
 
 
+def accepted(book: JobBook, record) -> JSONResponse:
+    """202 for a queued job (POST /api/jobs and its multipart twin): where to follow it."""
+    view = book.view(record)
+    return JSONResponse(
+        {"job_id": record.id, "state": view["state"], "queue_position": view["queue_position"]},
+        status_code=202,
+        headers={"Location": f"/api/jobs/{record.id}"},
+    )
+
+
 def add_job_routes(app: FastAPI, book: JobBook, history: History, request_model) -> None:
     def record_or_404(job_id: str):
         record = book.get(job_id)
@@ -34,13 +44,7 @@ def add_job_routes(app: FastAPI, book: JobBook, history: History, request_model)
     @app.post("/api/jobs", status_code=202, tags=["jobs"])
     async def create_job(body: request_model):  # type: ignore[valid-type]
         """Queue a generation and return at once; follow it with GET /api/jobs/{id}[/events]."""
-        record = await book.start(body)
-        view = book.view(record)
-        return JSONResponse(
-            {"job_id": record.id, "state": view["state"], "queue_position": view["queue_position"]},
-            status_code=202,
-            headers={"Location": f"/api/jobs/{record.id}"},
-        )
+        return accepted(book, await book.start(body))
 
     @app.get("/api/jobs/{job_id}", tags=["jobs"])
     async def get_job(job_id: str):

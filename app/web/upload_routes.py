@@ -21,6 +21,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from app.web.job_routes import accepted
+
 UPLOAD_ROUTES = ("/api/generate/upload", "/api/jobs/upload")
 IMAGE_PARTS = ("init_image", "mask_image")
 
@@ -85,10 +87,4 @@ def add_upload_routes(app: FastAPI, service, book) -> None:
     @app.post("/api/jobs/upload", status_code=202, tags=["jobs"])
     async def create_job_upload(request: Request):
         """POST /api/jobs with the images as multipart files."""
-        record = await book.start(await request_from_form(request, service))
-        view = book.view(record)
-        return JSONResponse(
-            {"job_id": record.id, "state": view["state"], "queue_position": view["queue_position"]},
-            status_code=202,
-            headers={"Location": f"/api/jobs/{record.id}"},
-        )
+        return accepted(book, await book.start(await request_from_form(request, service)))
