@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import signal
 import statistics
@@ -29,6 +28,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from ops.lab.bench_app import psnr
 from ops.lab.gpu_check import use_image_python
 from ops.tempstack import REPO, wait_for
 
@@ -69,11 +69,6 @@ def generate(seed: int, size: int) -> tuple[float, dict, np.ndarray]:
     data = r.json()
     png = httpx.get(URL + data["images"][0]["url"], timeout=30).content
     return wall, data["timings"], np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.float64)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def app_children() -> list[int]:
