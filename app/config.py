@@ -71,6 +71,12 @@ class AppSettings(BaseModel):
     max_batch: int = Field(1, ge=1, le=16)  # queued requests of one shape merged into one pipeline call
     memory_cap_gib: Optional[float] = Field(None, gt=0)  # per-process GPU memory cap (e.g. a 16 GiB card)
     ui: bool = True  # mount the Gradio UI at / (the JSON API works either way)
+    # LoRA files (<name>.safetensors) a request may name, merged into the weights for it (hot, exact:
+    # app/runtime/lora_merge.py). None: no LoRAs. lora_cache_size files stay loaded between requests;
+    # max_loras: per request.
+    lora_dir: Optional[Path] = None
+    lora_cache_size: int = Field(4, ge=1, le=64)
+    max_loras: int = Field(3, ge=1, le=8)
 
     # Warm-up before ready: one generation of this size (None: 1024 on GPU, 256 on CPU).
     warmup: bool = True
@@ -171,6 +177,12 @@ class AppSettings(BaseModel):
                 raise ValueError("parallel = 'context' needs offload = 'none' (each rank holds the model)")
             if self.step_cache_skips:
                 raise ValueError("parallel = 'context' does not combine with step_cache_skips")
+        if self.lora_dir is not None and self.quantize == "fp8":
+            # An FP8 layer holds its weight quantized with per-row scales: a LoRA merged into it would
+            # be requantized at every switch (lossy twice) — refused rather than quietly degraded.
+            raise ValueError(
+                "lora_dir does not combine with quantize = 'fp8' (LoRAs merge into bf16 weights)"
+            )
         if self.min_size > self.max_size:
             raise ValueError(f"min_size {self.min_size} is larger than max_size {self.max_size}")
         if self.model_dir is not None:
@@ -185,6 +197,10 @@ class AppSettings(BaseModel):
         self.compile_cache_dir = resolve_under(self.home, self.compile_cache_dir)
         self.gradio_temp_dir = resolve_under(self.home, self.gradio_temp_dir)
         self.history_file = resolve_under(self.home, self.history_file)
+        if self.lora_dir is not None:
+            self.lora_dir = resolve_under(self.home, self.lora_dir)
+            if not self.lora_dir.is_dir():
+                raise ValueError(f"lora_dir {self.lora_dir} is not a directory")
         return self
 
     def warmup_pixels(self, device_type: str) -> int:

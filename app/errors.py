@@ -64,3 +64,13 @@ class EngineUnhealthy(ServiceError):
 class StorageError(ServiceError):
     status = 507
     code = "storage_error"
+
+
+class UnknownLora(ServiceError):
+    status = 422
+    code = "unknown_lora"
+
+
+class InvalidLora(ServiceError):
+    status = 422
+    code = "invalid_lora"

@@ -68,7 +68,9 @@ def render(stack: "Stack") -> str:
     return f"""# Written by zimagectl from zimage.toml ([app] replicas, port, replica_base_port,
 # balancer_stats_port); edits here are overwritten at the next `zimagectl up`. Why: ops/balancer.py.
 global
-    log stdout format raw local0 notice
+    # info: a session that went wrong (error, timeout, retry, redispatch, 5xx) is logged with its
+    # termination state — what tells a reset apart from a retry; normal ones are not (dontlog-normal).
+    log stdout format raw local0 info
     maxconn 4096
     stats socket {stack.home}/run/haproxy.sock mode 600 level admin
 
@@ -77,6 +79,7 @@ defaults
     log global
     option httplog
     option dontlognull
+    option dontlog-normal
     timeout connect 2s
     timeout client {server_timeout}s
     timeout server {server_timeout}s

@@ -8,6 +8,7 @@ from app.runtime.faults import FaultInjector
 from app.runtime.follower import serve_follower
 from app.runtime.jobs import EngineStatus, GenerationParams, JobResult, ModelFacts
 from app.runtime.loader import LoadReport, start_weight_prefetch
+from app.runtime.lora import LoraLibrary
 from app.runtime.stepcache import skipped_steps
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "GenerationParams",
     "JobResult",
     "LoadReport",
+    "LoraLibrary",
     "ModelFacts",
     "serve_follower",
     "skipped_steps",

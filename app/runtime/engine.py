@@ -26,6 +26,7 @@ from app.runtime.faults import FaultInjector
 from app.runtime.jobqueue import JobQueue
 from app.runtime.jobs import EngineStatus, GenerationParams, Job, JobResult, ModelFacts, resolve
 from app.runtime.loader import LoadedPipeline, load_pipeline
+from app.runtime.lora_merge import LoraSet, lora_set_for
 from app.runtime.parallel import RankLink, RankWork
 from app.runtime.progress import Heartbeat
 from app.runtime.stages import BatchRequest, PromptEmbeddingCache, run_batch, uses_guidance
@@ -75,6 +76,7 @@ class Engine:
         # Context parallelism (app/runtime/parallel.py): this is rank 0, and every pipeline call
         # is shared with the other ranks first.
         self.link: Optional[RankLink] = RankLink(0) if settings.parallel == "context" else None
+        self.loras: Optional[LoraSet] = None  # when app.lora_dir is set: made once the model is loaded
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -118,6 +120,7 @@ class Engine:
         try:
             self.state = "loading"
             self.loaded = load_pipeline(self.settings)
+            self.loras = lora_set_for(self.loaded.pipe, self.settings)
             if self.loaded.compiled:
                 self.heartbeat.compile_watch = compile_watch()
             log.info(
@@ -223,6 +226,7 @@ class Engine:
             init_images=None if first.init_image is None else [first.init_image] * len(prompts),
             mask_images=None if first.mask_image is None else [first.mask_image] * len(prompts),
             strength=first.strength,
+            loras=first.loras,
         )
         hb = self.heartbeat
         now = self.wall_clock()
@@ -282,6 +286,8 @@ class Engine:
 
         shared = False  # whether the other ranks are running this batch too
         try:
+            if self.loras is not None:  # before the other ranks are told: a refused file fails alone
+                self.loras.apply(first.loras)
             self.faults.before_generation()
             if self.link is not None:
                 self.link.share(RankWork.of(request, seeds, self.warmup.seconds is not None))

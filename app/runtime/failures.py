@@ -67,6 +67,16 @@ def parallel_generation_failed(batch: list[Job], exc: BaseException) -> errors.S
 
 
 def generation_failed(batch: list[Job], exc: BaseException) -> errors.ServiceError:
+    if isinstance(exc, errors.ServiceError):  # the request's own fault, told as such (a LoRA refused)
+        log.warning(
+            "request refused",
+            extra={
+                "event": "request_refused",
+                "code": exc.code,
+                "request_ids": [j.request_id for j in batch],
+            },
+        )
+        return exc
     log.error(
         "generation failed",
         exc_info=exc,

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from app.runtime.loader import load_pipeline
+from app.runtime.lora_merge import lora_set_for
 from app.runtime.parallel import RankEnv, RankLink
 from app.runtime.stages import PromptEmbeddingCache, run_batch
 
@@ -26,6 +27,7 @@ def serve_follower(settings) -> int:
     env = RankEnv.from_env()
     link = RankLink(env.rank)
     cache = PromptEmbeddingCache(settings.prompt_cache_size)
+    loras = lora_set_for(loaded.pipe, settings)
     log.info("rank ready", extra={"event": "rank_ready", "rank": env.rank, "notes": loaded.notes})
     stance_set = False
 
@@ -44,6 +46,8 @@ def serve_follower(settings) -> int:
             torch.compiler.set_stance("eager_on_recompile")  # what rank 0 did after its warm-up
             stance_set = True
         try:
+            if loras is not None:  # the same files as rank 0 merged a moment ago
+                loras.apply(work.loras)
             with torch.inference_mode():
                 run_batch(loaded.pipe, work.request(), loaded.exec_device, cache, on_step_end)
         except _Stop:

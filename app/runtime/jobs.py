@@ -23,6 +23,7 @@ class GenerationParams:
     init_image: Optional[object] = None  # PIL image at width×height: image-to-image
     mask_image: Optional[object] = None  # PIL "L" image at width×height: inpainting (white repaints)
     strength: float = 1.0
+    loras: tuple = ()  # ((name, scale), …): merged into the weights for this request (lora_merge.py)
 
     @property
     def forwards(self) -> int:
@@ -43,8 +44,8 @@ class GenerationParams:
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call without changing their images (an
-        image-to-image request never does: its own image is part of the call)."""
-        key = (self.width, self.height, self.num_inference_steps, self.cfg_scale)
+        image-to-image request never does: its own image is part of the call; LoRAs are the weights)."""
+        key = (self.width, self.height, self.num_inference_steps, self.cfg_scale, self.loras)
         return key if self.mode == "text2img" else key + (self.mode, id(self))
 
 

@@ -162,6 +162,7 @@ class RankWork:
     init_images: Optional[list] = None
     mask_images: Optional[list] = None
     strength: float = 1.0
+    loras: tuple = ()
     eager_on_recompile: bool = False  # rank 0's compile stance after its warm-up, followed by all
 
     @classmethod

@@ -78,6 +78,7 @@ class BatchRequest:
     init_images: Optional[list] = None  # image-to-image: one PIL image per image, at width×height
     mask_images: Optional[list] = None  # inpainting: one "L" mask per image (white repaints)
     strength: float = 1.0
+    loras: tuple = ()  # ((name, scale), …) merged for this call; the caller merges (LoraSet.apply)
 
 
 def _encode_in_vae_dtype(vae) -> None:

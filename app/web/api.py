@@ -28,6 +28,7 @@ from app.web.bodylimit import BodyLimit, BodyTooLarge
 from app.web.history import History
 from app.web.job_routes import Retention, add_job_routes
 from app.web.jobs import JobBook
+from app.web.lora_routes import add_lora_routes
 from app.web.metrics import AppMetrics
 from app.web.outputs import OutputStore
 from app.web.schemas import ErrorResponse, GenerateResponse
@@ -310,6 +311,7 @@ def create_app(
 
     add_job_routes(app, book, history, RequestModel)
     add_upload_routes(app, service, book)
+    add_lora_routes(app, service)
 
     @app.get("/api/info", tags=["api"])
     async def info():

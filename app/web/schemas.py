@@ -29,6 +29,7 @@ class Limits:
     max_images: int = 4
     max_prompt_chars: int = 4000
     max_cfg: float = 20.0
+    max_loras: int = 3
 
     @classmethod
     def from_settings(cls, settings) -> "Limits":
@@ -39,6 +40,7 @@ class Limits:
             max_images=settings.max_images,
             max_prompt_chars=settings.max_prompt_chars,
             max_cfg=settings.max_cfg,
+            max_loras=settings.max_loras,
         )
 
     def nearest_size(self, value: int) -> int:
@@ -83,6 +85,14 @@ class GenerateRequestBase(BaseModel):
                 f"try {limits.nearest_size(value)}"
             )
         return value
+
+
+class LoraRef(BaseModel):
+    """One LoRA a request names: a file of the server's lora_dir (GET /api/loras), and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=128, description="File stem under lora_dir.")
+    scale: float = Field(1.0, ge=-4.0, le=4.0, allow_inf_nan=False, description="0 off, 1 as trained.")
 
 
 def build_request_model(limits: Limits) -> type[GenerateRequestBase]:
@@ -133,10 +143,19 @@ def build_request_model(limits: Limits) -> type[GenerateRequestBase]:
             None, description="Inpainting: white where to repaint, black where to keep; init_image's size."
         )
 
+        loras: list[LoraRef] = Field(
+            default_factory=list,
+            max_length=limits.max_loras,
+            description=f"Up to {limits.max_loras} LoRAs (GET /api/loras), merged for this request only.",
+        )
+
         @model_validator(mode="after")
         def _mask_needs_an_image(self):
             if self.mask_image is not None and self.init_image is None:
                 raise ValueError("mask_image needs init_image (inpainting repaints part of an image)")
+            names = [lora.name for lora in self.loras]
+            if len(set(names)) != len(names):
+                raise ValueError("loras names one LoRA twice; give each once, with the sum of the scales")
             return self
 
     return GenerateRequest

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import errors
 from app.config import AppSettings
-from app.runtime import Engine, GenerationParams, skipped_steps
+from app.runtime import Engine, GenerationParams, LoraLibrary, skipped_steps
 from app.web.history import History
 from app.web.images import decode_image, fit
 from app.web.metrics import AppMetrics
@@ -46,6 +46,7 @@ class GenerationService:
         self.draining = False
         self.in_flight = 0  # requests inside generate(), waiting or running or saving
         self.history = history
+        self.lora_library = LoraLibrary(settings.lora_dir) if settings.lora_dir is not None else None
 
     @property
     def ready(self) -> bool:
@@ -101,6 +102,17 @@ class GenerationService:
             return None
         return await run_in_threadpool(self.decode_inputs, req)
 
+    def check_loras(self, req) -> tuple:
+        """((name, scale), …) of the LoRAs `req` names, each a file there now: an unknown name is a
+        422 at once, not after the wait in the queue (the engine checks the file again when it runs)."""
+        if not req.loras:
+            return ()
+        if self.lora_library is None:
+            raise errors.UnknownLora("this server serves no LoRAs", hint="the operator sets app.lora_dir")
+        for lora in req.loras:
+            self.lora_library.find(lora.name)
+        return tuple((lora.name, float(lora.scale)) for lora in req.loras)
+
     def submit(self, req, request_id: str, priority: bool = False, on_step=None, inputs=None):
         """Queue the generation of `req`: the engine's job and the seed it will use. Raises Draining,
         QueueFull, NotReady or EngineUnhealthy instead of waiting. `inputs`: decode_inputs' result
@@ -109,6 +121,7 @@ class GenerationService:
             raise errors.Draining("the server is draining for a restart; retry shortly", retry_after_s=10)
         seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32)
         init, mask, labels = inputs if inputs is not None else self.decode_inputs(req)
+        loras = self.check_loras(req)
         params = GenerationParams(
             prompt=req.prompt,
             negative_prompt=req.negative_prompt,
@@ -121,6 +134,7 @@ class GenerationService:
             init_image=init,
             mask_image=mask,
             strength=req.strength if init is not None else 1.0,
+            loras=loras,
         )
         job = self.engine.submit(params, request_id, priority=priority)
         job.on_step = on_step
@@ -189,6 +203,8 @@ class GenerationService:
             "request_id": request_id,
             **job.labels,  # image-to-image: the mode, strength and the inputs' hashes
         }
+        if req.loras:
+            metadata["loras"] = [{"name": lora.name, "scale": lora.scale} for lora in req.loras]
         lossy = self.lossy_options(req.num_inference_steps)
         if lossy:
             metadata["lossy_options"] = lossy

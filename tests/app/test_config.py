@@ -110,3 +110,14 @@ def test_the_defaults_keep_the_timeout_chain(tmp_path):
     env = {"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}
     app, monitor = load_settings(env), load_monitor_settings(env)
     assert app.request_timeout_s <= app.drain_timeout_s < supervisor_stopwaitsecs() < monitor.stop_timeout_s
+
+
+def test_lora_dir_must_be_a_directory_and_does_not_combine_with_fp8(tmp_path):
+    (tmp_path / "none.toml").write_text("")
+    base = {"ZIMAGE_CONFIG": str(tmp_path / "none.toml"), "ZIMAGE_HOME": str(tmp_path)}
+    with pytest.raises(ConfigError, match="is not a directory"):
+        load_settings({**base, "ZIMAGE_APP_LORA_DIR": "loras"})
+    (tmp_path / "loras").mkdir()
+    assert load_settings({**base, "ZIMAGE_APP_LORA_DIR": "loras"}).lora_dir == tmp_path / "loras"
+    with pytest.raises(ConfigError, match="fp8"):
+        load_settings({**base, "ZIMAGE_APP_LORA_DIR": "loras", "ZIMAGE_APP_QUANTIZE": "fp8"})

@@ -64,6 +64,7 @@ FIELDS = [
     "init_image",
     "strength",
     "mask_image",
+    "loras",
 ]
 
 
@@ -94,6 +95,17 @@ bodies = st.one_of(
             ),
             "mask_image": st.one_of(st.text(max_size=16), st.binary(max_size=64).map(_b64)),
             "strength": st.floats(allow_nan=True, allow_infinity=True),
+            # LoRAs (this server has no lora_dir): any names, scales, shapes
+            "loras": st.one_of(
+                json_values,
+                st.lists(
+                    st.fixed_dictionaries(
+                        {"name": st.text(max_size=40)},
+                        optional={"scale": st.floats(allow_nan=True, allow_infinity=True)},
+                    ),
+                    max_size=5,
+                ),
+            ),
         },
     ),
     json_values,
@@ -125,6 +137,14 @@ def test_hostile_bodies_are_4xx_never_5xx(app, body):
     assert r.status_code < 500, (body, r.status_code, r.text[:300])
     if r.status_code != 200:
         assert r.status_code in (401, 413, 422, 503) and r.json()["message"]
+
+
+def test_a_lora_on_a_server_without_lora_dir_is_a_422_that_says_so(app):
+    r = _post_json(app, {"prompt": "a cat", "width": 256, "height": 256, "loras": [{"name": "ink"}]})
+    assert r.status_code == 422 and r.json()["error"] == "unknown_lora", r.text
+    assert "serves no LoRAs" in r.json()["message"] and "lora_dir" in r.json()["hint"]
+    listing = httpx.get(app.url + "/api/loras", headers=AUTH, timeout=10)
+    assert listing.json() == {"enabled": False, "max_per_request": 0, "loras": []}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,0 +1,34 @@
+"""GET /api/loras: the LoRA files a request may name, and which of them are loaded now."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+
+def add_lora_routes(app: FastAPI, service) -> None:
+    @app.get("/api/loras", tags=["api"])
+    async def list_loras():
+        """The files under app.lora_dir (name them in a request's `loras`); empty when the server
+        serves none."""
+        library = service.lora_library
+        if library is None:
+            return {"enabled": False, "max_per_request": 0, "loras": []}
+        files = await run_in_threadpool(library.files)  # (a directory on a slow disk: off the loop)
+        merged = service.engine.loras
+        loaded = set(merged.loaded_names()) if merged is not None else set()
+        return {
+            "enabled": True,
+            "max_per_request": service.settings.max_loras,
+            "loras": [
+                {
+                    "name": f.name,
+                    "size_bytes": f.size_bytes,
+                    "modified": datetime.fromtimestamp(f.mtime_ns / 1e9, timezone.utc).isoformat(),
+                    "loaded": f.name in loaded,
+                }
+                for f in files
+            ],
+        }
