@@ -33,7 +33,7 @@ def make_engine(tmp_path, ready_timeout=120, **overrides):
 LONG = "a red fox in fresh snow under a pale winter sky, 35mm photograph, " * 4
 
 
-def image(engine, prompt, width=128, height=128, num_images=1):
+def image(engine, prompt, width=128, height=128, num_images=1, loras=()):
     p = GenerationParams(
         prompt=prompt,
         negative_prompt="",
@@ -43,6 +43,7 @@ def image(engine, prompt, width=128, height=128, num_images=1):
         cfg_scale=0.0,
         num_images=num_images,
         seed=9,
+        loras=loras,
     )
     result = engine.submit(p).future.result(600)
     return [np.asarray(im).astype(float) for im in result.images]

@@ -15,6 +15,7 @@ from app.runtime import aot
 from app.runtime.aot import export, store, verify
 from app.runtime.engine import GenerationParams
 from tests.engine_helpers import LONG, image, make_engine, psnr
+from tests.lora_files import make_lora
 
 
 def merged(engine, prompts, seed=3):
@@ -137,6 +138,32 @@ def test_next_start_loads_the_packages_without_compiling(tmp_path, cache):
         assert packaged_calls(engine)[0] > before[0]  # (the engine's own calls still go through them)
     finally:
         engine.stop()
+        torch.compiler.set_stance("default")
+
+
+def test_a_merged_lora_runs_in_the_packages(tmp_path, cache):
+    """The packages take each block's weight tensors as inputs: a LoRA merged into them in place is
+    in the picture (the same as eager with the same LoRA), and its request still runs the packages."""
+    if not any((cache / "aot").glob("*/*.pt2")):
+        pytest.skip("needs the packages of the test above")
+    make_lora(tmp_path / "loras", "ink", seed=1, magnitude=0.2)
+    common = dict(max_batch=2, compile_cache_dir=cache, lora_dir=tmp_path / "loras")
+    packaged = make_engine(tmp_path / "aot", compile="on", compile_backend="aot", **common)
+    eager = make_engine(tmp_path / "eager", compile="off", **common)
+    try:
+        assert packaged.loaded.compile_backend == "aot"
+        plain = image(packaged, "a lighthouse")[0]
+        before = packaged_calls(packaged)[0]
+        styled = image(packaged, "a lighthouse", loras=(("ink", 1.0),))[0]
+        assert packaged_calls(packaged)[0] > before  # through the packages, not the eager fallback
+        assert psnr(plain, styled) < 30  # the LoRA is in the picture ...
+        assert (
+            psnr(styled, image(eager, "a lighthouse", loras=(("ink", 1.0),))[0]) > 45
+        )  # ... as eager has it
+        assert np.array_equal(image(packaged, "a lighthouse")[0], plain)  # and leaves no trace
+    finally:
+        packaged.stop()
+        eager.stop()
         torch.compiler.set_stance("default")
 
 
