@@ -19,6 +19,7 @@ from app.web.schemas import SIZE_STEP, TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS  #
 from app.web.sysinfo import live_info, model_info  # noqa: E402
 from app.web.ui_history import Restorer  # noqa: E402
 from app.web.ui_images import TEXT2IMG, build_image_inputs, image_fields  # noqa: E402
+from app.web.ui_loras import build_lora_inputs, lora_fields, lora_summary  # noqa: E402
 from app.web.validation import validation_message  # noqa: E402
 
 PRESETS = [
@@ -83,6 +84,8 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         strength=0.6,
         inpaint=None,
         inpaint_strength=1.0,
+        loras=None,
+        lora_scale=1.0,
         request: gr.Request = None,
         progress=gr.Progress(),
     ):
@@ -96,6 +99,7 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
             "num_images": int(num_images),
             "seed": -1 if random_seed else int(seed),
             **image_fields(mode, init_image, strength, inpaint, inpaint_strength),
+            **lora_fields(loras, lora_scale),
         }
         try:
             req = service.validate(data)
@@ -139,7 +143,8 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         )
         info = (
             f"**Seed** `{result.seed}` · **Size** {result.width}×{result.height} · **Steps** "
-            f"{result.num_inference_steps} · **CFG** {result.cfg_scale:g} · **Time** {t.total_s:.2f} s "
+            f"{result.num_inference_steps} · **CFG** {result.cfg_scale:g}{lora_summary(req.loras)} "
+            f"· **Time** {t.total_s:.2f} s "
             f"(queue {t.queue_wait_s:.2f} s, generation {t.generation_s:.2f} s{split}){peak}{lossy}  \n"
             f"Request `{result.request_id}` · files: " + ", ".join(f"`{i.filename}`" for i in result.images)
         )
@@ -200,6 +205,7 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
                             )
                             compose_btn = gr.Button("Compose prompt", size="sm")
                         image_inputs = build_image_inputs()
+                        lora_inputs = build_lora_inputs(service)
                         with gr.Row():
                             preset_buttons = [
                                 gr.Button(label, size="sm", elem_id=f"preset-{w}x{h}")
@@ -316,7 +322,7 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         )
         generation = go.click(
             generate,
-            inputs=settings_fields + [num_images, *image_inputs],
+            inputs=settings_fields + [num_images, *image_inputs, *lora_inputs],
             outputs=[gallery, info, last_seed],
             api_name="generate_from_ui",
             concurrency_limit=settings.max_batch,

@@ -20,16 +20,24 @@ from PIL import Image
 
 from ops.tempstack import StackHome
 from tests.helpers import wait_for
+from tests.lora_files import make_lora
 
 pytestmark = [pytest.mark.integration]
 BODY = {"prompt": "context parallel: a red fox in snow", "width": 128, "height": 128, "seed": 11}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def loras(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cp-loras")
+    make_lora(root, "ink", seed=1, magnitude=0.2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, loras):
     s = StackHome(
         tmp_path_factory.mktemp("cp"),
-        app={"parallel": "context", "parallel_degree": 2},
+        app={"parallel": "context", "parallel_degree": 2, "lora_dir": str(loras)},
         monitor={"stall_floor_s": 4, "stall_factor": 8, "hang_stopped_s": 1.0, "restart_budget": 20},
     )
     try:
@@ -61,11 +69,12 @@ def post_into(url: str, body: dict, results: list) -> None:
         results.append(exc)
 
 
-def one_process_image(tmp_path) -> np.ndarray:
+def one_process_image(tmp_path, **overrides) -> np.ndarray:
     from app.config import load_settings
     from app.runtime import Engine, GenerationParams
 
-    settings = load_settings(env={}, warmup=False, outputs_dir=tmp_path)
+    loras = overrides.pop("loras", ())
+    settings = load_settings(env={}, warmup=False, outputs_dir=tmp_path, **overrides)
     engine = Engine(settings)
     engine.start()
     wait_for(lambda: engine.ready, 60, 0.1, "engine ready")
@@ -78,6 +87,7 @@ def one_process_image(tmp_path) -> np.ndarray:
         cfg_scale=0.0,
         num_images=1,
         seed=BODY["seed"],
+        loras=loras,
     )
     result = engine.submit(params).future.result(timeout=60)
     engine.stop()
@@ -97,6 +107,19 @@ def test_one_image_over_two_ranks_is_the_one_process_image(stack, tmp_path):
     # fp32 on a CPU: the two differ only in the order of a few additions
     assert np.abs(split - whole).max() <= 2 and (split != whole).mean() < 0.01
     assert split.std() > 5  # a picture, not a blank
+
+
+def test_a_lora_is_merged_on_every_rank(stack, loras, tmp_path):
+    """Each rank merges the LoRA the shared work names: the split image is the one-process image
+    with that LoRA (a rank without it would make a different picture, not an error)."""
+    r = httpx.post(stack.url + "/api/generate", json={**BODY, "loras": [{"name": "ink"}]}, timeout=60)
+    assert r.status_code == 200, r.text
+    split = pixels(r, stack.url)
+    whole = one_process_image(tmp_path, lora_dir=loras, loras=(("ink", 1.0),))
+    assert np.abs(split - whole).max() <= 2 and (split != whole).mean() < 0.01
+    assert np.abs(split - one_process_image(tmp_path)).mean() > 1  # (the LoRA is in both)
+    r = httpx.post(stack.url + "/api/generate", json={**BODY, "loras": [{"name": "nope"}]}, timeout=60)
+    assert r.status_code == 422 and r.json()["error"] == "unknown_lora"
 
 
 def test_image_to_image_and_inpainting_run_across_the_ranks_too(stack):

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import REPO, wait_for
+from tests.lora_files import make_lora
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -29,8 +30,16 @@ BROWSER_ARGS = [
 
 @pytest.fixture(scope="module")
 def app(start_app):
+    def lora_dir(tmp):
+        make_lora(tmp / "loras", "ink", seed=1, magnitude=0.2)
+        return tmp / "loras"
+
     return start_app(
-        "ui", api_token=TOKEN, gradio_temp_dir=lambda tmp: tmp / "gradio", fault_injection="true"
+        "ui",
+        api_token=TOKEN,
+        gradio_temp_dir=lambda tmp: tmp / "gradio",
+        fault_injection="true",
+        lora_dir=lora_dir,
     )
 
 
@@ -230,4 +239,24 @@ def test_image_to_image_from_the_ui(app, browser, tmp_path):
     page.locator("#mode").get_by_text("Inpaint").click()
     page.click("#generate-btn")
     page.wait_for_selector("text=Upload the image to paint on", timeout=15000)
+    page.close()
+
+
+def test_a_lora_picked_in_the_ui_is_in_the_request(app, browser):
+    """The LoRA section lists lora_dir's files; the one picked goes into the request (the info line
+    and the PNG's parameters say so), at the scale of the slider."""
+    api = {"authorization": f"Bearer {TOKEN}"}
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    log_in(page, app.url)
+    page.wait_for_selector("#generate-btn:not([disabled])", timeout=30000)
+    page.fill("#prompt textarea", "lora: a paper boat")
+    page.click("#preset-512x512")
+    page.locator("#lora-section").get_by_text("LoRA").first.click()
+    page.locator("#lora-picker input").click()
+    page.get_by_role("option", name="ink").click()
+    page.click("#generate-btn")
+    page.wait_for_selector("#generation-info >> text=ink ×1", timeout=60000)
+    made = httpx.get(app.url + "/api/history?limit=1", headers=api).json()["items"][0]
+    assert made["parameters"]["prompt"] == "lora: a paper boat"
+    assert made["parameters"]["loras"] == [{"name": "ink", "scale": 1.0}]
     page.close()
