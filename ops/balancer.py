@@ -3,10 +3,16 @@
 Why each line is there (docs/SCALING.md has the whole story):
 - `option httpchk GET /readyz` with a fast fall/rise: a replica that drains, warms up or hangs
   leaves the pool within about a second, and comes back once it answers 200 twice.
-- `retry-on conn-failure empty-response response-timeout 503` with `option redispatch 1` and
-  `option http-buffer-request`: a request whose replica died before answering (killed, restarted)
-  or refused it (queue full, draining) is sent again, to another replica. The client sees an error
-  only when every replica refused: then the last 503 with its Retry-After passes through.
+- `retry-on conn-failure empty-response junk-response response-timeout 503` with
+  `option redispatch 1` and `option http-buffer-request`: a request whose replica died before
+  answering (killed, restarted) or refused it (queue full, draining) is sent again, to another
+  replica. The client sees an error only when every replica refused: then the last 503 with its
+  Retry-After passes through. junk-response: a replica killed while its socket still held unread
+  bytes answers with a reset, which HAProxy 2.6 counts as junk, not as an empty response; without it
+  the request was not retried and, on a kept-alive client connection, HAProxy closed that
+  connection without a word (its way of telling a client to retry; httpx does not for a POST).
+- `tune.bufsize` ≥ the largest JSON body: only a request that fits one buffer can be retried;
+  with the 16 KiB default every image-to-image request was a reset when its replica died.
 - `balance leastconn`: a generation holds a connection for its whole length.
 - `observe layer4 error-limit 1 on-error mark-down`: the first refused connection takes a replica
   out of the pool at once. Without it a killed replica, having no connections, was leastconn's
@@ -58,6 +64,12 @@ def render(stack: "Stack") -> str:
     app = stack.app
     server_timeout = int(app.request_timeout_s) + 15  # the app answers 504 itself before this
     bind_host = app.host if app.host not in ("", "::") else "0.0.0.0"
+    # HAProxy retries (retry-on) only a request that fits in one buffer (16 KiB by default): an
+    # image-to-image request with its base64 image (up to max_body_bytes, 1 MiB) was not retried
+    # when its replica died — the client got a reset. One buffer now holds any JSON body the app
+    # accepts, up to 8 MiB (buffers are taken per active connection, not reserved per maxconn).
+    # Multipart uploads (up to max_upload_mb) stay beyond it: not retried by the balancer.
+    bufsize = max(16384, min(app.max_body_bytes + 16384, 8 * 2**20))
     servers = "\n".join(
         f"    server {r.label} 127.0.0.1:{r.port} cookie {r.label} check" for r in stack.replicas
     )
@@ -72,6 +84,7 @@ global
     # termination state — what tells a reset apart from a retry; normal ones are not (dontlog-normal).
     log stdout format raw local0 info
     maxconn 4096
+    tune.bufsize {bufsize}
     stats socket {stack.home}/run/haproxy.sock mode 600 level admin
 
 defaults
@@ -89,7 +102,7 @@ defaults
     retries 3
     option redispatch 1
     option http-buffer-request
-    retry-on conn-failure empty-response response-timeout 503
+    retry-on conn-failure empty-response junk-response response-timeout 503
 {_own_errors()}
 frontend zimage
     bind {bind_host}:{app.port}
@@ -121,6 +134,13 @@ listen stats
     stats uri /stats
     stats refresh 5s
 """
+
+
+def all_in_pool(stack: "Stack", labels: list[str] | None = None) -> bool:
+    """Whether HAProxy routes to each of `labels` (every replica by default): its checks passed."""
+    states = server_states(stack)
+    wanted = labels if labels is not None else [r.label for r in stack.replicas]
+    return all(states.get(label, "").startswith("UP") for label in wanted)
 
 
 def config_path(stack: "Stack") -> Path:

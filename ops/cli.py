@@ -24,6 +24,7 @@ import time
 from common.configfile import ConfigError
 from common.polling import poll_until
 from common.supervisor_client import SupervisorUnavailable
+from ops.balancer import all_in_pool
 from ops.stack import Stack, program_names, program_states
 
 
@@ -68,11 +69,14 @@ def cmd_up(stack: Stack, args) -> int:
         if states.get("app") == "FATAL":
             raise SystemExit("error: app is FATAL (crashed at start); see: zimagectl logs app")
 
-    # Ready means both: every app answers /readyz, and supervisord counts each started (startsecs).
+    # Ready means all: every app answers /readyz, supervisord counts each started (startsecs), and
+    # with replicas HAProxy routes to each (its checks need a rise after the app is ready: until
+    # then a client at the public port could get HAProxy's 503, the replica tests saw it).
     ready = poll_until(
         lambda: (
             all((stack.readyz(url=stack.replica_url(r)) or {}).get("ready") for r in stack.replicas)
             and all(program_states(client).get(n) == "RUNNING" for n in stack.programs())
+            and (not stack.replicated or all_in_pool(stack))
         ),
         args.timeout,
         progress=progress,

@@ -27,6 +27,9 @@ class LoadStats:
     unclear: int = 0  # an error status without a JSON reason, or a 503 without Retry-After
     statuses: dict = field(default_factory=dict)
     latencies: list = field(default_factory=list)
+    # what the first few refused/reset/lost requests raised, with the wall time: to match against
+    # HAProxy's log (termination state) and the apps' logs
+    failures: list = field(default_factory=list)
 
     def percentile(self, q: float) -> Optional[float]:
         if not self.latencies:
@@ -49,6 +52,7 @@ class LoadStats:
             "p95_s": self.percentile(95),
             "p99_s": self.percentile(99),
             "mean_s": statistics.fmean(self.latencies) if self.latencies else None,
+            "failures": list(self.failures),
         }
 
 
@@ -102,8 +106,10 @@ class LoadGenerator:
     def _worker(self) -> None:
         with httpx.Client(timeout=httpx.Timeout(self.deadline_s, connect=5.0)) as client:
             while self._take():
-                outcome, status, seconds = self._one(client)
+                outcome, status, seconds, error = self._one(client)
                 with self._lock:
+                    if error is not None and len(self.stats.failures) < 10:
+                        self.stats.failures.append(f"{time.strftime('%H:%M:%S')} {outcome}: {error!r}")
                     setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
                     if status is not None:
                         self.stats.statuses[status] = self.stats.statuses.get(status, 0) + 1
@@ -114,27 +120,26 @@ class LoadGenerator:
                 elif outcome == "rejected" or self.pause_s:
                     time.sleep(max(self.pause_s, 0.05))  # a server that says "busy" gets a breath
 
-    def _one(self, client: httpx.Client) -> tuple[str, Optional[int], float]:
+    def _one(self, client: httpx.Client) -> tuple[str, Optional[int], float, Optional[Exception]]:
         started = time.perf_counter()
         try:
             r = client.post(self.url, json=self.body, headers=self.headers)
-        except httpx.ConnectError:
-            return "refused", None, time.perf_counter() - started
+        except httpx.ConnectError as exc:
+            return "refused", None, time.perf_counter() - started, exc
         except httpx.TimeoutException as exc:
-            if isinstance(exc, httpx.ConnectTimeout):
-                return "refused", None, time.perf_counter() - started
-            return "lost", None, time.perf_counter() - started
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-            return "reset", None, time.perf_counter() - started
+            outcome = "refused" if isinstance(exc, httpx.ConnectTimeout) else "lost"
+            return outcome, None, time.perf_counter() - started, exc
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            return "reset", None, time.perf_counter() - started, exc
         seconds = time.perf_counter() - started
         if r.status_code == 200:
-            return "ok", 200, seconds
+            return "ok", 200, seconds, None
         if r.status_code >= 500 and r.status_code not in (503, 504, 507):
-            return "server_errors", r.status_code, seconds
+            return "server_errors", r.status_code, seconds, None
         try:
             clear = bool(r.json().get("message"))
         except ValueError:
             clear = False
         if r.status_code == 503 and "retry-after" not in r.headers:
             clear = False
-        return ("rejected" if clear else "unclear"), r.status_code, seconds
+        return ("rejected" if clear else "unclear"), r.status_code, seconds, None

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 from common.polling import poll_until
 from common.replicas import Replica
 from monitor.status import read_state
-from ops.balancer import server_states
+from ops.balancer import all_in_pool, server_states
 from ops.stack import Stack
 
 IN_POOL_TIMEOUT_S = 30.0  # HAProxy's rise: two checks 0.5 s apart, with room for a slow check
@@ -44,7 +44,7 @@ def rolling_restart(stack: Stack, targets: list[Replica], timeout: float, say: C
     that does not come back: the others keep serving."""
     for replica in targets:
         others = [r.label for r in stack.replicas if r != replica]
-        if not poll_until(lambda: _all_up(stack, others), IN_POOL_TIMEOUT_S, 0.25):
+        if not poll_until(lambda: all_in_pool(stack, others), IN_POOL_TIMEOUT_S, 0.25):
             say(
                 f"{replica.label}: not restarted: another replica is not in the pool ({server_states(stack)})"
             )
@@ -62,16 +62,11 @@ def rolling_restart(stack: Stack, targets: list[Replica], timeout: float, say: C
         )
         if not result.ok:
             return False
-        if not poll_until(lambda: _all_up(stack, [replica.label]), IN_POOL_TIMEOUT_S, 0.25):
+        if not poll_until(lambda: all_in_pool(stack, [replica.label]), IN_POOL_TIMEOUT_S, 0.25):
             say(f"{replica.label}: warm but not back in HAProxy's pool after {IN_POOL_TIMEOUT_S:.0f} s")
             return False
         say(f"{replica.label}: back in the pool")
     return True
-
-
-def _all_up(stack: Stack, labels: list[str]) -> bool:
-    states = server_states(stack)
-    return all(states.get(label, "").startswith("UP") for label in labels)
 
 
 def replica_report(stack: Stack) -> list[dict]:

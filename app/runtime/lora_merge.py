@@ -48,6 +48,7 @@ class LoraSet:
         self.merged: tuple = ()  # ((name, version, scale), …) now in the weights
         self.loads = self.merges = 0
         self.last_merge_s = 0.0
+        self._loaded: tuple[str, ...] = ()  # names in the cache, replaced whole: read by other threads
 
     # ---- what the engine calls ------------------------------------------------------------
     def apply(self, wanted: Wanted) -> None:
@@ -86,7 +87,8 @@ class LoraSet:
         )
 
     def loaded_names(self) -> list[str]:
-        return list(self.cached)
+        """The cached files' names; safe from any thread (the cache itself is the engine thread's)."""
+        return list(self._loaded)
 
     def memory_bytes(self) -> int:
         """What LoRAs cost beside the model: cached factors and kept originals."""
@@ -102,10 +104,10 @@ class LoraSet:
         weight = self._any_weight()
         loaded = lora.load(file, self.transformer, weight.device, weight.dtype)
         self.loads += 1
-        self.cached[name] = (
-            loaded  # (a replaced file: the new version; the merged one is told apart by version)
-        )
+        # (a replaced file: the new version; the merged old one is told apart by its version)
+        self.cached[name] = loaded
         self.cached.move_to_end(name)
+        self._loaded = tuple(self.cached)
         log.info(
             "lora loaded",
             extra={
@@ -134,8 +136,9 @@ class LoraSet:
             weight.copy_(original)
             return
         total = original.to(torch.float32, copy=True)  # (.float() of an fp32 tensor is that tensor)
-        for factors, scale in parts:
-            total.addmm_(factors.up.float(), factors.down.float(), alpha=scale * factors.scaling)
+        for factors, scale in parts:  # (.to: with offload = "model" the layer may have moved since)
+            up, down = (f.to(total.device, torch.float32) for f in (factors.up, factors.down))
+            total.addmm_(up, down, alpha=scale * factors.scaling)
         weight.copy_(total.to(weight.dtype))
 
     def _evict(self) -> None:
@@ -147,6 +150,7 @@ class LoraSet:
                 break
             if name not in merged_names:
                 del self.cached[name]
+        self._loaded = tuple(self.cached)
         needed = {m for w in self.cached.values() for m in w.modules}
         for module in [m for m in self.originals if m not in needed]:
             del self.originals[module]

@@ -80,7 +80,7 @@ def test_haproxy_accepts_the_generated_config(tmp_path):
     text = render(stack)
     for line in (
         "option httpchk GET /readyz",
-        "retry-on conn-failure empty-response response-timeout 503",
+        "retry-on conn-failure empty-response junk-response response-timeout 503",
         "option redispatch 1",
         "balance leastconn",
         "server app-2 127.0.0.1:9102",
@@ -89,6 +89,8 @@ def test_haproxy_accepts_the_generated_config(tmp_path):
         "observe layer4 error-limit 1 on-error mark-down",
         "http-reuse never",  # a refused connection takes it out at once
         "http-error status 503 content-type application/json",  # HAProxy's own 503 in the app's shape
+        "tune.bufsize 1064960",  # a 1 MiB JSON body (an image-to-image request) fits: retried too
+        "option dontlog-normal",  # abnormal sessions only, with their termination state
     ):
         assert line in text
     (tmp_path / "run").mkdir()

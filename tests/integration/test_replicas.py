@@ -4,6 +4,9 @@ pool never has both replicas out at once."""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import shutil
 import signal
@@ -11,7 +14,9 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from ops.load import LoadGenerator
 from ops.tempstack import StackHome, wait_for
@@ -88,12 +93,18 @@ def pid_of(stack: StackHome, index: int) -> int:
 
 
 def all_ready(stack: StackHome) -> bool:
-    return all(httpx.get(stack.replica_url(i) + "/readyz", timeout=1).status_code == 200 for i in range(2))
+    """Both apps ready, and both back in HAProxy's pool (its checks rise after the app is ready: a
+    test that starts in between sees one replica out before its fault, and both out after it)."""
+    if not all(httpx.get(stack.replica_url(i) + "/readyz", timeout=1).status_code == 200 for i in range(2)):
+        return False
+    rows = httpx.get(f"http://127.0.0.1:{stack_stats_port(stack)}/stats;csv", timeout=1).text.splitlines()
+    states = [r.split(",")[17] for r in rows[1:] if r.startswith("replicas,app-")]
+    return len(states) == 2 and all(s.startswith("UP") for s in states)
 
 
-def under_load(stack: StackHome, fault, settle_s: float = 4.0) -> dict:
+def under_load(stack: StackHome, fault, settle_s: float = 4.0, body: dict = BODY) -> dict:
     """Four clients through the balancer while `fault` runs; returns the load's buckets."""
-    gen = LoadGenerator(stack.url, concurrency=4, body=BODY, deadline_s=60).start()
+    gen = LoadGenerator(stack.url, concurrency=4, body=body, deadline_s=60).start()
     time.sleep(1.5)
     fault()
     time.sleep(settle_s)
@@ -102,10 +113,12 @@ def under_load(stack: StackHome, fault, settle_s: float = 4.0) -> dict:
     return stats
 
 
-def assert_no_client_visible_errors(stats: dict, logs: str) -> None:
+def assert_no_client_visible_errors(stats: dict, stack: StackHome) -> None:
     bad = {k: stats[k] for k in ("refused", "reset", "lost", "server_errors", "unclear") if stats[k]}
     statuses = {int(k): v for k, v in stats["statuses"].items() if int(k) != 200}
-    assert not bad and set(statuses) <= {503}, f"{stats}\n{logs[-6000:]}"
+    # (HAProxy logs each abnormal session with its termination state: what tells a reset's cause)
+    haproxy = stack.log("haproxy")[-6000:]
+    assert not bad and set(statuses) <= {503}, f"{stats}\n--- haproxy ---\n{haproxy}\n{stack.logs()[-3000:]}"
 
 
 def test_the_balancer_spreads_requests_and_status_shows_each_replica(stack):
@@ -134,8 +147,29 @@ def test_a_replica_killed_under_load_costs_the_clients_nothing(stack):
         stats = under_load(stack, lambda: os.kill(old, signal.SIGKILL), settle_s=6)
         wait_for(lambda: all_ready(stack), 60, 0.2, "both replicas ready again")
     assert pid_of(stack, 0) != old
-    assert_no_client_visible_errors(stats, stack.logs())
-    assert watch.saw_out("app-0") and not watch.both_out()
+    assert_no_client_visible_errors(stats, stack)
+    assert watch.saw_out("app-0") and not watch.both_out(), stack.log("haproxy")[-5000:]
+
+
+def image_to_image_body() -> dict:
+    """An image-to-image request of ~330 KB (its base64 noise image): far over HAProxy's default
+    16 KiB buffer, which is the largest request it can retry."""
+    noise = np.random.default_rng(0).integers(0, 256, (320, 320, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    return {**BODY, "init_image": base64.b64encode(buffer.getvalue()).decode(), "strength": 0.5}
+
+
+def test_a_replica_killed_under_image_to_image_load_costs_the_clients_nothing(stack):
+    """The requests that were on the killed replica are retried on the other one, big bodies too."""
+    body = image_to_image_body()
+    assert len(json.dumps(body)) > 300_000
+    old = pid_of(stack, 1)
+    with PoolWatch(stack):
+        stats = under_load(stack, lambda: os.kill(old, signal.SIGKILL), settle_s=6, body=body)
+        wait_for(lambda: all_ready(stack), 60, 0.2, "both replicas ready again")
+    assert pid_of(stack, 1) != old
+    assert_no_client_visible_errors(stats, stack)
 
 
 def test_a_hung_replica_is_healed_by_its_monitor_while_the_other_serves(stack):
@@ -143,7 +177,7 @@ def test_a_hung_replica_is_healed_by_its_monitor_while_the_other_serves(stack):
     with PoolWatch(stack) as watch:
         stats = under_load(stack, lambda: os.kill(old, signal.SIGSTOP), settle_s=12)
         wait_for(lambda: pid_of(stack, 1) not in (0, old) and all_ready(stack), 60, 0.2, "app-1 replaced")
-    assert_no_client_visible_errors(stats, stack.logs())
+    assert_no_client_visible_errors(stats, stack)
     assert watch.saw_out("app-1") and not watch.both_out()
     assert '"kind": "hang"' in stack.log("monitor-1") and "app:app-1" in stack.log("monitor-1")
 
@@ -159,7 +193,7 @@ def test_a_rolling_restart_under_load_takes_one_replica_at_a_time(stack):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "app-0: back in the pool" in result.stdout and "app-1: back in the pool" in result.stdout
     assert [pid_of(stack, 0), pid_of(stack, 1)] != olds and 0 not in (pid_of(stack, 0), pid_of(stack, 1))
-    assert_no_client_visible_errors(stats, stack.logs())
+    assert_no_client_visible_errors(stats, stack)
     assert watch.saw_out("app-0") and watch.saw_out("app-1") and not watch.both_out()
     # and no monitor took the planned stops for an incident
     assert "incident_open" not in stack.log("monitor-0").split("restart budget reset")[-1]
@@ -188,7 +222,7 @@ def test_an_oom_in_one_replica_is_retried_on_the_other_and_healed(stack):
     with PoolWatch(stack) as watch:
         stats = under_load(stack, oom, settle_s=8)
         wait_for(lambda: pid_of(stack, 0) not in (0, old) and all_ready(stack), 90, 0.2, "app-0 restarted")
-    assert_no_client_visible_errors(stats, stack.logs())
+    assert_no_client_visible_errors(stats, stack)
     assert not watch.both_out()
     assert '"kind": "oom_in_log"' in stack.log("monitor-0")
 
