@@ -393,4 +393,5 @@ class Engine:
             compiles_after_warmup=self.compiles_after_warmup,
             model=model,
             step_cache=None if cache is None else {"reused": cache.reused, "computed": cache.computed},
+            loras=None if self.loras is None else self.loras.status(),
         )

@@ -116,6 +116,7 @@ class EngineStatus:
     compiles_after_warmup: int
     model: Optional[ModelFacts]  # None until loaded
     step_cache: Optional[dict] = None  # {"reused", "computed"} where the lossy step cache is on
+    loras: Optional[dict] = None  # LoraSet.status() where lora_dir is set: loaded, merged, bytes
 
     @property
     def ready(self) -> bool:

@@ -120,8 +120,9 @@ def read_state_dict(file: LoraFile) -> tuple[dict[str, torch.Tensor], dict]:
     except FileNotFoundError:
         raise errors.UnknownLora(f"LoRA {file.name!r} was removed from the LoRA directory") from None
     except Exception as exc:  # safetensors' own errors: a truncated or foreign file
+        why = str(exc).replace(str(file.path), file.path.name)[:200]  # (no server paths to clients)
         raise errors.InvalidLora(
-            f"LoRA {file.name!r} could not be read as safetensors: {exc.__class__.__name__}: {str(exc)[:200]}"
+            f"LoRA {file.name!r} could not be read as safetensors: {exc.__class__.__name__}: {why}"
         ) from None
     return state_dict, metadata or {}
 

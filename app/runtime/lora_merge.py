@@ -48,7 +48,9 @@ class LoraSet:
         self.merged: tuple = ()  # ((name, version, scale), …) now in the weights
         self.loads = self.merges = 0
         self.last_merge_s = 0.0
-        self._loaded: tuple[str, ...] = ()  # names in the cache, replaced whole: read by other threads
+        # What other threads may read (GET /api/loras, /api/info), replaced whole by the engine's
+        # thread after each change: never the cache itself, which it mutates.
+        self._status: dict = {"loaded": [], "merged": [], "bytes": 0, "merges": 0, "last_merge_s": None}
 
     # ---- what the engine calls ------------------------------------------------------------
     def apply(self, wanted: Wanted) -> None:
@@ -71,6 +73,7 @@ class LoraSet:
                     self._write(module, parts)
         except BaseException:
             self._restore_all()  # (out of memory halfway: the model's own weights, not a mix)
+            self._publish()
             raise
         self.merged = target
         self.merges += 1
@@ -86,9 +89,19 @@ class LoraSet:
             },
         )
 
-    def loaded_names(self) -> list[str]:
-        """The cached files' names; safe from any thread (the cache itself is the engine thread's)."""
-        return list(self._loaded)
+    def status(self) -> dict:
+        """Loaded files, what is merged now (name, scale), their memory beside the model (factors
+        and kept originals); safe from any thread."""
+        return self._status
+
+    def _publish(self) -> None:
+        self._status = {
+            "loaded": list(self.cached),
+            "merged": [[name, scale] for name, _, scale in self.merged],
+            "bytes": self.memory_bytes(),
+            "merges": self.merges,
+            "last_merge_s": round(self.last_merge_s, 4) if self.merges else None,
+        }
 
     def memory_bytes(self) -> int:
         """What LoRAs cost beside the model: cached factors and kept originals."""
@@ -107,7 +120,7 @@ class LoraSet:
         # (a replaced file: the new version; the merged old one is told apart by its version)
         self.cached[name] = loaded
         self.cached.move_to_end(name)
-        self._loaded = tuple(self.cached)
+        self._publish()
         log.info(
             "lora loaded",
             extra={
@@ -150,10 +163,10 @@ class LoraSet:
                 break
             if name not in merged_names:
                 del self.cached[name]
-        self._loaded = tuple(self.cached)
         needed = {m for w in self.cached.values() for m in w.modules}
         for module in [m for m in self.originals if m not in needed]:
             del self.originals[module]
+        self._publish()
 
     def _any_weight(self) -> torch.Tensor:
         return next(p for p in self.transformer.parameters() if p.dtype.is_floating_point)

@@ -17,11 +17,13 @@ def add_lora_routes(app: FastAPI, service) -> None:
         if library is None:
             return {"enabled": False, "max_per_request": 0, "loras": []}
         files = await run_in_threadpool(library.files)  # (a directory on a slow disk: off the loop)
-        merged = service.engine.loras
-        loaded = set(merged.loaded_names()) if merged is not None else set()
+        state = service.engine.status().loras or {}
+        loaded = set(state.get("loaded", []))
         return {
             "enabled": True,
             "max_per_request": service.settings.max_loras,
+            "merged_now": state.get("merged", []),
+            "memory_bytes": state.get("bytes", 0),  # factors + kept originals, beside the model
             "loras": [
                 {
                     "name": f.name,

@@ -35,6 +35,7 @@ def model_info(service) -> dict:
         "offload": settings.offload,
         "quantize": settings.quantize,  # lossy opt-ins, shown beside the images they made
         "step_cache_skips": settings.step_cache_skips,
+        "loras": status.loras,  # None without lora_dir
         "max_batch": settings.max_batch,
         "load_seconds": model.load_seconds if model else None,
         "warmup_seconds": status.warmup_seconds,

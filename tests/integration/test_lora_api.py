@@ -64,7 +64,11 @@ def test_a_lora_changes_its_request_only_and_is_recorded_in_the_png(app):
     with Image.open(io.BytesIO(png)) as image:
         params = json.loads(image.text["parameters"])
     assert params["loras"] == [{"name": "ink", "scale": 1.0}]
-    assert [f["loaded"] for f in listing(app)["loras"]] == [True, False]
+    state = listing(app)
+    assert [f["loaded"] for f in state["loras"]] == [True, False]
+    assert state["merged_now"] == [["ink", 1.0]] and state["memory_bytes"] > 0
+    info = httpx.get(app.url + "/api/info", timeout=10).json()
+    assert info["loras"]["loaded"] == ["ink"] and info["loras"]["merges"] >= 2
 
 
 def test_a_lora_at_scale_zero_is_the_model_itself(app):
