@@ -116,7 +116,11 @@ def read_state_dict(file: LoraFile) -> tuple[dict[str, torch.Tensor], dict]:
     from diffusers import ZImagePipeline
 
     try:
-        state_dict, metadata = ZImagePipeline.lora_state_dict(str(file.path), return_lora_metadata=True)
+        # safetensors only, never the hub: said outright, though a local *.safetensors path already
+        # takes diffusers' safetensors branch (a file that is not one fails there; checked).
+        state_dict, metadata = ZImagePipeline.lora_state_dict(
+            str(file.path), return_lora_metadata=True, use_safetensors=True, local_files_only=True
+        )
     except FileNotFoundError:
         raise errors.UnknownLora(f"LoRA {file.name!r} was removed from the LoRA directory") from None
     except Exception as exc:  # safetensors' own errors: a truncated or foreign file
