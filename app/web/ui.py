@@ -19,7 +19,7 @@ from app.web.schemas import SIZE_STEP, TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS  #
 from app.web.sysinfo import live_info, model_info  # noqa: E402
 from app.web.ui_history import Restorer  # noqa: E402
 from app.web.ui_images import TEXT2IMG, build_image_inputs, image_fields  # noqa: E402
-from app.web.ui_loras import build_lora_inputs, lora_fields, lora_summary  # noqa: E402
+from app.web.ui_loras import build_lora_inputs, lora_fields, lora_names, lora_summary  # noqa: E402
 from app.web.validation import validation_message  # noqa: E402
 
 PRESETS = [
@@ -150,7 +150,7 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         )
         return paths, info, result.seed
 
-    restorer = Restorer(settings, service.history, default_size)
+    restorer = Restorer(settings, service.history, default_size, lambda: lora_names(service))
 
     def refresh_status():
         return status_text(service), gr.update(interactive=service.ready)
@@ -312,12 +312,15 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         # The settings a generation is made from: what generate reads and what History restores.
         settings_fields = [prompt, negative, width, height, num_inference_steps, cfg_scale, seed, random_seed]
         history_gallery.select(
-            restorer.restore, inputs=history_rows, outputs=settings_fields + [history_info], queue=False
+            restorer.restore,
+            inputs=history_rows,
+            outputs=settings_fields + [*lora_inputs, history_info],
+            queue=False,
         )
         png_drop.upload(
             restorer.restore_from_png,
             inputs=png_drop,
-            outputs=settings_fields + [history_info, png_drop],
+            outputs=settings_fields + [*lora_inputs, history_info, png_drop],
             queue=False,
         )
         generation = go.click(

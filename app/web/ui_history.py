@@ -11,14 +11,17 @@ from app.web.history import read_parameters
 from app.web.retention import stage
 from app.web.schemas import TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS
 
-SETTINGS_FIELDS = 8  # prompt, negative, width, height, steps, cfg, seed, random seed (ui.settings_fields)
+# prompt, negative, width, height, steps, cfg, seed, random seed (ui.settings_fields), then the
+# LoRA picker and its scale (ui_loras)
+SETTINGS_FIELDS = 10
 
 
 class Restorer:
-    def __init__(self, settings, history, default_size: int):
+    def __init__(self, settings, history, default_size: int, lora_names=lambda: []):
         self.settings = settings
         self.history = history
         self.default_size = default_size
+        self.lora_names = lora_names  # the files there now: a restored name must be one of them
 
     def load_history(self):
         """The newest generations, one picture each (those retention removed are skipped)."""
@@ -34,6 +37,16 @@ class Restorer:
 
     def restored(self, p: dict, seed, message: str) -> tuple:
         """The settings fields set from a generation's parameters (a History row or a PNG's)."""
+        loras = [lora for lora in p.get("loras") or [] if isinstance(lora, dict) and "name" in lora]
+        there = set(self.lora_names())
+        picked = [lora["name"] for lora in loras if lora["name"] in there]
+        scales = {float(lora.get("scale", 1.0)) for lora in loras}
+        missing = [lora["name"] for lora in loras if lora["name"] not in there]
+        if missing:
+            message += f" LoRA not here any more: {', '.join(missing)}."
+        if len(scales) > 1:
+            shown = ", ".join(f"{s:g}" for s in sorted(scales))
+            message += f" Its LoRAs had different scales ({shown}); the UI sets one for all: the largest."
         return (
             p.get("prompt", ""),
             p.get("negative_prompt", ""),
@@ -43,6 +56,8 @@ class Restorer:
             p.get("cfg_scale", TURBO_DEFAULT_CFG),
             seed,
             False,
+            picked,
+            max(scales) if scales else 1.0,
             message,
         )
 

@@ -6,13 +6,18 @@ from __future__ import annotations
 import gradio as gr
 
 
+def lora_names(service) -> list[str]:
+    library = service.lora_library
+    return [f.name for f in library.files()] if library is not None else []
+
+
 def build_lora_inputs(service) -> tuple:
     """(picked names, scale), inside the Generate tab's Blocks context; hidden when the server
     serves no LoRAs (lora_dir not set)."""
     library = service.lora_library
 
     def names() -> list[str]:
-        return [f.name for f in library.files()] if library is not None else []
+        return lora_names(service)
 
     with gr.Accordion("LoRA", open=False, visible=library is not None, elem_id="lora-section"):
         with gr.Row():

@@ -242,7 +242,7 @@ def test_image_to_image_from_the_ui(app, browser, tmp_path):
     page.close()
 
 
-def test_a_lora_picked_in_the_ui_is_in_the_request(app, browser):
+def test_a_lora_picked_in_the_ui_is_in_the_request(app, browser, tmp_path):
     """The LoRA section lists lora_dir's files; the one picked goes into the request (the info line
     and the PNG's parameters say so), at the scale of the slider."""
     api = {"authorization": f"Bearer {TOKEN}"}
@@ -259,4 +259,17 @@ def test_a_lora_picked_in_the_ui_is_in_the_request(app, browser):
     made = httpx.get(app.url + "/api/history?limit=1", headers=api).json()["items"][0]
     assert made["parameters"]["prompt"] == "lora: a paper boat"
     assert made["parameters"]["loras"] == [{"name": "ink", "scale": 1.0}]
+    # a new visit (nothing picked): the PNG dropped on PNG info restores the LoRA with the rest
+    png = tmp_path / "lora.png"
+    png.write_bytes(httpx.get(app.url + made["image_urls"][0], headers=api).content)
+    page.goto(app.url + "/")
+    page.wait_for_selector("#generate-btn:not([disabled])", timeout=30000)
+    page.locator("#lora-section").get_by_text("LoRA").first.click()
+    assert "ink" not in page.inner_text("#lora-picker")
+    page.get_by_role("tab", name="History").click()
+    page.locator("#png-info input[type=file]").set_input_files(str(png))
+    page.wait_for_selector("text=Restored from the PNG", timeout=15000)
+    page.get_by_role("tab", name="Generate").click()
+    assert page.input_value("#prompt textarea") == "lora: a paper boat"
+    assert "ink" in page.inner_text("#lora-picker")
     page.close()
