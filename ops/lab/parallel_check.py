@@ -99,10 +99,14 @@ def measure(args, compile_mode: str, parallel: bool) -> dict:
         log(event="info", config=label, notes=info.get("model", {}).get("notes"))
         generate(1000, args.size)  # a first request of the shape, left out
         walls, services, first = [], [], None
+        stages: dict[str, list] = {"encode_s": [], "denoise_s": [], "decode_s": []}
         for i in range(args.n):
             wall, timings, pixels = generate(i, args.size)
             walls.append(wall)
             services.append(timings["generation_s"])
+            for name, values in stages.items():  # where the time goes: only denoise is split
+                if timings.get(name) is not None:
+                    values.append(timings[name])
             if i == 0:
                 first = pixels
         row = {
@@ -111,6 +115,7 @@ def measure(args, compile_mode: str, parallel: bool) -> dict:
             "generation_s": round(statistics.median(services), 3),
             "min_end_to_end_s": round(min(walls), 3),
             "n": args.n,
+            **{name: round(statistics.median(v), 4) for name, v in stages.items() if v},
         }
         log(event="latency", **row)
         np.save(f"/tmp/parallel-{label}.npy", first)
