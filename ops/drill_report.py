@@ -95,6 +95,19 @@ Detection and recovery are replica 0's monitor's; replica 1 served throughout (t
 never takes down a replica while another is out). `tests/integration/test_replicas.py` asserts the
 same for a kill, a hang, an OOM and a rolling restart, with HAProxy's view sampled every 100 ms.
 
+What earlier runs found (each fixed in ops/balancer.py, which says why each line is there). The
+first run, with queues of 2, had 4 resets and 5 empty or bodiless 503s in the crash row and 2
+resets in the OOM row: a killed replica refuses connections at once, but the checks need up to a
+second to see it and leastconn preferred it meanwhile, so all three retries went to it (`SCDN`);
+and a request on a reused server connection that a restarting replica closed was not retried. Now
+the first refused connection takes a replica out (`observe layer4 error-limit 1 on-error
+mark-down`), every request gets a fresh server connection (`http-reuse never`), and HAProxy's own
+502/503/504 carry a JSON reason and Retry-After. Later, under CPU contention, the replica tests
+found two more: a request over HAProxy's 16 KiB buffer (any image-to-image request) was never
+retried, and a killed replica's reset counts as a junk response to HAProxy 2.6, not an empty one;
+both ended as a silently closed client connection. Now `tune.bufsize` holds any JSON body the app
+accepts and `retry-on` includes `junk-response`.
+
 {table(rows)}
 """
 
