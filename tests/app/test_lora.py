@@ -157,3 +157,29 @@ def test_the_cache_is_bounded_and_evicting_frees_originals(tmp_path):
     assert max(sizes) == sizes[1] and merged.loads == 18  # a steady footprint: nothing piles up
     merged.apply(())
     assert same_weights(pipe.transformer, own)
+
+
+def test_a_merge_that_fails_halfway_leaves_the_model_s_own_weights(loras, monkeypatch):
+    """Out of memory in the middle of a merge (some layers written, others not): the weights go
+    back to the model's own, not a mix, and the next request merges from there."""
+    pipe = build_tiny_pipeline()
+    own = snapshot(pipe.transformer)
+    merged = LoraSet(pipe.transformer, loras, capacity=4)
+    merged.apply((("film", 1.0),))
+    write, calls = LoraSet._write, []
+
+    def failing(self, module, parts):
+        calls.append(module)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        write(self, module, parts)
+
+    monkeypatch.setattr(LoraSet, "_write", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        merged.apply((("ink", 1.0),))
+    assert len(calls) == 5 and merged.merged == () and same_weights(pipe.transformer, own)
+    monkeypatch.setattr(LoraSet, "_write", write)
+    merged.apply((("ink", 1.0),))
+    reference = LoraSet(build_tiny_pipeline().transformer, loras, capacity=4)
+    reference.apply((("ink", 1.0),))
+    assert same_weights(pipe.transformer, snapshot(reference.transformer))
