@@ -7,6 +7,7 @@ import importlib.util
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 from ops.lab.bench_app import PROMPT, emit
 
@@ -31,6 +32,17 @@ def build_model_dir(reference, model_dir: Path, results: list) -> None:
     emit(results, event="model_saved", seconds=round(time.time() - t0, 1), size_gib=round(size, 1))
     del pipe
     torch.cuda.empty_cache()
+
+
+def ensure_model_dir(model_dir: str, reference_path: str) -> Optional[float]:
+    """The lab tools' model: `model_dir` built from the reference script unless it holds a model
+    already (or is "tiny", the app's demo model). Returns the seconds building took, or None."""
+    path = Path(model_dir)
+    if model_dir == "tiny" or (path / "model_index.json").exists():
+        return None
+    started = time.time()
+    build_model_dir(load_reference(reference_path), path, [])
+    return time.time() - started
 
 
 def run_reference(reference, results: list, size: int = 1024, n: int = 5) -> None:

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from ops.lab.bench_reference import ensure_model_dir
 from ops.tempstack import REPO, wait_for
 
 
@@ -47,10 +48,7 @@ def main(argv=None) -> int:
     Path(args.out).mkdir(
         parents=True, exist_ok=True
     )  # (a missing one used to fail the log copy and skip `down`)
-    if not (Path(args.model_dir) / "model_index.json").exists():
-        from ops.lab.bench import build_model_dir, load_reference
-
-        build_model_dir(load_reference(args.reference), Path(args.model_dir), [])
+    ensure_model_dir(args.model_dir, args.reference)
     home = REPO
     use_image_python(home)
     (home / "zimage.toml").write_text(

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ops.lab.bench_app import PROMPT, AppRun, emit
+from ops.lab.bench_reference import ensure_model_dir
 from ops.tempstack import free_port
 
 
@@ -39,10 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--n", type=int, default=6)
     args = parser.parse_args(argv)
-    if args.model_dir != "tiny" and not (Path(args.model_dir) / "model_index.json").exists():
-        from ops.lab.bench_reference import build_model_dir, load_reference
-
-        build_model_dir(load_reference(args.reference), Path(args.model_dir), [])
+    ensure_model_dir(args.model_dir, args.reference)
     home = Path(tempfile.mkdtemp(prefix="img2img-"))
     app = AppRun(
         free_port(), home, model_dir=args.model_dir, compile=args.compile, max_body_bytes=2**30, min_size=64

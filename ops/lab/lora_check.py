@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from ops.lab.bench_app import AppRun, emit, psnr
+from ops.lab.bench_reference import ensure_model_dir
 from ops.tempstack import free_port
 
 ATTENTION = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
@@ -110,11 +111,8 @@ def main(argv=None) -> int:
         "--set", nargs="*", default=[], help="more app settings, key=value (step_cache_skips=2)"
     )
     args = parser.parse_args(argv)
+    ensure_model_dir(args.model_dir, args.reference)
     model_dir = Path(args.model_dir)
-    if str(model_dir) != "tiny" and not (model_dir / "model_index.json").exists():
-        from ops.lab.bench_reference import build_model_dir, load_reference
-
-        build_model_dir(load_reference(args.reference), model_dir, [])
     home = Path(tempfile.mkdtemp(prefix="lora-"))
     loras = home / "loras"
     loras.mkdir()

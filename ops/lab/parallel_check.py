@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -29,6 +28,7 @@ import psutil
 from PIL import Image
 
 from ops.lab.bench_app import psnr
+from ops.lab.bench_reference import ensure_model_dir
 from ops.lab.gpu_check import use_image_python
 from ops.tempstack import REPO, wait_for
 
@@ -157,12 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kill", action="store_true")
     parser.add_argument("--only", default="one,two")
     args = parser.parse_args(argv)
-    if not (Path(args.model_dir) / "model_index.json").exists():
-        from ops.lab.bench import build_model_dir, load_reference
-
-        started = time.time()
-        build_model_dir(load_reference(args.reference), Path(args.model_dir), [])
-        log(event="model_built", seconds=round(time.time() - started, 1))
+    built_s = ensure_model_dir(args.model_dir, args.reference)
+    if built_s is not None:
+        log(event="model_built", seconds=round(built_s, 1))
     use_image_python(REPO)
     table = []
     for mode in args.compile.split(","):

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from ops.lab.bench_reference import ensure_model_dir
 from ops.lab.gpu_check import use_image_python
 from ops.load import LoadGenerator
 from ops.tempstack import REPO, wait_for
@@ -75,10 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--phases", default="one,many,stop")
     args = parser.parse_args(argv)
     phases = set(args.phases.split(","))
-    if not (Path(args.model_dir) / "model_index.json").exists():
-        from ops.lab.bench import build_model_dir, load_reference
-
-        build_model_dir(load_reference(args.reference), Path(args.model_dir), [])
+    ensure_model_dir(args.model_dir, args.reference)
     home = REPO
     use_image_python(home)
     rows = {}
