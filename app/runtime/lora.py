@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -106,7 +107,7 @@ def _stat(path: Path) -> Optional[LoraFile]:
         st = path.stat()
     except OSError:
         return None
-    if not path.is_file():
+    if not stat.S_ISREG(st.st_mode):  # (a folder named like a file is not one)
         return None
     return LoraFile(path.stem, path, st.st_size, st.st_mtime_ns)
 

@@ -38,7 +38,7 @@ class Restorer:
     def restored(self, p: dict, seed, message: str) -> tuple:
         """The settings fields set from a generation's parameters (a History row or a PNG's)."""
         loras = [lora for lora in p.get("loras") or [] if isinstance(lora, dict) and "name" in lora]
-        there = set(self.lora_names())
+        there = set(self.lora_names()) if loras else set()
         picked = [lora["name"] for lora in loras if lora["name"] in there]
         scales = {float(lora.get("scale", 1.0)) for lora in loras}
         missing = [lora["name"] for lora in loras if lora["name"] not in there]

@@ -14,15 +14,10 @@ def lora_names(service) -> list[str]:
 def build_lora_inputs(service) -> tuple:
     """(picked names, scale), inside the Generate tab's Blocks context; hidden when the server
     serves no LoRAs (lora_dir not set)."""
-    library = service.lora_library
-
-    def names() -> list[str]:
-        return lora_names(service)
-
-    with gr.Accordion("LoRA", open=False, visible=library is not None, elem_id="lora-section"):
+    with gr.Accordion("LoRA", open=False, visible=service.lora_library is not None, elem_id="lora-section"):
         with gr.Row():
             picked = gr.Dropdown(
-                choices=names(),
+                choices=lora_names(service),
                 value=[],
                 multiselect=True,
                 max_choices=service.settings.max_loras,
@@ -32,7 +27,7 @@ def build_lora_inputs(service) -> tuple:
             )
             refresh = gr.Button("↻ List again", size="sm", scale=1, elem_id="lora-refresh")
         scale = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="LoRA scale (each)", elem_id="lora-scale")
-    refresh.click(lambda: gr.update(choices=names()), outputs=picked, queue=False)
+    refresh.click(lambda: gr.update(choices=lora_names(service)), outputs=picked, queue=False)
     return picked, scale
 
 

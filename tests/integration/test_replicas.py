@@ -49,7 +49,7 @@ class PoolWatch:
     """HAProxy's view of the replicas every 100 ms, from its stats on loopback."""
 
     def __init__(self, stack: StackHome):
-        self.url = f"http://127.0.0.1:{stack_stats_port(stack)}/stats;csv"
+        self.stack = stack
         self.samples: list[dict[str, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -57,13 +57,7 @@ class PoolWatch:
     def _run(self):
         while not self._stop.is_set():
             try:
-                rows = httpx.get(self.url, timeout=1).text.splitlines()
-                states = {}
-                for row in rows[1:]:
-                    cells = row.split(",")
-                    if cells[0] == "replicas" and cells[1].startswith("app-"):
-                        states[cells[1]] = cells[17]
-                self.samples.append(states)
+                self.samples.append(pool_states(self.stack))
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
@@ -88,6 +82,17 @@ def stack_stats_port(stack: StackHome) -> int:
     return int(text.split("balancer_stats_port = ")[1].split()[0])
 
 
+def pool_states(stack: StackHome) -> dict[str, str]:
+    """HAProxy's view of each replica ("UP", "DOWN 1/2", ...), from its stats CSV on loopback."""
+    rows = httpx.get(f"http://127.0.0.1:{stack_stats_port(stack)}/stats;csv", timeout=1).text.splitlines()
+    states = {}
+    for row in rows[1:]:
+        cells = row.split(",")
+        if cells[0] == "replicas" and cells[1].startswith("app-"):
+            states[cells[1]] = cells[17]
+    return states
+
+
 def pid_of(stack: StackHome, index: int) -> int:
     return stack.pid(f"app:app-{index}")
 
@@ -97,9 +102,8 @@ def all_ready(stack: StackHome) -> bool:
     test that starts in between sees one replica out before its fault, and both out after it)."""
     if not all(httpx.get(stack.replica_url(i) + "/readyz", timeout=1).status_code == 200 for i in range(2)):
         return False
-    rows = httpx.get(f"http://127.0.0.1:{stack_stats_port(stack)}/stats;csv", timeout=1).text.splitlines()
-    states = [r.split(",")[17] for r in rows[1:] if r.startswith("replicas,app-")]
-    return len(states) == 2 and all(s.startswith("UP") for s in states)
+    states = pool_states(stack)
+    return len(states) == 2 and all(s.startswith("UP") for s in states.values())
 
 
 def under_load(stack: StackHome, fault, settle_s: float = 4.0, body: dict = BODY) -> dict:
