@@ -4,9 +4,9 @@ Each rank is a process with one GPU and the whole pipeline. Rank 0 is the app: i
 before each pipeline call, broadcasts what to run (a RankWork: prompts, size, steps, seeds, images)
 to the other ranks, which run the same call (app/follower.py). Inside the 30 main layers every rank
 holds 1/N of the token sequence; attention all-to-alls heads against tokens, so it still sees every
-token (lossless: the same image as one GPU within bf16 noise; docs/PERFORMANCE.md). Text encoding,
-the refiners and the VAE run whole on every rank: they are a small part of the time, and running
-them everywhere costs no communication.
+token (lossless: the same image as one GPU within bf16 noise; docs/PERFORMANCE.md). The noise
+refiner is split the same way. Text encoding, the caption refiner and the VAE run whole on every
+rank: they are a small part of the time, and running them everywhere costs no communication.
 
 Everything the ranks do together must happen in the same order on all of them, or a collective
 waits forever. Hence: a cancel is agreed at every step (one tiny all-reduce on a CPU group), and a
@@ -36,14 +36,43 @@ log = logging.getLogger(__name__)
 # main layer splits its RoPE frequencies the same way (they are passed whole to each), and the final
 # layer's output is gathered back before unpatchify. The attention mask of a merged batch stays whole:
 # after the all-to-all, attention sees the whole sequence, which is what the mask describes.
-def cp_plan(patch_key: str = "2-1") -> dict:
+#
+# The noise refiner (2 layers over the image tokens alone, before the caption joins them) is split
+# the same way and gathered after its last layer. Left whole, it was worse than unsplit:
+# enable_parallelism gives every attention module the Ulysses config, and Ulysses over a sequence
+# every rank holds whole attends over N copies of it (the same result, N times the attention work
+# and the all-to-alls of the full sequence). The context refiner's caption is too short to split
+# (tens of tokens), so its attention is made local again (make_local).
+def cp_plan(patch_key: str = "2-1", refiner_layers: int = 2, split_refiner: bool = True) -> dict:
     from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
-    return {
-        "layers.0": {"x": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
-        "layers.*": {"freqs_cis": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+    def split():
+        return ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
+
+    plan = {
+        "layers.0": {"x": split()},
+        "layers.*": {"freqs_cis": split()},
         f"all_final_layer.{patch_key}": ContextParallelOutput(gather_dim=1, expected_dims=3),
     }
+    if split_refiner and refiner_layers >= 2:  # (one layer would need a split and a gather on one key)
+        plan |= {
+            "noise_refiner.0": {"x": split()},
+            "noise_refiner.*": {"freqs_cis": split()},
+            f"noise_refiner.{refiner_layers - 1}": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        }
+    return plan
+
+
+def make_local(modules) -> int:
+    """Attention in `modules` back to one rank's own (no all-to-all): for sequences every rank holds
+    whole. Returns how many attention processors were changed."""
+    changed = 0
+    for module in modules.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and getattr(processor, "_parallel_config", None) is not None:
+            processor._parallel_config = None
+            changed += 1
+    return changed
 
 
 @dataclass(frozen=True)
@@ -110,21 +139,31 @@ def _cpu_counts_as_one_device(device: torch.device):
         torch.accelerator.device_count = original
 
 
-def enable(transformer, device: torch.device, world_size: int) -> str:
-    """Shard Z-Image's main layers over the group (Ulysses: heads must divide by the ranks)."""
+# Image tokens are (height/16)·(width/16) for sizes in multiples of 64: always a multiple of 16;
+# captions are padded to a multiple of 32. A degree that divides 16 splits every sequence evenly.
+SEQUENCE_DEGREES = (2, 4, 8)
+
+
+def enable(transformer, device: torch.device, world_size: int, split_refiner: bool = True) -> str:
+    """Shard Z-Image's noise refiner and main layers over the group (Ulysses: heads must divide by
+    the ranks, and so must every sequence)."""
     from diffusers import ContextParallelConfig
 
     heads = transformer.config.n_heads
-    if heads % world_size:
+    if heads % world_size or world_size not in SEQUENCE_DEGREES:
+        fits = [d for d in SEQUENCE_DEGREES if heads % d == 0]
         raise ValueError(
             f"context parallelism over {world_size} GPUs needs the attention heads ({heads}) to divide "
-            f"by {world_size}; use parallel_degree = a divisor of {heads}"
+            f"by {world_size}, and {world_size} to be one of {list(SEQUENCE_DEGREES)} (the sequence "
+            f"splits evenly); this model fits parallel_degree in {fits or 'none'}"
         )
     patch_key = f"{transformer.config.all_patch_size[0]}-{transformer.config.all_f_patch_size[0]}"
+    plan = cp_plan(patch_key, len(transformer.noise_refiner), split_refiner)
     with _cpu_counts_as_one_device(device):
-        transformer.enable_parallelism(
-            config=ContextParallelConfig(ulysses_degree=world_size), cp_plan=cp_plan(patch_key)
-        )
+        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size), cp_plan=plan)
+    make_local(transformer.context_refiner)
+    if "noise_refiner.0" not in plan:
+        make_local(transformer.noise_refiner)
     _cache_forward_signatures(transformer)
     return f"context parallel: Ulysses over {world_size} ranks (one image per {world_size} GPUs)"
 

@@ -77,7 +77,7 @@ def build_tiny_pipeline(dtype: torch.dtype = torch.float32, seed: int = TINY_SEE
             in_channels=16,
             dim=TRANSFORMER_DIM,
             n_layers=2,
-            n_refiner_layers=1,
+            n_refiner_layers=2,  # as the real model (context parallelism splits the first, gathers the last)
             n_heads=TRANSFORMER_HEADS,
             n_kv_heads=TRANSFORMER_HEADS,
             cap_feat_dim=TEXT_HIDDEN,

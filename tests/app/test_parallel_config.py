@@ -4,12 +4,14 @@ tests/integration/test_context_parallel.py)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from app.config import load_settings
 from app.ranks import rank_gpus
-from app.runtime.parallel import RankEnv, RankWork, cp_plan
+from app.runtime.parallel import RankEnv, RankWork, cp_plan, enable
 from app.runtime.stages import BatchRequest
 from common.configfile import ConfigError
 
@@ -62,8 +64,26 @@ def test_shared_work_makes_the_same_noise_as_rank_zeros_generators():
         assert torch.equal(torch.randn(4, generator=mine), torch.randn(4, generator=theirs))
 
 
-def test_the_plan_splits_the_main_layers_and_gathers_the_final_layer():
-    plan = cp_plan("2-1")
-    assert set(plan) == {"layers.0", "layers.*", "all_final_layer.2-1"}
+def test_the_plan_splits_the_noise_refiner_and_the_main_layers_and_gathers_after_each():
+    plan = cp_plan("2-1", refiner_layers=2)
+    assert set(plan) == {
+        "layers.0",
+        "layers.*",
+        "all_final_layer.2-1",
+        "noise_refiner.0",
+        "noise_refiner.*",
+        "noise_refiner.1",
+    }
     assert plan["layers.0"]["x"].split_dim == 1 and plan["layers.*"]["freqs_cis"].split_dim == 1
-    assert plan["all_final_layer.2-1"].gather_dim == 1
+    assert plan["noise_refiner.0"]["x"].split_dim == 1 and plan["noise_refiner.*"]["freqs_cis"].split_dim == 1
+    assert plan["all_final_layer.2-1"].gather_dim == 1 and plan["noise_refiner.1"].gather_dim == 1
+    assert set(cp_plan("2-1", split_refiner=False)) == {"layers.0", "layers.*", "all_final_layer.2-1"}
+
+
+@pytest.mark.parametrize("degree", [3, 4, 5, 6])
+def test_a_degree_that_cannot_split_the_heads_or_every_sequence_is_refused_with_the_degrees_that_fit(degree):
+    # The real model's 30 heads: 3, 5 and 6 divide them but not a 1024² image's 4096 + 64 tokens
+    # (they failed at the first request); 4 does not divide the heads. Refused before anything runs.
+    transformer = SimpleNamespace(config=SimpleNamespace(n_heads=30))
+    with pytest.raises(ValueError, match=r"fits parallel_degree in \[2\]"):
+        enable(transformer, torch.device("cpu"), degree)

@@ -69,25 +69,25 @@ def post_into(url: str, body: dict, results: list) -> None:
         results.append(exc)
 
 
-def one_process_image(tmp_path, **overrides) -> np.ndarray:
+def one_process_image(tmp_path, request: dict | None = None, **overrides) -> np.ndarray:
     from app.config import load_settings
     from app.runtime import Engine, GenerationParams
 
     loras = overrides.pop("loras", ())
+    request = {"negative_prompt": "", "cfg_scale": 0.0, **(request or {})}
     settings = load_settings(env={}, warmup=False, outputs_dir=tmp_path, **overrides)
     engine = Engine(settings)
     engine.start()
     wait_for(lambda: engine.ready, 60, 0.1, "engine ready")
     params = GenerationParams(
         prompt=BODY["prompt"],
-        negative_prompt="",
         width=128,
         height=128,
         num_inference_steps=8,
-        cfg_scale=0.0,
         num_images=1,
         seed=BODY["seed"],
         loras=loras,
+        **request,
     )
     result = engine.submit(params).future.result(timeout=60)
     engine.stop()
@@ -107,6 +107,19 @@ def test_one_image_over_two_ranks_is_the_one_process_image(stack, tmp_path):
     # fp32 on a CPU: the two differ only in the order of a few additions
     assert np.abs(split - whole).max() <= 2 and (split != whole).mean() < 0.01
     assert split.std() > 5  # a picture, not a blank
+
+
+def test_guidance_with_a_negative_prompt_of_another_length_is_the_one_process_image(stack, tmp_path):
+    """With guidance the prompt and the negative prompt run in one transformer call: captions of two
+    lengths under an attention mask, through the caption refiner (whole and local on each rank) and
+    the split layers (the mask whole)."""
+    request = {"negative_prompt": "blurry, low quality, watermark, text, extra fingers", "cfg_scale": 3.0}
+    r = httpx.post(stack.url + "/api/generate", json={**BODY, **request}, timeout=60)
+    assert r.status_code == 200, r.text
+    split = pixels(r, stack.url)
+    whole = one_process_image(tmp_path, request)
+    assert np.abs(split - whole).max() <= 2 and (split != whole).mean() < 0.01
+    assert np.abs(whole - one_process_image(tmp_path)).mean() > 1  # (the guidance is in both)
 
 
 def test_a_lora_is_merged_on_every_rank(stack, loras, tmp_path):
