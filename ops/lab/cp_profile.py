@@ -6,10 +6,11 @@ variants side by side, each in fresh processes (one per rank).
 
 Variants: `one` (one GPU, compiled as the app compiles), `cp` (the app's context-parallel plan),
 `cp-old` (the plan before the noise refiner was split: every refiner attention under Ulysses over a
-sequence each rank holds whole), `cp-overlap` (`cp` with Inductor's compute/communication reordering),
-`*-static` (static shapes instead of the app's dynamic ones). Per variant: ms per step over rounds of
-8 forwards launched back to back (as the pipeline does), the CPU's launch time of those 8 (near the
-step time: the GPU waits on Python), and with --profile, rank 0's kernel time per step by kind and the
+sequence each rank holds whole), `*-fp8` (`quantize = "fp8"`), `cp-overlap` (`cp` with Inductor's
+compute/communication reordering), `*-static` (static shapes instead of the app's dynamic ones).
+Per variant: ms per step over rounds of 8 forwards launched back to back (as the pipeline does), the
+CPU's time to launch them (equal to the step time once the launch queue is full: read it only when
+it is well below), and with --profile, rank 0's kernel time per step by kind and the
 GPU's idle time (wall minus the union of kernel intervals, all streams). One JSON line each.
 """
 
@@ -31,6 +32,8 @@ VARIANTS = {
     "cp-static": dict(world=2, plan="app", dynamic=False),
     "cp-old": dict(world=2, plan="old", dynamic=True),
     "cp-overlap": dict(world=2, plan="app", dynamic=True, overlap=True),
+    "one-fp8": dict(world=1, plan="app", dynamic=True, fp8=True),
+    "cp-fp8": dict(world=2, plan="app", dynamic=True, fp8=True),
 }
 
 
@@ -78,6 +81,10 @@ def build(rank: int, spec: dict, port: int):
             cp_plan=parallel.cp_plan(split_refiner=False),
         )
         parallel._cache_forward_signatures(transformer)
+    if spec.get("fp8"):  # after the hooks, as app/runtime/loader.py orders it
+        from app.runtime.fp8 import quantize_transformer
+
+        quantize_transformer(transformer)
     if spec.get("overlap"):
         import torch._inductor.config as inductor_config
 
