@@ -87,12 +87,17 @@ class GenerateRequestBase(BaseModel):
         return value
 
 
+LORA_SCALE_MIN, LORA_SCALE_MAX = -4.0, 4.0
+
+
 class LoraRef(BaseModel):
     """One LoRA a request names: a file of the server's lora_dir (GET /api/loras), and its weight."""
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(..., min_length=1, max_length=128, description="File stem under lora_dir.")
-    scale: float = Field(1.0, ge=-4.0, le=4.0, allow_inf_nan=False, description="0 off, 1 as trained.")
+    scale: float = Field(
+        1.0, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX, allow_inf_nan=False, description="0 off, 1 as trained."
+    )
 
 
 def build_request_model(limits: Limits) -> type[GenerateRequestBase]:

@@ -84,8 +84,7 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         strength=0.6,
         inpaint=None,
         inpaint_strength=1.0,
-        loras=None,
-        lora_scale=1.0,
+        loras=(),
         request: gr.Request = None,
         progress=gr.Progress(),
     ):
@@ -99,7 +98,7 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
             "num_images": int(num_images),
             "seed": -1 if random_seed else int(seed),
             **image_fields(mode, init_image, strength, inpaint, inpaint_strength),
-            **lora_fields(loras, lora_scale),
+            **lora_fields(loras),
         }
         try:
             req = service.validate(data)
@@ -150,7 +149,9 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         )
         return paths, info, result.seed
 
-    restorer = Restorer(settings, service.history, default_size, lambda: lora_names(service))
+    restorer = Restorer(
+        settings, service.history, default_size, lambda: lora_names(service), lora_rows=settings.max_loras
+    )
 
     def refresh_status():
         return status_text(service), gr.update(interactive=service.ready)
@@ -323,9 +324,17 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
             outputs=settings_fields + [*lora_inputs, history_info, png_drop],
             queue=False,
         )
+        form = settings_fields + [num_images, *image_inputs]
+
+        async def generate_from_form(values: dict, progress=gr.Progress()):
+            # Inputs given as a set come as one dict: generate's arguments, then however many LoRA
+            # rows app.max_loras makes (Gradio passes a gr.Progress only to named parameters).
+            rows = [values[c] for c in lora_inputs]
+            return await generate(*(values[c] for c in form), loras=rows, progress=progress)
+
         generation = go.click(
-            generate,
-            inputs=settings_fields + [num_images, *image_inputs, *lora_inputs],
+            generate_from_form,
+            inputs={*form, *lora_inputs},
             outputs=[gallery, info, last_seed],
             api_name="generate_from_ui",
             concurrency_limit=settings.max_batch,

@@ -9,19 +9,22 @@ import gradio as gr
 
 from app.web.history import read_parameters
 from app.web.retention import stage
-from app.web.schemas import TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS
+from app.web.schemas import LORA_SCALE_MAX, LORA_SCALE_MIN, TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS
+from app.web.ui_loras import NONE
 
-# prompt, negative, width, height, steps, cfg, seed, random seed (ui.settings_fields), then the
-# LoRA picker and its scale (ui_loras)
-SETTINGS_FIELDS = 10
+# prompt, negative, width, height, steps, cfg, seed, random seed (ui.settings_fields); then a LoRA
+# name and its scale for each of the UI's LoRA rows (ui_loras)
+SETTINGS_FIELDS = 8
 
 
 class Restorer:
-    def __init__(self, settings, history, default_size: int, lora_names=lambda: []):
+    def __init__(self, settings, history, default_size: int, lora_names=lambda: [], lora_rows: int = 3):
         self.settings = settings
         self.history = history
         self.default_size = default_size
         self.lora_names = lora_names  # the files there now: a restored name must be one of them
+        self.lora_rows = lora_rows
+        self.fields = SETTINGS_FIELDS + 2 * lora_rows  # what restored() sets, before its message
 
     def load_history(self):
         """The newest generations, one picture each (those retention removed are skipped)."""
@@ -39,14 +42,16 @@ class Restorer:
         """The settings fields set from a generation's parameters (a History row or a PNG's)."""
         loras = [lora for lora in p.get("loras") or [] if isinstance(lora, dict) and "name" in lora]
         there = set(self.lora_names()) if loras else set()
-        picked = [lora["name"] for lora in loras if lora["name"] in there]
-        scales = {float(lora.get("scale", 1.0)) for lora in loras}
+        kept = [lora for lora in loras if lora["name"] in there]
         missing = [lora["name"] for lora in loras if lora["name"] not in there]
         if missing:
-            message += f" LoRA not here any more: {', '.join(missing)}."
-        if len(scales) > 1:
-            shown = ", ".join(f"{s:g}" for s in sorted(scales))
-            message += f" Its LoRAs had different scales ({shown}); the UI sets one for all: the largest."
+            message += f" LoRA not here any more: {', '.join(map(str, missing))}."
+        if len(kept) > self.lora_rows:
+            message += f" It had {len(kept)} LoRAs; the UI has {self.lora_rows} rows: the first are set."
+        rows: list = []
+        for lora in kept[: self.lora_rows]:
+            rows += [lora["name"], _scale(lora.get("scale", 1.0))]
+        rows += [NONE, 1.0] * (self.lora_rows - len(rows) // 2)
         return (
             p.get("prompt", ""),
             p.get("negative_prompt", ""),
@@ -56,8 +61,7 @@ class Restorer:
             p.get("cfg_scale", TURBO_DEFAULT_CFG),
             seed,
             False,
-            picked,
-            max(scales) if scales else 1.0,
+            *rows,
             message,
         )
 
@@ -72,7 +76,7 @@ class Restorer:
     def restore_from_png(self, path):
         """A PNG made here carries what it was made with. The drop zone is emptied again (the last
         output), ready for the next file."""
-        unchanged = (gr.update(),) * SETTINGS_FIELDS
+        unchanged = (gr.update(),) * self.fields
         if not path:
             return (*unchanged, "", None)
         p = read_parameters(Path(path))
@@ -90,3 +94,12 @@ class Restorer:
         )
         message = f"Restored from the PNG (seed `{seed}`): press Generate on the Generate tab.{image_input}"
         return (*self.restored(p, seed, message), None)
+
+
+def _scale(value) -> float:
+    """A recorded scale as the slider can show it (a hand-edited PNG may hold anything)."""
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        return 1.0
+    return min(max(scale, LORA_SCALE_MIN), LORA_SCALE_MAX) if scale == scale else 1.0

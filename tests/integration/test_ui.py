@@ -32,6 +32,7 @@ BROWSER_ARGS = [
 def app(start_app):
     def lora_dir(tmp):
         make_lora(tmp / "loras", "ink", seed=1, magnitude=0.2)
+        make_lora(tmp / "loras", "film", seed=2, magnitude=0.2)
         return tmp / "loras"
 
     return start_app(
@@ -242,9 +243,9 @@ def test_image_to_image_from_the_ui(app, browser, tmp_path):
     page.close()
 
 
-def test_a_lora_picked_in_the_ui_is_in_the_request(app, browser, tmp_path):
-    """The LoRA section lists lora_dir's files; the one picked goes into the request (the info line
-    and the PNG's parameters say so), at the scale of the slider."""
+def test_loras_picked_in_the_ui_are_in_the_request_each_at_its_own_scale(app, browser, tmp_path):
+    """The LoRA rows list lora_dir's files; the ones picked go into the request (the info line and
+    the PNG's parameters say so), each at the scale of its own row; a PNG restores both rows."""
     api = {"authorization": f"Bearer {TOKEN}"}
     page = browser.new_page(viewport={"width": 1400, "height": 1400})
     log_in(page, app.url)
@@ -252,24 +253,32 @@ def test_a_lora_picked_in_the_ui_is_in_the_request(app, browser, tmp_path):
     page.fill("#prompt textarea", "lora: a paper boat")
     page.click("#preset-512x512")
     page.locator("#lora-section").get_by_text("LoRA").first.click()
-    page.locator("#lora-picker input").click()
-    page.get_by_role("option", name="ink").click()
+    for row, name in enumerate(("ink", "film")):
+        page.locator(f"#lora-picker-{row} input").click()
+        page.get_by_role("option", name=name, exact=True).click()
+    scale = page.locator("#lora-scale-1 input[type=number]")
+    scale.fill("0.5")
+    scale.press("Enter")
     page.click("#generate-btn")
-    page.wait_for_selector("#generation-info >> text=ink ×1", timeout=60000)
+    page.wait_for_selector("#generation-info >> text=film ×0.5", timeout=60000)
+    assert "ink ×1" in page.inner_text("#generation-info")
     made = httpx.get(app.url + "/api/history?limit=1", headers=api).json()["items"][0]
     assert made["parameters"]["prompt"] == "lora: a paper boat"
-    assert made["parameters"]["loras"] == [{"name": "ink", "scale": 1.0}]
-    # a new visit (nothing picked): the PNG dropped on PNG info restores the LoRA with the rest
+    assert made["parameters"]["loras"] == [{"name": "ink", "scale": 1.0}, {"name": "film", "scale": 0.5}]
+    # a new visit (nothing picked): the PNG dropped on PNG info restores the LoRAs with the rest
     png = tmp_path / "lora.png"
     png.write_bytes(httpx.get(app.url + made["image_urls"][0], headers=api).content)
     page.goto(app.url + "/")
     page.wait_for_selector("#generate-btn:not([disabled])", timeout=30000)
     page.locator("#lora-section").get_by_text("LoRA").first.click()
-    assert "ink" not in page.inner_text("#lora-picker")
+    assert "ink" not in page.input_value("#lora-picker-0 input")
     page.get_by_role("tab", name="History").click()
     page.locator("#png-info input[type=file]").set_input_files(str(png))
     page.wait_for_selector("text=Restored from the PNG", timeout=15000)
     page.get_by_role("tab", name="Generate").click()
     assert page.input_value("#prompt textarea") == "lora: a paper boat"
-    assert "ink" in page.inner_text("#lora-picker")
+    assert page.input_value("#lora-picker-0 input") == "ink"
+    assert page.input_value("#lora-picker-1 input") == "film"
+    assert float(page.input_value("#lora-scale-1 input[type=number]")) == 0.5
+    assert page.input_value("#lora-picker-2 input") in ("", "(none)")
     page.close()
