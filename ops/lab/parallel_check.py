@@ -55,6 +55,7 @@ def write_config(args, compile_mode: str, parallel: bool) -> None:
         f'[app]\nmodel_dir = "{args.model_dir}"\ncompile_cache_dir = "{args.compile_cache}"\n'
         + compile_lines
         + ('parallel = "context"\nparallel_degree = 2\n' if parallel else "")
+        + (f'quantize = "{args.quantize}"\n' if args.quantize != "none" else "")
         + "request_timeout_s = 150\ndrain_timeout_s = 170\nui = false\n"
         "[monitor]\ninterval_s = 1.0\nwarmup_size = 512\nwarmup_steps = 2\n"
     )
@@ -89,7 +90,9 @@ def measure(args, compile_mode: str, parallel: bool) -> dict:
     write_config(args, compile_mode, parallel)
     t0 = time.time()
     up = ctl("up", "--timeout", "420")
-    label = f"{'two' if parallel else 'one'}_gpu_{compile_mode}"
+    label = f"{'two' if parallel else 'one'}_gpu_{compile_mode}" + (
+        f"_{args.quantize}" if args.quantize != "none" else ""
+    )
     log(event="up", config=label, rc=up.returncode, seconds=round(time.time() - t0, 1), out=up.stdout[-600:])
     try:
         if up.returncode != 0:
@@ -156,6 +159,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--kill", action="store_true")
     parser.add_argument("--only", default="one,two")
+    parser.add_argument("--quantize", default="none", help='app.quantize for both columns ("fp8": lossy)')
     args = parser.parse_args(argv)
     built_s = ensure_model_dir(args.model_dir, args.reference)
     if built_s is not None:
@@ -168,7 +172,8 @@ def main(argv=None) -> int:
             rows[which] = measure(args, mode, parallel=which == "two")
         if rows.get("one") and rows.get("two"):
             quality = psnr(
-                np.load(f"/tmp/parallel-one_gpu_{mode}.npy"), np.load(f"/tmp/parallel-two_gpu_{mode}.npy")
+                np.load(f"/tmp/parallel-{rows['one']['config']}.npy"),
+                np.load(f"/tmp/parallel-{rows['two']['config']}.npy"),
             )
             rows["two"]["psnr_db_vs_one_gpu"] = round(quality, 1)
             rows["two"]["speedup"] = round(rows["one"]["end_to_end_s"] / rows["two"]["end_to_end_s"], 3)
