@@ -106,8 +106,9 @@ def worker(rank: int, name: str, port: int, args) -> None:
     started = time.perf_counter()
     transformer, device = build(rank, spec, port)
     generator = torch.Generator(device).manual_seed(0)  # the same inputs on every rank
-    latent = args.size // 8
-    x = [torch.randn(16, 1, latent, latent, generator=generator, device=device, dtype=torch.bfloat16)]
+    width, _, height = args.size.partition("x")
+    shape = (16, 1, int(height or width) // 8, int(width) // 8)
+    x = [torch.randn(*shape, generator=generator, device=device, dtype=torch.bfloat16)]
     caption = [torch.randn(args.caption, 2560, generator=generator, device=device, dtype=torch.bfloat16)]
     t = torch.tensor([0.5], device=device, dtype=torch.bfloat16)
 
@@ -138,6 +139,7 @@ def worker(rank: int, name: str, port: int, args) -> None:
             walls.append(time.perf_counter() - t0)
         row = {
             "variant": name,
+            "size": args.size,
             "world": spec["world"],
             "ms_per_step": round(min(walls) / 8 * 1e3, 2),
             "median_ms_per_step": round(sorted(walls)[len(walls) // 2] / 8 * 1e3, 2),
@@ -196,7 +198,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--variants", default="one,cp-old,cp")
     parser.add_argument("--profile", default="", help="comma list of variants to profile")
-    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument(
+        "--size", default="1024", help="1024 or WxH: one GPU at 1024x512 does a rank's share of the rows"
+    )
     parser.add_argument("--caption", type=int, default=64, help="caption tokens (a multiple of 32)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--top", type=int, default=12)
