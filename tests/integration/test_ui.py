@@ -255,7 +255,7 @@ def test_loras_picked_in_the_ui_are_in_the_request_each_at_its_own_scale(app, br
     page.locator("#lora-section").get_by_text("LoRA").first.click()
     for row, name in enumerate(("ink", "film")):
         page.locator(f"#lora-picker-{row} input").click()
-        page.get_by_role("option", name=name, exact=True).click()
+        page.locator(f"#lora-picker-{row}").get_by_role("option", name=name, exact=True).click()
     scale = page.locator("#lora-scale-1 input[type=number]")
     scale.fill("0.5")
     scale.press("Enter")
