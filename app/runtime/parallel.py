@@ -144,7 +144,7 @@ def _cpu_counts_as_one_device(device: torch.device):
 SEQUENCE_DEGREES = (2, 4, 8)
 
 
-def enable(transformer, device: torch.device, world_size: int, split_refiner: bool = True) -> str:
+def enable(transformer, device: torch.device, world_size: int) -> str:
     """Shard Z-Image's noise refiner and main layers over the group (Ulysses: heads must divide by
     the ranks, and so must every sequence)."""
     from diffusers import ContextParallelConfig
@@ -158,7 +158,7 @@ def enable(transformer, device: torch.device, world_size: int, split_refiner: bo
             f"splits evenly); this model fits parallel_degree in {fits or 'none'}"
         )
     patch_key = f"{transformer.config.all_patch_size[0]}-{transformer.config.all_f_patch_size[0]}"
-    plan = cp_plan(patch_key, len(transformer.noise_refiner), split_refiner)
+    plan = cp_plan(patch_key, len(transformer.noise_refiner))
     with _cpu_counts_as_one_device(device):
         transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size), cp_plan=plan)
     make_local(transformer.context_refiner)

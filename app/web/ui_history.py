@@ -10,7 +10,7 @@ import gradio as gr
 from app.web.history import read_parameters
 from app.web.retention import stage
 from app.web.schemas import LORA_SCALE_MAX, LORA_SCALE_MIN, TURBO_DEFAULT_CFG, TURBO_DEFAULT_STEPS
-from app.web.ui_loras import NONE
+from app.web.ui_loras import NONE, lora_choices
 
 # prompt, negative, width, height, steps, cfg, seed, random seed (ui.settings_fields); then a LoRA
 # name and its scale for each of the UI's LoRA rows (ui_loras)
@@ -40,17 +40,26 @@ class Restorer:
 
     def restored(self, p: dict, seed, message: str) -> tuple:
         """The settings fields set from a generation's parameters (a History row or a PNG's)."""
-        loras = [lora for lora in p.get("loras") or [] if isinstance(lora, dict) and "name" in lora]
-        there = set(self.lora_names()) if loras else set()
+        loras = [
+            lora
+            for lora in p.get("loras") or []
+            if isinstance(lora, dict) and isinstance(lora.get("name"), str)
+        ]
+        names = self.lora_names() if loras else []
+        there = set(names)
         kept = [lora for lora in loras if lora["name"] in there]
         missing = [lora["name"] for lora in loras if lora["name"] not in there]
         if missing:
-            message += f" LoRA not here any more: {', '.join(map(str, missing))}."
+            message += f" LoRA not here any more: {', '.join(missing)}."
         if len(kept) > self.lora_rows:
             message += f" It had {len(kept)} LoRAs; the UI has {self.lora_rows} rows: the first are set."
         rows: list = []
         for lora in kept[: self.lora_rows]:
-            rows += [lora["name"], _scale(lora.get("scale", 1.0))]
+            # with the folder's list of now: a file added since the page loaded is a choice too
+            rows += [
+                gr.update(value=lora["name"], choices=lora_choices(names)),
+                _scale(lora.get("scale", 1.0)),
+            ]
         rows += [NONE, 1.0] * (self.lora_rows - len(rows) // 2)
         return (
             p.get("prompt", ""),

@@ -14,7 +14,8 @@ def restored(parameters: dict, names=("ink", "film", "oil", "wax")) -> tuple:
 
 
 def rows(out: tuple) -> list:
-    return list(out[8:-1])
+    """The rows' values (a restored name comes as an update that also lists the folder's files now)."""
+    return [r["value"] if isinstance(r, dict) else r for r in out[8:-1]]
 
 
 def test_each_lora_comes_back_in_its_row_with_its_own_scale():
@@ -23,6 +24,7 @@ def test_each_lora_comes_back_in_its_row_with_its_own_scale():
     )
     assert out[0] == "a boat" and out[6] == 7
     assert rows(out) == ["ink", 0.3, "film", 0.8, "", 1.0] and out[-1] == "Restored."
+    assert [c[1] for c in out[8]["choices"]] == ["", "ink", "film", "oil", "wax"]
 
 
 def test_a_lora_no_longer_there_is_left_out_and_said():
@@ -48,6 +50,7 @@ def test_a_scale_the_slider_cannot_show_is_brought_into_range():
 
 
 def test_no_loras_or_a_malformed_field_restores_none():
-    for parameters in ({"prompt": "a"}, {"prompt": "a", "loras": "ink"}, {"prompt": "a", "loras": [3, {}]}):
+    malformed = [3, {}, {"name": 3}, {"name": None, "scale": 1}]
+    for parameters in ({"prompt": "a"}, {"prompt": "a", "loras": "ink"}, {"prompt": "a", "loras": malformed}):
         out = restored(parameters)
         assert rows(out) == ["", 1.0] * ROWS and out[-1] == "Restored."
