@@ -38,11 +38,11 @@ log = logging.getLogger(__name__)
 # after the all-to-all, attention sees the whole sequence, which is what the mask describes.
 #
 # The noise refiner (2 layers over the image tokens alone, before the caption joins them) is split
-# the same way and gathered after its last layer. Left whole, it was worse than unsplit:
-# enable_parallelism gives every attention module the Ulysses config, and Ulysses over a sequence
-# every rank holds whole attends over N copies of it (the same result, N times the attention work
-# and the all-to-alls of the full sequence). The context refiner's caption is too short to split
-# (tens of tokens), so its attention is made local again (make_local).
+# the same way and gathered after its last layer (by our own hook, registered in enable()). Left
+# whole, it was worse than unsplit: enable_parallelism gives every attention module the Ulysses
+# config, and Ulysses over a sequence every rank holds whole attends over N copies of it (the same
+# result, N times the attention work and the all-to-alls of the full sequence). The context
+# refiner's caption is too short to split (tens of tokens), so its attention is made local again.
 def cp_plan(patch_key: str = "2-1", refiner_layers: int = 2, split_refiner: bool = True) -> dict:
     from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
@@ -54,13 +54,34 @@ def cp_plan(patch_key: str = "2-1", refiner_layers: int = 2, split_refiner: bool
         "layers.*": {"freqs_cis": split()},
         f"all_final_layer.{patch_key}": ContextParallelOutput(gather_dim=1, expected_dims=3),
     }
-    if split_refiner and refiner_layers >= 2:  # (one layer would need a split and a gather on one key)
-        plan |= {
-            "noise_refiner.0": {"x": split()},
-            "noise_refiner.*": {"freqs_cis": split()},
-            f"noise_refiner.{refiner_layers - 1}": ContextParallelOutput(gather_dim=1, expected_dims=3),
-        }
+    if split_refiner and refiner_layers >= 2:  # (the gather after the last: sequence_gather_hook)
+        plan |= {"noise_refiner.0": {"x": split()}, "noise_refiner.*": {"freqs_cis": split()}}
     return plan
+
+
+def sequence_gather_hook(group, world_size: int):
+    """A diffusers hook that gathers a block's output back along the sequence (dim 1), for the last
+    noise-refiner layer. Not diffusers' own gather hook: that one all-gathers along dim 1 through
+    torch's _maybe_view_chunk_cat, which dynamo refuses to trace, and the refiner blocks are compiled
+    with fullgraph (the H200 start failed there; the final layer, where the plan gathers the main
+    layers, is not compiled). This gathers along dim 0, which needs no such step, and reorders with
+    plain tensor ops."""
+    from diffusers.hooks.hooks import ModelHook
+
+    class SequenceGather(ModelHook):
+        def post_forward(self, module, output):
+            import torch.distributed._functional_collectives as funcol
+
+            b = output.shape[0]
+            gathered = funcol.wait_tensor(
+                torch.ops._c10d_functional.all_gather_into_tensor(
+                    output.contiguous(), world_size, group.group_name
+                )
+            )  # (world · b, s, d): rank 0's batch, then rank 1's
+            gathered = gathered.view(world_size, b, *output.shape[1:]).transpose(0, 1)
+            return gathered.reshape(b, world_size * output.shape[1], *output.shape[2:])
+
+    return SequenceGather()
 
 
 def make_local(modules) -> int:
@@ -162,7 +183,13 @@ def enable(transformer, device: torch.device, world_size: int) -> str:
     with _cpu_counts_as_one_device(device):
         transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size), cp_plan=plan)
     make_local(transformer.context_refiner)
-    if "noise_refiner.0" not in plan:
+    if "noise_refiner.0" in plan:
+        from diffusers.hooks import HookRegistry
+
+        group = transformer._parallel_config.context_parallel_config._flattened_mesh.get_group()
+        registry = HookRegistry.check_if_exists_or_initialize(transformer.noise_refiner[-1])
+        registry.register_hook(sequence_gather_hook(group, world_size), "zimage_cp_refiner_gather")
+    else:
         make_local(transformer.noise_refiner)
     _cache_forward_signatures(transformer)
     return f"context parallel: Ulysses over {world_size} ranks (one image per {world_size} GPUs)"
