@@ -285,6 +285,7 @@ class Engine:
             return callback_kwargs
 
         shared = False  # whether the other ranks are running this batch too
+        ended: Optional[list] = None  # each job's exception, resolved once the heartbeat has ended
         try:
             if self.loras is not None:  # before the other ranks are told: a refused file fails alone
                 self.loras.apply(first.loras)
@@ -297,24 +298,22 @@ class Engine:
                     pipe, request, self.loaded.exec_device, self.prompt_cache, on_step_end, on_stage
                 )
         except _Cancelled:
-            for job in batch:
-                resolve(job.future, _why_stopped(job))
-            return
+            ended = [_why_stopped(job) for job in batch]
         except Exception as exc:
             if shared:
                 # The other ranks may be inside a collective this rank will never join: only a
                 # restart of the whole group gets them out (the monitor replaces an unhealthy app).
                 self.state, self.state_reason = "unhealthy", f"{exc.__class__.__name__}: {exc}"[:200]
-                self._fail(batch, failures.parallel_generation_failed(batch, exc))
+                failure = failures.parallel_generation_failed(batch, exc)
             elif isinstance(exc, torch.OutOfMemoryError):
                 self.free_cache()
-                self._fail(batch, failures.out_of_memory(batch, exc, probe, self.settings.min_size))
+                failure = failures.out_of_memory(batch, exc, probe, self.settings.min_size)
             elif failures.is_fatal(exc):
                 self.state, self.state_reason = "unhealthy", f"{exc.__class__.__name__}: {exc}"[:200]
-                self._fail(batch, failures.fatal_cuda_error(exc))
+                failure = failures.fatal_cuda_error(exc)
             else:
-                self._fail(batch, failures.generation_failed(batch, exc))
-            return
+                failure = failures.generation_failed(batch, exc)
+            ended = [failure] * len(batch)
         finally:
             if step_cache:
                 step_cache.end()
@@ -325,6 +324,10 @@ class Engine:
                 pipe.maybe_free_model_hooks()
             except Exception:  # hooks are best effort; never mask the real outcome
                 pass
+        if ended is not None:  # after hb.end(): a caller told "cancelled" or "failed" sees it idle
+            for job, exc in zip(batch, ended):
+                resolve(job.future, exc)
+            return
         seconds = time.perf_counter() - started
         if watch and self.state == "ready":
             count, compile_s = watch.since(compiled_before)
@@ -355,10 +358,6 @@ class Engine:
                 ),
             )
             offset += n
-
-    def _fail(self, batch: list[Job], exc: Exception) -> None:
-        for job in batch:
-            resolve(job.future, exc)
 
     # ---- admin and status ----------------------------------------------------------------
     def free_cache(self) -> dict:
