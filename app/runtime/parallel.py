@@ -84,16 +84,13 @@ def sequence_gather_hook(group, world_size: int):
     return SequenceGather()
 
 
-def make_local(modules) -> int:
+def make_local(modules) -> None:
     """Attention in `modules` back to one rank's own (no all-to-all): for sequences every rank holds
-    whole. Returns how many attention processors were changed."""
-    changed = 0
+    whole."""
     for module in modules.modules():
         processor = getattr(module, "processor", None)
         if processor is not None and getattr(processor, "_parallel_config", None) is not None:
             processor._parallel_config = None
-            changed += 1
-    return changed
 
 
 @dataclass(frozen=True)

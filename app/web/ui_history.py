@@ -53,13 +53,10 @@ class Restorer:
             message += f" LoRA not here any more: {', '.join(missing)}."
         if len(kept) > self.lora_rows:
             message += f" It had {len(kept)} LoRAs; the UI has {self.lora_rows} rows: the first are set."
+        choices = lora_choices(names)  # the folder's list of now: a file added since the page loaded too
         rows: list = []
         for lora in kept[: self.lora_rows]:
-            # with the folder's list of now: a file added since the page loaded is a choice too
-            rows += [
-                gr.update(value=lora["name"], choices=lora_choices(names)),
-                _scale(lora.get("scale", 1.0)),
-            ]
+            rows += [gr.update(value=lora["name"], choices=choices), _scale(lora.get("scale", 1.0))]
         rows += [NONE, 1.0] * (self.lora_rows - len(rows) // 2)
         return (
             p.get("prompt", ""),

@@ -20,10 +20,10 @@ import argparse
 import collections
 import json
 import os
-import socket
 import time
 
 from ops.lab.kernel_profile import category
+from ops.tempstack import free_port
 
 VARIANTS = {
     "one": dict(world=1, plan="app", dynamic=True),
@@ -184,12 +184,6 @@ def summarise(prof, wall_us: float, top: int) -> dict:
             [round(us / 8e3, 2), kind(n), n[:110]] for n, us in per_kernel.most_common(top)
         ],
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:

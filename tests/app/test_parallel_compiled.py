@@ -7,11 +7,11 @@ the compiled split as a whole, not that one case.)"""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.helpers import free_port
 
 
 def _inputs():
@@ -44,10 +44,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow  # two Inductor compiles of the tiny blocks: tens of seconds
 def test_the_compiled_split_transformer_is_the_one_process_transformer(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"{rank}.pt")
         assert got["split"].shape == got["whole"].shape
