@@ -7,7 +7,14 @@ variants side by side, each in fresh processes (one per rank).
 Variants: `one` (one GPU, compiled as the app compiles), `cp` (the app's context-parallel plan),
 `cp-old` (the plan before the noise refiner was split: every refiner attention under Ulysses over a
 sequence each rank holds whole), `*-fp8` (`quantize = "fp8"`), `cp-overlap` (`cp` with Inductor's
-compute/communication reordering), `*-static` (static shapes instead of the app's dynamic ones).
+compute/communication reordering), `*-static` (static shapes instead of the app's dynamic ones),
+`*-cpp` (Inductor's C++ wrapper around the kernels instead of its Python one: less CPU per block),
+`*-skipguards` (after the warm-up, dynamo's skip_guard_eval_unsafe stance: only the guards that tell
+compiled entries apart are checked), `*-graphs` (mode="reduce-overhead", CUDA graphs: fails under
+regional compilation, each block's graph overwrites the output the next block reads; H200, torch 2.11),
+`*-pipe` (diffusers' ZImagePipeline denoising loop around the same transformer: its scheduler and
+per-step Python on top of the forwards) and `cp-pipe-vote` (the same with the app's per-step cancel
+vote, one all-reduce over the gloo group, as app/runtime/engine.py and follower.py make it).
 Per variant: ms per step over rounds of 8 forwards launched back to back (as the pipeline does), the
 CPU's time to launch them (equal to the step time once the launch queue is full: read it only when
 it is well below), and with --profile, rank 0's kernel time per step by kind and the
@@ -34,6 +41,20 @@ VARIANTS = {
     "cp-overlap": dict(world=2, plan="app", dynamic=True, overlap=True),
     "one-fp8": dict(world=1, plan="app", dynamic=True, fp8=True),
     "cp-fp8": dict(world=2, plan="app", dynamic=True, fp8=True),
+    "one-graphs": dict(world=1, plan="app", dynamic=True, mode="reduce-overhead"),
+    "cp-graphs": dict(world=2, plan="app", dynamic=True, mode="reduce-overhead"),
+    "one-pipe": dict(world=1, plan="app", dynamic=True, pipe=True),
+    "cp-pipe": dict(world=2, plan="app", dynamic=True, pipe=True),
+    "cp-pipe-vote": dict(world=2, plan="app", dynamic=True, pipe=True, vote=True),
+    "one-cpp": dict(world=1, plan="app", dynamic=True, cpp=True),
+    "cp-cpp": dict(world=2, plan="app", dynamic=True, cpp=True),
+    "one-skipguards": dict(world=1, plan="app", dynamic=True, skipguards=True),
+    "cp-skipguards": dict(world=2, plan="app", dynamic=True, skipguards=True),
+    "one-cpp-skipguards": dict(world=1, plan="app", dynamic=True, cpp=True, skipguards=True),
+    "cp-cpp-skipguards": dict(world=2, plan="app", dynamic=True, cpp=True, skipguards=True),
+    "cp-cpp-skipguards-pipe-vote": dict(
+        world=2, plan="app", dynamic=True, cpp=True, skipguards=True, pipe=True, vote=True
+    ),
 }
 
 
@@ -58,19 +79,26 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def build(rank: int, spec: dict, port: int):
+def build(rank: int, spec: dict, port: int, tiny: bool = False):
     import torch
     from diffusers import ZImageTransformer2DModel
 
     from app.runtime import parallel
 
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
+    # (--tiny: the demo model's transformer on the CPU over gloo, to try a variant before a GPU run)
+    device = torch.device("cpu") if tiny else torch.device("cuda", rank)
+    if not tiny:
+        torch.cuda.set_device(device)
     if spec["world"] > 1:
         parallel.join_group(parallel.RankEnv(rank, spec["world"], "127.0.0.1", port), device)
     torch.manual_seed(0)
-    with torch.device(device):
-        transformer = ZImageTransformer2DModel().to(torch.bfloat16).eval()  # the released 6B config
+    if tiny:
+        from app.runtime.tiny import build_tiny_pipeline
+
+        transformer = build_tiny_pipeline(torch.bfloat16).transformer
+    else:
+        with torch.device(device):
+            transformer = ZImageTransformer2DModel().to(torch.bfloat16).eval()  # the released 6B config
     if spec["world"] > 1 and spec["plan"] == "app":
         parallel.enable(transformer, device, spec["world"])
     elif spec["world"] > 1:
@@ -89,12 +117,34 @@ def build(rank: int, spec: dict, port: int):
         import torch._inductor.config as inductor_config
 
         inductor_config.reorder_for_compute_comm_overlap = True
+    if spec.get("cpp"):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp_wrapper = True
     if spec["dynamic"]:
         import torch.fx.experimental._config as fx_config
 
         fx_config.backed_size_oblivious = True  # as app/runtime/compile.py
-    transformer.compile_repeated_blocks(fullgraph=True, dynamic=spec["dynamic"])
+    transformer.compile_repeated_blocks(
+        fullgraph=True, dynamic=spec["dynamic"], mode=spec.get("mode", "default")
+    )
     return transformer, device
+
+
+def make_pipeline(transformer):
+    """diffusers' own ZImagePipeline around `transformer`: prompt embeddings go in, latents come out,
+    so no text encoder, tokenizer or VAE is needed (the VAE's absence means a scale factor of 8)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def worker(rank: int, name: str, port: int, args) -> None:
@@ -104,23 +154,61 @@ def worker(rank: int, name: str, port: int, args) -> None:
 
     spec = VARIANTS[name]
     started = time.perf_counter()
-    transformer, device = build(rank, spec, port)
+    transformer, device = build(rank, spec, port, args.tiny)
     generator = torch.Generator(device).manual_seed(0)  # the same inputs on every rank
     width, _, height = args.size.partition("x")
-    shape = (16, 1, int(height or width) // 8, int(width) // 8)
-    x = [torch.randn(*shape, generator=generator, device=device, dtype=torch.bfloat16)]
-    caption = [torch.randn(args.caption, 2560, generator=generator, device=device, dtype=torch.bfloat16)]
+    width, height = int(width), int(height or width)
+    x = [
+        torch.randn(16, 1, height // 8, width // 8, generator=generator, device=device, dtype=torch.bfloat16)
+    ]
+    caption = [
+        torch.randn(
+            args.caption,
+            transformer.config.cap_feat_dim,
+            generator=generator,
+            device=device,
+            dtype=torch.bfloat16,
+        )
+    ]
     t = torch.tensor([0.5], device=device, dtype=torch.bfloat16)
+    if spec.get("pipe"):
+        from app.runtime.parallel import RankLink
 
-    def steps(n: int = 8) -> float:
-        """n forwards back to back; returns the CPU's time to launch them."""
-        launched = time.perf_counter()
-        for _ in range(n):
-            transformer(x, t, caption, return_dict=False)
-        return time.perf_counter() - launched
+        pipe = make_pipeline(transformer)
+        link = RankLink(rank) if spec.get("vote") else None
+
+        def vote(_pipe, _step, _timestep, callback_kwargs):
+            if link is not None and link.agree_to_stop(False):
+                raise RuntimeError("nobody votes to stop here")
+            return callback_kwargs
+
+        def steps(n: int = 8) -> float:
+            """One pipeline call of n steps; returns its CPU time (the scheduler synchronises once)."""
+            launched = time.perf_counter()
+            pipe(
+                prompt_embeds=caption,
+                height=height,
+                width=width,
+                num_inference_steps=n,
+                guidance_scale=0.0,
+                generator=torch.Generator(device).manual_seed(0),
+                output_type="latent",
+                callback_on_step_end=vote if link is not None else None,
+            )
+            return time.perf_counter() - launched
+
+    else:
+
+        def steps(n: int = 8) -> float:
+            """n forwards back to back; returns the CPU's time to launch them."""
+            launched = time.perf_counter()
+            for _ in range(n):
+                transformer(x, t, caption, return_dict=False)
+            return time.perf_counter() - launched
 
     def sync() -> None:
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         if spec["world"] > 1:
             dist.barrier()
 
@@ -130,6 +218,8 @@ def worker(rank: int, name: str, port: int, args) -> None:
         ready_s = time.perf_counter() - started
         steps(8)
         sync()
+        if spec.get("skipguards"):  # (entries compiled: from here only their differences are checked)
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
         walls, launches = [], []
         for _ in range(args.rounds):
             sync()
@@ -149,7 +239,8 @@ def worker(rank: int, name: str, port: int, args) -> None:
         }
         if name in args.profile.split(","):
             sync()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.profile_cpu else [])
+            with profile(activities=activities) as prof:
                 t0 = time.perf_counter()
                 steps(8)
                 sync()
@@ -175,7 +266,18 @@ def summarise(prof, wall_us: float, top: int) -> dict:
     for name, us in per_kernel.items():
         by_kind[kind(name)] += us
     busy = busy_us(intervals)
+    cpu = collections.Counter()
+    for average in prof.key_averages():  # empty unless --profile-cpu
+        if average.self_cpu_time_total > 0:
+            cpu[average.key] += average.self_cpu_time_total
+    extra = {}
+    if cpu:  # CPU time in operators (the rest of a step's CPU time is Python around them)
+        extra = {
+            "cpu_in_ops_ms_per_step": round(sum(cpu.values()) / 8e3, 2),
+            "top_cpu_ops_ms_per_step": [[round(us / 8e3, 2), n[:110]] for n, us in cpu.most_common(top)],
+        }
     return {
+        **extra,
         "profiled_wall_ms_per_step": round(wall_us / 8e3, 2),
         "gpu_busy_ms_per_step": round(busy / 8e3, 2),
         "gpu_idle_ms_per_step": round((wall_us - busy) / 8e3, 2),
@@ -196,6 +298,8 @@ def main(argv=None) -> int:
         "--size", default="1024", help="1024 or WxH: one GPU at 1024x512 does a rank's share of the rows"
     )
     parser.add_argument("--caption", type=int, default=64, help="caption tokens (a multiple of 32)")
+    parser.add_argument("--profile-cpu", action="store_true", help="and the CPU's time by operator")
+    parser.add_argument("--tiny", action="store_true", help="the demo model on the CPU (a dry run)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--compile-cache", default="/tmp/cp-profile-cache")
