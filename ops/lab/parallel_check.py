@@ -16,11 +16,13 @@ import argparse
 import io
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -92,13 +94,50 @@ def app_children() -> list[int]:
     return [p.pid for p in psutil.Process(int(pid)).children() if "app.follower" in " ".join(p.cmdline())]
 
 
+SAMPLER = REPO / "ops" / "lab" / "sampler"
+
+
+def start_sampling(label: str) -> Path:
+    """The stack started after this samples its generating threads (ops/lab/sampler)."""
+    out = Path("/tmp/zimage-samples") / label
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    os.environ["ZIMAGE_SAMPLE_DIR"] = str(out)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SAMPLER), os.environ.get("PYTHONPATH")]))
+    return out
+
+
+def sampled(out: Path, top: int = 25) -> list[dict]:
+    """Each sampled process's share of samples by place: where a rank's CPU time went."""
+    time.sleep(2.5)  # the sampler rewrites its file every 2 s
+    rows = []
+    for path in sorted(out.glob("*.json")):
+        data = json.loads(path.read_text())
+        n = max(1, data["samples"])
+
+        def share(pairs):
+            return [[round(100 * count / n, 1), where] for where, count in pairs[:top]]
+
+        rows.append(
+            {
+                "process": " ".join(data["argv"])[-60:],
+                "samples": data["samples"],
+                "every_ms": data["every_ms"],
+                "ours_pct": share(data["ours"]),
+                "functions_pct": share(data["functions"]),
+            }
+        )
+    return rows
+
+
 def measure(args, compile_mode: str, parallel: bool) -> dict:
     write_config(args, compile_mode, parallel)
-    t0 = time.time()
-    up = ctl("up", "--timeout", "420")
     label = f"{'two' if parallel else 'one'}_gpu_{compile_mode}" + (
         f"_{args.quantize}" if args.quantize != "none" else ""
     )
+    samples = start_sampling(label) if args.sample else None
+    t0 = time.time()
+    up = ctl("up", "--timeout", "420")
     log(event="up", config=label, rc=up.returncode, seconds=round(time.time() - t0, 1), out=up.stdout[-600:])
     try:
         if up.returncode != 0:
@@ -133,6 +172,9 @@ def measure(args, compile_mode: str, parallel: bool) -> dict:
             **{name: round(statistics.median(v), 4) for name, v in stages.items() if v},
         }
         log(event="latency", **row)
+        if samples is not None:
+            for process in sampled(samples):
+                log(event="samples", config=label, **process)
         np.save(f"/tmp/parallel-{label}.npy", first)
         if parallel and args.kill:
             row["kill_heal_s"] = kill_rank(args.size)
@@ -172,6 +214,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kill", action="store_true")
     parser.add_argument("--only", default="one,two")
     parser.add_argument("--quantize", default="none", help='app.quantize for both columns ("fp8": lossy)')
+    parser.add_argument("--sample", action="store_true", help="sample where each rank's thread spends time")
     parser.add_argument(
         "--reference-run", action="store_true", help="time plain diffusers (the model card's snippet) first"
     )
