@@ -143,6 +143,11 @@ class AppSettings(BaseModel):
     # replicas make more images per hour from the same GPUs (docs/PERFORMANCE.md).
     parallel: Literal["none", "context"] = "none"
     parallel_degree: int = Field(2, ge=2, le=8)
+    # How the split blocks' attention exchanges heads and tokens between two ranks. "diffusers": its
+    # Ulysses, each exchange waited for where it is issued; "overlapped": each half sent as soon as
+    # it is computed and waited for where it is read, so the transfers run under the projections
+    # (app/runtime/ulysses.py; the same image within bf16 noise). More than two ranks: diffusers'.
+    parallel_attention: Literal["diffusers", "overlapped"] = "diffusers"
 
     @field_validator("model_dir", mode="before")
     @classmethod

@@ -14,6 +14,8 @@ exercise on machines without a GPU.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -46,25 +48,35 @@ class Float8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.use_kernel = fp8_matmul_supported(linear.weight.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """rows=(start, stop): only those output features (app/runtime/ulysses.py computes the
+        heads it sends before the ones it keeps); each is computed as in the whole product."""
+        weight, weight_scale, bias, out_features = (
+            self.weight_fp8,
+            self.weight_scale,
+            self.bias,
+            self.out_features,
+        )
+        if rows is not None:
+            start, stop = rows
+            weight, weight_scale, out_features = weight[start:stop], weight_scale[:, start:stop], stop - start
+            bias = None if bias is None else bias[start:stop]
         lead = x.shape[:-1]
         x_fp8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
         if self.use_kernel:
             out = torch._scaled_mm(
                 x_fp8,
-                self.weight_fp8.t(),
+                weight.t(),
                 scale_a=x_scale,
-                scale_b=self.weight_scale,
+                scale_b=weight_scale,
                 out_dtype=x.dtype,
                 use_fast_accum=True,
             )
         else:
-            out = ((x_fp8.float() * x_scale) @ (self.weight_fp8.float() * self.weight_scale.t()).t()).to(
-                x.dtype
-            )
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*lead, self.out_features)
+            out = ((x_fp8.float() * x_scale) @ (weight.float() * weight_scale.t()).t()).to(x.dtype)
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*lead, out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-row"

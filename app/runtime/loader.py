@@ -181,7 +181,7 @@ def load_pipeline(settings: AppSettings) -> LoadedPipeline:
             raise RuntimeError("parallel = 'context' needs the ranks python -m app starts (app/ranks.py)")
         with report.timed("parallel_join_s"):
             parallel.join_group(env, device)
-        report.note(parallel.enable(pipe.transformer, device, env.world_size))
+        report.note(parallel.enable(pipe.transformer, device, env.world_size, settings.parallel_attention))
 
     if settings.quantize == "fp8":
         from app.runtime.fp8 import fp8_matmul_supported, quantize_transformer

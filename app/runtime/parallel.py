@@ -162,9 +162,10 @@ def _cpu_counts_as_one_device(device: torch.device):
 SEQUENCE_DEGREES = (2, 4, 8)
 
 
-def enable(transformer, device: torch.device, world_size: int) -> str:
+def enable(transformer, device: torch.device, world_size: int, attention: str = "diffusers") -> str:
     """Shard Z-Image's noise refiner and main layers over the group (Ulysses: heads must divide by
-    the ranks, and so must every sequence)."""
+    the ranks, and so must every sequence). attention="overlapped" (two ranks): the split blocks'
+    exchanges overlap their projections (app/runtime/ulysses.py) instead of diffusers' Ulysses."""
     from diffusers import ContextParallelConfig
 
     heads = transformer.config.n_heads
@@ -188,8 +189,29 @@ def enable(transformer, device: torch.device, world_size: int) -> str:
         registry.register_hook(sequence_gather_hook(group, world_size), "zimage_cp_refiner_gather")
     else:
         make_local(transformer.noise_refiner)
+    how = "diffusers' Ulysses"
+    if attention == "overlapped" and world_size == 2:
+        split = list(transformer.layers) + (
+            list(transformer.noise_refiner) if "noise_refiner.0" in plan else []
+        )
+        _overlap_exchanges(transformer, split)
+        how = "Ulysses, exchanges overlapped with the projections"
     _cache_forward_signatures(transformer)
-    return f"context parallel: Ulysses over {world_size} ranks (one image per {world_size} GPUs)"
+    return f"context parallel: {how} over {world_size} ranks (one image per {world_size} GPUs)"
+
+
+def _overlap_exchanges(transformer, blocks) -> None:
+    import torch.distributed as dist
+
+    from app.runtime.ulysses import OverlappedUlyssesProcessor
+
+    group = transformer._parallel_config.context_parallel_config._ulysses_mesh.get_group()
+    rank = dist.get_rank(group)
+    for block in blocks:
+        replaced = block.attention.processor
+        processor = OverlappedUlyssesProcessor(group.group_name, rank)
+        processor._attention_backend = getattr(replaced, "_attention_backend", None)
+        block.attention.processor = processor
 
 
 def _cache_forward_signatures(transformer) -> None:

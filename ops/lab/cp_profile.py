@@ -8,7 +8,8 @@ Variants: `one` (one GPU, compiled as the app compiles), `cp` (the app's context
 `cp-old` (the plan before the noise refiner was split: every refiner attention under Ulysses over a
 sequence each rank holds whole), `*-fp8` (`quantize = "fp8"`), `cp-overlap` (`cp` with Inductor's
 compute/communication reordering), `*-static` (static shapes instead of the app's dynamic ones),
-`*-cpp` (Inductor's C++ wrapper around the kernels instead of its Python one: less CPU per block),
+`cp-ov*` (parallel_attention = "overlapped": app/runtime/ulysses.py), `*-cpp` (Inductor's C++
+wrapper around the kernels instead of its Python one: less CPU per block),
 `*-skipguards` (after the warm-up, dynamo's skip_guard_eval_unsafe stance: only the guards that tell
 compiled entries apart are checked), `*-graphs` (mode="reduce-overhead", CUDA graphs: fails under
 regional compilation, each block's graph overwrites the output the next block reads; H200, torch 2.11),
@@ -46,6 +47,9 @@ VARIANTS = {
     "one-pipe": dict(world=1, plan="app", dynamic=True, pipe=True),
     "cp-pipe": dict(world=2, plan="app", dynamic=True, pipe=True),
     "cp-pipe-vote": dict(world=2, plan="app", dynamic=True, pipe=True, vote=True),
+    "cp-ov": dict(world=2, plan="app", dynamic=True, attention="overlapped"),
+    "cp-ov-fp8": dict(world=2, plan="app", dynamic=True, attention="overlapped", fp8=True),
+    "cp-ov-pipe-vote": dict(world=2, plan="app", dynamic=True, attention="overlapped", pipe=True, vote=True),
     "one-cpp": dict(world=1, plan="app", dynamic=True, cpp=True),
     "cp-cpp": dict(world=2, plan="app", dynamic=True, cpp=True),
     "one-skipguards": dict(world=1, plan="app", dynamic=True, skipguards=True),
@@ -100,7 +104,7 @@ def build(rank: int, spec: dict, port: int, tiny: bool = False):
         with torch.device(device):
             transformer = ZImageTransformer2DModel().to(torch.bfloat16).eval()  # the released 6B config
     if spec["world"] > 1 and spec["plan"] == "app":
-        parallel.enable(transformer, device, spec["world"])
+        parallel.enable(transformer, device, spec["world"], spec.get("attention", "diffusers"))
     elif spec["world"] > 1:
         from diffusers import ContextParallelConfig
 

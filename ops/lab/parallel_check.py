@@ -49,14 +49,18 @@ def ctl(*argv: str, timeout: float = 900) -> subprocess.CompletedProcess:
     )
 
 
-def write_config(args, compile_mode: str, parallel: bool) -> None:
+def write_config(args, compile_mode: str, parallel: bool, attention: str = "diffusers") -> None:
     compile_lines = (
         'compile = "off"\n' if compile_mode == "off" else 'compile = "on"\ncompile_backend = "jit"\n'
     )
     (REPO / "zimage.toml").write_text(
         f'[app]\nmodel_dir = "{args.model_dir}"\ncompile_cache_dir = "{args.compile_cache}"\n'
         + compile_lines
-        + ('parallel = "context"\nparallel_degree = 2\n' if parallel else "")
+        + (
+            f'parallel = "context"\nparallel_degree = 2\nparallel_attention = "{attention}"\n'
+            if parallel
+            else ""
+        )
         + (f'quantize = "{args.quantize}"\n' if args.quantize != "none" else "")
         + "request_timeout_s = 150\ndrain_timeout_s = 170\nui = false\n"
         "[monitor]\ninterval_s = 1.0\nwarmup_size = 512\nwarmup_steps = 2\n"
@@ -130,10 +134,12 @@ def sampled(out: Path, top: int = 25) -> list[dict]:
     return rows
 
 
-def measure(args, compile_mode: str, parallel: bool) -> dict:
-    write_config(args, compile_mode, parallel)
-    label = f"{'two' if parallel else 'one'}_gpu_{compile_mode}" + (
-        f"_{args.quantize}" if args.quantize != "none" else ""
+def measure(args, compile_mode: str, parallel: bool, attention: str = "diffusers") -> dict:
+    write_config(args, compile_mode, parallel, attention)
+    label = (
+        f"{'two' if parallel else 'one'}_gpu_{compile_mode}"
+        + (f"_{args.quantize}" if args.quantize != "none" else "")
+        + ("_overlapped" if parallel and attention == "overlapped" else "")
     )
     samples = start_sampling(label) if args.sample else None
     t0 = time.time()
@@ -214,6 +220,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kill", action="store_true")
     parser.add_argument("--only", default="one,two")
     parser.add_argument("--quantize", default="none", help='app.quantize for both columns ("fp8": lossy)')
+    parser.add_argument(
+        "--attention", default="diffusers", help="comma list of parallel_attention for the two-GPU column"
+    )
     parser.add_argument("--sample", action="store_true", help="sample where each rank's thread spends time")
     parser.add_argument(
         "--reference-run", action="store_true", help="time plain diffusers (the model card's snippet) first"
@@ -231,14 +240,19 @@ def main(argv=None) -> int:
     for mode in args.compile.split(","):
         rows = {}
         for which in args.only.split(","):
-            rows[which] = measure(args, mode, parallel=which == "two")
-        if rows.get("one") and rows.get("two"):
-            quality = psnr(
-                np.load(f"/tmp/parallel-{rows['one']['config']}.npy"),
-                np.load(f"/tmp/parallel-{rows['two']['config']}.npy"),
-            )
-            rows["two"]["psnr_db_vs_one_gpu"] = round(quality, 1)
-            rows["two"]["speedup"] = round(rows["one"]["end_to_end_s"] / rows["two"]["end_to_end_s"], 3)
+            if which == "one":
+                rows["one"] = measure(args, mode, parallel=False)
+                continue
+            for attention in args.attention.split(","):
+                rows[f"two-{attention}"] = measure(args, mode, parallel=True, attention=attention)
+        for name, row in rows.items():
+            if name != "one" and row and rows.get("one"):
+                quality = psnr(
+                    np.load(f"/tmp/parallel-{rows['one']['config']}.npy"),
+                    np.load(f"/tmp/parallel-{row['config']}.npy"),
+                )
+                row["psnr_db_vs_one_gpu"] = round(quality, 1)
+                row["speedup"] = round(rows["one"]["end_to_end_s"] / row["end_to_end_s"], 3)
         table += [r for r in rows.values() if r]
     log(event="table", rows=table)
     return 0
