@@ -126,6 +126,7 @@ def sampled(out: Path, top: int = 25) -> list[dict]:
             {
                 "process": " ".join(data["argv"])[-60:],
                 "samples": data["samples"],
+                "threads": data.get("threads"),
                 "every_ms": data["every_ms"],
                 "ours_pct": share(data["ours"]),
                 "functions_pct": share(data["functions"]),

@@ -221,15 +221,21 @@ def test_a_graceful_stop_finishes_the_running_generation_on_both_ranks(stack):
     wait_for(stack.ready, 90, 0.2, "ready again")
 
 
-def test_fp8_over_two_ranks_is_the_one_process_fp8_image(tmp_path):
+@pytest.mark.parametrize(
+    "attention, note", [("diffusers", "Ulysses over"), ("overlapped", "exchanges overlapped")]
+)
+def test_fp8_over_two_ranks_is_the_one_process_fp8_image(tmp_path, attention, note):
     """quantize = "fp8" with the ranks: each rank quantizes its own copy after the split hooks are on;
     the split image is the one-process FP8 image (on a CPU the FP8 product is emulated with the
-    same rounding; the H200 figure is docs/PERFORMANCE.md's)."""
-    s = StackHome(tmp_path / "home", app={"parallel": "context", "parallel_degree": 2, "quantize": "fp8"})
+    same rounding; the H200 figure is docs/PERFORMANCE.md's). Both exchanges: diffusers' Ulysses,
+    and ours overlapped with the projections (parallel_attention), which computes FP8 layers' rows
+    for one rank's heads apart from the other's."""
+    app = {"parallel": "context", "parallel_degree": 2, "quantize": "fp8", "parallel_attention": attention}
+    s = StackHome(tmp_path / "home", app=app)
     try:
         s.up()
         info = httpx.get(s.url + "/api/info", timeout=5).json()
-        assert "FP8 linear layers" in str(info) and "context parallel" in str(info), info
+        assert "FP8 linear layers" in str(info) and note in str(info), info
         r = httpx.post(s.url + "/api/generate", json=BODY, timeout=60)
         assert r.status_code == 200, r.text
         split = pixels(r, s.url)

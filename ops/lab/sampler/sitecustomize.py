@@ -51,6 +51,7 @@ if os.environ.get("ZIMAGE_SAMPLE_DIR"):
                     {
                         "argv": sys.argv,
                         "samples": taken,
+                        "threads": sorted(t.name for t in threading.enumerate()),
                         "every_ms": _EVERY_S * 1000,
                         "leaf": leaves.most_common(40),
                         "ours": ours.most_common(40),
