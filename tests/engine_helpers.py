@@ -52,3 +52,13 @@ def image(engine, prompt, width=128, height=128, num_images=1, loras=()):
 def psnr(a, b):
     mse = ((a - b) ** 2).mean()
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def block_graphs() -> int:
+    """How many graphs dynamo holds for the transformer blocks' forward (every block shares it).
+    With compile_in_requests on, a request the warm-up did not cover adds one; with it off (the
+    default) the block would run eagerly instead, which no compile count can see."""
+    import torch._dynamo.eval_frame as eval_frame
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    return len(eval_frame._debug_get_cache_entry_list(ZImageTransformerBlock.forward.__code__))

@@ -174,4 +174,11 @@ def _compile_blocks_jit(pipe, settings: AppSettings) -> None:
         # 1-4 images; on a GPU an Inductor guard still splits 1 from 2+, which the warm-up's
         # 2-image request covers (docs/PERFORMANCE.md). The CPU compile test checks the pixels.
         fx_config.backed_size_oblivious = True
+        # Sizes that happen to be equal at the first call are not tied together (dynamo's "duck
+        # shaping"): tied, what pins one pins the other. The demo model's 64-token caption beside its
+        # 64-wide hidden size made the caption refiner a graph for 64 tokens only, so after the
+        # warm-up every prompt of another length ran that block eagerly, silently; on the real model
+        # a 256² warm-up ties the noise refiner's 256 image tokens to the 256-wide time embedding.
+        # tests/app/test_compile.py compiles in requests to catch such a graph.
+        fx_config.use_duck_shape = False
     pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=settings.compile_mode)

@@ -99,7 +99,9 @@ def one_process_image(tmp_path, request: dict | None = None, **overrides) -> np.
 def test_one_image_over_two_ranks_is_the_one_process_image(stack, tmp_path):
     assert len(follower_pids(stack)) == 1
     info = httpx.get(stack.url + "/api/info", timeout=5).json()
-    assert any("context parallel: Ulysses over 2 ranks" in n for n in str(info).split("', '")), info
+    assert any("context parallel: diffusers' Ulysses over 2 ranks" in n for n in str(info).split("', '")), (
+        info
+    )
     r = httpx.post(stack.url + "/api/generate", json=BODY, timeout=60)
     assert r.status_code == 200, r.text
     split = pixels(r, stack.url)
