@@ -76,7 +76,8 @@ if os.environ.get("ZIMAGE_SAMPLE_DIR"):
             while frame is not None:
                 functions.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}")
                 frame = frame.f_back
-            if "stages.py:run_batch" in functions:  # only while a generation runs, idle waits left out
+            # only while a request's generation runs: idle waits and the warm-up (compiling) left out
+            if "stages.py:run_batch" in functions and "warmup.py:warm_up" not in functions:
                 taken += 1
                 leaf, own = _where(top)
                 leaves[leaf] += 1
