@@ -76,8 +76,13 @@ if os.environ.get("ZIMAGE_SAMPLE_DIR"):
             while frame is not None:
                 functions.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}")
                 frame = frame.f_back
-            # only while a request's generation runs: idle waits and the warm-up (compiling) left out
-            if "stages.py:run_batch" in functions and "warmup.py:warm_up" not in functions:
+            # only while a request's generation runs: idle waits, the warm-up and compiling left out
+            # (a follower rank runs the warm-up's generations as shared work, without warm_up above)
+            if (
+                "stages.py:run_batch" in functions
+                and "warmup.py:warm_up" not in functions
+                and "convert_frame.py:_compile" not in functions
+            ):
                 taken += 1
                 leaf, own = _where(top)
                 leaves[leaf] += 1
