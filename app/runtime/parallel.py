@@ -201,6 +201,8 @@ def enable(transformer, device: torch.device, world_size: int, attention: str = 
 
 
 def _overlap_exchanges(transformer, blocks) -> None:
+    """The split blocks' attention through app/runtime/ulysses.py, on the group diffusers' Ulysses
+    would use, keeping the attention backend the model was set to."""
     import torch.distributed as dist
 
     from app.runtime.ulysses import OverlappedUlyssesProcessor
