@@ -181,4 +181,12 @@ def _compile_blocks_jit(pipe, settings: AppSettings) -> None:
         # a 256² warm-up ties the noise refiner's 256 image tokens to the 256-wide time embedding.
         # tests/app/test_compile.py compiles in requests to catch such a graph.
         fx_config.use_duck_shape = False
+        import torch._dynamo.config as dynamo_config
+
+        # Floats are constants, not graph inputs. Dynamic compiles otherwise make every float a
+        # block reads (each RMSNorm's eps, dropout's p: 7 per block) an input that each call turns
+        # into a tensor and guards: 34 block calls a step, 2.3-5 ms of the CPU's time per step on
+        # the H200 (docs/PERFORMANCE.md), which counts wherever the GPU waits for the CPU (small
+        # images, context parallelism). They never change, so nothing recompiles for them.
+        dynamo_config.specialize_float = True
     pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=settings.compile_mode)

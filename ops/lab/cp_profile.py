@@ -50,6 +50,9 @@ VARIANTS = {
     "cp-ov": dict(world=2, plan="app", dynamic=True, attention="overlapped"),
     "cp-ov-fp8": dict(world=2, plan="app", dynamic=True, attention="overlapped", fp8=True),
     "cp-ov-pipe-vote": dict(world=2, plan="app", dynamic=True, attention="overlapped", pipe=True, vote=True),
+    "one-sf": dict(world=1, plan="app", dynamic=True, sf=True),
+    "one-pipe-sf": dict(world=1, plan="app", dynamic=True, pipe=True, sf=True),
+    "cp-sf": dict(world=2, plan="app", dynamic=True, sf=True),
     "one-cpp": dict(world=1, plan="app", dynamic=True, cpp=True),
     "cp-cpp": dict(world=2, plan="app", dynamic=True, cpp=True),
     "one-skipguards": dict(world=1, plan="app", dynamic=True, skipguards=True),
@@ -121,6 +124,10 @@ def build(rank: int, spec: dict, port: int, tiny: bool = False):
         import torch._inductor.config as inductor_config
 
         inductor_config.reorder_for_compute_comm_overlap = True
+    if spec.get("sf"):
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.specialize_float = True
     if spec.get("cpp"):
         import torch._inductor.config as inductor_config
 

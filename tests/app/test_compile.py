@@ -11,6 +11,7 @@ app/runtime/compile.py has why)."""
 
 import pytest
 import torch
+import torch._dynamo.config
 import torch.fx.experimental._config
 
 from tests.engine_helpers import LONG, block_graphs, image, make_engine, psnr
@@ -66,3 +67,4 @@ def test_warm_up_compiles_what_requests_bring_and_requests_compile_nothing(tmp_p
         torch.compiler.set_stance("default")
         torch.fx.experimental._config.backed_size_oblivious = False
         torch.fx.experimental._config.use_duck_shape = True
+        torch._dynamo.config.specialize_float = False

@@ -6,6 +6,7 @@ on the weights' identity and shape, not their values, so one set of graphs serve
 import numpy as np
 import pytest
 import torch
+import torch._dynamo.config
 import torch.fx.experimental._config
 
 from tests.engine_helpers import block_graphs, image, make_engine, psnr
@@ -42,3 +43,4 @@ def test_switching_loras_under_torch_compile_compiles_nothing(tmp_path):
         torch.compiler.set_stance("default")
         torch.fx.experimental._config.backed_size_oblivious = False
         torch.fx.experimental._config.use_duck_shape = True
+        torch._dynamo.config.specialize_float = False
