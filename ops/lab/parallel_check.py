@@ -7,7 +7,11 @@ For each compile mode, one GPU then two: the stack up, `--n` sequential 1024² r
 (different seeds; the first of each shape is left out), the end-to-end and service latencies, the
 first seed's pixels kept; then the PSNR of the two GPUs' image against one GPU's on the same seed.
 With `--kill`, rank 1 is SIGKILLed after the two-GPU run and the time until the group serves again
-is measured. One JSON line per measurement; the last line is the table for docs/PERFORMANCE.md.
+is measured. `--attention diffusers,overlapped` runs the two-GPU column once per exchange
+(parallel_attention), `--sample` samples where each rank's thread spends its time (ops/lab/sampler),
+`--reference-run` times plain diffusers first. Requests go through one kept-alive client, seeds
+re-rolled on one prompt, then as many with new prompts (the text encoder runs). One JSON line per
+measurement; the last line is the table for docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -107,7 +111,8 @@ def start_sampling(label: str) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     os.environ["ZIMAGE_SAMPLE_DIR"] = str(out)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SAMPLER), os.environ.get("PYTHONPATH")]))
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(SAMPLER)]
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(SAMPLER), *paths])
     return out
 
 
