@@ -167,26 +167,32 @@ def _compile_blocks_jit(pipe, settings: AppSettings) -> None:
     # limit was hit after a few prompts and requests failed), and "auto" left that change to a request.
     dynamic = {"auto": None, "on": True, "off": False}[settings.compile_dynamic]
     if dynamic:
-        import torch.fx.experimental._config as fx_config
-
-        # Dynamic sizes still specialise on 1: a graph made for one image recompiled for two.
-        # Size-oblivious reasoning keeps the batch size symbolic: on the CPU one graph then serves
-        # 1-4 images; on a GPU an Inductor guard still splits 1 from 2+, which the warm-up's
-        # 2-image request covers (docs/PERFORMANCE.md). The CPU compile test checks the pixels.
-        fx_config.backed_size_oblivious = True
-        # Sizes that happen to be equal at the first call are not tied together (dynamo's "duck
-        # shaping"): tied, what pins one pins the other. The demo model's 64-token caption beside its
-        # 64-wide hidden size made the caption refiner a graph for 64 tokens only, so after the
-        # warm-up every prompt of another length ran that block eagerly, silently; on the real model
-        # a 256² warm-up ties the noise refiner's 256 image tokens to the 256-wide time embedding.
-        # tests/app/test_compile.py compiles in requests to catch such a graph.
-        fx_config.use_duck_shape = False
-        import torch._dynamo.config as dynamo_config
-
-        # Floats are constants, not graph inputs. Dynamic compiles otherwise make every float a
-        # block reads (each RMSNorm's eps, dropout's p: 7 per block) an input that each call turns
-        # into a tensor and guards: 34 block calls a step, 2.3-5 ms of the CPU's time per step on
-        # the H200 (docs/PERFORMANCE.md), which counts wherever the GPU waits for the CPU (small
-        # images, context parallelism). They never change, so nothing recompiles for them.
-        dynamo_config.specialize_float = True
+        configure_dynamic_compile()
     pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=settings.compile_mode)
+
+
+def configure_dynamic_compile() -> None:
+    """Dynamo's process-wide settings for the blocks' dynamic-shape graphs (ops/lab/cp_profile.py
+    compiles with the same)."""
+    import torch.fx.experimental._config as fx_config
+
+    # Dynamic sizes still specialise on 1: a graph made for one image recompiled for two.
+    # Size-oblivious reasoning keeps the batch size symbolic: on the CPU one graph then serves
+    # 1-4 images; on a GPU an Inductor guard still splits 1 from 2+, which the warm-up's
+    # 2-image request covers (docs/PERFORMANCE.md). The CPU compile test checks the pixels.
+    fx_config.backed_size_oblivious = True
+    # Sizes that happen to be equal at the first call are not tied together (dynamo's "duck
+    # shaping"): tied, what pins one pins the other. The demo model's 64-token caption beside its
+    # 64-wide hidden size made the caption refiner a graph for 64 tokens only, so after the
+    # warm-up every prompt of another length ran that block eagerly, silently; on the real model
+    # a 256² warm-up ties the noise refiner's 256 image tokens to the 256-wide time embedding.
+    # tests/app/test_compile.py compiles in requests to catch such a graph.
+    fx_config.use_duck_shape = False
+    import torch._dynamo.config as dynamo_config
+
+    # Floats are constants, not graph inputs. Dynamic compiles otherwise make every float a
+    # block reads (each RMSNorm's eps, dropout's p: 7 per block) an input that each call turns
+    # into a tensor and guards: 34 block calls a step, 2.3-5 ms of the CPU's time per step on
+    # the H200 (docs/PERFORMANCE.md), which counts wherever the GPU waits for the CPU (small
+    # images, context parallelism). They never change, so nothing recompiles for them.
+    dynamo_config.specialize_float = True

@@ -13,6 +13,7 @@ wrapper around the kernels instead of its Python one: less CPU per block),
 `*-skipguards` (after the warm-up, dynamo's skip_guard_eval_unsafe stance: only the guards that tell
 compiled entries apart are checked), `*-graphs` (mode="reduce-overhead", CUDA graphs: fails under
 regional compilation, each block's graph overwrites the output the next block reads; H200, torch 2.11),
+`*-floats` (floats as graph inputs, as the app compiled before 2026-12-01),
 `*-pipe` (diffusers' ZImagePipeline denoising loop around the same transformer: its scheduler and
 per-step Python on top of the forwards) and `cp-pipe-vote` (the same with the app's per-step cancel
 vote, one all-reduce over the gloo group, as app/runtime/engine.py and follower.py make it).
@@ -50,9 +51,9 @@ VARIANTS = {
     "cp-ov": dict(world=2, plan="app", dynamic=True, attention="overlapped"),
     "cp-ov-fp8": dict(world=2, plan="app", dynamic=True, attention="overlapped", fp8=True),
     "cp-ov-pipe-vote": dict(world=2, plan="app", dynamic=True, attention="overlapped", pipe=True, vote=True),
-    "one-sf": dict(world=1, plan="app", dynamic=True, sf=True),
-    "one-pipe-sf": dict(world=1, plan="app", dynamic=True, pipe=True, sf=True),
-    "cp-sf": dict(world=2, plan="app", dynamic=True, sf=True),
+    "one-floats": dict(world=1, plan="app", dynamic=True, floats=True),
+    "one-pipe-floats": dict(world=1, plan="app", dynamic=True, pipe=True, floats=True),
+    "cp-floats": dict(world=2, plan="app", dynamic=True, floats=True),
     "one-cpp": dict(world=1, plan="app", dynamic=True, cpp=True),
     "cp-cpp": dict(world=2, plan="app", dynamic=True, cpp=True),
     "one-skipguards": dict(world=1, plan="app", dynamic=True, skipguards=True),
@@ -124,18 +125,18 @@ def build(rank: int, spec: dict, port: int, tiny: bool = False):
         import torch._inductor.config as inductor_config
 
         inductor_config.reorder_for_compute_comm_overlap = True
-    if spec.get("sf"):
-        import torch._dynamo.config as dynamo_config
-
-        dynamo_config.specialize_float = True
     if spec.get("cpp"):
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp_wrapper = True
     if spec["dynamic"]:
-        import torch.fx.experimental._config as fx_config
+        from app.runtime.compile import configure_dynamic_compile
 
-        fx_config.backed_size_oblivious = True  # as app/runtime/compile.py
+        configure_dynamic_compile()  # as the app compiles
+        if spec.get("floats"):  # as it compiled before floats were constants
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.specialize_float = False
     transformer.compile_repeated_blocks(
         fullgraph=True, dynamic=spec["dynamic"], mode=spec.get("mode", "default")
     )
