@@ -133,6 +133,8 @@ def use_image_python(home: Path) -> None:
     Python. A wrapper, not a symlink: a symlinked venv python would look for pyvenv.cfg next to the
     link and lose the image's site-packages."""
     venv_python = home / ".venv" / "bin" / "python"
+    if Path(sys.prefix).resolve() == (home / ".venv").resolve():
+        return  # run from the venv itself (a dry run here): a wrapper would exec itself forever
     if venv_python.is_symlink() or not venv_python.exists():
         venv_python.parent.mkdir(parents=True, exist_ok=True)
         venv_python.unlink(missing_ok=True)
