@@ -57,6 +57,20 @@ def cpu_by_thread(pid: int) -> dict[int, tuple[str, float]]:
     return rows
 
 
+def involuntary_switches(pid: int) -> dict[int, int]:
+    """Each thread's involuntary context switches so far: how often something else took its core."""
+    rows = {}
+    for thread in psutil.Process(pid).threads():
+        try:
+            with open(f"/proc/{pid}/task/{thread.id}/status") as f:
+                for line in f:
+                    if line.startswith("nonvoluntary_ctxt_switches:"):
+                        rows[thread.id] = int(line.split()[1])
+        except OSError:
+            pass
+    return rows
+
+
 def cpu_by_process() -> dict[int, tuple[str, float]]:
     rows = {}
     for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
@@ -80,12 +94,19 @@ def spent(before: dict, after: dict, top: int) -> list:
 
 def phase(label: str, app_pid: int, args, seed0: int) -> dict:
     threads0, procs0, t0 = cpu_by_thread(app_pid), cpu_by_process(), time.monotonic()
+    switches0, machine0 = involuntary_switches(app_pid), psutil.cpu_times()
     steps_ms, walls = [], []
+    steal_ms = []  # per request: the hypervisor's time away from this machine's CPUs, all of them
     for i in range(args.n):
+        before = getattr(psutil.cpu_times(), "steal", 0.0)
         wall, timings, _ = generate(seed0 + i, args.size, PROMPT)
+        steal_ms.append(round(1000 * (getattr(psutil.cpu_times(), "steal", 0.0) - before)))
         walls.append(wall)
         steps_ms.append(1000 * timings["denoise_s"] / 8)
     seconds = time.monotonic() - t0
+    switches, machine = involuntary_switches(app_pid), psutil.cpu_times()
+    threads = cpu_by_thread(app_pid)
+    busiest = max(threads, key=lambda t: threads[t][1] - threads0.get(t, ("", 0.0))[1])
     row = {
         "phase": label,
         "step_ms_median": round(statistics.median(steps_ms), 2),
@@ -93,9 +114,14 @@ def phase(label: str, app_pid: int, args, seed0: int) -> dict:
         "step_ms_max": round(max(steps_ms), 2),
         "end_to_end_s_median": round(statistics.median(walls), 3),
         "seconds": round(seconds, 1),
-        "app_threads_cpu_s": spent(threads0, cpu_by_thread(app_pid), args.top),
+        "app_threads_cpu_s": spent(threads0, threads, args.top),
         "processes_cpu_s": spent(procs0, cpu_by_process(), args.top),
+        # the busiest thread (the engine's) preempted, and the hypervisor's share of the machine
+        "engine_involuntary_switches": switches.get(busiest, 0) - switches0.get(busiest, 0),
+        "machine_steal_s": round(getattr(machine, "steal", 0.0) - getattr(machine0, "steal", 0.0), 3),
+        "machine_busy_s": round(sum(machine) - machine.idle - sum(machine0) + machine0.idle, 2),
         "steps_ms": [round(s, 1) for s in steps_ms],
+        "steal_ms": steal_ms,
     }
     log(event="phase", **row)
     return row
