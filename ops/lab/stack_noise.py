@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -71,6 +72,54 @@ def involuntary_switches(pid: int) -> dict[int, int]:
     return rows
 
 
+class GpuClocks:
+    """GPU 0's SM clock, power and clock-event reasons, sampled every 20 ms in a thread of this
+    process (not the app's), summarised per request: whether a slow step is the GPU slowing down
+    (clocks, power cap) or its host. Absent without NVML."""
+
+    def __init__(self):
+        self.rows: list[tuple[int, float, int]] = []
+        self.stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nv, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # no GPU here (a dry run)
+            self.nv = None
+            return
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        nv, handle = self.nv, self.handle
+        while not self.stop.wait(0.02):
+            try:
+                reasons = nv.nvmlDeviceGetCurrentClocksEventReasons(handle)
+            except Exception:
+                reasons = -1
+            self.rows.append(
+                (
+                    nv.nvmlDeviceGetClockInfo(handle, nv.NVML_CLOCK_SM),
+                    nv.nvmlDeviceGetPowerUsage(handle) / 1000,
+                    reasons,
+                )
+            )
+
+    def take(self) -> dict:
+        """The samples since the last call: mean SM MHz, mean watts, every reason seen (bitmask)."""
+        rows, self.rows = self.rows, []
+        if not rows:
+            return {}
+        reasons = 0
+        for _, _, r in rows:
+            reasons |= max(r, 0)
+        return {
+            "sm_mhz": round(statistics.mean(r[0] for r in rows)),
+            "watts": round(statistics.mean(r[1] for r in rows)),
+            "reasons": hex(reasons),
+        }
+
+
 def cpu_by_process() -> dict[int, tuple[str, float]]:
     rows = {}
     for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
@@ -92,21 +141,26 @@ def spent(before: dict, after: dict, top: int) -> list:
     return sorted(deltas, reverse=True)[:top]
 
 
-def phase(label: str, app_pid: int, args, seed0: int) -> dict:
+def phase(label: str, app_pid: int, args, seed0: int, clocks: GpuClocks) -> dict:
     threads0, procs0, t0 = cpu_by_thread(app_pid), cpu_by_process(), time.monotonic()
     switches0, machine0 = involuntary_switches(app_pid), psutil.cpu_times()
     steps_ms, walls = [], []
+    gpu, engine_cpu_ms = [], []
+    engine = args.engine_tid  # the thread that ran the left-out requests
     steal_ms = []  # per request: the hypervisor's time away from this machine's CPUs, all of them
     for i in range(args.n):
         before = getattr(psutil.cpu_times(), "steal", 0.0)
+        clocks.take()
+        engine_before = cpu_by_thread(app_pid).get(engine, ("", 0.0))[1]
         wall, timings, _ = generate(seed0 + i, args.size, PROMPT)
+        gpu.append(clocks.take())
+        engine_cpu_ms.append(round(1000 * (cpu_by_thread(app_pid).get(engine, ("", 0.0))[1] - engine_before)))
         steal_ms.append(round(1000 * (getattr(psutil.cpu_times(), "steal", 0.0) - before)))
         walls.append(wall)
         steps_ms.append(1000 * timings["denoise_s"] / 8)
     seconds = time.monotonic() - t0
     switches, machine = involuntary_switches(app_pid), psutil.cpu_times()
     threads = cpu_by_thread(app_pid)
-    busiest = max(threads, key=lambda t: threads[t][1] - threads0.get(t, ("", 0.0))[1])
     row = {
         "phase": label,
         "step_ms_median": round(statistics.median(steps_ms), 2),
@@ -117,11 +171,13 @@ def phase(label: str, app_pid: int, args, seed0: int) -> dict:
         "app_threads_cpu_s": spent(threads0, threads, args.top),
         "processes_cpu_s": spent(procs0, cpu_by_process(), args.top),
         # the busiest thread (the engine's) preempted, and the hypervisor's share of the machine
-        "engine_involuntary_switches": switches.get(busiest, 0) - switches0.get(busiest, 0),
+        "engine_involuntary_switches": switches.get(engine, 0) - switches0.get(engine, 0),
         "machine_steal_s": round(getattr(machine, "steal", 0.0) - getattr(machine0, "steal", 0.0), 3),
         "machine_busy_s": round(sum(machine) - machine.idle - sum(machine0) + machine0.idle, 2),
         "steps_ms": [round(s, 1) for s in steps_ms],
         "steal_ms": steal_ms,
+        "engine_cpu_ms": engine_cpu_ms,  # per request, all of it (encode, 8 steps, decode, PNG)
+        "gpu": gpu,
     }
     log(event="phase", **row)
     return row
@@ -142,13 +198,17 @@ def stack_phases(args, ui: bool) -> list[dict]:
             log(event="app_log", tail=(REPO / "logs" / "app.log").read_text()[-4000:])
             return rows
         app_pid = int(supervisorctl("pid", "app"))
+        clocks = GpuClocks()
+        threads0 = cpu_by_thread(app_pid)
         for i in range(3):  # the shape's first requests, left out
             generate(900 + i, args.size)
+        threads = cpu_by_thread(app_pid)
+        args.engine_tid = max(threads, key=lambda t: threads[t][1] - threads0.get(t, ("", 0.0))[1])
         suffix = ", UI on" if ui else ""
         for r in range(args.rounds):
-            rows.append(phase("as deployed" + suffix, app_pid, args, 100 * r))
+            rows.append(phase("as deployed" + suffix, app_pid, args, 100 * r, clocks))
             log(event="monitor", stop=supervisorctl("stop", "monitor"))
-            rows.append(phase("monitor stopped" + suffix, app_pid, args, 100 * r + 50))
+            rows.append(phase("monitor stopped" + suffix, app_pid, args, 100 * r + 50, clocks))
             log(event="monitor", start=supervisorctl("start", "monitor"))
             time.sleep(3)  # its first probes and samples
     finally:
