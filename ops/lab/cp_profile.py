@@ -13,6 +13,7 @@ wrapper around the kernels instead of its Python one: less CPU per block),
 `*-skipguards` (after the warm-up, dynamo's skip_guard_eval_unsafe stance: only the guards that tell
 compiled entries apart are checked), `*-graphs` (mode="reduce-overhead", CUDA graphs: fails under
 regional compilation, each block's graph overwrites the output the next block reads; H200, torch 2.11),
+`*-graphs-clone` (the same with each block's output copied out of its graph's memory),
 `*-floats` (floats as graph inputs, as the app compiled before 2026-12-01),
 `*-pipe` (diffusers' ZImagePipeline denoising loop around the same transformer: its scheduler and
 per-step Python on top of the forwards) and `cp-pipe-vote` (the same with the app's per-step cancel
@@ -45,6 +46,14 @@ VARIANTS = {
     "cp-fp8": dict(world=2, plan="app", dynamic=True, fp8=True),
     "one-graphs": dict(world=1, plan="app", dynamic=True, mode="reduce-overhead"),
     "cp-graphs": dict(world=2, plan="app", dynamic=True, mode="reduce-overhead"),
+    "one-graphs-clone": dict(world=1, plan="app", dynamic=True, mode="reduce-overhead", clone=True),
+    "one-pipe-graphs-clone": dict(
+        world=1, plan="app", dynamic=True, mode="reduce-overhead", clone=True, pipe=True
+    ),
+    "cp-graphs-clone": dict(world=2, plan="app", dynamic=True, mode="reduce-overhead", clone=True),
+    "cp-pipe-graphs-clone": dict(
+        world=2, plan="app", dynamic=True, mode="reduce-overhead", clone=True, pipe=True
+    ),
     "one-pipe": dict(world=1, plan="app", dynamic=True, pipe=True),
     "cp-pipe": dict(world=2, plan="app", dynamic=True, pipe=True),
     "cp-pipe-vote": dict(world=2, plan="app", dynamic=True, pipe=True, vote=True),
@@ -140,7 +149,30 @@ def build(rank: int, spec: dict, port: int, tiny: bool = False):
     transformer.compile_repeated_blocks(
         fullgraph=True, dynamic=spec["dynamic"], mode=spec.get("mode", "default")
     )
+    if spec.get("clone"):
+        clone_block_outputs(transformer)
     return transformer, device
+
+
+def clone_block_outputs(transformer) -> None:
+    """Each block's output copied out of its CUDA graph's memory, outside the compiled region: a
+    block's graph is replayed for the next block (and the caption refiner's output waits while the
+    noise refiner's replays), and a replay overwrites the output of the one before (`*-graphs`
+    fails so). One device copy per block call."""
+    import torch
+
+    class CloneOut(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, *args, **kwargs):
+            return self.block(*args, **kwargs).clone()
+
+    for name in ("noise_refiner", "context_refiner", "layers"):
+        blocks = getattr(transformer, name)
+        for i, block in enumerate(blocks):
+            blocks[i] = CloneOut(block)
 
 
 def make_pipeline(transformer):
