@@ -15,6 +15,7 @@ from common.replicas import replica_index
 OffloadMode = Literal["none", "model", "text-encoder"]
 Switch = Literal["auto", "on", "off"]
 DTypeName = Literal["auto", "bfloat16", "float16", "float32"]
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # Inductor's modes that capture CUDA graphs
 
 
 class AppSettings(BaseModel):
@@ -36,7 +37,15 @@ class AppSettings(BaseModel):
     # Hopper; "_native_cudnn" measured slower there (its layout copies break a fusion; docs/PERFORMANCE.md).
     attention_backend: str = "native"
     compile: Switch = "auto"  # torch.compile of the transformer; auto: on for CUDA, off on CPU
-    compile_mode: str = "default"
+    # Inductor's mode. "reduce-overhead" and "max-autotune" add CUDA graphs to the jit-compiled blocks:
+    # each block call replays one graph instead of launching its kernels one by one, so a step stops
+    # waiting on the host's CPU where it is launch-bound (small images: 25.5 ms a step at 512² on an
+    # H200 whatever the host's speed, 25.8-37.8 ms without; docs/PERFORMANCE.md). Each new shape
+    # records its graphs in the request that brings it. Needs compile_backend = "jit" (an AOT package
+    # is not a graph) and offload = "none"; not measured with parallel = "context" (NCCL in graphs).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "default"
+    )
     # How the transformer blocks are compiled. aot: exported once and compiled by AOTInductor into
     # packages under compile_cache_dir, which later starts load without tracing anything (the
     # start-up time; app/runtime/aot/); jit: torch.compile, re-traced by dynamo at every start. aot
@@ -182,6 +191,18 @@ class AppSettings(BaseModel):
                 raise ValueError("parallel = 'context' needs offload = 'none' (each rank holds the model)")
             if self.step_cache_skips:
                 raise ValueError("parallel = 'context' does not combine with step_cache_skips")
+        if self.compile_mode in CUDA_GRAPH_MODES:
+            for needed, have, why in (
+                (
+                    "compile_backend = 'jit'",
+                    self.compile_backend == "jit",
+                    "AOT packages are not CUDA graphs",
+                ),
+                ("offload = 'none'", self.offload == "none", "a graph keeps the addresses of its weights"),
+                ("parallel = 'none'", self.parallel == "none", "collectives inside graphs are not measured"),
+            ):
+                if not have:
+                    raise ValueError(f"compile_mode = {self.compile_mode!r} needs {needed} ({why})")
         if self.lora_dir is not None and self.quantize == "fp8":
             # An FP8 layer holds its weight quantized with per-row scales: a LoRA merged into it would
             # be requantized at every switch (lossy twice) — refused rather than quietly degraded.

@@ -4,13 +4,14 @@ the next start reuse the compiled code."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import TYPE_CHECKING
 
 import torch
 
-from app.config import AppSettings
+from app.config import CUDA_GRAPH_MODES, AppSettings
 
 if TYPE_CHECKING:
     from app.runtime.loader import LoadReport
@@ -74,13 +75,13 @@ def compile_pipeline(
         # default: compiled encoding was no reliably faster (the tokenizer and mask building
         # dominate) for seconds more warm-up (docs/PERFORMANCE.md).
         for layer in pipe.text_encoder.layers:
-            layer.compile(fullgraph=False, dynamic=None, mode=settings.compile_mode)
+            layer.compile(fullgraph=False, dynamic=None, mode=_without_graphs(settings.compile_mode))
     if settings.compile_vae and not (
         backend == "aot" and _install_aot_decoder(pipe, settings, device, report)
     ):
         # Static shapes: dynamic VAE graphs took 17-21 s to load from a warm cache at start-up (static:
         # ~2 s) and still recompiled per size. Sizes the warm-up did not decode run eagerly (+50 ms).
-        pipe.vae.decoder.compile(fullgraph=False, dynamic=False, mode=settings.compile_mode)
+        pipe.vae.decoder.compile(fullgraph=False, dynamic=False, mode=_without_graphs(settings.compile_mode))
     return backend
 
 
@@ -169,6 +170,38 @@ def _compile_blocks_jit(pipe, settings: AppSettings) -> None:
     if dynamic:
         configure_dynamic_compile()
     pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=settings.compile_mode)
+    if settings.compile_mode in CUDA_GRAPH_MODES:
+        copy_block_outputs(pipe.transformer)
+
+
+def copy_block_outputs(transformer) -> None:
+    """Each block's output copied out of its CUDA graph's memory as the call returns, outside the
+    compiled region. All 30 main blocks replay graphs of one compiled function, and a replay
+    overwrites the output of the replay before it: the caption refiner's output, still waiting while
+    the noise refiner's blocks run, would be read overwritten (torch 2.11 raises on it). One device
+    copy per block call (~2 GB a step at 1024²: under a millisecond on an H200). The class keeps
+    its name, which the FP8 and AOT code look blocks up by."""
+    names = set(getattr(transformer, "_repeated_blocks", ()))
+    for module in transformer.modules():
+        if type(module).__name__ in names and not getattr(type(module), "copies_output", False):
+            module.__class__ = _output_copying(type(module))
+
+
+@functools.cache
+def _output_copying(cls: type) -> type:
+    def __call__(self, *args, **kwargs):
+        return cls.__call__(self, *args, **kwargs).clone()
+
+    return type(
+        cls.__name__, (cls,), {"__call__": __call__, "copies_output": True, "__module__": cls.__module__}
+    )
+
+
+def _without_graphs(mode: str) -> str:
+    """The text encoder's and the decoder's mode: their layers' outputs would need the same copying
+    as the blocks' for little gain (the encoder has a graph of its own, app/runtime/encoder_graph.py;
+    a decode is compute-bound), so CUDA graphs are left to the blocks."""
+    return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
 
 
 def configure_dynamic_compile() -> None:

@@ -149,30 +149,11 @@ def build(rank: int, spec: dict, port: int, tiny: bool = False):
     transformer.compile_repeated_blocks(
         fullgraph=True, dynamic=spec["dynamic"], mode=spec.get("mode", "default")
     )
-    if spec.get("clone"):
-        clone_block_outputs(transformer)
+    if spec.get("clone"):  # as the app does for its CUDA-graph modes
+        from app.runtime.compile import copy_block_outputs
+
+        copy_block_outputs(transformer)
     return transformer, device
-
-
-def clone_block_outputs(transformer) -> None:
-    """Each block's output copied out of its CUDA graph's memory, outside the compiled region: a
-    block's graph is replayed for the next block (and the caption refiner's output waits while the
-    noise refiner's replays), and a replay overwrites the output of the one before (`*-graphs`
-    fails so). One device copy per block call."""
-    import torch
-
-    class CloneOut(torch.nn.Module):
-        def __init__(self, block):
-            super().__init__()
-            self.block = block
-
-        def forward(self, *args, **kwargs):
-            return self.block(*args, **kwargs).clone()
-
-    for name in ("noise_refiner", "context_refiner", "layers"):
-        blocks = getattr(transformer, name)
-        for i, block in enumerate(blocks):
-            blocks[i] = CloneOut(block)
 
 
 def make_pipeline(transformer):

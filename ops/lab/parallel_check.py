@@ -3,9 +3,10 @@ full-size model under the real stack (zimagectl up: supervisord, the app's ranks
 
     python -m ops.lab.parallel_check --model-dir /tmp/zimage-full --compile off,jit
 
-For each compile mode, one GPU then two: the stack up, `--n` sequential 1024² requests at 8 steps
-(different seeds; the first of each shape is left out), the end-to-end and service latencies, the
-first seed's pixels kept; then the PSNR of the two GPUs' image against one GPU's on the same seed.
+For each compile mode (off, jit, jit-graphs: compile_mode = "reduce-overhead", one GPU only), one
+GPU then two: the stack up, `--n` sequential 1024² requests at 8 steps (different seeds; the first
+of each shape is left out), the end-to-end and service latencies, the first seed's pixels kept;
+then the PSNR of the two GPUs' image against one GPU's on the same seed.
 With `--kill`, rank 1 is SIGKILLed after the two-GPU run and the time until the group serves again
 is measured. `--attention diffusers,overlapped` runs the two-GPU column once per exchange
 (parallel_attention), `--sample` samples where each rank's thread spends its time (ops/lab/sampler),
@@ -57,6 +58,8 @@ def write_config(args, compile_mode: str, parallel: bool, attention: str = "diff
     compile_lines = (
         'compile = "off"\n' if compile_mode == "off" else 'compile = "on"\ncompile_backend = "jit"\n'
     )
+    if compile_mode == "jit-graphs":  # the blocks as CUDA graphs (one GPU only)
+        compile_lines += 'compile_mode = "reduce-overhead"\n'
     (REPO / "zimage.toml").write_text(
         f'[app]\nmodel_dir = "{args.model_dir}"\ncompile_cache_dir = "{args.compile_cache}"\n'
         + compile_lines
@@ -178,6 +181,7 @@ def measure(args, compile_mode: str, parallel: bool, attention: str = "diffusers
             "end_to_end_s": round(statistics.median(walls), 3),
             "new_prompt_end_to_end_s": round(statistics.median(w for w, _ in fresh), 3),
             "new_prompt_encode_s": round(statistics.median(e or 0.0 for _, e in fresh), 4),
+            "new_prompt_max_s": round(max(w for w, _ in fresh), 3),  # a new shape's first call
             "generation_s": round(statistics.median(services), 3),
             "min_end_to_end_s": round(min(walls), 3),
             "n": args.n,
@@ -219,7 +223,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--compile-cache", default="/tmp/zimage-bench/compile-cache")
-    parser.add_argument("--compile", default="off", help="comma list of off, jit")
+    parser.add_argument("--compile", default="off", help="comma list of off, jit, jit-graphs")
     parser.add_argument("--reference", default=".bench/zimage_gpu_baseline.py")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--n", type=int, default=8)

@@ -121,3 +121,22 @@ def test_lora_dir_must_be_a_directory_and_does_not_combine_with_fp8(tmp_path):
     assert load_settings({**base, "ZIMAGE_APP_LORA_DIR": "loras"}).lora_dir == tmp_path / "loras"
     with pytest.raises(ConfigError, match="fp8"):
         load_settings({**base, "ZIMAGE_APP_LORA_DIR": "loras", "ZIMAGE_APP_QUANTIZE": "fp8"})
+
+
+def test_cuda_graph_modes_are_refused_where_they_cannot_work(tmp_path):
+    (tmp_path / "none.toml").write_text("")
+    base = {"ZIMAGE_CONFIG": str(tmp_path / "none.toml"), "ZIMAGE_APP_COMPILE_MODE": "reduce-overhead"}
+    with pytest.raises(ConfigError, match="compile_backend = 'jit'"):  # the default backend is aot
+        load_settings(base)
+    jit = {**base, "ZIMAGE_APP_COMPILE_BACKEND": "jit"}
+    assert load_settings(jit).compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match="offload = 'none'"):
+        load_settings({**jit, "ZIMAGE_APP_OFFLOAD": "model"})
+    with pytest.raises(ConfigError, match="parallel = 'none'"):
+        load_settings({**jit, "ZIMAGE_APP_PARALLEL": "context"})
+    with pytest.raises(ConfigError, match="compile_mode"):  # a typo is one line, not a compile error later
+        load_settings({**jit, "ZIMAGE_APP_COMPILE_MODE": "reduce_overhead"})
+    assert (
+        load_settings({**base, "ZIMAGE_APP_COMPILE_MODE": "max-autotune-no-cudagraphs"}).compile_backend
+        == "aot"
+    )
