@@ -33,18 +33,41 @@ def loras(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, loras):
-    s = StackHome(
-        tmp_path_factory.mktemp("cp"),
-        app={"parallel": "context", "parallel_degree": 2, "lora_dir": str(loras)},
+def two_rank_stack(home, **app):
+    return StackHome(
+        home,
+        app={"parallel": "context", "parallel_degree": 2, **app},
         monitor={"stall_floor_s": 4, "stall_factor": 8, "hang_stopped_s": 1.0, "restart_budget": 20},
     )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, loras):
+    s = two_rank_stack(tmp_path_factory.mktemp("cp"), lora_dir=str(loras))
     try:
         s.up()
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def overlapped_stack(tmp_path_factory):
+    """The same group with our overlapped exchange (parallel_attention): its collectives are issued
+    and waited for elsewhere in a block, so a rank lost mid-block must end the group the same way."""
+    s = two_rank_stack(tmp_path_factory.mktemp("cp-ov"), parallel_attention="overlapped")
+    try:
+        s.up()
+        assert "exchanges overlapped" in str(httpx.get(s.url + "/api/info", timeout=5).json())
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(params=["diffusers", "overlapped"])
+def any_stack(request):
+    """Each exchange's group, for the faults: a rank killed, a rank hung."""
+    return request.getfixturevalue("stack" if request.param == "diffusers" else "overlapped_stack")
 
 
 def follower_pids(stack: StackHome) -> list[int]:
@@ -172,7 +195,8 @@ def test_a_cancelled_running_job_stops_every_rank_at_the_same_step(stack):
     assert r.status_code == 200, r.text
 
 
-def test_a_killed_rank_takes_the_group_down_and_supervisord_brings_it_back(stack):
+def test_a_killed_rank_takes_the_group_down_and_supervisord_brings_it_back(any_stack):
+    stack = any_stack
     app, [rank1] = stack.pid(), follower_pids(stack)
     os.kill(rank1, signal.SIGKILL)
     wait_for(lambda: stack.pid() not in (0, app) and stack.ready(), 90, 0.2, "group restarted")
@@ -181,7 +205,8 @@ def test_a_killed_rank_takes_the_group_down_and_supervisord_brings_it_back(stack
     assert httpx.post(stack.url + "/api/generate", json=BODY, timeout=60).status_code == 200
 
 
-def test_a_hung_rank_stalls_the_generation_and_the_monitor_replaces_the_group(stack):
+def test_a_hung_rank_stalls_the_generation_and_the_monitor_replaces_the_group(any_stack):
+    stack = any_stack
     app, [rank1] = stack.pid(), follower_pids(stack)
     before = len(stack.log("monitor"))
     results = []
