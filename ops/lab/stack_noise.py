@@ -8,9 +8,12 @@ two-GPU image is in; there the whole stack's step measured 29–52 ms against th
 alternates phases: as deployed (the monitor probing and sampling every second), then with the
 monitor stopped (`supervisorctl stop monitor`), `--rounds` times. Per phase: the denoising step
 from each response's own timings, and what every thread of the app and every other process on the
-machine spent of the CPU meanwhile (/proc; nothing is injected into the app, so nothing perturbs
-it). `--floor` first runs the pipeline loop alone (ops.lab.cp_profile one-pipe) in this call.
-One JSON line per phase; the last line is the summary.
+machine spent of the CPU meanwhile (/proc; nothing is injected into the app), the engine thread's
+involuntary switches, the machine's steal time, and per request GPU 0's SM clock, power and
+clock-event reasons (NVML, polled every 20 ms from this process: the one load the tool adds).
+`--floor` first runs the pipeline loop alone (ops.lab.cp_profile one-pipe) in this call; `--ui`
+repeats the phases with the UI on (needs gradio). One JSON line per phase; the last line is the
+summary. docs/PERFORMANCE.md has what it found.
 """
 
 from __future__ import annotations
@@ -176,7 +179,7 @@ def phase(label: str, app_pid: int, args, seed0: int, clocks: GpuClocks) -> dict
         "machine_busy_s": round(sum(machine) - machine.idle - sum(machine0) + machine0.idle, 2),
         "steps_ms": [round(s, 1) for s in steps_ms],
         "steal_ms": steal_ms,
-        "engine_cpu_ms": engine_cpu_ms,  # per request, all of it (encode, 8 steps, decode, PNG)
+        "engine_cpu_ms": engine_cpu_ms,  # the engine thread's, per request
         "gpu": gpu,
     }
     log(event="phase", **row)
