@@ -15,7 +15,8 @@ from common.replicas import replica_index
 OffloadMode = Literal["none", "model", "text-encoder"]
 Switch = Literal["auto", "on", "off"]
 DTypeName = Literal["auto", "bfloat16", "float16", "float32"]
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # Inductor's modes that capture CUDA graphs
+# Inductor's modes that capture CUDA graphs, each with its twin that does not.
+CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 class AppSettings(BaseModel):

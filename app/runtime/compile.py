@@ -201,7 +201,7 @@ def _without_graphs(mode: str) -> str:
     """The text encoder's and the decoder's mode: their layers' outputs would need the same copying
     as the blocks' for little gain (the encoder has a graph of its own, app/runtime/encoder_graph.py;
     a decode is compute-bound), so CUDA graphs are left to the blocks."""
-    return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+    return CUDA_GRAPH_MODES.get(mode, mode)
 
 
 def configure_dynamic_compile() -> None:
