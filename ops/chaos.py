@@ -14,17 +14,29 @@ import httpx
 
 from ops.stack import Stack
 
-FAULTS = ("hang", "crash", "oom", "leak", "slow", "log-rotate", "kill-monitor", "receiver-down", "clear")
+FAULTS = (
+    "hang",
+    "crash",
+    "oom",
+    "leak",
+    "slow",
+    "broken",
+    "log-rotate",
+    "kill-monitor",
+    "receiver-down",
+    "clear",
+)
 HELP = {
     "hang": "SIGSTOP the app (a hang the process cannot report itself)",
     "crash": "SIGKILL the app",
     "oom": "GPU: fill device memory from another process until the app runs out; CPU: the app's OOM path",
     "leak": "grow the app's RSS by --megabytes",
     "slow": "stretch every denoising step by --seconds (progress continues)",
+    "broken": "the next --count generations raise (not OOM, not CUDA): the engine's self-check finds it",
     "log-rotate": "rotate logs/app.log the way logrotate does (rename, then supervisord reopens)",
     "kill-monitor": "SIGKILL the monitor (supervisord restarts it)",
     "receiver-down": "alert deliveries fail for --seconds",
-    "clear": "undo app-side faults (slow, leak, pending oom)",
+    "clear": "undo app-side faults (slow, leak, pending oom and broken)",
 }
 
 
@@ -40,6 +52,7 @@ def add_parser(sub) -> None:
         "--seconds", type=float, default=None, help="slow: per-step delay; receiver-down: duration"
     )
     p.add_argument("--megabytes", type=int, default=1024, help="leak size")
+    p.add_argument("--count", type=int, default=100, help="broken: how many generations fail (1-100)")
     p.add_argument("--fill", type=float, default=0.98, help="oom on GPU: fill the device to this fraction")
     p.add_argument("--hold", type=float, default=30.0, help="oom on GPU: hold the memory this long")
     p.add_argument("--cpu-path", action="store_true", help="oom: use the app's OOM path even with a GPU")
@@ -120,6 +133,8 @@ def run(stack: Stack, fault: str, args=None) -> int:
         print(
             json.dumps(app_fault(stack, {"kind": "slow", "seconds": seconds if seconds is not None else 1.0}))
         )
+    elif fault == "broken":
+        print(json.dumps(app_fault(stack, {"kind": "broken", "count": getattr(args, "count", 100)})))
     elif fault == "clear":
         print(json.dumps(app_fault(stack, {"kind": "clear"})))
     elif fault == "log-rotate":

@@ -20,7 +20,7 @@ import torch
 
 from app import errors
 from app.config import AppSettings
-from app.runtime import failures, memory
+from app.runtime import failures, memory, selfcheck
 from app.runtime.compilewatch import compile_watch
 from app.runtime.faults import FaultInjector
 from app.runtime.jobqueue import JobQueue
@@ -29,7 +29,7 @@ from app.runtime.loader import LoadedPipeline, load_pipeline
 from app.runtime.lora_merge import LoraSet, lora_set_for
 from app.runtime.parallel import RankLink, RankWork
 from app.runtime.progress import Heartbeat
-from app.runtime.stages import BatchRequest, PromptEmbeddingCache, run_batch, uses_guidance
+from app.runtime.stages import PromptEmbeddingCache, batch_request, run_batch
 from app.runtime.warmup import WarmupReport, warm_up
 
 __all__ = ["Engine", "GenerationParams", "JobResult"]
@@ -77,6 +77,7 @@ class Engine:
         # is shared with the other ranks first.
         self.link: Optional[RankLink] = RankLink(0) if settings.parallel == "context" else None
         self.loras: Optional[LoraSet] = None  # when app.lora_dir is set: made once the model is loaded
+        self.failure_streak = selfcheck.FailureStreak(settings.self_check_after_failures)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -193,48 +194,29 @@ class Engine:
             for j in batch:
                 if j.abandoned.is_set():
                     resolve(j.future, errors.GenerationTimeout("abandoned before it started"))
-            if live:
-                self.generate_batch(live)
+            if live and self.state == "unhealthy":  # being replaced: a 503 the balancer retries elsewhere
+                for j in live:  # (running it would fail again, or wait on a rank that is gone)
+                    resolve(j.future, errors.EngineUnhealthy(self.state_reason, retry_after_s=30))
+            elif live:
+                selfcheck.after_batch(self, self.generate_batch(live))
             self.queue.done()
         if self.link is not None and self.state == "ready":
             self.link.share(None)  # the other ranks exit (0) once the drain is over
 
-    def generate_batch(self, batch: list[Job], probe: bool = False) -> None:
-        """Run `batch` and resolve its jobs. probe: a warm-up batch finding out what fits; running
-        out of memory is then an answer, not an incident (see failures.out_of_memory)."""
+    def generate_batch(self, batch: list[Job], probe: bool = False) -> str:
+        """Run `batch`, resolve its jobs and say what it came to (selfcheck.OK, FAILED or OTHER).
+        probe: a warm-up batch finding out what fits; running out of memory is then an answer, not an
+        incident (see failures.out_of_memory)."""
         pipe = self.loaded.pipe
         first = batch[0].params
-        prompts, negatives, seeds = [], [], []
-        for job in batch:
-            p = job.params
-            for i in range(p.num_images):
-                prompts.append(p.prompt)
-                negatives.append(p.negative_prompt)
-                seeds.append((p.seed + i) % 2**63)
-        # One CPU generator per image, seeded seed+i: an image depends on its request only, never
-        # on what it was batched with, and a seed gives the same picture on CPU and GPU.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        request = BatchRequest(
-            prompts=prompts,
-            negatives=negatives if uses_guidance(first.cfg_scale) else None,
-            width=first.width,
-            height=first.height,
-            num_inference_steps=first.num_inference_steps,
-            cfg_scale=first.cfg_scale,
-            generators=generators,
-            # (an image-to-image job is alone in its batch: batch_key keeps it apart)
-            init_images=None if first.init_image is None else [first.init_image] * len(prompts),
-            mask_images=None if first.mask_image is None else [first.mask_image] * len(prompts),
-            strength=first.strength,
-            loras=first.loras,
-        )
+        request, seeds = batch_request([job.params for job in batch])
         hb = self.heartbeat
         now = self.wall_clock()
         started = time.perf_counter()
         for job in batch:
             job.started_at = time.monotonic()
         hb.begin(
-            (first.width, first.height, len(prompts)),
+            (first.width, first.height, len(request.prompts)),
             tuple(j.request_id for j in batch),
             first.forwards,
             now,
@@ -286,6 +268,7 @@ class Engine:
 
         shared = False  # whether the other ranks are running this batch too
         ended: Optional[list] = None  # each job's exception, resolved once the heartbeat has ended
+        outcome = selfcheck.OTHER  # unless the batch runs through, or fails for no reason of its own
         try:
             if self.loras is not None:  # before the other ranks are told: a refused file fails alone
                 self.loras.apply(first.loras)
@@ -313,6 +296,7 @@ class Engine:
                 failure = failures.fatal_cuda_error(exc)
             else:
                 failure = failures.generation_failed(batch, exc)
+                outcome = selfcheck.OTHER if isinstance(exc, errors.ServiceError) else selfcheck.FAILED
             ended = [failure] * len(batch)
         finally:
             if step_cache:
@@ -327,7 +311,7 @@ class Engine:
         if ended is not None:  # after hb.end(): a caller told "cancelled" or "failed" sees it idle
             for job, exc in zip(batch, ended):
                 resolve(job.future, exc)
-            return
+            return outcome
         seconds = time.perf_counter() - started
         if watch and self.state == "ready":
             count, compile_s = watch.since(compiled_before)
@@ -358,6 +342,7 @@ class Engine:
                 ),
             )
             offset += n
+        return selfcheck.OK
 
     # ---- admin and status ----------------------------------------------------------------
     def free_cache(self) -> dict:

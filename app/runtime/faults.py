@@ -13,7 +13,7 @@ import torch
 
 log = logging.getLogger("app.runtime.faults")
 
-FAULT_KINDS = ("oom", "slow", "leak", "cuda_fatal", "clear")
+FAULT_KINDS = ("oom", "slow", "leak", "cuda_fatal", "broken", "clear")
 
 
 @dataclass
@@ -21,6 +21,7 @@ class FaultInjector:
     enabled: bool = False
     oom_pending: int = 0
     fatal_pending: int = 0
+    broken_pending: int = 0  # generations that raise an error that is neither OOM nor CUDA's
     step_delay_s: float = 0.0
     leaked: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -33,6 +34,8 @@ class FaultInjector:
                 self.oom_pending += count
             elif kind == "cuda_fatal":
                 self.fatal_pending += count
+            elif kind == "broken":
+                self.broken_pending += count
             elif kind == "slow":
                 self.step_delay_s = seconds
             elif kind == "leak":
@@ -43,7 +46,7 @@ class FaultInjector:
                     self.leaked.append(bytearray(b"\x01") * (32 * 2**20))
                     time.sleep(0.001)
             elif kind == "clear":
-                self.oom_pending = self.fatal_pending = 0
+                self.oom_pending = self.fatal_pending = self.broken_pending = 0
                 self.step_delay_s = 0.0
                 self.leaked.clear()
             else:
@@ -65,6 +68,7 @@ class FaultInjector:
             "enabled": self.enabled,
             "oom_pending": self.oom_pending,
             "fatal_pending": self.fatal_pending,
+            "broken_pending": self.broken_pending,
             "step_delay_s": self.step_delay_s,
             "leaked_mb": sum(len(b) for b in self.leaked) // 2**20,
         }
@@ -81,6 +85,9 @@ class FaultInjector:
             if self.fatal_pending > 0:
                 self.fatal_pending -= 1
                 raise RuntimeError("CUDA error: an illegal memory access was encountered (injected fault)")
+            if self.broken_pending > 0:
+                self.broken_pending -= 1
+                raise RuntimeError("the pipeline raised (injected fault: zimagectl chaos broken)")
 
     def on_step(self) -> None:
         if self.enabled and self.step_delay_s > 0:

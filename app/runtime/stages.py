@@ -20,6 +20,8 @@ from typing import Callable, Optional
 import torch
 from PIL import Image
 
+from app.runtime.jobs import GenerationParams
+
 
 class PromptEmbeddingCache:
     """prompt text → text-encoder embedding (on the GPU), least recently used dropped first.
@@ -79,6 +81,34 @@ class BatchRequest:
     mask_images: Optional[list] = None  # inpainting: one "L" mask per image (white repaints)
     strength: float = 1.0
     loras: tuple = ()  # ((name, scale), …) merged for this call; the caller merges (LoraSet.apply)
+
+
+def batch_request(params: list[GenerationParams]) -> tuple[BatchRequest, list[int]]:
+    """One pipeline call for requests that batch together (JobQueue's batch_key: same size, steps,
+    cfg, LoRAs, and an image-to-image request alone), and each image's seed."""
+    first = params[0]
+    prompts, negatives, seeds = [], [], []
+    for p in params:
+        for i in range(p.num_images):
+            prompts.append(p.prompt)
+            negatives.append(p.negative_prompt)
+            seeds.append((p.seed + i) % 2**63)
+    request = BatchRequest(
+        prompts=prompts,
+        negatives=negatives if uses_guidance(first.cfg_scale) else None,
+        width=first.width,
+        height=first.height,
+        num_inference_steps=first.num_inference_steps,
+        cfg_scale=first.cfg_scale,
+        # One CPU generator per image, seeded seed+i: an image depends on its request only, never
+        # on what it was batched with, and a seed gives the same picture on CPU and GPU.
+        generators=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        init_images=None if first.init_image is None else [first.init_image] * len(prompts),
+        mask_images=None if first.mask_image is None else [first.mask_image] * len(prompts),
+        strength=first.strength,
+        loras=first.loras,
+    )
+    return request, seeds
 
 
 def _encode_in_vae_dtype(vae) -> None:

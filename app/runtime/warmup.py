@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 from app.runtime.jobs import GenerationParams, Job
 
 if TYPE_CHECKING:
+    from app.config import AppSettings
     from app.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,11 @@ class WarmupReport:
     stages: dict = field(default_factory=dict)  # encode_s, denoise_s, decode_s of the first image
 
 
-def warm_up(engine: "Engine") -> WarmupReport:
-    settings, loaded = engine.settings, engine.loaded
-    report = WarmupReport()
-    size = settings.warmup_pixels(loaded.device.type)
-    params = GenerationParams(
+def first_image_params(settings: "AppSettings", device_type: str) -> GenerationParams:
+    """The warm-up's first image: what a ready engine is known to make (app/runtime/selfcheck.py
+    asks for it again when generations fail)."""
+    size = settings.warmup_pixels(device_type)
+    return GenerationParams(
         prompt=PROMPT,
         negative_prompt="",
         width=size,
@@ -47,6 +48,12 @@ def warm_up(engine: "Engine") -> WarmupReport:
         num_images=1,
         seed=0,
     )
+
+
+def warm_up(engine: "Engine") -> WarmupReport:
+    settings, loaded = engine.settings, engine.loaded
+    report = WarmupReport()
+    params = first_image_params(settings, loaded.device.type)
     watch = engine.heartbeat.compile_watch
     compiled_before = watch.mark() if watch else None
     started = time.perf_counter()

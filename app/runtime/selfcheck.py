@@ -1,0 +1,83 @@
+"""The engine's self-check: after generations fail for no reason of their own, can it still make the
+image it made at start?
+
+A fatal CUDA error says by itself that the process is lost (failures.is_fatal); other breakage does
+not. A compiled or CUDA-graph state left half made by an exception, a weight spoiled by a merge, a
+library in a bad state: every request then fails with a 500 while /healthz and /readyz say ready,
+so the balancer keeps sending work there and the monitor sees nothing to heal. A request can also
+fail on its own (an input no check foresaw), and a restart would not help that. The engine tells
+the two apart by asking a question whose answer it knows, the warm-up's first image: if that fails
+too, the engine is broken, says so (state unhealthy, /healthz 503), and the monitor replaces the
+process (monitor/detectors.detect_engine_unhealthy). If it passes, the failures were the requests'.
+
+`FailureStreak` is the decision, free of the engine so it is tested alone; `after_batch` is the I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+from app.runtime.jobs import Job
+from app.runtime.warmup import first_image_params
+
+if TYPE_CHECKING:
+    from app.runtime.engine import Engine
+
+log = logging.getLogger(__name__)
+
+# What a batch came to (Engine.generate_batch's answer). Only "failed" is unexplained: an OOM, a
+# refused request and a cancel have reasons of their own, and a fatal error already marks the engine.
+OK, FAILED, OTHER = "ok", "failed", "other"
+
+
+@dataclass
+class FailureStreak:
+    """Batches that failed in a row with an unexplained error. threshold 0: never self-check."""
+
+    threshold: int
+    in_a_row: int = 0
+
+    def record(self, outcome: str) -> bool:
+        """Count one batch's outcome; True when it makes a self-check due. A success ends the streak;
+        other outcomes neither add to it nor end it (a cancel proves nothing either way)."""
+        if outcome == OK:
+            self.in_a_row = 0
+        elif outcome == FAILED:
+            self.in_a_row += 1
+            return self.threshold > 0 and self.in_a_row >= self.threshold
+        return False
+
+
+def after_batch(engine: "Engine", outcome: str) -> None:
+    """On the engine's thread, after each served batch: run the self-check when the streak says so."""
+    streak = engine.failure_streak
+    if not streak.record(outcome):
+        return
+    failed = streak.in_a_row
+    started = time.perf_counter()
+    job = Job(params=first_image_params(engine.settings, engine.loaded.device.type), request_id="self-check")
+    check_outcome = engine.generate_batch([job])
+    seconds = round(time.perf_counter() - started, 2)
+    error: Optional[BaseException] = job.future.exception(timeout=0)
+    if check_outcome == OK and error is None:
+        streak.in_a_row = 0  # a passed check answers for the failures so far; the next ones count anew
+        log.warning(
+            "generations failed but the self-check passed: the failures were the requests' own",
+            extra={"event": "self_check_passed", "failed_in_a_row": failed, "seconds": seconds},
+        )
+        return
+    if engine.state == "unhealthy":  # the check met a fatal error: already said, with its own reason
+        return
+    why = error.message if hasattr(error, "message") else repr(error)
+    engine.state = "unhealthy"
+    engine.state_reason = (
+        f"{failed} generations failed in a row and the self-check (the warm-up image) failed too: {why}"
+    )[:200]
+    log.critical(
+        "self-check failed: the engine cannot make its warm-up image; unhealthy, the process must be "
+        "replaced",
+        extra={"event": "self_check_failed", "failed_in_a_row": failed, "seconds": seconds, "error": why},
+    )

@@ -1,0 +1,105 @@
+"""The engine's self-check (app/runtime/selfcheck.py): generations that keep failing for no reason of
+their own make the engine try its warm-up image; a broken engine says so, a sound one keeps serving."""
+
+import dataclasses
+import logging
+
+import pytest
+
+from app import errors
+from app.runtime.engine import GenerationParams
+from app.runtime.selfcheck import FAILED, OK, OTHER, FailureStreak
+from tests.engine_helpers import make_engine
+from tests.helpers import wait_for
+
+
+def test_the_streak_is_due_at_the_threshold_and_a_success_ends_it():
+    streak = FailureStreak(threshold=2)
+    assert streak.record(FAILED) is False
+    assert streak.record(OK) is False and streak.in_a_row == 0  # a success in between: start again
+    assert [streak.record(FAILED), streak.record(FAILED)] == [False, True]
+
+
+def test_a_refusal_a_cancel_or_an_oom_neither_counts_nor_ends_the_streak():
+    streak = FailureStreak(threshold=2)
+    streak.record(FAILED)
+    assert streak.record(OTHER) is False and streak.in_a_row == 1
+    assert streak.record(FAILED) is True
+
+
+def test_threshold_zero_never_asks_for_a_check():
+    streak = FailureStreak(threshold=0)
+    assert not any(streak.record(FAILED) for _ in range(50))
+
+
+def params(seed):
+    return GenerationParams(
+        prompt="a red fox in snow",
+        negative_prompt="",
+        width=128,
+        height=128,
+        num_inference_steps=1,
+        cfg_scale=0.0,
+        num_images=1,
+        seed=seed,
+    )
+
+
+@pytest.fixture
+def engine(tmp_path):
+    e = make_engine(tmp_path, max_batch=1, queue_size=8)
+    yield e
+    e.stop()
+
+
+def events(caplog, name):
+    return [r for r in caplog.records if getattr(r, "event", None) == name]
+
+
+def test_failures_that_were_the_requests_own_leave_the_engine_serving(engine, caplog):
+    engine.faults.inject("broken", count=2)  # two requests fail; the check after them does not
+    with caplog.at_level(logging.INFO):
+        for seed in (1, 2):
+            with pytest.raises(errors.GenerationFailed):
+                engine.submit(params(seed)).future.result(60)
+        assert engine.submit(params(3)).future.result(60).images
+    assert engine.state == "ready"
+    (passed,) = events(caplog, "self_check_passed")
+    assert passed.failed_in_a_row == 2 and not events(caplog, "self_check_failed")
+
+
+def test_a_broken_engine_fails_its_self_check_and_calls_itself_unhealthy(engine, caplog):
+    # Four failures armed: two requests, the self-check, and one more for the request queued
+    # behind them, which must not run on an engine that is known to be broken.
+    # A slow request running first holds the three in the queue until all of them are in.
+    engine.faults.inject("slow", seconds=0.5)
+    running = engine.submit(dataclasses.replace(params(0), num_inference_steps=3))
+    wait_for(lambda: engine.heartbeat.busy_since, 30, what="the first request running")
+    engine.faults.inject("broken", count=4)
+    with caplog.at_level(logging.INFO):
+        jobs = [engine.submit(params(seed)) for seed in (1, 2, 3)]
+        assert running.future.result(60).images
+        for job in jobs[:2]:
+            with pytest.raises(errors.GenerationFailed):
+                job.future.result(60)
+        with pytest.raises(errors.EngineUnhealthy) as refused:
+            jobs[2].future.result(60)
+    assert refused.value.status == 503 and refused.value.retry_after_s  # what the balancer retries
+    assert engine.state == "unhealthy" and "self-check" in engine.state_reason
+    assert engine.faults.broken_pending == 1  # the queued request was never run
+    (failed,) = events(caplog, "self_check_failed")
+    assert failed.failed_in_a_row == 2
+    with pytest.raises(errors.EngineUnhealthy):
+        engine.submit(params(4))
+
+
+def test_with_the_check_off_failures_never_mark_the_engine(tmp_path):
+    engine = make_engine(tmp_path, max_batch=1, self_check_after_failures=0)
+    try:
+        engine.faults.inject("broken", count=3)
+        for seed in (1, 2, 3):
+            with pytest.raises(errors.GenerationFailed):
+                engine.submit(params(seed)).future.result(60)
+        assert engine.state == "ready" and engine.submit(params(4)).future.result(60).images
+    finally:
+        engine.stop()
