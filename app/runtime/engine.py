@@ -77,7 +77,7 @@ class Engine:
         # is shared with the other ranks first.
         self.link: Optional[RankLink] = RankLink(0) if settings.parallel == "context" else None
         self.loras: Optional[LoraSet] = None  # when app.lora_dir is set: made once the model is loaded
-        self.failure_streak = selfcheck.FailureStreak(settings.self_check_after_failures)
+        self.failure_streak = selfcheck.streak_for(settings)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -204,7 +204,7 @@ class Engine:
             self.link.share(None)  # the other ranks exit (0) once the drain is over
 
     def generate_batch(self, batch: list[Job], probe: bool = False) -> str:
-        """Run `batch`, resolve its jobs and say what it came to (selfcheck.OK, FAILED or OTHER).
+        """Run `batch`, resolve its jobs and say what it came to (selfcheck.OK, FAILED, OOM or OTHER).
         probe: a warm-up batch finding out what fits; running out of memory is then an answer, not an
         incident (see failures.out_of_memory)."""
         pipe = self.loaded.pipe
@@ -289,6 +289,7 @@ class Engine:
                 self.state, self.state_reason = "unhealthy", f"{exc.__class__.__name__}: {exc}"[:200]
                 failure = failures.parallel_generation_failed(batch, exc)
             elif isinstance(exc, torch.OutOfMemoryError):
+                outcome = selfcheck.OOM
                 self.free_cache()
                 failure = failures.out_of_memory(batch, exc, probe, self.settings.min_size)
             elif failures.is_fatal(exc):

@@ -29,7 +29,7 @@ def out_of_memory(batch: list[Job], exc: BaseException, probe: bool, min_size: i
             "request_ids": [j.request_id for j in batch],
             "width": p.width,
             "height": p.height,
-            "images": len(batch),
+            "images": sum(j.params.num_images for j in batch),
             "error": str(exc)[:300],
         },
     )

@@ -20,17 +20,19 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from app.config import CUDA_GRAPH_MODES
 from app.runtime.jobs import Job
 from app.runtime.warmup import first_image_params
 
 if TYPE_CHECKING:
+    from app.config import AppSettings
     from app.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
 # What a batch came to (Engine.generate_batch's answer). Only "failed" is unexplained: an OOM, a
 # refused request and a cancel have reasons of their own, and a fatal error already marks the engine.
-OK, FAILED, OTHER = "ok", "failed", "other"
+OK, FAILED, OOM, OTHER = "ok", "failed", "oom", "other"
 
 
 @dataclass
@@ -38,6 +40,7 @@ class FailureStreak:
     """Batches that failed in a row with an unexplained error. threshold 0: never self-check."""
 
     threshold: int
+    oom_counts: bool = False  # an OOM is a failure too (under CUDA graphs: see streak_for)
     in_a_row: int = 0
 
     def record(self, outcome: str) -> bool:
@@ -45,10 +48,21 @@ class FailureStreak:
         other outcomes neither add to it nor end it (a cancel proves nothing either way)."""
         if outcome == OK:
             self.in_a_row = 0
-        elif outcome == FAILED:
+        elif outcome == FAILED or (outcome == OOM and self.oom_counts):
             self.in_a_row += 1
             return self.threshold > 0 and self.in_a_row >= self.threshold
         return False
+
+
+def streak_for(settings: "AppSettings") -> FailureStreak:
+    """Under CUDA graphs (compile_mode "reduce-overhead" or "max-autotune") one failure is enough, an
+    OOM included: an exception in a new shape's first call can leave torch's CUDA-graph trees half
+    recorded, and then every later generation fails (on an H200, after an OOM there, each one raised
+    an AssertionError at once; ops/lab/graph_fault_check.py). Checking at once turns those 500s into
+    503s that a balancer retries elsewhere, while the monitor replaces the process."""
+    if settings.self_check_after_failures and settings.compile_mode in CUDA_GRAPH_MODES:
+        return FailureStreak(threshold=1, oom_counts=True)
+    return FailureStreak(settings.self_check_after_failures)
 
 
 def after_batch(engine: "Engine", outcome: str) -> None:

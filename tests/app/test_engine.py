@@ -121,11 +121,13 @@ def test_heartbeat_counts_steps(engine):
     assert hb["generations"] == before + 1 and hb["step_seconds_ewma"] > 0
 
 
-def test_injected_oom_fails_only_that_request(engine):
+def test_injected_oom_fails_only_that_request(engine, caplog):
     engine.faults.inject("oom")
-    with pytest.raises(errors.OutOfMemory) as info:
-        run(engine, params())
+    with caplog.at_level("INFO"), pytest.raises(errors.OutOfMemory) as info:
+        run(engine, params(num_images=3))
     assert "smaller size" in info.value.hint
+    (line,) = [r for r in caplog.records if getattr(r, "event", None) == "oom"]
+    assert line.images == 3  # images, not requests (it said 1 for a request of 4 on the H200)
     assert engine.state == "ready"
     assert run(engine, params()).images  # still serving
 

@@ -103,3 +103,40 @@ def test_with_the_check_off_failures_never_mark_the_engine(tmp_path):
         assert engine.state == "ready" and engine.submit(params(4)).future.result(60).images
     finally:
         engine.stop()
+
+
+def test_under_cuda_graphs_one_failure_an_oom_included_makes_the_check_due(tmp_path):
+    from app.runtime.selfcheck import OOM, streak_for
+    from tests.engine_helpers import make_settings
+
+    plain = streak_for(make_settings(tmp_path / "plain"))
+    assert plain.record(OOM) is False and plain.record(FAILED) is False  # two unexplained failures
+    graphs = streak_for(
+        make_settings(tmp_path / "graphs", compile_mode="reduce-overhead", compile_backend="jit")
+    )
+    assert graphs.record(OOM) is True
+    off = streak_for(
+        make_settings(
+            tmp_path / "off",
+            compile_mode="reduce-overhead",
+            compile_backend="jit",
+            self_check_after_failures=0,
+        )
+    )
+    assert off.record(OOM) is False and off.record(FAILED) is False
+
+
+def test_an_oom_under_cuda_graphs_is_followed_by_the_check_at_once(tmp_path, caplog):
+    """The engine's side of streak_for: its OOM outcome reaches the streak. (The CPU has no CUDA
+    graphs; the mode only changes when the check runs, and on an H200 it found broken graph trees.)"""
+    engine = make_engine(tmp_path, max_batch=1, compile_mode="reduce-overhead", compile_backend="jit")
+    try:
+        engine.faults.inject("oom")
+        with caplog.at_level(logging.INFO):
+            with pytest.raises(errors.OutOfMemory):
+                engine.submit(params(1)).future.result(60)
+            assert engine.submit(params(2)).future.result(60).images
+        (passed,) = events(caplog, "self_check_passed")
+        assert passed.failed_in_a_row == 1 and engine.state == "ready"
+    finally:
+        engine.stop()
