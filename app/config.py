@@ -93,8 +93,9 @@ class AppSettings(BaseModel):
     warmup_size: Optional[int] = Field(None, ge=64, le=4096)
     warmup_steps: int = Field(2, ge=1, le=50)
     # After this many generations in a row fail with an unexplained error, make the warm-up image
-    # again; if that fails too, the engine calls itself unhealthy and is replaced (0: never).
-    self_check_after_failures: int = Field(2, ge=0, le=100)
+    # again before answering; if that fails too, the engine calls itself unhealthy and is replaced,
+    # and the request gets 503 + Retry-After instead of a 500 (0: never; app/runtime/selfcheck.py).
+    self_check_after_failures: int = Field(1, ge=0, le=100)
     prompt_cache_size: int = Field(64, ge=0, le=4096)  # recent prompt embeddings kept on the GPU (re-rolls)
 
     # Input limits (the request schema is built from these).

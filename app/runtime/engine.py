@@ -198,15 +198,16 @@ class Engine:
                 for j in live:  # (running it would fail again, or wait on a rank that is gone)
                     resolve(j.future, errors.EngineUnhealthy(self.state_reason, retry_after_s=30))
             elif live:
-                selfcheck.after_batch(self, self.generate_batch(live))
+                self.generate_batch(live, served=True)
             self.queue.done()
         if self.link is not None and self.state == "ready":
             self.link.share(None)  # the other ranks exit (0) once the drain is over
 
-    def generate_batch(self, batch: list[Job], probe: bool = False) -> str:
+    def generate_batch(self, batch: list[Job], probe: bool = False, served: bool = False) -> str:
         """Run `batch`, resolve its jobs and say what it came to (selfcheck.OK, FAILED, OOM or OTHER).
         probe: a warm-up batch finding out what fits; running out of memory is then an answer, not an
-        incident (see failures.out_of_memory)."""
+        incident (see failures.out_of_memory). served: users' requests, judged by the self-check
+        before they are answered (app/runtime/selfcheck.py)."""
         pipe = self.loaded.pipe
         first = batch[0].params
         request, seeds = batch_request([job.params for job in batch])
@@ -310,10 +311,13 @@ class Engine:
             except Exception:  # hooks are best effort; never mask the real outcome
                 pass
         if ended is not None:  # after hb.end(): a caller told "cancelled" or "failed" sees it idle
-            for job, exc in zip(batch, ended):
+            verdict = selfcheck.judge(self, outcome) if served else None
+            for job, exc in zip(batch, ended if verdict is None else [verdict] * len(batch)):
                 resolve(job.future, exc)
             return outcome
         seconds = time.perf_counter() - started
+        if served:
+            self.failure_streak.record(selfcheck.OK)  # a success ends a streak of failures
         if watch and self.state == "ready":
             count, compile_s = watch.since(compiled_before)
             if count > 0:
@@ -379,4 +383,5 @@ class Engine:
             model=model,
             step_cache=None if cache is None else {"reused": cache.reused, "computed": cache.computed},
             loras=None if self.loras is None else self.loras.status(),
+            self_checks=dict(self.failure_streak.checks),
         )

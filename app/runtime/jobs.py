@@ -117,6 +117,7 @@ class EngineStatus:
     model: Optional[ModelFacts]  # None until loaded
     step_cache: Optional[dict] = None  # {"reused", "computed"} where the lossy step cache is on
     loras: Optional[dict] = None  # LoraSet.status() where lora_dir is set: loaded, merged, bytes
+    self_checks: Optional[dict] = None  # {"passed", "failed"}: app/runtime/selfcheck.py, since start
 
     @property
     def ready(self) -> bool:

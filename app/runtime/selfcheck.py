@@ -10,16 +10,19 @@ the two apart by asking a question whose answer it knows, the warm-up's first im
 too, the engine is broken, says so (state unhealthy, /healthz 503), and the monitor replaces the
 process (monitor/detectors.detect_engine_unhealthy). If it passes, the failures were the requests'.
 
-`FailureStreak` is the decision, free of the engine so it is tested alone; `after_batch` is the I/O.
+The check runs before the failed request is answered, so a broken engine never answers 500: its
+requests get 503 + Retry-After, which HAProxy retries on another replica. `FailureStreak` is the
+decision, free of the engine so it is tested alone; `judge` is the I/O.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+from app import errors
 from app.config import CUDA_GRAPH_MODES
 from app.runtime.jobs import Job
 from app.runtime.warmup import first_image_params
@@ -42,6 +45,7 @@ class FailureStreak:
     threshold: int
     oom_counts: bool = False  # an OOM is a failure too (under CUDA graphs: see streak_for)
     in_a_row: int = 0
+    checks: dict = field(default_factory=lambda: {"passed": 0, "failed": 0})  # since start (metrics)
 
     def record(self, outcome: str) -> bool:
         """Count one batch's outcome; True when it makes a self-check due. A success ends the streak;
@@ -58,40 +62,49 @@ def streak_for(settings: "AppSettings") -> FailureStreak:
     """Under CUDA graphs (compile_mode "reduce-overhead" or "max-autotune") one failure is enough, an
     OOM included: an exception in a new shape's first call can leave torch's CUDA-graph trees half
     recorded, and then every later generation fails (on an H200, after an OOM there, each one raised
-    an AssertionError at once; ops/lab/graph_fault_check.py). Checking at once turns those 500s into
-    503s that a balancer retries elsewhere, while the monitor replaces the process."""
+    an AssertionError at once; ops/lab/graph_fault_check.py). Checking at once makes the engine
+    unhealthy before a second request meets the broken trees."""
     if settings.self_check_after_failures and settings.compile_mode in CUDA_GRAPH_MODES:
         return FailureStreak(threshold=1, oom_counts=True)
     return FailureStreak(settings.self_check_after_failures)
 
 
-def after_batch(engine: "Engine", outcome: str) -> None:
-    """On the engine's thread, after each served batch: run the self-check when the streak says so."""
+def judge(engine: "Engine", outcome: str) -> Optional[errors.ServiceError]:
+    """On the engine's thread, as a served batch ends and before its requests are answered: count its
+    outcome and, when the streak says so, run the self-check. Returns what an unexplained failure's
+    requests are told instead of their own 500 when the check failed: the engine is broken, so the
+    answer is a 503 that a balancer retries on another replica, never a 500 from a broken engine."""
     streak = engine.failure_streak
     if not streak.record(outcome):
-        return
+        return None
     failed = streak.in_a_row
     started = time.perf_counter()
     job = Job(params=first_image_params(engine.settings, engine.loaded.device.type), request_id="self-check")
     check_outcome = engine.generate_batch([job])
     seconds = round(time.perf_counter() - started, 2)
     error: Optional[BaseException] = job.future.exception(timeout=0)
-    if check_outcome == OK and error is None:
+    passed = check_outcome == OK and error is None
+    streak.checks["passed" if passed else "failed"] += 1
+    if passed:
         streak.in_a_row = 0  # a passed check answers for the failures so far; the next ones count anew
         log.warning(
             "generations failed but the self-check passed: the failures were the requests' own",
             extra={"event": "self_check_passed", "failed_in_a_row": failed, "seconds": seconds},
         )
-        return
-    if engine.state == "unhealthy":  # the check met a fatal error: already said, with its own reason
-        return
-    why = error.message if hasattr(error, "message") else repr(error)
-    engine.state = "unhealthy"
-    engine.state_reason = (
-        f"{failed} generations failed in a row and the self-check (the warm-up image) failed too: {why}"
-    )[:200]
-    log.critical(
-        "self-check failed: the engine cannot make its warm-up image; unhealthy, the process must be "
-        "replaced",
-        extra={"event": "self_check_failed", "failed_in_a_row": failed, "seconds": seconds, "error": why},
+        return None
+    if engine.state != "unhealthy":  # (a fatal error in the check has said so already, with its reason)
+        why = error.message if isinstance(error, errors.ServiceError) else repr(error)
+        engine.state = "unhealthy"
+        engine.state_reason = (
+            f"{failed} generation(s) failed in a row and the self-check (the warm-up image) failed too: {why}"
+        )[:200]
+        log.critical(
+            "self-check failed: the engine cannot make its warm-up image; unhealthy, the process must "
+            "be replaced",
+            extra={"event": "self_check_failed", "failed_in_a_row": failed, "seconds": seconds, "error": why},
+        )
+    if outcome != FAILED:  # an OOM keeps its own answer (507, or 503 in a pool) and its hint
+        return None
+    return errors.EngineUnhealthy(
+        "the engine failed its self-check; the service is restarting", retry_after_s=30
     )

@@ -111,6 +111,11 @@ def create_app(
                 status.compiles_after_warmup,
             ),
         }
+        if status.self_checks is not None:  # passed: requests that failed on their own (selfcheck.py)
+            values["zimage_self_checks"] = (
+                "Self-checks (the warm-up image again after failed generations) since start, by outcome",
+                status.self_checks,
+            )
         if status.model is not None:  # an alert on jit where aot is configured catches a fallback
             values["zimage_compile_backend"] = (
                 "1 for how the transformer blocks run: aot (packages), jit "

@@ -10,9 +10,11 @@ monitor stopped (it would restart the app on the OOM line, which is not the ques
 image kept. The control: an OOM injected before the pipeline runs (`zimagectl chaos oom
 --cpu-path`), which leaves the graphs alone. Then another process fills the GPU (ops.chaos.gpu_fill)
 and a 2048² request for 4 images runs out of memory on its first, recording call; the filler ends;
-then the same 1024² image again, a shape never seen, and the shape that failed. Last, the app is
-restarted and the failed shape made by a fresh process: the PSNR says whether the survivor's
-pictures are right. One JSON line per step; the last line is the summary.
+then the same 1024² image again, a shape never seen, and the shape that failed. Last, a fresh
+process: the monitor, started again, replaces an app that called itself unhealthy (the time until
+ready again is measured); a sound one is restarted by hand. The failed shape made by the fresh
+process and the PSNR say whether the survivor's pictures were right. One JSON line per step; the
+last line is the summary.
 """
 
 from __future__ import annotations
@@ -115,15 +117,22 @@ def one_mode(args, mode: str) -> dict:
         status, _, survivor = post(3, 2048)
         row["failed_shape_after"] = status
         row["healthz_end"] = CLIENT.get(URL + "/healthz").json().get("state")
-        log(event="restart", out=supervisorctl("restart", "app"))
-        ready = time.time() + 600
-        while time.time() < ready:
+        old_pid = supervisorctl("pid", "app")
+        healing = time.time()
+        if row["healthz_end"] == "unhealthy":  # the monitor's turn: it replaces an unhealthy app
+            log(event="monitor", start=supervisorctl("start", "monitor"))
+        else:  # a sound app is left alone by the monitor: restart it for a fresh process's picture
+            log(event="restart", out=supervisorctl("restart", "app"))
+        deadline = time.time() + 400
+        while time.time() < deadline:
             try:
-                if CLIENT.get(URL + "/readyz", timeout=5).status_code == 200:
+                fresh_pid = supervisorctl("pid", "app")
+                if fresh_pid != old_pid and CLIENT.get(URL + "/readyz", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            time.sleep(1)
+            time.sleep(0.5)
+        row["ready_again_s"] = round(time.time() - healing, 1)
         status, _, fresh = post(3, 2048)
         if status == 200 and survivor:
             row["psnr_failed_shape_survivor_vs_fresh_db"] = round(psnr(survivor[0], fresh[0]), 2)

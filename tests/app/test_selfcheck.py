@@ -56,41 +56,58 @@ def events(caplog, name):
     return [r for r in caplog.records if getattr(r, "event", None) == name]
 
 
-def test_failures_that_were_the_requests_own_leave_the_engine_serving(engine, caplog):
-    engine.faults.inject("broken", count=2)  # two requests fail; the check after them does not
+def test_a_failure_that_was_the_requests_own_is_a_500_and_the_engine_serves_on(engine, caplog):
+    engine.faults.inject("broken", count=1)  # the request fails; the check after it does not
     with caplog.at_level(logging.INFO):
-        for seed in (1, 2):
-            with pytest.raises(errors.GenerationFailed):
-                engine.submit(params(seed)).future.result(60)
-        assert engine.submit(params(3)).future.result(60).images
+        with pytest.raises(errors.GenerationFailed):
+            engine.submit(params(1)).future.result(60)
+        assert engine.submit(params(2)).future.result(60).images
     assert engine.state == "ready"
     (passed,) = events(caplog, "self_check_passed")
-    assert passed.failed_in_a_row == 2 and not events(caplog, "self_check_failed")
+    assert passed.failed_in_a_row == 1 and not events(caplog, "self_check_failed")
+    assert engine.status().self_checks == {"passed": 1, "failed": 0}  # zimage_self_checks
 
 
-def test_a_broken_engine_fails_its_self_check_and_calls_itself_unhealthy(engine, caplog):
-    # Four failures armed: two requests, the self-check, and one more for the request queued
-    # behind them, which must not run on an engine that is known to be broken.
-    # A slow request running first holds the three in the queue until all of them are in.
+def hold_the_queue(engine):
+    """A slow request running first keeps what is submitted next in the queue until all of it is in."""
     engine.faults.inject("slow", seconds=0.5)
     running = engine.submit(dataclasses.replace(params(0), num_inference_steps=3))
     wait_for(lambda: engine.heartbeat.busy_since, 30, what="the first request running")
-    engine.faults.inject("broken", count=4)
+    return running
+
+
+def test_a_broken_engine_answers_503_never_500_and_runs_nothing_more(engine, caplog):
+    # Three failures armed: the first request, the self-check, and one more for the requests queued
+    # behind them, which must not run on an engine that is known to be broken.
+    running = hold_the_queue(engine)
+    engine.faults.inject("broken", count=3)
     with caplog.at_level(logging.INFO):
         jobs = [engine.submit(params(seed)) for seed in (1, 2, 3)]
         assert running.future.result(60).images
-        for job in jobs[:2]:
-            with pytest.raises(errors.GenerationFailed):
+        for job in jobs:  # the one that met the fault too: the check failed before it was answered
+            with pytest.raises(errors.EngineUnhealthy) as refused:
                 job.future.result(60)
-        with pytest.raises(errors.EngineUnhealthy) as refused:
-            jobs[2].future.result(60)
-    assert refused.value.status == 503 and refused.value.retry_after_s  # what the balancer retries
+            assert refused.value.status == 503 and refused.value.retry_after_s  # what a balancer retries
     assert engine.state == "unhealthy" and "self-check" in engine.state_reason
-    assert engine.faults.broken_pending == 1  # the queued request was never run
+    assert engine.faults.broken_pending == 1  # the queued requests were never run
     (failed,) = events(caplog, "self_check_failed")
-    assert failed.failed_in_a_row == 2
+    assert failed.failed_in_a_row == 1 and engine.status().self_checks == {"passed": 0, "failed": 1}
     with pytest.raises(errors.EngineUnhealthy):
         engine.submit(params(4))
+
+
+def test_with_a_threshold_of_two_the_first_failure_is_answered_and_the_second_checked(tmp_path):
+    engine = make_engine(tmp_path, max_batch=1, self_check_after_failures=2)
+    try:
+        engine.faults.inject("broken", count=3)  # two requests and the check
+        with pytest.raises(errors.GenerationFailed):
+            engine.submit(params(1)).future.result(60)
+        assert engine.state == "ready"
+        with pytest.raises(errors.EngineUnhealthy):
+            engine.submit(params(2)).future.result(60)
+        assert engine.state == "unhealthy" and engine.faults.broken_pending == 0
+    finally:
+        engine.stop()
 
 
 def test_with_the_check_off_failures_never_mark_the_engine(tmp_path):
@@ -109,8 +126,9 @@ def test_under_cuda_graphs_one_failure_an_oom_included_makes_the_check_due(tmp_p
     from app.runtime.selfcheck import OOM, streak_for
     from tests.engine_helpers import make_settings
 
-    plain = streak_for(make_settings(tmp_path / "plain"))
-    assert plain.record(OOM) is False and plain.record(FAILED) is False  # two unexplained failures
+    plain = streak_for(make_settings(tmp_path / "plain", self_check_after_failures=2))
+    assert plain.record(OOM) is False and plain.record(FAILED) is False  # an OOM does not count
+    assert plain.record(FAILED) is True
     graphs = streak_for(
         make_settings(tmp_path / "graphs", compile_mode="reduce-overhead", compile_backend="jit")
     )

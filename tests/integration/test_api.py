@@ -123,6 +123,7 @@ def test_probes_and_metrics(app):
         "zimage_steps_per_second",
         "zimage_ready 1.0",
         'zimage_compile_backend{kind="none"} 1.0',
+        'zimage_self_checks{kind="failed"} 0.0',
     ):  # (no compiling on the CPU)
         assert name in text
     info = httpx.get(app.url + "/api/info", timeout=5).json()
