@@ -87,6 +87,17 @@ class SupervisorClient:
     def pid(self) -> int:
         return self._call("supervisor.getPID")
 
+    def identity(self) -> str:
+        """ "pid:start time" of this supervisord: unique across restarts even where the pid repeats
+        (PID 1 of a container). "" when it does not answer."""
+        import psutil
+
+        try:
+            pid = self.pid()
+            return f"{pid}:{psutil.Process(pid).create_time():.2f}"
+        except (SupervisorUnavailable, psutil.Error):
+            return ""
+
     @staticmethod
     def _info(raw: dict) -> ProcessInfo:
         return ProcessInfo(

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from monitor.logwatch import LogFollower
     from monitor.loop import Monitor
     from monitor.probes import Probes
+    from monitor.state import under_supervisord
     from monitor.status import MonitorMetrics
 
     log = logging.getLogger("monitor")
@@ -61,9 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     gpu = open_gpu_reader(None if app_cfg.replica is None else [app_cfg.replica])
     log.info("GPU reader: %s", gpu.reason, extra={"event": "gpu_reader", "available": gpu.available})
     journal = Journal(cfg.journal_file)
-    state = journal.load()
-    follower = LogFollower(cfg.app_log, cfg.log_patterns, resume=state.log_position)
     supervisor = SupervisorClient(cfg.supervisor_socket, timeout=max(2.0, cfg.probe_timeout_s))
+    journaled = journal.load()
+    state = under_supervisord(journaled, supervisor.identity())
+    if journaled.supervisord and state.supervisord != journaled.supervisord:
+        log.info(
+            "the journal was written under an earlier supervisord: its app pid is forgotten, the new "
+            "app's pid is no crash",
+            extra={"event": "journal_new_supervisord", "forgotten_pid": journaled.known_pid},
+        )
+    follower = LogFollower(cfg.app_log, cfg.log_patterns, resume=state.log_position)
     chaos_file = cfg.home / "run" / "chaos.json" if app_cfg.fault_injection else None
     probes = Probes(
         app_url,

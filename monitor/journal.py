@@ -33,6 +33,7 @@ def to_json(state: MonitorState) -> str:
         "pending": None if state.pending is None else dataclasses.asdict(state.pending),
         "known_pid": state.known_pid,
         "expect_new_pid": state.expect_new_pid,
+        "supervisord": state.supervisord,
         "unexpected_restarts": list(state.unexpected_restarts),
         "outbox": [dataclasses.asdict(item) for item in state.outbox],
         "next_seq": state.next_seq,
@@ -58,6 +59,7 @@ def from_json(text: str) -> MonitorState:
         pending=None if data["pending"] is None else PendingAction(**data["pending"]),
         known_pid=data["known_pid"],
         expect_new_pid=data["expect_new_pid"],
+        supervisord=data.get("supervisord", ""),  # (journals of earlier versions have none)
         unexpected_restarts=tuple(data["unexpected_restarts"]),
         outbox=tuple(OutboxItem(**{**raw, "targets": tuple(raw["targets"])}) for raw in data["outbox"]),
         next_seq=data["next_seq"],

@@ -4,6 +4,7 @@ events that go in, the effects that come out, and the state that is persisted be
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -96,6 +97,8 @@ class MonitorState:
     pending: Optional[PendingAction] = None
     known_pid: int = 0
     expect_new_pid: bool = False  # set by our own restarts: that pid change is not a crash
+    # The supervisord known_pid was seen under ("pid:start time"): a pid of another one is no crash.
+    supervisord: str = ""
     unexpected_restarts: tuple[float, ...] = ()
     outbox: tuple[OutboxItem, ...] = ()
     next_seq: int = 1
@@ -106,3 +109,16 @@ class MonitorState:
     last_logged: Optional[tuple[str, str]] = None  # (action, kind) of the last decision logged
     # Not persisted: the detectors' window, rebuilt from new samples after a restart.
     history: tuple[Sample, ...] = ()
+
+
+def under_supervisord(state: MonitorState, identity: str) -> MonitorState:
+    """The journal's state for a monitor started by the supervisord `identity`. A journal written
+    under another supervisord (`zimagectl down` then `up`, a reboot) names an app pid of that earlier
+    stack: the fresh app's new pid is no crash, so the pid is forgotten rather than compared.
+    Everything else carries over (open incidents, the outbox, the budget). No identity (supervisord
+    not answering): nothing is known, nothing changes."""
+    if not identity or identity == state.supervisord:
+        return state
+    if state.supervisord:  # an earlier stack's journal
+        return dataclasses.replace(state, supervisord=identity, known_pid=0, expect_new_pid=False)
+    return dataclasses.replace(state, supervisord=identity)  # a journal from before identities

@@ -263,9 +263,10 @@ def test_a_stall_on_a_warm_app_is_healed_within_20_s(stack, receiver):
 
 
 def test_a_line_of_an_earlier_process_never_restarts_the_new_one(stack, receiver):
-    """zimagectl down, an OOM line appended to the log, zimagectl up: the fresh app is left alone."""
+    """zimagectl down, an OOM line appended to the log, zimagectl up: the fresh app is left alone,
+    and no alert fires."""
     quiet(stack)
-    restarts = len(stack.restarts())
+    restarts, start = len(stack.restarts()), len(receiver.requests)
     result = stack.ctl("down", "--timeout", "60")
     assert result.returncode == 0, result.stdout + result.stderr
     with open(stack.home / "logs" / "app.log", "a") as fh:
@@ -274,6 +275,10 @@ def test_a_line_of_an_earlier_process_never_restarts_the_new_one(stack, receiver
     time.sleep(5)
     assert len(stack.restarts()) == restarts and stack.ready()
     assert '"event": "log_history"' in stack.log("monitor")
+    # Nor is the new app's pid a crash: the journal's pid was an earlier supervisord's (it used to
+    # fire a "crash" alert on every down and up).
+    assert [r["json"]["kind"] for r in receiver.requests[start:]] == []
+    assert '"event": "journal_new_supervisord"' in stack.log("monitor")
 
 
 def test_an_app_left_stopped_by_a_dead_monitor_is_started(stack, receiver):

@@ -224,6 +224,32 @@ def test_supervisord_restarting_the_app_is_an_unexpected_restart_but_ours_is_not
     assert run.state.unexpected_restarts == (T0 + 1,)
 
 
+def test_a_new_pid_under_a_new_supervisord_is_no_crash_but_under_the_same_one_it_is():
+    """zimagectl down, then up: a new supervisord, a new app pid, a monitor reading the old journal.
+    The pid of an earlier stack is forgotten, not compared (a false "crash" alert on every up)."""
+    from monitor.state import under_supervisord
+
+    run = Run(core.MonitorState(supervisord="40:1000.00"))
+    run.observe(sample(0, pid=100))
+    run.restart_monitor()
+    run.state = under_supervisord(run.state, "77:2000.00")  # the stack was brought down and up
+    run.observe(sample(1, pid=200))
+    assert run.state.unexpected_restarts == () and run.alerts() == [] and run.state.known_pid == 200
+    run.restart_monitor()
+    run.state = under_supervisord(run.state, "77:2000.00")  # the same supervisord: the monitor alone
+    run.observe(sample(2, pid=201))  # the app died meanwhile and supervisord restarted it
+    assert run.state.unexpected_restarts == (T0 + 2,) and run.alerts() == [("crash", "firing")]
+
+
+def test_a_journal_without_a_supervisord_keeps_its_pid_and_learns_the_identity():
+    from monitor.state import under_supervisord
+
+    old = core.MonitorState(known_pid=100)
+    assert under_supervisord(old, "77:2000.00").known_pid == 100
+    assert under_supervisord(old, "77:2000.00").supervisord == "77:2000.00"
+    assert under_supervisord(old, "") is old  # supervisord not answering: nothing known
+
+
 def test_journal_round_trip_keeps_every_durable_field():
     run = Run()
     for t in range(6):
@@ -231,6 +257,8 @@ def test_journal_round_trip_keeps_every_durable_field():
     text = journal.to_json(run.state)
     again = journal.from_json(text)
     assert journal.to_json(again) == text and again.history == ()
+    marked = core.MonitorState(supervisord="77:2000.00", known_pid=5)
+    assert journal.from_json(journal.to_json(marked)).supervisord == "77:2000.00"
 
 
 def test_an_unreadable_journal_is_moved_aside_and_the_monitor_starts_fresh(tmp_path):
