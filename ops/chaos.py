@@ -14,18 +14,6 @@ import httpx
 
 from ops.stack import Stack
 
-FAULTS = (
-    "hang",
-    "crash",
-    "oom",
-    "leak",
-    "slow",
-    "broken",
-    "log-rotate",
-    "kill-monitor",
-    "receiver-down",
-    "clear",
-)
 HELP = {
     "hang": "SIGSTOP the app (a hang the process cannot report itself)",
     "crash": "SIGKILL the app",
@@ -38,6 +26,7 @@ HELP = {
     "receiver-down": "alert deliveries fail for --seconds",
     "clear": "undo app-side faults (slow, leak, pending oom and broken)",
 }
+FAULTS = tuple(HELP)  # the choices of `zimagectl chaos`, in the order --help lists them
 
 
 def add_parser(sub) -> None:

@@ -166,9 +166,7 @@ class Engine:
         A priority job (the monitor's post-restart check) skips the line and the queue limit: it is
         one small request, and it must not be starved by the traffic it is there to protect."""
         if self.state == "unhealthy":
-            raise errors.EngineUnhealthy(
-                f"the engine is unhealthy ({self.state_reason}); it is being replaced", retry_after_s=30
-            )
+            raise self.unhealthy_error()
         if self.state != "ready":
             raise errors.NotReady(f"the model is {self.state}; try again shortly", retry_after_s=5)
         job = Job(
@@ -179,6 +177,13 @@ class Engine:
         )
         self.queue.put(job)
         return job
+
+    def unhealthy_error(self) -> errors.EngineUnhealthy:
+        """What a request is told by an engine that is being replaced: 503 + Retry-After, which a
+        balancer retries on another replica."""
+        return errors.EngineUnhealthy(
+            f"the engine is unhealthy ({self.state_reason}); it is being replaced", retry_after_s=30
+        )
 
     def _retry_after(self, waiting: int) -> int:
         per_job = (self.heartbeat.step_seconds_ewma or 1.0) * 8
@@ -196,7 +201,7 @@ class Engine:
                     resolve(j.future, errors.GenerationTimeout("abandoned before it started"))
             if live and self.state == "unhealthy":  # being replaced: a 503 the balancer retries elsewhere
                 for j in live:  # (running it would fail again, or wait on a rank that is gone)
-                    resolve(j.future, errors.EngineUnhealthy(self.state_reason, retry_after_s=30))
+                    resolve(j.future, self.unhealthy_error())
             elif live:
                 self.generate_batch(live, served=True)
             self.queue.done()

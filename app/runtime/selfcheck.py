@@ -105,6 +105,4 @@ def judge(engine: "Engine", outcome: str) -> Optional[errors.ServiceError]:
         )
     if outcome != FAILED:  # an OOM keeps its own answer (507, or 503 in a pool) and its hint
         return None
-    return errors.EngineUnhealthy(
-        "the engine failed its self-check; the service is restarting", retry_after_s=30
-    )
+    return engine.unhealthy_error()
