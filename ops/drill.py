@@ -184,6 +184,16 @@ class Drill:
             True,
             note="one request gets 507" if self.replicas == 1 else "503 from replica 0, retried on replica 1",
         )
+        # Every generation raises (what broken CUDA graphs do): the engine's self-check fails, it
+        # calls itself unhealthy and the monitor replaces it. Clients get 503 + Retry-After, never 500.
+        self.run_fault(
+            "broken engine",
+            "self-check, restart",
+            lambda: self.admin({"kind": "broken", "count": 100}),
+            "engine_unhealthy",
+            True,
+            note="503 + Retry-After, never 500" if self.replicas == 1 else "503s retried on replica 1",
+        )
         rss_mb = (self.state().get("sample") or {}).get("rss_bytes", 600 * 2**20) / 2**20
         self.run_fault(
             "leak",

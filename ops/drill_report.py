@@ -128,6 +128,11 @@ HMAC-SHA256 signature.
 
 {table(rows)}
 
+"broken engine" makes every generation raise, as CUDA graphs do after an OOM in a new shape's first
+call (found on the H200, docs/PERFORMANCE.md): after one unexplained failure the engine makes its
+warm-up image again, that fails too, so it calls itself unhealthy; the failed request and those
+queued behind it get 503 + Retry-After, and the monitor's `engine_unhealthy` rule replaces it.
+
 The last three rows are the monitor's own crash-safety: "receiver-down" keeps the webhook receiver
 unreachable for 12 s through a hang (the alerts wait in the journal's outbox and arrive afterwards,
 once each); "monitor killed mid-restart" SIGKILLs the monitor while its kill-restart of a hung app

@@ -30,6 +30,22 @@ def make_engine(tmp_path, ready_timeout=120, **overrides):
     return engine
 
 
+def params(**kw) -> GenerationParams:
+    """A request for the tiny model: small and quick unless a test says otherwise."""
+    base = dict(
+        prompt="a red fox in snow",
+        negative_prompt="",
+        width=256,
+        height=192,
+        num_inference_steps=3,
+        cfg_scale=0.0,
+        num_images=1,
+        seed=7,
+    )
+    base.update(kw)
+    return GenerationParams(**base)
+
+
 LONG = "a red fox in fresh snow under a pale winter sky, 35mm photograph, " * 4
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from app import errors
-from app.runtime.engine import Engine, GenerationParams
+from app.runtime.engine import Engine
 from app.runtime.faults import FaultInjector
-from tests.engine_helpers import make_engine, make_settings
+from tests.engine_helpers import make_engine, make_settings, params
 from tests.helpers import wait_for
 
 
@@ -17,21 +17,6 @@ def engine(tmp_path_factory):
     e = make_engine(tmp_path_factory.mktemp("engine"), max_batch=4, queue_size=16)
     yield e
     e.stop()
-
-
-def params(**kw):
-    base = dict(
-        prompt="a red fox in snow",
-        negative_prompt="",
-        width=256,
-        height=192,
-        num_inference_steps=3,
-        cfg_scale=0.0,
-        num_images=1,
-        seed=7,
-    )
-    base.update(kw)
-    return GenerationParams(**base)
 
 
 def run(engine, p, timeout=60):

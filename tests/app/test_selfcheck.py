@@ -7,9 +7,9 @@ import logging
 import pytest
 
 from app import errors
-from app.runtime.engine import GenerationParams
 from app.runtime.selfcheck import FAILED, OK, OTHER, FailureStreak
 from tests.engine_helpers import make_engine
+from tests.engine_helpers import params as base_params
 from tests.helpers import wait_for
 
 
@@ -33,16 +33,7 @@ def test_threshold_zero_never_asks_for_a_check():
 
 
 def params(seed):
-    return GenerationParams(
-        prompt="a red fox in snow",
-        negative_prompt="",
-        width=128,
-        height=128,
-        num_inference_steps=1,
-        cfg_scale=0.0,
-        num_images=1,
-        seed=seed,
-    )
+    return base_params(width=128, height=128, num_inference_steps=1, seed=seed)
 
 
 @pytest.fixture

@@ -254,7 +254,7 @@ def test_drill_every_fault_detected_and_recovered(tmp_path):
         assert "TIMEOUT" not in row.notes, row
     for row in rows:
         if row.fault.startswith(
-            ("hang", "crash", "oom", "leak", "log-rotate", "receiver-down", "monitor killed")
+            ("hang", "crash", "oom", "broken", "leak", "log-rotate", "receiver-down", "monitor killed")
         ):
             assert row.alerts == "1/1", row  # every incident: firing then resolved
             assert row.detection_s < 10 and row.recovered_s < 60, row
