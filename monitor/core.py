@@ -177,6 +177,8 @@ def _observe(w: _Step, event: Observe) -> None:
     _log_decision(w, decision)
     if decision.action not in (Action.none, Action.wait):
         _act(w, decision, sample)
+    elif decision.action == Action.wait and decision.wait_s > 0:  # backoff (not a rolling heal)
+        _held_back(w, decision)
     app_ready = bool(sample.ready and sample.ready.ok)
     for incident in book.settle({f.kind for f in findings}, app_ready, cfg.resolve_quiet_samples, now):
         w.log(
@@ -246,6 +248,17 @@ def _log_decision(w: _Step, decision: pol.Decision) -> None:
             kind=kind,
             reason=decision.reason,
         )
+
+
+def _held_back(w: _Step, decision: pol.Decision) -> None:
+    """The backoff holds a heal back (a second problem soon after a restart; up to backoff_max_s):
+    the incident fires now, saying so, instead of when the action finally runs. Noted as an action
+    so that the action itself sends no second firing."""
+    kind = decision.finding.kind if decision.finding else "unknown"
+    incident = w.s.book.open.get(kind)
+    if incident is not None and not incident.actions:
+        w.s.book.note_action(kind, "wait")
+        w.alert(incident.as_dict(), "firing", decision.reason)
 
 
 def _act(w: _Step, decision: pol.Decision, sample: Sample) -> None:

@@ -137,9 +137,11 @@ The last three rows are the monitor's own crash-safety: "receiver-down" keeps th
 unreachable for 12 s through a hang (the alerts wait in the journal's outbox and arrive afterwards,
 once each); "monitor killed mid-restart" SIGKILLs the monitor while its kill-restart of a hung app
 is under way (the next monitor finds the action in its journal and finishes it: one incident, one
-firing, one resolved); "stale line" appends an OOM line carrying an earlier process's pid (logged as
-history, no restart). A hang is now called after the process has been stopped for
-`hang_stopped_s` (5 s), so a short pause is never killed: hence its detection time.
+firing, one resolved; its ready+warm time holds the backoff after the restarts before it, while its
+firing alert goes out when the hang is called, saying when the restart is allowed); "stale line"
+appends an OOM line carrying an earlier process's pid (logged as history, no restart). A hang is
+now called after the process has been stopped for `hang_stopped_s` (5 s), so a short pause is never
+killed: hence its detection time.
 `tests/integration/test_crash_safe.py` kills the monitor at every point of both kinds of restart,
 keeps a receiver down for 120 s, and times a stall (those tests, not this table, are the proof).
 """

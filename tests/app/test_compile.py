@@ -18,6 +18,7 @@ from tests.engine_helpers import LONG, block_graphs, image, make_engine, psnr
 
 
 @pytest.mark.slow  # AOTInductor/torch.compile builds: tens of seconds
+@pytest.mark.timeout(900)  # ~2 min here; over 300 s on a CI machine 2.5x slower (a hang still ends)
 def test_warm_up_compiles_what_requests_bring_and_requests_compile_nothing(tmp_path):
     common = dict(quantize="fp8", compile_cache_dir=tmp_path / "cache", max_batch=2)
     eager = make_engine(tmp_path / "eager", compile="off", **common)

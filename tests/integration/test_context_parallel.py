@@ -199,7 +199,7 @@ def test_a_killed_rank_takes_the_group_down_and_supervisord_brings_it_back(any_s
     stack = any_stack
     app, [rank1] = stack.pid(), follower_pids(stack)
     os.kill(rank1, signal.SIGKILL)
-    wait_for(lambda: stack.pid() not in (0, app) and stack.ready(), 90, 0.2, "group restarted")
+    wait_for(lambda: stack.pid() not in (0, app) and stack.ready(), stack.within(90), 0.2, "group restarted")
     assert len(follower_pids(stack)) == 1 and not psutil.pid_exists(app)
     assert '"event": "rank_exited"' in stack.log("app")
     assert httpx.post(stack.url + "/api/generate", json=BODY, timeout=60).status_code == 200
@@ -216,7 +216,9 @@ def test_a_hung_rank_stalls_the_generation_and_the_monitor_replaces_the_group(an
     time.sleep(1.0)  # inside the generation
     os.kill(rank1, signal.SIGSTOP)
     try:
-        wait_for(lambda: stack.pid() not in (0, app) and stack.ready(), 90, 0.2, "group replaced")
+        wait_for(
+            lambda: stack.pid() not in (0, app) and stack.ready(), stack.within(90), 0.2, "group replaced"
+        )
     finally:
         try:
             os.kill(rank1, signal.SIGCONT)
@@ -245,7 +247,7 @@ def test_a_graceful_stop_finishes_the_running_generation_on_both_ranks(stack):
     assert not psutil.pid_exists(app) and not psutil.pid_exists(rank1)
     assert '"event": "rank_stopped"' in stack.log("app")
     stack.supervisorctl("start", "app")
-    wait_for(stack.ready, 90, 0.2, "ready again")
+    wait_for(stack.ready, stack.within(90), 0.2, "ready again")
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The monitor killed (SIGKILL) at each point of a graceful restart and of a kill-restart, under a real
 supervisord with the real app (tiny model) and a real webhook receiver: every time the app is ready
-again within 30 s, and the incident gets exactly one firing and one resolved alert. Also: a receiver
+again within 30 s (on a slower machine, as much longer as it loads the model: StackHome.pace),
+and the incident gets exactly one firing and one resolved alert. Also: a receiver
 down for 120 s through an incident, a stall healed within 20 s, a line of an earlier process, and an
 app left STOPPED by a monitor that died."""
 
@@ -203,8 +204,9 @@ def test_monitor_killed_mid_action_leaves_nothing_down_and_alerts_once(stack, re
     wait_for(
         lambda: stack.pid("monitor") not in (0, monitor_pid), 20, 0.1, "supervisord restarts the monitor"
     )
-    wait_for(lambda: stack.ready() and stack.pid() not in (0, old), 30, 0.1, "the app ready again")
-    assert time.monotonic() - killed_at < 30, f"killed with the app {seen}"
+    bound = stack.within(30)
+    wait_for(lambda: stack.ready() and stack.pid() not in (0, old), bound, 0.1, "the app ready again")
+    assert time.monotonic() - killed_at < bound, f"killed with the app {seen}"
     wait_for(lambda: resolved(receiver, start, kind), 60, 0.2, f"{kind} resolved")
     time.sleep(1.5)  # a duplicate, if any, would come now
     one_firing_one_resolved(receiver, start, kind)
@@ -222,7 +224,10 @@ def test_receiver_down_for_two_minutes_gets_both_alerts_after_once_in_order(stac
     old = stack.pid()
     os.kill(old, signal.SIGSTOP)
     wait_for(
-        lambda: stack.ready() and stack.pid() not in (0, old), 40, 0.2, "healed while the receiver is down"
+        lambda: stack.ready() and stack.pid() not in (0, old),
+        stack.within(40),
+        0.2,
+        "healed while the receiver is down",
     )
     wait_for(
         lambda: not journal(stack).get("incidents_open"), 30, 0.2, "incident resolved (not yet delivered)"
@@ -250,14 +255,15 @@ def test_a_stall_on_a_warm_app_is_healed_within_20_s(stack, receiver):
         stack.url, {"prompt": "stuck", "width": 128, "height": 128, "num_inference_steps": 4}, 60
     )
     stalled_at = time.monotonic()
-    wait_for(lambda: stack.ready() and stack.pid() not in (0, old), 30, 0.1, "healed")
+    bound = stack.within(30)
+    wait_for(lambda: stack.ready() and stack.pid() not in (0, old), bound, 0.1, "healed")
     healed_s = time.monotonic() - stalled_at
     # ~20 s on an idle machine: the 10 s stall bound, up to 3 s of drain, then one start of the app.
     # The start is the machine's (two test files at a time on two cores made it 22.4 s once); the
     # monitor's share, stall to the new process (10.0 s of 17.2 s here, idle), is held to its bound.
     start_s = time.time() - psutil.Process(stack.pid()).create_time()
     assert healed_s - start_s <= 14, (healed_s, start_s)  # 10 s bound, up to 3 s of drain, 1 s of rest
-    assert healed_s <= 30, healed_s
+    assert healed_s <= bound, healed_s
     firing = [r["json"] for r in receiver.requests[start:] if r["json"]["kind"] == "hang"][0]
     assert "stalled in denoise" in firing["reason"] and firing["evidence"]["bound_s"] == 10
 
@@ -290,7 +296,7 @@ def test_an_app_left_stopped_by_a_dead_monitor_is_started(stack, receiver):
     os.kill(monitor_pid, signal.SIGSTOP)
     assert stack.supervisorctl("stop", "app").returncode == 0
     os.kill(monitor_pid, signal.SIGKILL)
-    wait_for(lambda: stack.ready(), 40, 0.2, "the app started again")
+    wait_for(lambda: stack.ready(), stack.within(40), 0.2, "the app started again")
     wait_for(
         lambda: [
             r

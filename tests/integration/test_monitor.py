@@ -158,8 +158,9 @@ def test_unreachable_receiver_never_slows_healing(tmp_path):
         old = s.pid()
         t0 = time.monotonic()
         os.kill(old, signal.SIGSTOP)
-        wait_for(lambda: s.pid() not in (0, old) and s.ready(), 40, 0.2, "healed")
-        assert time.monotonic() - t0 < 30
+        bound = s.within(30)  # 5 s to call the hang, then a kill and a start: the machine's share stretches
+        wait_for(lambda: s.pid() not in (0, old) and s.ready(), bound + 10, 0.2, "healed")
+        assert time.monotonic() - t0 < bound
         wait_for(
             lambda: s.state().get("alerts", {}).get("failed_attempts", 0) >= 1,
             60,

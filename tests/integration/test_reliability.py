@@ -236,13 +236,15 @@ def test_service_answers_normally_afterwards_and_secrets_stay_out_of_logs(app):
 
 
 @pytest.mark.drill
+@pytest.mark.timeout(1200)  # about 3 minutes on 2 cores; 2.5x that on a slow CI machine
 def test_drill_every_fault_detected_and_recovered(tmp_path):
-    """The full drill (about 2 minutes on 2 cores): the same code as `zimagectl drill`."""
+    """The full drill: the same code as `zimagectl drill`."""
     from ops.drill import Drill, table
 
     drill = Drill(tmp_path)
     try:
         rows = drill.run()
+        recovery_bound = drill.stack.within(60)  # a start of the app on this machine; see StackHome.pace
     finally:
         drill.close()
     print("\n" + table(rows))
@@ -257,6 +259,6 @@ def test_drill_every_fault_detected_and_recovered(tmp_path):
             ("hang", "crash", "oom", "broken", "leak", "log-rotate", "receiver-down", "monitor killed")
         ):
             assert row.alerts == "1/1", row  # every incident: firing then resolved
-            assert row.detection_s < 10 and row.recovered_s < 60, row
+            assert row.detection_s < 10 and row.recovered_s < recovery_bound, row
     stale = [row for row in rows if row.fault.startswith("stale line")]
     assert stale and stale[0].detected == "history" and stale[0].alerts == "0/0", stale

@@ -113,6 +113,28 @@ def test_budget_exhausted_pages_once_and_stops_restarting():
     assert ("restart_budget_exhausted", "resolved") in run.alerts() and not run.state.policy.circuit_open
 
 
+def test_a_heal_held_back_by_backoff_fires_at_once_and_only_once():
+    # A second hang soon after a first restart: the backoff holds the kill back for 20 s, but the
+    # on-call hears of the hung app now, not when the kill finally runs.
+    run = Run(c=C.model_copy(update=dict(backoff_initial_s=20, restart_budget=5)))
+    for t in range(6):
+        run.observe(sample(t, status="stopped"))
+    run.done(7)
+    for t in (8, 9, 10):
+        run.observe(healthy(t))
+    for t in range(11, 18):
+        run.observe(sample(t, pid=200, status="stopped"))
+    assert [a.action for a in run.actions] == ["kill"]  # still backing off
+    assert run.alerts()[-1] == ("hang", "firing") and len(run.alerts()) == 3
+    assert "backing off" in run.state.outbox[-1].action
+    t = 18
+    while len(run.actions) < 2 and t < 40:
+        run.observe(sample(t, pid=200, status="stopped"))
+        t += 1
+    assert [a.action for a in run.actions] == ["kill", "kill"] and t - 1 == 5 + 20  # first kill + backoff
+    assert len(run.alerts()) == 3  # no second firing for the same incident
+
+
 def test_a_failed_warm_up_opens_its_own_incident():
     run = Run()
     for t in range(6):
