@@ -50,13 +50,11 @@ LONG = "a red fox in fresh snow under a pale winter sky, 35mm photograph, " * 4
 
 
 def image(engine, prompt, width=128, height=128, num_images=1, loras=()):
-    p = GenerationParams(
+    p = params(
         prompt=prompt,
-        negative_prompt="",
         width=width,
         height=height,
         num_inference_steps=2,
-        cfg_scale=0.0,
         num_images=num_images,
         seed=9,
         loras=loras,

@@ -13,26 +13,14 @@ import torch
 
 from app.runtime import aot
 from app.runtime.aot import export, store, verify
-from app.runtime.engine import GenerationParams
-from tests.engine_helpers import LONG, image, make_engine, psnr
+from tests.engine_helpers import LONG, image, make_engine, params, psnr
 from tests.lora_files import make_lora
 
 
 def merged(engine, prompts, seed=3):
     """Two requests of one shape queued together: the engine merges them (max_batch=2)."""
     jobs = [
-        engine.submit(
-            GenerationParams(
-                prompt=p,
-                negative_prompt="",
-                width=128,
-                height=128,
-                num_inference_steps=2,
-                cfg_scale=0.0,
-                num_images=1,
-                seed=seed + i,
-            )
-        )
+        engine.submit(params(prompt=p, width=128, height=128, num_inference_steps=2, seed=seed + i))
         for i, p in enumerate(prompts)
     ]
     return [np.asarray(j.future.result(600).images[0]).astype(float) for j in jobs]

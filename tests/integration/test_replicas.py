@@ -149,7 +149,7 @@ def test_a_replica_killed_under_load_costs_the_clients_nothing(stack):
     old = pid_of(stack, 0)
     with PoolWatch(stack) as watch:
         stats = under_load(stack, lambda: os.kill(old, signal.SIGKILL), settle_s=6)
-        wait_for(lambda: all_ready(stack), 60, 0.2, "both replicas ready again")
+        wait_for(lambda: all_ready(stack), stack.within(60), 0.2, "both replicas ready again")
     assert pid_of(stack, 0) != old
     assert_no_client_visible_errors(stats, stack)
     assert watch.saw_out("app-0") and not watch.both_out(), stack.log("haproxy")[-5000:]
@@ -171,7 +171,7 @@ def test_a_replica_killed_under_image_to_image_load_costs_the_clients_nothing(st
     old = pid_of(stack, 1)
     with PoolWatch(stack):
         stats = under_load(stack, lambda: os.kill(old, signal.SIGKILL), settle_s=6, body=body)
-        wait_for(lambda: all_ready(stack), 60, 0.2, "both replicas ready again")
+        wait_for(lambda: all_ready(stack), stack.within(60), 0.2, "both replicas ready again")
     assert pid_of(stack, 1) != old
     assert_no_client_visible_errors(stats, stack)
 
@@ -180,7 +180,12 @@ def test_a_hung_replica_is_healed_by_its_monitor_while_the_other_serves(stack):
     old = pid_of(stack, 1)
     with PoolWatch(stack) as watch:
         stats = under_load(stack, lambda: os.kill(old, signal.SIGSTOP), settle_s=12)
-        wait_for(lambda: pid_of(stack, 1) not in (0, old) and all_ready(stack), 60, 0.2, "app-1 replaced")
+        wait_for(
+            lambda: pid_of(stack, 1) not in (0, old) and all_ready(stack),
+            stack.within(60),
+            0.2,
+            "app-1 replaced",
+        )
     assert_no_client_visible_errors(stats, stack)
     assert watch.saw_out("app-1") and not watch.both_out()
     assert '"kind": "hang"' in stack.log("monitor-1") and "app:app-1" in stack.log("monitor-1")
@@ -225,7 +230,12 @@ def test_an_oom_in_one_replica_is_retried_on_the_other_and_healed(stack):
 
     with PoolWatch(stack) as watch:
         stats = under_load(stack, oom, settle_s=8)
-        wait_for(lambda: pid_of(stack, 0) not in (0, old) and all_ready(stack), 90, 0.2, "app-0 restarted")
+        wait_for(
+            lambda: pid_of(stack, 0) not in (0, old) and all_ready(stack),
+            stack.within(90),
+            0.2,
+            "app-0 restarted",
+        )
     assert_no_client_visible_errors(stats, stack)
     assert not watch.both_out()
     assert '"kind": "oom_in_log"' in stack.log("monitor-0")

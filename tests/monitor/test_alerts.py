@@ -82,8 +82,9 @@ def test_a_receiver_that_fails_is_retried_and_one_that_refuses_is_not(tmp_path):
     loop = Loop(state, c)
     sender = courier(loop, receiver.url, tmp_path).start()
     try:
-        wait_for(lambda: len(receiver.requests) >= 3, 10, 0.05, "retries")
-        assert loop.state.outbox != () and sender.failed_attempts >= 3
+        # The receiver records a request before the courier has read its answer: wait for both.
+        wait_for(lambda: len(receiver.requests) >= 3 and sender.failed_attempts >= 3, 10, 0.05, "retries")
+        assert loop.state.outbox != ()  # kept for the next try
         receiver.status = 400  # refuses this body for good
         wait_for(lambda: loop.state.outbox == (), 10, 0.05, "given up")
         assert {r.outcome for r in loop.reports} == {"rejected"}
