@@ -16,6 +16,11 @@ from app.runtime.aot import export, store, verify
 from tests.engine_helpers import LONG, image, make_engine, params, psnr
 from tests.lora_files import make_lora
 
+# Packaging takes ~2 min on an idle 2-core machine; with the other test worker and more load
+# beside it (a busy CI host) it took over 300 s, the suite's default timeout.
+BUILD_TIMEOUT = pytest.mark.timeout(1200)
+BUILD_READY_S = 900
+
 
 def merged(engine, prompts, seed=3):
     """Two requests of one shape queued together: the engine merges them (max_batch=2)."""
@@ -55,10 +60,13 @@ def test_rotate_real_is_the_complex_rope():
 
 
 @pytest.mark.slow  # AOTInductor/torch.compile builds: tens of seconds
+@BUILD_TIMEOUT
 def test_packages_serve_every_request_kind_and_nothing_compiles(tmp_path, cache):
     common = dict(compile_cache_dir=cache, max_batch=2, queue_size=8)
     eager = make_engine(tmp_path / "eager", compile="off", **common)
-    packaged = make_engine(tmp_path / "aot", compile="on", compile_backend="aot", ready_timeout=900, **common)
+    packaged = make_engine(
+        tmp_path / "aot", compile="on", compile_backend="aot", ready_timeout=BUILD_READY_S, **common
+    )
     try:
         loaded = packaged.loaded
         assert loaded.compile_backend == "aot", loaded.notes
@@ -99,10 +107,18 @@ def test_packages_serve_every_request_kind_and_nothing_compiles(tmp_path, cache)
         torch.compiler.set_stance("default")  # (process-wide, set after a compiled warm-up)
 
 
+@BUILD_TIMEOUT
 def test_next_start_loads_the_packages_without_compiling(tmp_path, cache):
     if not any((cache / "aot").glob("*/*.pt2")):
         pytest.skip("needs the packages of the test above")
-    engine = make_engine(tmp_path, compile="on", compile_backend="aot", max_batch=2, compile_cache_dir=cache)
+    engine = make_engine(
+        tmp_path,
+        compile="on",
+        compile_backend="aot",
+        max_batch=2,
+        compile_cache_dir=cache,
+        ready_timeout=BUILD_READY_S,
+    )
     try:
         assert engine.loaded.compile_backend == "aot"
         assert "aot_compile_s" not in engine.loaded.phases and engine.loaded.phases["aot_load_s"] < 10
@@ -129,6 +145,7 @@ def test_next_start_loads_the_packages_without_compiling(tmp_path, cache):
         torch.compiler.set_stance("default")
 
 
+@BUILD_TIMEOUT
 def test_a_merged_lora_runs_in_the_packages(tmp_path, cache):
     """The packages take each block's weight tensors as inputs: a LoRA merged into them in place is
     in the picture (the same as eager with the same LoRA), and its request still runs the packages."""
@@ -136,7 +153,9 @@ def test_a_merged_lora_runs_in_the_packages(tmp_path, cache):
         pytest.skip("needs the packages of the test above")
     make_lora(tmp_path / "loras", "ink", seed=1, magnitude=0.2)
     common = dict(max_batch=2, compile_cache_dir=cache, lora_dir=tmp_path / "loras")
-    packaged = make_engine(tmp_path / "aot", compile="on", compile_backend="aot", **common)
+    packaged = make_engine(
+        tmp_path / "aot", compile="on", compile_backend="aot", ready_timeout=BUILD_READY_S, **common
+    )
     eager = make_engine(tmp_path / "eager", compile="off", **common)
     try:
         assert packaged.loaded.compile_backend == "aot"
@@ -156,6 +175,7 @@ def test_a_merged_lora_runs_in_the_packages(tmp_path, cache):
 
 
 @pytest.mark.slow  # AOTInductor/torch.compile builds: tens of seconds
+@BUILD_TIMEOUT
 def test_load_check_loads_each_package_in_a_child_and_reports_a_crash(tmp_path, cache, monkeypatch):
     """ops/lab/aot_load_check: every package of a cache loads in a fresh process; a load that kills its
     process is reported with the signal and faulthandler's stack, and fails the check."""
@@ -181,6 +201,7 @@ def test_load_check_loads_each_package_in_a_child_and_reports_a_crash(tmp_path, 
 
 
 @pytest.mark.slow  # AOTInductor/torch.compile builds: tens of seconds
+@BUILD_TIMEOUT
 def test_a_package_that_crashes_its_loader_is_rebuilt_by_another_compiler_or_refused(tmp_path, monkeypatch):
     """A package just compiled is loaded in a child first (on the H100, packages built through the
     machine's CXX wrapper all died with SIGSEGV at load): one that kills the child is deleted, its

@@ -160,7 +160,7 @@ def quiet(stack) -> None:
             and not journal(stack).get("incidents_open")
             and "RUNNING" in stack.supervisorctl("status", "app").stdout
         ),
-        60,
+        stack.within(60),
         0.2,
         "a quiet stack",
     )
@@ -197,7 +197,9 @@ def test_monitor_killed_mid_action_leaves_nothing_down_and_alerts_once(stack, re
         print(f"missed {point}: another incident")
         # The window passed between two polls: let this incident end (healed by the monitor that
         # was never killed), then try again with a new one.
-        wait_for(lambda: resolved(receiver, start, kind), 60, 0.2, f"{kind} resolved (missed point)")
+        wait_for(
+            lambda: resolved(receiver, start, kind), stack.within(60), 0.2, f"{kind} resolved (missed point)"
+        )
     else:
         pytest.fail(f"the point {point} was missed 4 times in a row")
     killed_at = time.monotonic()
@@ -207,7 +209,7 @@ def test_monitor_killed_mid_action_leaves_nothing_down_and_alerts_once(stack, re
     bound = stack.within(30)
     wait_for(lambda: stack.ready() and stack.pid() not in (0, old), bound, 0.1, "the app ready again")
     assert time.monotonic() - killed_at < bound, f"killed with the app {seen}"
-    wait_for(lambda: resolved(receiver, start, kind), 60, 0.2, f"{kind} resolved")
+    wait_for(lambda: resolved(receiver, start, kind), stack.within(60), 0.2, f"{kind} resolved")
     time.sleep(1.5)  # a duplicate, if any, would come now
     one_firing_one_resolved(receiver, start, kind)
     assert journal(stack)["pending"] is None

@@ -245,6 +245,7 @@ def test_drill_every_fault_detected_and_recovered(tmp_path):
     try:
         rows = drill.run()
         recovery_bound = drill.stack.within(60)  # a start of the app on this machine; see StackHome.pace
+        leak_bound = drill.stack.within(10)
     finally:
         drill.close()
     print("\n" + table(rows))
@@ -259,6 +260,10 @@ def test_drill_every_fault_detected_and_recovered(tmp_path):
             ("hang", "crash", "oom", "broken", "leak", "log-rotate", "receiver-down", "monitor killed")
         ):
             assert row.alerts == "1/1", row  # every incident: firing then resolved
-            assert row.detection_s < 10 and row.recovered_s < recovery_bound, row
+            # A leak's detection includes the app writing ~1.5 GB, at this machine's pace (10.1 s on
+            # a 2-core machine with two busy loops beside the tests, 2.6 s idle); the others are the
+            # monitor's own timing.
+            detection_bound = leak_bound if row.fault == "leak" else 10
+            assert row.detection_s < detection_bound and row.recovered_s < recovery_bound, row
     stale = [row for row in rows if row.fault.startswith("stale line")]
     assert stale and stale[0].detected == "history" and stale[0].alerts == "0/0", stale

@@ -243,7 +243,7 @@ def test_an_oom_in_one_replica_is_retried_on_the_other_and_healed(stack):
 
 def test_jobs_are_followed_through_the_balancer_without_a_cookie(stack):
     """A job lives in the replica that took it; its id routes every later call there."""
-    wait_for(lambda: all_ready(stack), 60, 0.2, "both replicas ready")
+    wait_for(lambda: all_ready(stack), stack.within(60), 0.2, "both replicas ready")
     ids: list[str] = []
     for _ in range(20):  # one at a time, until both replicas took some (the balancer decides which)
         r = httpx.post(stack.url + "/api/jobs", json=BODY, timeout=10)
@@ -270,7 +270,7 @@ def test_a_burst_of_jobs_fills_both_replicas_before_any_is_refused(stack):
     One client with the sticky cookie: a full replica still hands the request over."""
     from concurrent.futures import ThreadPoolExecutor
 
-    wait_for(lambda: all_ready(stack), 60, 0.2, "both replicas ready")
+    wait_for(lambda: all_ready(stack), stack.within(60), 0.2, "both replicas ready")
     body = {**BODY, "width": 256, "height": 256, "num_inference_steps": 8}
     with httpx.Client(cookies={"zimage_replica": "app-0"}) as client:
 
