@@ -61,7 +61,9 @@ class MonitorSettings(BaseModel):
 
     interval_s: float = Field(1.0, gt=0, le=60)
     probe_timeout_s: float = Field(1.5, gt=0, le=60)
-    startup_grace_s: float = Field(30.0, ge=0)  # after a (re)start: refused connections are not a hang yet
+    # A process that has never answered liveness may refuse it this long (it is importing), never
+    # less than ten times a normal start; once it has answered, a refusal means its server is gone.
+    startup_grace_s: float = Field(180.0, ge=0)
 
     # hang
     hang_liveness_failures: int = Field(3, ge=1)  # consecutive timed-out liveness probes

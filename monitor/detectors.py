@@ -138,13 +138,17 @@ def detect_hang(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Fin
             )
         return None  # a pause, so far: a stopped process is not probed, so nothing else to judge
 
+    answered = any(s.pid == last.pid and s.live is not None and s.live.ok for s in history)
+
     def failed_live(s: Sample) -> bool:
         if s.pid != last.pid or s.live is None or s.live.ok:
             return False
         if s.live.timed_out:
             return True
-        # refused/5xx while starting up is expected; after the grace it means the server is gone
-        return s.uptime_s >= cfg.startup_grace_s and s.live.status is None
+        # Refused (nothing listens): a process that answered before lost its server; one that never
+        # has is still importing until startup_grace_s (a loaded machine took 30 s and more: a
+        # fixed short grace killed every start, one after the other). A 5xx is the app answering.
+        return s.live.status is None and (answered or s.uptime_s >= cfg.startup_grace_s)
 
     failures = _tail(history, failed_live)
     if failures >= cfg.hang_liveness_failures:

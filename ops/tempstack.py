@@ -247,13 +247,15 @@ class StackHome:
     def replica_url(self, index: int) -> str:
         return f"http://127.0.0.1:{self.base_port + index}"
 
+    def log_names(self) -> list[str]:
+        if self.replicas == 1:
+            return ["supervisord", "app", "monitor"]
+        return ["supervisord", "haproxy"] + [
+            f"{p}-{i}" for i in range(self.replicas) for p in ("app", "monitor")
+        ]
+
     def logs(self) -> str:
-        names = ["supervisord", "app", "monitor"]
-        if self.replicas > 1:
-            names = ["supervisord", "haproxy"] + [
-                f"{p}-{i}" for i in range(self.replicas) for p in ("app", "monitor")
-            ]
-        return "\n".join(f"--- {n} ---\n{self.log(n)[-3000:]}" for n in names)
+        return "\n".join(f"--- {n} ---\n{self.log(n)[-3000:]}" for n in self.log_names())
 
     def stop(self) -> None:
         """Graceful down, then make sure: nothing this stack started survives the test."""

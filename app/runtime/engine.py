@@ -117,6 +117,9 @@ class Engine:
     def position(self, job: Job) -> Optional[int]:
         return self.queue.position(job)
 
+    def forwards_ahead(self, job: Job) -> Optional[int]:
+        return self.queue.forwards_ahead(job)
+
     def _run(self) -> None:
         try:
             self.state = "loading"

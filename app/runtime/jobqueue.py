@@ -95,6 +95,18 @@ class JobQueue:
             key = (job.priority, job.seq)
             return sum(1 for j in self._waiting.values() if (j.priority, j.seq) < key)
 
+    def forwards_ahead(self, job: Job) -> Optional[int]:
+        """The denoising forwards still to run before `job` starts: every live job ahead of it, and
+        what is left of the batch running now (its jobs step together); None once it left the line.
+        Jobs ahead that will merge into one batch are counted apart: an ETA errs long, not short."""
+        with self.lock:
+            if job.seq not in self._waiting:
+                return None
+            key = (job.priority, job.seq)
+            ahead = sum(j.params.forwards for j in self._waiting.values() if (j.priority, j.seq) < key)
+            running = max((j.params.forwards - j.steps_done for j in self._running), default=0)
+            return ahead + max(running, 0)
+
     def cancel(self, job: Job) -> str:
         """ "queued": it left the line now; "running": it stops at the next denoising step (or, in a
         batch with others, is dropped from the results); "finished": too late."""

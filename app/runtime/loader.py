@@ -250,7 +250,7 @@ def _from_directory(settings: AppSettings, device: torch.device, dtype: torch.dt
     (diffusers' own loader was the longest part of a cold start; figures in docs/PERFORMANCE.md)."""
     from diffusers import ZImagePipeline
 
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype}  # diffusers 0.42 renamed torch_dtype (removed in 1.0)
     if settings.offload == "none":
         if settings.fast_load:
             try:

@@ -136,15 +136,14 @@ class JobBook:
         return body
 
     def _eta(self, record: JobRecord, state: str, done: int, total: int) -> Optional[float]:
-        """From the measured step time: the steps left of this job, and for a queued one the jobs
-        ahead of it (each counted at this job's step count: the queue's shapes are not known)."""
+        """From the measured step time: the steps left of this job, and for a queued one the steps
+        of the jobs ahead of it and what is left of the running batch."""
         step_s = self.service.engine.status().heartbeat.get("step_seconds_ewma")
         if not step_s:
             return None
         left = total - done
         if state == "queued":
-            ahead = self.service.engine.position(record.job) or 0
-            left += (ahead + 1) * total  # (+1: the one running now)
+            left += self.service.engine.forwards_ahead(record.job) or 0
         return round(left * step_s, 2)
 
     async def events(self, record: JobRecord) -> AsyncIterator[str]:

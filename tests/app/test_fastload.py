@@ -29,7 +29,7 @@ def model_dir(tmp_path_factory):
 def test_same_weights_buffers_and_dtypes_as_from_pretrained(model_dir, cls, sub, monkeypatch):
     monkeypatch.setattr(fastload, "READERS", 3)  # several ranges per file, as on the GPU
     monkeypatch.setattr(fastload, "CHUNK", 4096)
-    theirs = cls.from_pretrained(str(model_dir / sub), torch_dtype=torch.bfloat16)
+    theirs = cls.from_pretrained(str(model_dir / sub), dtype=torch.bfloat16)
     ours = fastload.build_model(cls, model_dir / sub, CPU, torch.bfloat16)
     a, b = theirs.state_dict(), ours.state_dict()
     assert a.keys() == b.keys() and len(a) > 10

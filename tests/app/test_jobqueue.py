@@ -10,8 +10,8 @@ from app.runtime.jobqueue import JobQueue
 from app.runtime.jobs import GenerationParams, Job
 
 
-def job(seq: int, priority: int = 1, images: int = 1) -> Job:
-    params = GenerationParams("p", "", 64, 64, 2, 0.0, images, seq)
+def job(seq: int, priority: int = 1, images: int = 1, steps: int = 2) -> Job:
+    params = GenerationParams("p", "", 64, 64, steps, 0.0, images, seq)
     return Job(params=params, request_id=f"r{seq}", priority=priority, seq=seq)
 
 
@@ -28,6 +28,21 @@ def test_positions_follow_priority_then_arrival_and_a_cancel_leaves_at_once():
     assert [q.position(j) for j in (jobs[0], jobs[2], jobs[3])] == [1, 2, 3]
     taken = [q.next_batch()[0] for _ in range(4)]
     assert taken == [urgent, jobs[0], jobs[2], jobs[3]]  # the cancelled one never comes up
+
+
+def test_forwards_ahead_count_each_job_ahead_at_its_own_steps_and_what_the_running_one_has_left():
+    q = JobQueue(queue_size=8, max_batch=1, retry_after=lambda waiting: 1)
+    long, short, mine = job(0, steps=40), job(1, steps=6), job(2, steps=8)
+    for j in (long, short, mine):
+        q.put(j)
+    assert q.forwards_ahead(long) == 0 and q.forwards_ahead(mine) == 40 + 6
+    assert q.next_batch() == [long]
+    long.steps_done = 30
+    assert q.forwards_ahead(short) == 10 and q.forwards_ahead(mine) == 10 + 6
+    q.put(urgent := job(9, priority=0, steps=3))  # the priority lane goes before everyone waiting
+    assert q.forwards_ahead(urgent) == 10 and q.forwards_ahead(mine) == 10 + 3 + 6
+    assert q.cancel(short) == "queued" and q.forwards_ahead(mine) == 10 + 3
+    assert q.next_batch() == [urgent] and q.forwards_ahead(urgent) is None
 
 
 def test_the_bound_refuses_clearly_but_not_the_priority_lane():

@@ -43,11 +43,16 @@ def test_liveness_timeouts_in_a_row_are_a_hang():
     assert detect_hang(h2, C) is None
 
 
-def test_refused_during_startup_is_not_a_hang_but_after_grace_it_is():
-    starting = [sample(t, live="refused", uptime=5 + t) for t in range(5)]
-    assert detect_hang(starting, C) is None
-    gone = [sample(t, live="refused", uptime=100 + t) for t in range(3)]
-    assert detect_hang(gone, C) is not None
+def test_refused_before_the_first_answer_is_a_start_until_the_grace_and_after_one_it_is_a_hang():
+    # a slow start (a loaded machine: 45 s of imports) is not killed, however long up to the grace
+    slow = [sample(t, live="refused", uptime=40 + t) for t in range(10)]
+    assert detect_hang(slow, C) is None
+    never = [sample(t, live="refused", uptime=C.startup_grace_s + t) for t in range(3)]
+    assert "refused" in detect_hang(never, C).reason
+    # a server that answered and then went away is gone at once, however young the process
+    gone = [sample(0, uptime=20)] + [sample(t, live="refused", uptime=20 + t) for t in range(1, 4)]
+    assert detect_hang(gone, C).evidence["failures"] == 3
+    assert detect_hang(gone[:3], C) is None  # two refusals are not three
 
 
 def test_failures_of_an_older_pid_do_not_count():
