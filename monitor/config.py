@@ -64,6 +64,11 @@ class MonitorSettings(BaseModel):
     # A process that has never answered liveness may refuse it this long (it is importing), never
     # less than ten times a normal start; once it has answered, a refusal means its server is gone.
     startup_grace_s: float = Field(180.0, ge=0)
+    # Answering liveness but not ready this long after the start, with no generation running nor
+    # torch.compile at work: a start stuck (a load from storage that never answers) is paged. A
+    # cold start that builds the AOT packages took 150–190 s on an H200 (docs/PERFORMANCE.md); under
+    # Kubernetes the pod's startupProbe (/readyz, 1200 s) kills it later, as the last resort.
+    ready_timeout_s: float = Field(600.0, gt=0)
 
     # hang
     hang_liveness_failures: int = Field(3, ge=1)  # consecutive timed-out liveness probes

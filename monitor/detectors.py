@@ -203,6 +203,33 @@ def _tail(history: Sequence[Sample], predicate) -> int:
     return count
 
 
+STARTING_STATES = ("starting", "loading", "warming")
+
+
+def detect_not_ready(last: Sample, cfg: MonitorSettings) -> Optional[Finding]:
+    """Up and answering liveness, but still starting ready_timeout_s after the process began, and
+    nothing to show for it: no generation running (a stalled warm-up is detect_hang's) and no
+    torch.compile at work. Without this a start stuck on storage is a silent hang: alive, never
+    ready, never reported. Reported, not killed: from outside it looks the same as a first AOT
+    build that is slow (it runs inside the load), and killing that would start it again from
+    nothing, forever."""
+    if last.program_state != "RUNNING" or not (last.live and last.live.ok) or last.ready is None:
+        return None
+    if last.ready.ok or last.uptime_s < cfg.ready_timeout_s or last.engine_state not in STARTING_STATES:
+        return None
+    hb = last.heartbeat
+    if hb is not None and (hb.busy or hb.compiling_since):
+        return None
+    return Finding(
+        kind=FindingKind.not_ready,
+        severity=Severity.critical,
+        action=Action.alert,
+        reason=f"not ready {last.uptime_s:.0f} s after the start (engine {last.engine_state}, "
+        f"bound {cfg.ready_timeout_s:.0f} s): a load stuck on storage, or a slow first build",
+        evidence={"pid": last.pid, "engine_state": last.engine_state, "uptime_s": round(last.uptime_s, 1)},
+    )
+
+
 def detect_memory(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Finding]:
     """The RSS limit (the memory limit supervisord cannot enforce) and leak-like growth."""
     if not history or history[-1].rss_bytes is None:
@@ -352,6 +379,7 @@ def detect_all(
         detect_not_running(history, cfg),
         detect_hang(history, cfg),
         detect_engine_unhealthy(last),
+        detect_not_ready(last, cfg),
         detect_crash_loop(unexpected_restarts, last, cfg),
         detect_oom_in_log(last),
         detect_memory(history, cfg),

@@ -1,5 +1,5 @@
 """deploy/k8s/zimage-serve.yaml: it parses, and its probes name the app's real endpoints with the
-meaning each has (startup and liveness on /healthz, readiness on /readyz), and the pod waits as
+meaning each has (liveness on /healthz, startup and readiness on /readyz), and the pod waits as
 long as supervisord does for a drain."""
 
 import configparser
@@ -9,6 +9,7 @@ import yaml
 
 from app.config import load_settings
 from app.web.api import create_app
+from monitor.config import MonitorSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,10 +35,14 @@ def test_the_probes_are_the_apps_endpoints(tmp_path):
         name: app_container[name]["httpGet"]["path"]
         for name in ("startupProbe", "livenessProbe", "readinessProbe")
     }
-    assert probes == {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    # startup on /readyz: /healthz answers while the model loads, so it would pass a stuck load
+    assert probes == {"startupProbe": "/readyz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
     assert set(probes.values()) <= routes
     startup = app_container["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # a first start compiles
+    window = startup["periodSeconds"] * startup["failureThreshold"]
+    assert window >= 600  # a first start compiles
+    # a stuck start is paged by the monitor (not_ready) before Kubernetes kills the pod
+    assert window > MonitorSettings.model_fields["ready_timeout_s"].default
     assert app_container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 

@@ -4,6 +4,7 @@ from monitor.detectors import (
     detect_engine_unhealthy,
     detect_hang,
     detect_memory,
+    detect_not_ready,
     detect_not_running,
     detect_oom_in_log,
     detect_vram_pressure,
@@ -180,6 +181,24 @@ def test_the_app_not_running_is_never_healthy():
 def test_engine_unhealthy_reported_by_the_app():
     assert detect_engine_unhealthy(sample(0, live="unhealthy")).action == "restart"
     assert detect_engine_unhealthy(sample(0)) is None
+
+
+def test_a_start_that_never_gets_ready_is_reported_once_past_the_bound_and_only_then():
+    c = cfg(ready_timeout_s=600)
+    stuck = sample(0, uptime=601, ready=False, engine_state="loading", busy=False)
+    found = detect_not_ready(stuck, c)
+    assert found.kind == "not_ready" and found.action == "alert" and "loading" in found.reason
+    assert detect_not_ready(sample(0, uptime=599, ready=False, engine_state="loading"), c) is None
+    assert detect_not_ready(sample(0, uptime=601, ready=True, engine_state="ready"), c) is None
+    # working at it: a warm-up generation (the stall bound judges it) or torch.compile
+    assert detect_not_ready(sample(0, uptime=601, ready=False, engine_state="warming", busy=True), c) is None
+    compiling = sample(0, uptime=601, ready=False, engine_state="warming", compiling_for=30)
+    assert detect_not_ready(compiling, c) is None
+    # not starting: draining or failed (engine_unhealthy's) or not answering (detect_hang's)
+    assert detect_not_ready(sample(0, uptime=601, ready=False, engine_state="ready"), c) is None
+    assert detect_not_ready(sample(0, uptime=601, ready=False, live="unhealthy"), c) is None
+    assert detect_not_ready(sample(0, uptime=601, ready=False, live="timeout"), c) is None
+    assert "not_ready" in [f.kind for f in detect_all([stuck], [], c)]
 
 
 def test_detect_all_orders_by_severity():
