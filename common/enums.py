@@ -65,7 +65,7 @@ class FindingKind(_Name):
     crash = "crash"
     crash_loop = "crash_loop"
     engine_unhealthy = "engine_unhealthy"
-    not_ready = "not_ready"  # up and answering, but never ready: a start stuck (storage, a rank)
+    not_ready = "not_ready"  # up and answering, but never ready: a start stuck (a load on storage)
     app_fatal = "app_fatal"
     app_down = "app_down"
     warmup_failed = "warmup_failed"

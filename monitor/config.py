@@ -61,8 +61,8 @@ class MonitorSettings(BaseModel):
 
     interval_s: float = Field(1.0, gt=0, le=60)
     probe_timeout_s: float = Field(1.5, gt=0, le=60)
-    # A process that has never answered liveness may refuse it this long (it is importing), never
-    # less than ten times a normal start; once it has answered, a refusal means its server is gone.
+    # A process that has never answered liveness may refuse it this long (it is importing: 6–16 s
+    # here, idle to busy; ~10× that); once it has answered, a refusal means its server is gone.
     startup_grace_s: float = Field(180.0, ge=0)
     # Answering liveness but not ready this long after the start, with no generation running nor
     # torch.compile at work: a start stuck (a load from storage that never answers) is paged. A
