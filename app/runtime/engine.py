@@ -127,19 +127,7 @@ class Engine:
             self.loras = lora_set_for(self.loaded.pipe, self.settings)
             if self.loaded.compiled:
                 self.heartbeat.compile_watch = compile_watch()
-            log.info(
-                "model loaded",
-                extra={
-                    "event": "model_loaded",
-                    "source": self.loaded.source,
-                    "device": str(self.loaded.device),
-                    "dtype": str(self.loaded.dtype),
-                    "quantize": self.loaded.quantize,
-                    "notes": self.loaded.notes,
-                    "seconds": round(self.loaded.load_seconds, 2),
-                    **self.loaded.phases,
-                },
-            )
+            log.info("model loaded", extra={"event": "model_loaded", **self.loaded.log_fields()})
             if self.settings.warmup:
                 self.state = "warming"
                 self.warmup = warm_up(self)
@@ -206,10 +194,23 @@ class Engine:
                 for j in live:  # (running it would fail again, or wait on a rank that is gone)
                     resolve(j.future, self.unhealthy_error())
             elif live:
-                self.generate_batch(live, served=True)
+                try:
+                    self.generate_batch(live, served=True)
+                except Exception as exc:  # past generate_batch's own handling: a bug, not a request's
+                    self._thread_failed(exc, live)
             self.queue.done()
         if self.link is not None and self.state == "ready":
             self.link.share(None)  # the other ranks exit (0) once the drain is over
+
+    def _thread_failed(self, exc: Exception, batch: list[Job]) -> None:
+        """The serving loop must outlive any error: a dead engine thread with state "ready" would
+        answer probes while every request waited for its timeout, a hang nobody sees. Unhealthy
+        instead: /healthz 503 (the monitor's engine_unhealthy replaces the app), and this batch and
+        the queued ones get 503 + Retry-After, which a balancer retries elsewhere."""
+        self.state, self.state_reason = "unhealthy", f"engine error: {exc.__class__.__name__}: {exc}"[:200]
+        log.exception("engine loop error", extra={"event": "engine_loop_error"})
+        for job in batch:
+            resolve(job.future, self.unhealthy_error())
 
     def generate_batch(self, batch: list[Job], probe: bool = False, served: bool = False) -> str:
         """Run `batch`, resolve its jobs and say what it came to (selfcheck.OK, FAILED, OOM or OTHER).

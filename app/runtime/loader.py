@@ -70,6 +70,18 @@ class LoadedPipeline:
     def phases(self) -> dict[str, float]:
         return self.report.phases
 
+    def log_fields(self) -> dict:
+        """What the "model loaded" log line says of it."""
+        return {
+            "source": self.source,
+            "device": str(self.device),
+            "dtype": str(self.dtype),
+            "quantize": self.quantize,
+            "notes": self.notes,
+            "seconds": round(self.load_seconds, 2),
+            **self.phases,
+        }
+
     @property
     def exec_device(self) -> torch.device:
         """Where generators and latents live: offloaded pipelines still compute on the accelerator."""

@@ -160,6 +160,24 @@ def test_fatal_cuda_error_marks_the_engine_unhealthy(tmp_path):
         engine.stop()
 
 
+def test_an_error_past_the_generation_makes_the_engine_unhealthy_not_a_dead_thread(tmp_path):
+    engine = make_engine(tmp_path)
+    try:
+
+        def broken_hook(*_):  # a bug in code after the generation (here the metrics hook)
+            raise RuntimeError("hook bug")
+
+        engine.on_batch_done = broken_hook
+        with pytest.raises(errors.EngineUnhealthy):
+            run(engine, params())  # answered (503 + Retry-After), not left to its timeout
+        assert engine.state == "unhealthy" and "hook bug" in engine.state_reason
+        assert engine._thread.is_alive()  # the loop goes on, answering what is queued
+        with pytest.raises(errors.EngineUnhealthy):
+            engine.submit(params())
+    finally:
+        engine.stop()
+
+
 def test_a_failed_warm_up_fails_the_start_instead_of_reporting_ready(tmp_path):
     settings = make_settings(tmp_path)
     faults = FaultInjector(enabled=True)
