@@ -66,6 +66,7 @@ class FindingKind(_Name):
     crash_loop = "crash_loop"
     engine_unhealthy = "engine_unhealthy"
     not_ready = "not_ready"  # up and answering, but never ready: a start stuck (a load on storage)
+    drain_abandoned = "drain_abandoned"  # drained for a restart that nobody finished (its driver died)
     app_fatal = "app_fatal"
     app_down = "app_down"
     warmup_failed = "warmup_failed"

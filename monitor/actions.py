@@ -113,7 +113,13 @@ class Actions:
     def graceful_restart(self) -> ActionResult:
         started = time.perf_counter()
         old_pid = self._pid()
-        drained = self._drain()
+        try:
+            drained = self._drain()
+        except BaseException:
+            # Interrupted before the stop (an operator's Ctrl-C on zimagectl restart): nothing was
+            # restarted, so the app serves again instead of staying drained with nobody to finish.
+            self._set_drain(False)
+            raise
         self.supervisor.stop(self.program, wait=False)  # TERM: the app drains what is left and exits 0
         stopped = self._wait_state({"STOPPED", "EXITED", "FATAL"}, self.cfg.stop_timeout_s)
         if not stopped:
@@ -126,16 +132,21 @@ class Actions:
             f"drained={drained}" + ("" if stopped else ", stop timed out: killed"),
         )
 
-    def _drain(self) -> bool:
-        """Readiness off (a balancer stops sending work), then wait for in-flight work to finish."""
+    def _set_drain(self, enable: bool) -> bool:
         try:
             httpx.post(
                 self.app_url + "/admin/drain",
-                json={"enable": True},
+                json={"enable": enable},
                 headers=self._admin_headers(),
                 timeout=self.cfg.probe_timeout_s * 2,
             )
+            return True
         except httpx.HTTPError:
+            return False
+
+    def _drain(self) -> bool:
+        """Readiness off (a balancer stops sending work), then wait for in-flight work to finish."""
+        if not self._set_drain(True):
             return False
 
         def drained() -> Optional[str]:

@@ -12,7 +12,7 @@ from typing import Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from common.configfile import load_section, resolve_under
+from common.configfile import ConfigError, load_section, resolve_under
 from common.contract import check_timeout_chain, load_app_contract, supervisor_stopwaitsecs
 from common.cuda_markers import FATAL_CUDA_MARKERS, OOM_MARKERS
 from common.replicas import Replica
@@ -112,6 +112,12 @@ class MonitorSettings(BaseModel):
     backoff_initial_s: float = Field(10.0, ge=0)
     backoff_max_s: float = Field(300.0, ge=0)
     drain_wait_s: float = Field(150.0, ge=0)  # graceful restart: wait for in-flight work this long
+    # Drained (readiness off) this long outside a maintenance mark: the restart it began was never
+    # finished (a `zimagectl restart` interrupted or killed between its drain and its stop), and
+    # the app refuses work until someone does: the monitor finishes it. Longer than any drain still
+    # in progress: the app's own on SIGTERM ends in its exit within app.drain_timeout_s (checked at
+    # load), and the monitor's own drain runs inside one of its ticks.
+    drain_abandoned_s: float = Field(300.0, gt=0)
     stop_timeout_s: float = Field(200.0, gt=0)  # > supervisord's stopwaitsecs
     resolve_quiet_samples: int = Field(3, ge=1)  # an incident resolves after this many clean samples
 
@@ -182,6 +188,11 @@ def load_monitor_settings(env: Mapping[str, str] | None = None, **overrides) -> 
     check_timeout_chain(
         app.request_timeout_s, app.drain_timeout_s, supervisor_stopwaitsecs(), settings.stop_timeout_s
     )
+    if settings.drain_abandoned_s <= app.drain_timeout_s:
+        raise ConfigError(
+            f"invalid timeouts: monitor.drain_abandoned_s ({settings.drain_abandoned_s:g} s) must be > "
+            f"app.drain_timeout_s ({app.drain_timeout_s:g} s), or the monitor restarts an app still draining"
+        )
     return settings
 
 

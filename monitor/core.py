@@ -22,7 +22,8 @@ from typing import Optional
 from common.enums import Action, FindingKind, Severity
 from monitor import policy as pol
 from monitor.config import MonitorSettings
-from monitor.detectors import Finding, detect_all
+from monitor.detectors import detect_all
+from monitor.findings import Finding
 from monitor.samples import Sample
 from monitor.state import (  # noqa: F401  (the state machine's vocabulary, re-exported for callers)
     ActionDone,

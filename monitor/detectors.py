@@ -4,23 +4,15 @@ history; Sample.wall is compared with the app's own epoch timestamps and the jou
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from common.enums import TIER_RANK, Action, FindingKind, Severity
 from monitor.config import MonitorSettings
+from monitor.findings import Finding
+from monitor.memory_detectors import detect_memory, detect_vram_pressure
 from monitor.samples import Sample
 
 DOWN_STATES = ("STOPPED", "EXITED", "BACKOFF")
-
-
-@dataclass
-class Finding:
-    kind: FindingKind
-    severity: Severity
-    reason: str  # one sentence for humans
-    action: Action  # the tier this finding asks for
-    evidence: dict = field(default_factory=dict)
 
 
 def detect_oom_in_log(sample: Sample) -> Optional[Finding]:
@@ -41,70 +33,6 @@ def detect_oom_in_log(sample: Sample) -> Optional[Finding]:
             "pid": sample.pid,
         },
     )
-
-
-def detect_vram_pressure(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Finding]:
-    """Used/total above the threshold for N samples, or a rising trend that crosses it soon."""
-    gpu = [s for s in history if s.gpu_total_bytes]
-    if not gpu:
-        return None  # no GPU (or NVML absent): this rule stays quiet
-    last = gpu[-1]
-    frac = last.gpu_used_bytes / last.gpu_total_bytes
-    evidence = {
-        "used_bytes": last.gpu_used_bytes,
-        "total_bytes": last.gpu_total_bytes,
-        "used_fraction": round(frac, 4),
-        "app_bytes": last.gpu_app_bytes,
-        "threshold": cfg.vram_threshold,
-        "gpu": last.gpu_name,
-    }
-    recent = gpu[-cfg.vram_samples :]
-    if len(recent) >= cfg.vram_samples and all(
-        s.gpu_used_bytes / s.gpu_total_bytes >= cfg.vram_threshold for s in recent
-    ):
-        return Finding(
-            kind=FindingKind.vram_pressure,
-            severity=Severity.warning,
-            action=Action.free_cache,
-            evidence=evidence,
-            reason=f"GPU memory at {frac:.0%} (≥ {cfg.vram_threshold:.0%}) for {len(recent)} samples",
-        )
-    # The trend only counts while the app is serving: loading a model is memory rising on purpose.
-    window = [
-        s for s in gpu if s.now >= last.now - cfg.vram_trend_window_s and s.ready is not None and s.ready.ok
-    ]
-    slope = _slope([(s.now, s.gpu_used_bytes / s.gpu_total_bytes) for s in window])
-    if (
-        slope is not None
-        and slope > 0
-        and len(window) >= max(3, cfg.vram_samples)
-        and window[-1].now - window[0].now >= cfg.vram_trend_window_s / 2
-    ):
-        eta = (cfg.vram_threshold - frac) / slope
-        if 0 < eta <= cfg.vram_trend_horizon_s:
-            evidence.update(trend_per_s=round(slope, 6), crosses_in_s=round(eta, 1))
-            return Finding(
-                kind=FindingKind.vram_pressure,
-                severity=Severity.warning,
-                action=Action.free_cache,
-                evidence=evidence,
-                reason=f"GPU memory at {frac:.0%} and rising: crosses {cfg.vram_threshold:.0%} "
-                f"in about {eta:.0f} s (precursor)",
-            )
-    return None
-
-
-def _slope(points: list[tuple[float, float]]) -> Optional[float]:
-    """Least-squares slope; None for fewer than 2 distinct times."""
-    if len(points) < 2:
-        return None
-    n = len(points)
-    mean_t = sum(t for t, _ in points) / n
-    mean_v = sum(v for _, v in points) / n
-    var = sum((t - mean_t) ** 2 for t, _ in points)
-    if var == 0:
-        return None
-    return sum((t - mean_t) * (v - mean_v) for t, v in points) / var
 
 
 def stall_bound(hb, cfg: MonitorSettings) -> float:
@@ -230,49 +158,25 @@ def detect_not_ready(last: Sample, cfg: MonitorSettings) -> Optional[Finding]:
     )
 
 
-def detect_memory(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Finding]:
-    """The RSS limit (the memory limit supervisord cannot enforce) and leak-like growth."""
-    if not history or history[-1].rss_bytes is None:
+def detect_drain_abandoned(last: Sample, cfg: MonitorSettings) -> Optional[Finding]:
+    """Drained for a restart drain_abandoned_s ago and still running: whoever drained it (a
+    `zimagectl restart` interrupted between its drain and its stop, or killed with its terminal) is
+    gone, and the app refuses all work until the restart happens. The monitor finishes it: a graceful
+    restart (the drain is already done), warmed and checked like any other. A drain inside a
+    maintenance mark is never seen here (the core does not judge planned windows)."""
+    if last.program_state != "RUNNING" or not (last.live and last.live.ok):
         return None
-    last = history[-1]
-    rss_mb = last.rss_bytes / 2**20
-    if cfg.rss_limit_mb is not None and rss_mb > cfg.rss_limit_mb:
-        return Finding(
-            kind=FindingKind.memory_limit,
-            severity=Severity.error,
-            action=Action.restart,
-            reason=f"app RSS {rss_mb:.0f} MiB is over the limit {cfg.rss_limit_mb} MiB",
-            evidence={"rss_bytes": last.rss_bytes, "limit_mb": cfg.rss_limit_mb, "pid": last.pid},
-        )
-    # Growth counts only while the app serves: loading a model grows RSS on purpose.
-    same = [
-        s
-        for s in history
-        if s.pid == last.pid
-        and s.rss_bytes is not None
-        and s.ready is not None
-        and s.ready.ok
-        and s.now >= last.now - cfg.leak_window_s
-    ]
-    if not same or last.now - same[0].now < cfg.leak_min_span_s:
+    drained_s = last.draining_for_s
+    if drained_s is None or drained_s < cfg.drain_abandoned_s:
         return None
-    low = min(same, key=lambda s: s.rss_bytes)
-    growth_mb = (last.rss_bytes - low.rss_bytes) / 2**20
-    if growth_mb > cfg.leak_growth_mb and low.now < last.now:
-        return Finding(
-            kind=FindingKind.leak,
-            severity=Severity.warning,
-            action=Action.restart,
-            reason=f"app RSS grew {growth_mb:.0f} MiB in {last.now - low.now:.0f} s "
-            f"(limit {cfg.leak_growth_mb} MiB per {cfg.leak_window_s:.0f} s)",
-            evidence={
-                "rss_bytes": last.rss_bytes,
-                "low_rss_bytes": low.rss_bytes,
-                "growth_mb": round(growth_mb, 1),
-                "pid": last.pid,
-            },
-        )
-    return None
+    return Finding(
+        kind=FindingKind.drain_abandoned,
+        severity=Severity.error,
+        action=Action.restart,
+        reason=f"drained for a restart {drained_s:.0f} s ago and still running (bound "
+        f"{cfg.drain_abandoned_s:.0f} s): the restart was never finished; finishing it",
+        evidence={"pid": last.pid, "draining_s": round(drained_s, 1)},
+    )
 
 
 def detect_engine_unhealthy(sample: Sample) -> Optional[Finding]:
@@ -380,6 +284,7 @@ def detect_all(
         detect_hang(history, cfg),
         detect_engine_unhealthy(last),
         detect_not_ready(last, cfg),
+        detect_drain_abandoned(last, cfg),
         detect_crash_loop(unexpected_restarts, last, cfg),
         detect_oom_in_log(last),
         detect_memory(history, cfg),

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from common.enums import Severity
-from monitor.detectors import Finding
+from monitor.findings import Finding
 
 # Incidents that resolve by an operator's hand or the event that ends them, not by quiet samples.
 HELD_KINDS = ("restart_budget_exhausted",)

@@ -8,7 +8,7 @@ from typing import Optional
 
 from common.enums import Action
 from monitor.config import MonitorSettings
-from monitor.detectors import Finding
+from monitor.findings import Finding
 
 RESTARTING_ACTIONS = tuple(a for a in Action if a.restarts_app)
 

@@ -13,6 +13,7 @@ import httpx
 import psutil
 
 from common.gpu import GpuReader
+from common.maintenance import mark_status, owner_alive, read_mark
 from common.supervisor_client import SupervisorClient, SupervisorUnavailable
 from monitor.logwatch import LogFollower
 from monitor.samples import HttpResult, Sample
@@ -76,6 +77,7 @@ class Probes:
         # A fresh connection per probe: a keep-alive socket to a stopped process would hide a hang.
         self.http = httpx.Client(headers={"connection": "close"})
         self.latencies: dict[str, float] = {}
+        self._voided_mark: Optional[float] = None  # the `until` of the last mark voided (told once)
 
     def sample(self, now: float, wall: float) -> Sample:
         s = Sample(now=now, wall=wall)
@@ -145,14 +147,24 @@ class Probes:
         return sum(1 for url in self.peer_urls if http_get(self.http, url + "/readyz", timeout).ok)
 
     def maintenance(self, wall: float) -> Optional[dict]:
-        """An operator's maintenance window (zimagectl restart/down): observe, but do not heal."""
-        if not self.maintenance_file:
+        """An operator's maintenance window (zimagectl restart/down): observe, but do not heal. A
+        mark whose writer is gone is void (common/maintenance.py): said once, then ignored."""
+        data = read_mark(self.maintenance_file) if self.maintenance_file else None
+        if data is None:
             return None
-        try:
-            data = json.loads(self.maintenance_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return data if data.get("until", 0) > wall else None
+        in_force, why = mark_status(data, wall, owner_alive)
+        if why == "owner gone" and self._voided_mark != data.get("until"):
+            self._voided_mark = data.get("until")
+            log.warning(
+                "maintenance mark void: the command that set it is gone",
+                extra={
+                    "event": "maintenance_void",
+                    "reason": str(data.get("reason"))[:80],
+                    "owner_pid": (data.get("owner") or {}).get("pid"),
+                    "seconds_left": round(data["until"] - wall, 1),
+                },
+            )
+        return data if in_force else None
 
     def receiver_down_until(self, wall: float) -> Optional[float]:
         """`zimagectl chaos receiver-down` (fault injection only): until when alerts cannot be delivered."""

@@ -68,6 +68,13 @@ class Sample:
             return self.live.body.get("state")
         return None
 
+    @property
+    def draining_for_s(self) -> Optional[float]:
+        """How long the app has been drained for a restart, by its clock against ours (None: not
+        draining, or an app too old to say since when)."""
+        since = (self.live.body or {}).get("draining_since") if self.live else None
+        return max(0.0, self.wall - since) if isinstance(since, (int, float)) else None
+
     def summary(self) -> dict:
         return {
             "program_state": self.program_state,

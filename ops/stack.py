@@ -3,11 +3,9 @@ app, and the waits `zimagectl` needs (each with a deadline)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -16,6 +14,7 @@ import httpx
 
 from app.config import AppSettings, load_settings
 from common.configfile import home_dir
+from common.maintenance import write_mark
 from common.replicas import REPLICAS_ENV, Replica, layout, replica_count
 from common.supervisor_client import SupervisorClient, SupervisorUnavailable
 from common.tokenfile import bearer_headers, read_token
@@ -99,9 +98,7 @@ class Stack:
         """Tell the monitor(s) a stop or a pid change is planned: observe, do not heal. Every
         replica's monitor, or only `replica`'s."""
         for r in [replica] if replica else self.replicas:
-            path = self.monitor_for(r).maintenance_file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"until": time.time() + seconds, "reason": reason}))
+            write_mark(self.monitor_for(r).maintenance_file, seconds, reason)
 
     def clear_maintenance(self, replica: Optional[Replica] = None) -> None:
         for r in [replica] if replica else self.replicas:

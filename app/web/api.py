@@ -267,6 +267,7 @@ def create_app(
             "reason": status.reason,
             "ready": service.ready,
             "draining": service.draining,
+            "draining_since": service.draining_since,
             "queue_waiting": status.waiting,
             "in_flight": service.in_flight,
             "jobs": book.counts(),
@@ -338,7 +339,11 @@ def create_app(
 
     @app.post("/admin/drain", tags=["admin"], dependencies=[Depends(require_admin_token)])
     async def admin_drain(body: DrainRequest):
-        service.draining = body.enable
+        if not body.enable and service.shutting_down:
+            return error_response(
+                409, "shutting_down", "the process is exiting (SIGTERM): its drain cannot be lifted"
+            )
+        service.set_draining(body.enable)
         log.warning(
             "drain %s by admin",
             "on" if body.enable else "off",

@@ -34,7 +34,7 @@ class DrainingServer(uvicorn.Server):
             now = time.monotonic()
             if self.drain_started_at is None:
                 self.drain_started_at = now
-                self.service.draining = True
+                self.service.begin_shutdown()
                 log.warning(
                     "drain started",
                     extra={

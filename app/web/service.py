@@ -43,10 +43,30 @@ class GenerationService:
         self.metrics = metrics
         self.limits = Limits.from_settings(settings)
         self.request_model = build_request_model(self.limits)
-        self.draining = False
+        # Wall-clock time readiness went off for a restart (None: not draining). Shown on /healthz so
+        # the monitor can tell a drain someone is finishing from one whose driver died halfway.
+        self.draining_since: Optional[float] = None
+        self.shutting_down = False  # SIGTERM received: the drain ends in the process's exit
         self.in_flight = 0  # requests inside generate(), waiting or running or saving
         self.history = history
         self.lora_library = LoraLibrary(settings.lora_dir) if settings.lora_dir is not None else None
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
+
+    def set_draining(self, enable: bool) -> bool:
+        """Readiness off (or back on). A process shutting down stays drained: lifting the drain
+        would put a process about to exit back into a balancer's pool. Returns the state now."""
+        if enable and self.draining_since is None:
+            self.draining_since = time.time()
+        elif not enable and not self.shutting_down:
+            self.draining_since = None
+        return self.draining
+
+    def begin_shutdown(self) -> None:
+        self.shutting_down = True
+        self.set_draining(True)
 
     @property
     def ready(self) -> bool:

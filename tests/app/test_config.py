@@ -90,6 +90,10 @@ def test_help_says_where_configuration_comes_from_and_unknown_arguments_fail(mod
             "app.drain_timeout_s (180 s) must be < supervisord stopwaitsecs",
         ),
         ({"ZIMAGE_MONITOR_STOP_TIMEOUT_S": "170"}, "must be < monitor.stop_timeout_s (170 s)"),
+        (
+            {"ZIMAGE_MONITOR_DRAIN_ABANDONED_S": "150"},
+            "monitor.drain_abandoned_s (150 s) must be > app.drain_timeout_s (150 s)",
+        ),
     ],
 )
 def test_a_broken_timeout_chain_is_one_clear_line(tmp_path, env, needle):
@@ -110,6 +114,7 @@ def test_the_defaults_keep_the_timeout_chain(tmp_path):
     env = {"ZIMAGE_CONFIG": str(tmp_path / "none.toml")}
     app, monitor = load_settings(env), load_monitor_settings(env)
     assert app.request_timeout_s <= app.drain_timeout_s < supervisor_stopwaitsecs() < monitor.stop_timeout_s
+    assert app.drain_timeout_s < monitor.drain_abandoned_s
 
 
 def test_lora_dir_must_be_a_directory_and_does_not_combine_with_fp8(tmp_path):

@@ -31,6 +31,7 @@ def sample(
     warm=True,
     stage_slowest="step_max",
     compiling_for=None,
+    draining_for=None,
 ) -> Sample:
     """One tick's sample. A stopped process (status="stopped") is not probed: live is None then."""
     wall = 1_000_000.0 + now
@@ -53,7 +54,10 @@ def sample(
             "steps_total": 9,
             "request_ids": ["r1"] if busy else [],
         }
-        live_result = HttpResult(ok=True, status=200, body={"state": engine_state, "heartbeat": hb})
+        body = {"state": engine_state, "heartbeat": hb}
+        if draining_for is not None:
+            body.update(draining=True, draining_since=wall - draining_for)
+        live_result = HttpResult(ok=True, status=200, body=body)
     elif live == "unhealthy":
         live_result = HttpResult(
             ok=False,

@@ -1,6 +1,7 @@
 from monitor.detectors import (
     detect_all,
     detect_crash_loop,
+    detect_drain_abandoned,
     detect_engine_unhealthy,
     detect_hang,
     detect_memory,
@@ -199,6 +200,25 @@ def test_a_start_that_never_gets_ready_is_reported_once_past_the_bound_and_only_
     assert detect_not_ready(sample(0, uptime=601, ready=False, live="unhealthy"), c) is None
     assert detect_not_ready(sample(0, uptime=601, ready=False, live="timeout"), c) is None
     assert "not_ready" in [f.kind for f in detect_all([stuck], [], c)]
+
+
+def test_a_drain_nobody_finishes_is_a_restart_past_the_bound_and_only_then():
+    c = cfg(drain_abandoned_s=300)
+    left = sample(0, ready=False, draining_for=301)
+    found = detect_drain_abandoned(left, c)
+    assert found.kind == "drain_abandoned" and found.action == "restart" and "301 s" in found.reason
+    assert found.evidence["draining_s"] == 301
+    assert "drain_abandoned" in [f.kind for f in detect_all([left], [], c)]
+    # a drain still in progress, or none
+    assert detect_drain_abandoned(sample(0, ready=False, draining_for=299), c) is None
+    assert detect_drain_abandoned(sample(0), c) is None
+    # supervisord stopping it (its SIGTERM drain ends in an exit), or the app not answering (the
+    # hang rules judge that), or an app that does not say since when it drains
+    assert detect_drain_abandoned(sample(0, state="STOPPING", ready=False, draining_for=900), c) is None
+    assert detect_drain_abandoned(sample(0, live="timeout", ready=False), c) is None
+    old_app = sample(0, ready=False, draining_for=900)
+    del old_app.live.body["draining_since"]
+    assert detect_drain_abandoned(old_app, c) is None
 
 
 def test_detect_all_orders_by_severity():

@@ -1,4 +1,4 @@
-from monitor.detectors import Finding
+from monitor.findings import Finding
 from monitor.incidents import IncidentBook
 
 

@@ -1,4 +1,4 @@
-from monitor.detectors import Finding
+from monitor.findings import Finding
 from monitor.policy import PolicyState, backoff_seconds, decide, record, reset_circuit
 from tests.monitor.factories import cfg
 
