@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("app", settings.log_level, secrets=[settings.api_token or "", settings.admin_token or ""])
     from app import ranks
 
-    ranks.start(settings)  # parallel = "context": the other ranks, before anything touches CUDA
+    group = ranks.start(settings)  # parallel = "context": the other ranks, before anything touches CUDA
     from app.runtime import start_weight_prefetch
 
     # The weights start streaming to the GPU now, under the imports below (docs/PERFORMANCE.md).
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     serve(create_app(settings, with_ui=settings.ui, start_engine=True), settings)
+    if group is not None:
+        group.stop()
     log.info("stopped", extra={"event": "stopped"})
     return 0
 

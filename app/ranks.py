@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Optional
 
 from app.config import AppSettings
@@ -27,6 +28,7 @@ from app.config import AppSettings
 log = logging.getLogger(__name__)
 
 RANK_EXITED = 70  # rank 0's exit status when another rank died: supervisord restarts the group
+STOP_WAIT_S = 15.0  # after rank 0's drain, for the others to exit (they were told to): then killed
 
 _PR_SET_PDEATHSIG = 1
 
@@ -65,6 +67,7 @@ def _free_port() -> int:
 class Ranks:
     def __init__(self, procs: list[subprocess.Popen]):
         self.procs = procs
+        self.stopping = False
 
     def watch(self) -> None:
         for rank, proc in enumerate(self.procs, start=1):
@@ -72,10 +75,9 @@ class Ranks:
                 target=self._wait, args=(rank, proc), name=f"rank{rank}-watch", daemon=True
             ).start()
 
-    @staticmethod
-    def _wait(rank: int, proc: subprocess.Popen) -> None:
+    def _wait(self, rank: int, proc: subprocess.Popen) -> None:
         code = proc.wait()
-        if code == 0:  # told to stop by rank 0 (its drain is over)
+        if code == 0 or self.stopping:  # told to stop by rank 0 (its drain is over), or stopped below
             return
         log.critical(
             "a context-parallel rank exited; restarting the group",
@@ -83,6 +85,21 @@ class Ranks:
         )
         logging.shutdown()
         os._exit(RANK_EXITED)
+
+    def stop(self, timeout_s: float = STOP_WAIT_S) -> None:
+        """Once rank 0 has served its last request (the ranks were told to stop): wait for them, so
+        the whole group is gone, and its GPUs free, when supervisord sees the program stopped and
+        starts the next one. PDEATHSIG alone left a rank still exiting (seen in CI) or unreaped.
+        A rank that does not stop in time (never told: the engine never got ready) is killed."""
+        self.stopping = True
+        deadline = time.monotonic() + timeout_s
+        for rank, proc in enumerate(self.procs, start=1):
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("a rank did not stop: killed", extra={"event": "rank_killed", "rank": rank})
+                proc.kill()
+                proc.wait()
 
 
 def start(settings: AppSettings, env=os.environ) -> Optional[Ranks]:
