@@ -67,6 +67,7 @@ class FindingKind(_Name):
     engine_unhealthy = "engine_unhealthy"
     not_ready = "not_ready"  # up and answering, but never ready: a start stuck (a load on storage)
     drain_abandoned = "drain_abandoned"  # drained for a restart that nobody finished (its driver died)
+    monitor_stalled = "monitor_stalled"  # the monitor's own loop wedged; its watchdog replaced it
     app_fatal = "app_fatal"
     app_down = "app_down"
     warmup_failed = "warmup_failed"

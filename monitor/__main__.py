@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         secrets=[cfg.webhook_secret or "", app_cfg.api_token or "", app_cfg.admin_token or ""]
         + [t.routing_key or "" for t in cfg.webhooks],
     )
+    from monitor.selfwatch import MARKER_NAME, LoopWatchdog
+
+    # First, before anything that could hang (NVML's init): a wedged monitor exits for a new one.
+    stall_marker = cfg.journal_file.parent / MARKER_NAME
+    watchdog = LoopWatchdog(cfg.loop_stall_s, stall_marker).start()
     from common.gpu import open_gpu_reader
     from common.supervisor_client import SupervisorClient
     from monitor import core
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.maintenance_file,
         chaos_file,
         peer_urls=peers,
+        stall_marker=stall_marker,
     )
     monitor = None
     actions = Actions(
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     monitor = Monitor(cfg, probes, actions, journal, metrics, state=state)
     actions.idle = monitor.drain_events
+    monitor.beat = watchdog.beat
     follower.wake = monitor.wake
     follower.start_watching()
     courier = Courier(
@@ -137,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         monitor.run()
     finally:
+        watchdog.stop()
         follower.stop()
         courier.stop(timeout=3.0)
         probes.close()

@@ -119,6 +119,10 @@ class MonitorSettings(BaseModel):
     # load), and the monitor's own drain runs inside one of its ticks.
     drain_abandoned_s: float = Field(300.0, gt=0)
     stop_timeout_s: float = Field(200.0, gt=0)  # > supervisord's stopwaitsecs
+    # The monitor's own loop silent this long (a call that never returns: NVML into a wedged
+    # driver, /proc of a process stuck in the kernel): its watchdog exits it for a new one
+    # (monitor/selfwatch.py). Above the longest single call an action makes (the warm-up request).
+    loop_stall_s: float = Field(300.0, gt=0)
     resolve_quiet_samples: int = Field(3, ge=1)  # an incident resolves after this many clean samples
 
     # warm-up after every restart
@@ -188,6 +192,12 @@ def load_monitor_settings(env: Mapping[str, str] | None = None, **overrides) -> 
     check_timeout_chain(
         app.request_timeout_s, app.drain_timeout_s, supervisor_stopwaitsecs(), settings.stop_timeout_s
     )
+    if settings.loop_stall_s <= settings.warmup_timeout_s + settings.interval_s:
+        raise ConfigError(
+            f"invalid timeouts: monitor.loop_stall_s ({settings.loop_stall_s:g} s) must be > "
+            f"monitor.warmup_timeout_s + interval_s ({settings.warmup_timeout_s + settings.interval_s:g} s), "
+            "or the watchdog ends a monitor waiting on a warm-up"
+        )
     if settings.drain_abandoned_s <= app.drain_timeout_s:
         raise ConfigError(
             f"invalid timeouts: monitor.drain_abandoned_s ({settings.drain_abandoned_s:g} s) must be > "

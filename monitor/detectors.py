@@ -274,6 +274,22 @@ def detect_capacity(history: Sequence[Sample], cfg: MonitorSettings) -> Optional
     )
 
 
+def detect_monitor_stalled(last: Sample) -> Optional[Finding]:
+    """The monitor before this one wedged (its loop silent past loop_stall_s) and its watchdog
+    replaced it: nothing was healed meanwhile, so on-call hears of it, and where it hung."""
+    stalled = last.monitor_stalled
+    if not stalled:
+        return None
+    return Finding(
+        kind=FindingKind.monitor_stalled,
+        severity=Severity.error,
+        action=Action.alert,
+        reason=f"the monitor's loop was stuck {stalled.get('silent_s')} s (bound {stalled.get('bound_s')} s) "
+        f"in {stalled.get('where')}; its watchdog replaced it and healing resumed",
+        evidence=dict(stalled),
+    )
+
+
 def detect_all(
     history: Sequence[Sample], unexpected_restarts: Sequence[float], cfg: MonitorSettings
 ) -> list[Finding]:
@@ -290,6 +306,7 @@ def detect_all(
         detect_memory(history, cfg),
         detect_vram_pressure(history, cfg),
         detect_capacity(history, cfg),
+        detect_monitor_stalled(last),
     ]
     found = [f for f in candidates if f is not None]
     return sorted(found, key=lambda f: -f.severity.rank)

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Callable, Optional
 
+from common.enums import FindingKind
 from monitor import core
 from monitor.actions import ActionResult, Actions
 from monitor.alerts import Courier
@@ -46,6 +47,7 @@ class Monitor:
         self.wall = wall
         self.courier: Optional[Courier] = None
         self.started_at = wall()
+        self.beat: Callable[[], None] = lambda: None  # the loop watchdog's (monitor/selfwatch.py)
 
     # ---- what other threads may call -------------------------------------------------------------
     def post(self, event: core.Event) -> None:
@@ -75,6 +77,8 @@ class Monitor:
                 next_tick = 0.0  # the log follower saw new lines: read them now, not at the next interval
 
     def drain_events(self) -> None:
+        """Each turn of the loop, and each poll of an action's waits: the loop is making progress."""
+        self.beat()
         while True:
             try:
                 event = self.events.get_nowait()
@@ -92,6 +96,8 @@ class Monitor:
             self.metrics.probe_latency.labels(probe=name).observe(seconds)
         maintenance = self.probes.maintenance(wall)
         self.apply(core.Observe(sample, maintenance))
+        if sample.monitor_stalled and FindingKind.monitor_stalled in self.state.book.open:
+            self.probes.ack_stalled()  # the last monitor's stall is an incident in the journal now
         self._publish(sample, maintenance)
 
     def apply(self, event: core.Event) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,7 @@ from common.maintenance import mark_status, owner_alive, read_mark
 from common.supervisor_client import SupervisorClient, SupervisorUnavailable
 from monitor.logwatch import LogFollower
 from monitor.samples import HttpResult, Sample
+from monitor.selfwatch import read_marker
 
 log = logging.getLogger("monitor.probes")
 
@@ -64,6 +66,7 @@ class Probes:
         maintenance_file: Optional[Path] = None,
         chaos_file: Optional[Path] = None,
         peer_urls: tuple[str, ...] = (),
+        stall_marker: Optional[Path] = None,
     ):
         self.app_url = app_url.rstrip("/")
         self.supervisor = supervisor
@@ -78,9 +81,13 @@ class Probes:
         self.http = httpx.Client(headers={"connection": "close"})
         self.latencies: dict[str, float] = {}
         self._voided_mark: Optional[float] = None  # the `until` of the last mark voided (told once)
+        self.stall_marker = stall_marker
+        self.stalled_before = read_marker(stall_marker) if stall_marker else None
 
     def sample(self, now: float, wall: float) -> Sample:
-        s = Sample(now=now, wall=wall)
+        if self._chaos().get("probe_stall_pid") == os.getpid():
+            time.sleep(86400)  # fault injection: a probe that never returns, as into a wedged driver
+        s = Sample(now=now, wall=wall, monitor_stalled=self.stalled_before)
         t0 = time.perf_counter()
         try:
             info = self.supervisor.process(self.program)
@@ -165,6 +172,22 @@ class Probes:
                 },
             )
         return data if in_force else None
+
+    def ack_stalled(self) -> None:
+        """The stall of the monitor before is in the journal now (an incident): its marker can go."""
+        if self.stalled_before is not None and self.stall_marker is not None:
+            self.stall_marker.unlink(missing_ok=True)
+        self.stalled_before = None
+
+    def _chaos(self) -> dict:
+        """run/chaos.json, only with fault injection enabled (chaos_file is None otherwise)."""
+        if not self.chaos_file:
+            return {}
+        try:
+            data = json.loads(self.chaos_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def receiver_down_until(self, wall: float) -> Optional[float]:
         """`zimagectl chaos receiver-down` (fault injection only): until when alerts cannot be delivered."""

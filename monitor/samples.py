@@ -52,6 +52,9 @@ class Sample:
     # Replicas: how many of the other replicas answered /readyz 200 this tick (None: no peers).
     peers_ready: Optional[int] = None
     peers_total: int = 0
+    # What the last monitor left when its own watchdog ended it (monitor/selfwatch.py): on the new
+    # monitor's samples until one of them is in the journal.
+    monitor_stalled: Optional[dict] = None
 
     @cached_property
     def heartbeat(self) -> Optional[Heartbeat]:

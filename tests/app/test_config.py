@@ -91,6 +91,10 @@ def test_help_says_where_configuration_comes_from_and_unknown_arguments_fail(mod
         ),
         ({"ZIMAGE_MONITOR_STOP_TIMEOUT_S": "170"}, "must be < monitor.stop_timeout_s (170 s)"),
         (
+            {"ZIMAGE_MONITOR_LOOP_STALL_S": "100"},
+            "monitor.loop_stall_s (100 s) must be > monitor.warmup_timeout_s + interval_s (121 s)",
+        ),
+        (
             {"ZIMAGE_MONITOR_DRAIN_ABANDONED_S": "150"},
             "monitor.drain_abandoned_s (150 s) must be > app.drain_timeout_s (150 s)",
         ),

@@ -5,6 +5,7 @@ from monitor.detectors import (
     detect_engine_unhealthy,
     detect_hang,
     detect_memory,
+    detect_monitor_stalled,
     detect_not_ready,
     detect_not_running,
     detect_oom_in_log,
@@ -219,6 +220,17 @@ def test_a_drain_nobody_finishes_is_a_restart_past_the_bound_and_only_then():
     old_app = sample(0, ready=False, draining_for=900)
     del old_app.live.body["draining_since"]
     assert detect_drain_abandoned(old_app, c) is None
+
+
+def test_a_monitor_replaced_by_its_watchdog_is_paged_with_where_it_hung():
+    left = {"silent_s": 301.2, "bound_s": 300.0, "where": "gpu.py:88 in sample", "pid": 7, "at": 1.0}
+    s = sample(0)
+    s.monitor_stalled = left
+    found = detect_monitor_stalled(s)
+    assert found.kind == "monitor_stalled" and found.action == "alert" and found.severity == "error"
+    assert "301.2 s" in found.reason and "gpu.py:88 in sample" in found.reason and found.evidence == left
+    assert "monitor_stalled" in [f.kind for f in detect_all([s], [], cfg())]
+    assert detect_monitor_stalled(sample(0)) is None
 
 
 def test_detect_all_orders_by_severity():

@@ -1,0 +1,53 @@
+"""The monitor wedged: one of its probes never returns (fault injection: as an NVML call into a
+wedged driver would). supervisord cannot see that: the process is alive. Its loop watchdog ends it
+past loop_stall_s, with every thread's stack in its log; supervisord starts a new monitor, which
+pages `monitor_stalled` (saying where the last one hung), resolves it, and heals as before."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from monitor.selfwatch import EXIT_STALLED
+from ops.tempstack import StackHome
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.integration
+
+LOOP_STALL_S = 12
+
+
+def test_a_wedged_monitor_is_replaced_says_where_it_hung_and_heals_again(tmp_path, receiver):
+    stack = StackHome(
+        tmp_path,
+        app={"fault_injection": True},
+        monitor={"webhooks": receiver.url, "loop_stall_s": LOOP_STALL_S, "warmup_timeout_s": 10},
+    )
+    try:
+        stack.up()
+        wedged = stack.pid("monitor")
+        result = stack.ctl("chaos", "monitor-stall")
+        assert result.returncode == 0 and f"monitor pid {wedged}" in result.stdout, result.stderr
+        # Detection is the watchdog's own bound (not the machine's pace), then supervisord's start.
+        wait_for(lambda: stack.pid("monitor") not in (0, wedged), LOOP_STALL_S + 20, 0.2, "a new monitor")
+        assert f"exited: monitor (exit status {EXIT_STALLED}; not expected)" in stack.log("supervisord")
+        log = stack.log("monitor")
+        assert '"event": "monitor_stalled"' in log and "in sample" in log  # where: the probe
+        firing = wait_for(lambda: receiver.alerts("monitor_stalled"), stack.within(30), 0.2, "the page")
+        assert firing[0]["status"] == "firing" and "probes.py" in firing[0]["reason"], firing
+        wait_for(
+            lambda: [a for a in receiver.alerts("monitor_stalled") if a["status"] == "resolved"],
+            stack.within(30),
+            0.2,
+            "monitor_stalled resolved",
+        )
+        assert not (stack.home / "run" / "monitor-stalled.json").exists()  # told once, then gone
+
+        old = stack.pid()  # the new monitor heals: a hung app is killed and replaced
+        os.kill(old, signal.SIGSTOP)
+        wait_for(lambda: stack.pid() not in (0, old) and stack.ready(), stack.within(60), 0.2, "healed")
+        assert len(receiver.alerts("monitor_stalled")) == 2  # one firing, one resolved: no repeat
+    finally:
+        stack.stop()
