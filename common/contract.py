@@ -33,6 +33,7 @@ class AppContract(BaseModel):
     replicas: Union[int, Literal["auto"]] = 1
     replica_base_port: int = Field(7870, ge=1, le=65535)
     replica: Optional[int] = None  # this process's replica (ZIMAGE_REPLICA), None in a single-app stack
+    public_port: Optional[int] = None  # app.port as configured: the balancer's, once `port` is a replica's
 
     @field_validator("api_token", "admin_token", mode="before")
     @classmethod
@@ -50,8 +51,16 @@ class AppContract(BaseModel):
     @property
     def local_url(self) -> str:
         """Where a process on this host reaches the app (a wildcard bind is reached on loopback)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{self._local_host}:{self.port}"
+
+    @property
+    def public_url(self) -> str:
+        """Where a process on this host reaches the stack's public port (HAProxy's, with replicas)."""
+        return f"http://{self._local_host}:{self.public_port or self.port}"
+
+    @property
+    def _local_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
 
 def load_app_contract(env: Mapping[str, str] | None = None) -> AppContract:
@@ -59,6 +68,7 @@ def load_app_contract(env: Mapping[str, str] | None = None) -> AppContract:
     env = os.environ if env is None else env
     contract = load_section(AppContract, "app", env)
     index = replica_index(env)
+    contract.public_port = contract.port
     if index is not None:
         contract.replica, contract.port = index, contract.replica_base_port + index
     return contract

@@ -73,3 +73,4 @@ class FindingKind(_Name):
     warmup_failed = "warmup_failed"
     restart_budget_exhausted = "restart_budget_exhausted"
     capacity = "capacity"  # fewer replicas ready than min_ready (watched by replica 0's monitor)
+    balancer_down = "balancer_down"  # HAProxy not answering on the public port (replica 0's monitor)

@@ -15,6 +15,9 @@ from typing import Mapping, Optional, Union
 
 REPLICA_ENV = "ZIMAGE_REPLICA"
 REPLICAS_ENV = "ZIMAGE_REPLICAS"  # the count, for supervisord's numprocs=%(ENV_ZIMAGE_REPLICAS)s
+# HAProxy answers this itself on the public port (monitor-uri): the balancer alive, no replica asked
+# and no balancing decision made (replica 0's monitor probes it every tick).
+BALANCER_ALIVE_PATH = "/balancer/alive"
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         chaos_file,
         peer_urls=peers,
         stall_marker=stall_marker,
+        balancer=(cfg.balancer_url, cfg.balancer_program) if cfg.balancer_url else None,
     )
     monitor = None
     actions = Actions(
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             "app_url": app_url,
             "program": cfg.program,
             "peers": list(peers),
+            "balancer": cfg.balancer_url,
             "log": str(cfg.app_log),
             "webhooks": len(cfg.webhooks),
             "signed": bool(cfg.webhook_secret),

@@ -147,6 +147,10 @@ class MonitorSettings(BaseModel):
     min_ready: int = Field(1, ge=0)
     capacity_after_s: float = Field(10.0, ge=0)
     watch_capacity: bool = False  # set for replica 0's monitor: one page for the whole pool
+    # ...which also probes the balancer (HAProxy) on the public port: silent this long → page.
+    balancer_url: Optional[str] = None  # set by load_monitor_settings for replica 0 of N > 1
+    balancer_program: str = "haproxy"
+    balancer_after_s: float = Field(5.0, ge=0)
     host_name: str = Field(default_factory=socket.gethostname)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -189,6 +193,8 @@ def load_monitor_settings(env: Mapping[str, str] | None = None, **overrides) -> 
     app = load_app_contract(env)
     if app.replica is not None:
         settings = for_replica(settings, app.replica_set()[app.replica])
+        if app.replica == 0 and settings.balancer_url is None:
+            settings.balancer_url = app.public_url
     check_timeout_chain(
         app.request_timeout_s, app.drain_timeout_s, supervisor_stopwaitsecs(), settings.stop_timeout_s
     )

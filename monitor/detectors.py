@@ -10,7 +10,8 @@ from common.enums import TIER_RANK, Action, FindingKind, Severity
 from monitor.config import MonitorSettings
 from monitor.findings import Finding
 from monitor.memory_detectors import detect_memory, detect_vram_pressure
-from monitor.samples import Sample
+from monitor.pool_detectors import detect_balancer_down, detect_capacity
+from monitor.samples import Sample, tail_count
 
 DOWN_STATES = ("STOPPED", "EXITED", "BACKOFF")
 
@@ -53,7 +54,7 @@ def detect_hang(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Fin
     last = history[-1]
     if last.program_state != "RUNNING":
         return None  # supervisord is (re)starting or stopped it: not ours to call a hang
-    stopped = _tail(history, lambda s: s.pid == last.pid and s.process_status == "stopped")
+    stopped = tail_count(history, lambda s: s.pid == last.pid and s.process_status == "stopped")
     if stopped:
         stopped_s = last.now - history[-stopped].now
         if stopped_s >= cfg.hang_stopped_s:
@@ -78,7 +79,7 @@ def detect_hang(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Fin
         # fixed short grace killed every start, one after the other). A 5xx is the app answering.
         return s.live.status is None and (answered or s.uptime_s >= cfg.startup_grace_s)
 
-    failures = _tail(history, failed_live)
+    failures = tail_count(history, failed_live)
     if failures >= cfg.hang_liveness_failures:
         return Finding(
             kind=FindingKind.hang,
@@ -119,16 +120,6 @@ def detect_hang(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Fin
                 },
             )
     return None
-
-
-def _tail(history: Sequence[Sample], predicate) -> int:
-    """How many of the most recent samples satisfy predicate, counted back until one does not."""
-    count = 0
-    for s in reversed(history):
-        if not predicate(s):
-            break
-        count += 1
-    return count
 
 
 STARTING_STATES = ("starting", "loading", "warming")
@@ -207,7 +198,7 @@ def detect_not_running(history: Sequence[Sample], cfg: MonitorSettings) -> Optio
             reason="supervisord gave up on the app (FATAL: it exited too quickly, startretries used)",
             evidence={"state": "FATAL"},
         )
-    down = _tail(history, lambda s: s.program_state in DOWN_STATES)
+    down = tail_count(history, lambda s: s.program_state in DOWN_STATES)
     if not down:
         return None
     down_s = last.now - history[-down].now
@@ -252,28 +243,6 @@ def detect_crash_loop(
     return None
 
 
-def detect_capacity(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Finding]:
-    """Fewer replicas ready (this one and its peers) than min_ready for capacity_after_s: page. Only
-    the monitor that is told its peers (replica 0's) reports it, so it is paged once, not N times."""
-    last = history[-1]
-    if last.peers_ready is None or not cfg.watch_capacity:
-        return None
-
-    def ready_count(s: Sample) -> int:
-        return (s.peers_ready or 0) + (1 if s.ready is not None and s.ready.ok else 0)
-
-    short = _tail(history, lambda s: s.peers_ready is not None and ready_count(s) < cfg.min_ready)
-    if not short or last.now - history[-short].now < cfg.capacity_after_s:
-        return None
-    return Finding(
-        kind=FindingKind.capacity,
-        severity=Severity.critical,
-        action=Action.alert,
-        reason=f"{ready_count(last)} of {last.peers_total + 1} replicas ready (min_ready {cfg.min_ready})",
-        evidence={"ready": ready_count(last), "replicas": last.peers_total + 1},
-    )
-
-
 def detect_monitor_stalled(last: Sample) -> Optional[Finding]:
     """The monitor before this one wedged (its loop silent past loop_stall_s) and its watchdog
     replaced it: nothing was healed meanwhile, so on-call hears of it, and where it hung."""
@@ -306,6 +275,7 @@ def detect_all(
         detect_memory(history, cfg),
         detect_vram_pressure(history, cfg),
         detect_capacity(history, cfg),
+        detect_balancer_down(history, cfg),
         detect_monitor_stalled(last),
     ]
     found = [f for f in candidates if f is not None]

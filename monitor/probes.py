@@ -15,6 +15,7 @@ import psutil
 
 from common.gpu import GpuReader
 from common.maintenance import mark_status, owner_alive, read_mark
+from common.replicas import BALANCER_ALIVE_PATH
 from common.supervisor_client import SupervisorClient, SupervisorUnavailable
 from monitor.logwatch import LogFollower
 from monitor.samples import HttpResult, Sample
@@ -67,6 +68,7 @@ class Probes:
         chaos_file: Optional[Path] = None,
         peer_urls: tuple[str, ...] = (),
         stall_marker: Optional[Path] = None,
+        balancer: Optional[tuple[str, str]] = None,
     ):
         self.app_url = app_url.rstrip("/")
         self.supervisor = supervisor
@@ -82,6 +84,7 @@ class Probes:
         self.latencies: dict[str, float] = {}
         self._voided_mark: Optional[float] = None  # the `until` of the last mark voided (told once)
         self.stall_marker = stall_marker
+        self.balancer = balancer  # (public URL, supervisord program): replica 0's monitor only
         self.stalled_before = read_marker(stall_marker) if stall_marker else None
 
     def sample(self, now: float, wall: float) -> Sample:
@@ -145,6 +148,13 @@ class Probes:
         if self.peer_urls:
             s.peers_total = len(self.peer_urls)
             s.peers_ready = self.peers_ready()
+        if self.balancer is not None:
+            url, program = self.balancer
+            s.balancer_live = http_get(self.http, url + BALANCER_ALIVE_PATH, self.timeout_s)
+            try:
+                s.balancer_state = self.supervisor.process(program).state
+            except Exception:  # supervisord down (its own finding) or no such program
+                s.balancer_state = None
         return s
 
     def peers_ready(self) -> int:

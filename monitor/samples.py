@@ -31,6 +31,16 @@ class LogEvent:
     pid: Optional[int] = None  # the app process that wrote it (its JSON line, or the last one before it)
 
 
+def tail_count(history, predicate) -> int:
+    """How many of the most recent samples satisfy predicate, counted back until one does not."""
+    count = 0
+    for s in reversed(history):
+        if not predicate(s):
+            break
+        count += 1
+    return count
+
+
 @dataclass
 class Sample:
     now: float  # monotonic seconds (the injected clock)
@@ -55,6 +65,10 @@ class Sample:
     # What the last monitor left when its own watchdog ended it (monitor/selfwatch.py): on the new
     # monitor's samples until one of them is in the journal.
     monitor_stalled: Optional[dict] = None
+    # Replica 0's monitor of a stack with replicas: the balancer (HAProxy) on the public port, at
+    # the path it answers itself. Any HTTP answer counts; status None is a refusal or a timeout.
+    balancer_live: Optional[HttpResult] = None
+    balancer_state: Optional[str] = None  # supervisord's state of the balancer program
 
     @cached_property
     def heartbeat(self) -> Optional[Heartbeat]:

@@ -24,6 +24,8 @@ Why each line is there (docs/SCALING.md has the whole story):
 - /admin/* is refused at the balancer: the monitor talks to each replica directly.
 - /api/jobs/r<i>-… goes to replica i, which holds that job (its events, its cancel).
 - Stats and HAProxy's own Prometheus metrics on loopback only.
+- `monitor-uri`: HAProxy answers it itself, for replica 0's monitor (balancer_down); a probe sent
+  through to a replica would take part in the balancing it watches.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+
+from common.replicas import BALANCER_ALIVE_PATH
 
 if TYPE_CHECKING:
     from ops.stack import Stack
@@ -106,6 +110,7 @@ defaults
 {_own_errors()}
 frontend zimage
     bind {bind_host}:{app.port}
+    monitor-uri {BALANCER_ALIVE_PATH}
     http-request deny deny_status 403 if {{ path_beg /admin }}
     default_backend replicas
 

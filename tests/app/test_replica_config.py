@@ -43,8 +43,10 @@ def test_each_replica_finds_its_port_program_log_and_files(tmp_path):
     assert mon.program == "app:app-1" and mon.app_log == tmp_path / "logs" / "app-1.log"
     assert mon.journal_file == tmp_path / "run" / "replica-1" / "monitor-journal.json"
     assert mon.maintenance_file.parent == tmp_path / "run" / "replica-1"
-    assert mon.service_name.endswith("/app-1") and not mon.watch_capacity
-    assert load_monitor_settings(env_for(tmp_path, replica=0, replicas=2)).watch_capacity
+    assert mon.service_name.endswith("/app-1") and not mon.watch_capacity and mon.balancer_url is None
+    first = load_monitor_settings(env_for(tmp_path, replica=0, replicas=2, port=9000, host="0.0.0.0"))
+    assert first.watch_capacity and first.balancer_url == "http://127.0.0.1:9000"  # HAProxy's port
+    assert load_monitor_settings(env_for(tmp_path)).balancer_url is None  # one app: no balancer
 
 
 def _program(path: Path) -> dict:

@@ -284,3 +284,36 @@ def test_a_burst_of_jobs_fills_both_replicas_before_any_is_refused(stack):
     refused = [(data, headers) for status, data, headers in results if status != 202]
     assert {"r0-", "r1-"} <= set(accepted) and len(accepted) > 9, accepted
     assert all(d.get("error") == "queue_full" and "retry-after" in h for d, h in refused), refused
+
+
+def test_a_wedged_balancer_is_paged_once_for_the_pool_and_resolves(stack):
+    """Every replica healthy, and no client gets through: HAProxy stopped (SIGSTOP to its group: the
+    master and its worker). No replica's own probes see that; replica 0's monitor probes the public
+    port and pages balancer_down, once for the pool, and resolves it when HAProxy answers again.
+    Nothing is restarted: dropping the connections in flight is the operator's call."""
+    wait_for(lambda: all_ready(stack), stack.within(60), 0.2, "both replicas ready")
+    pids = [pid_of(stack, 0), pid_of(stack, 1)]
+    seen = [len(stack.log("monitor-0")), len(stack.log("monitor-1"))]
+    group = os.getpgid(stack.pid("haproxy"))
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        wait_for(
+            lambda: '"kind": "balancer_down"' in stack.log("monitor-0")[seen[0] :], 30, 0.2, "balancer_down"
+        )
+    finally:
+        os.killpg(group, signal.SIGCONT)
+    opened = [line for line in stack.log("monitor-0")[seen[0] :].splitlines() if "incident opened" in line]
+    assert any("the balancer has not answered" in line for line in opened), opened
+    wait_for(
+        lambda: any(
+            '"event": "incident_resolved"' in line and "balancer_down" in line
+            for line in stack.log("monitor-0")[seen[0] :].splitlines()
+        ),
+        30,
+        0.2,
+        "balancer_down resolved",
+    )
+    assert "balancer_down" not in stack.log("monitor-1")[seen[1] :]  # paged once, not per replica
+    assert [pid_of(stack, 0), pid_of(stack, 1)] == pids
+    assert httpx.get(stack.url + "/healthz", timeout=5).status_code == 200
+    assert httpx.get(stack.url + "/balancer/alive", timeout=5).status_code == 200  # HAProxy's own

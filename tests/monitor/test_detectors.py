@@ -11,6 +11,7 @@ from monitor.detectors import (
     detect_oom_in_log,
     detect_vram_pressure,
 )
+from monitor.samples import HttpResult
 from tests.monitor.factories import GiB, cfg, oom_event, sample
 
 C = cfg()
@@ -231,6 +232,26 @@ def test_a_monitor_replaced_by_its_watchdog_is_paged_with_where_it_hung():
     assert "301.2 s" in found.reason and "gpu.py:88 in sample" in found.reason and found.evidence == left
     assert "monitor_stalled" in [f.kind for f in detect_all([s], [], cfg())]
     assert detect_monitor_stalled(sample(0)) is None
+
+
+def test_a_balancer_silent_past_its_bound_is_paged_by_replica_0s_monitor_only():
+    def with_balancer(t, status, state="RUNNING"):
+        s = sample(t)
+        s.balancer_live = HttpResult(ok=status == 200, status=status, error=None if status else "timeout")
+        s.balancer_state = state
+        return s
+
+    c = cfg(watch_capacity=True, balancer_after_s=5)
+    wedged = [with_balancer(0, 200)] + [with_balancer(t, None) for t in range(1, 8)]
+    found = detect_all(wedged, [], c)[0]
+    assert found.kind == "balancer_down" and found.action == "alert" and found.severity == "critical"
+    assert "6 s" in found.reason and "timeout" in found.reason and found.evidence["state"] == "RUNNING"
+    kinds = lambda h, conf=c: [f.kind for f in detect_all(h, [], conf)]  # noqa: E731
+    assert "balancer_down" not in kinds(wedged[:5])  # 3 s: a restart by supervisord is not paged
+    assert "balancer_down" not in kinds(wedged, cfg(watch_capacity=False, balancer_after_s=5))  # replica 1's
+    # its own 503 (no replica ready) is the balancer answering: capacity's business, not this one's
+    assert "balancer_down" not in kinds([with_balancer(t, 503) for t in range(10)])
+    assert "balancer_down" not in kinds([sample(t) for t in range(10)])  # not watched (one app)
 
 
 def test_detect_all_orders_by_severity():
