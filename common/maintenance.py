@@ -10,13 +10,14 @@ deadline, the bound it always had."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import psutil
+
+from common.jsonfile import write_atomic
 
 
 def _pid_namespace() -> Optional[str]:
@@ -40,15 +41,8 @@ def this_process() -> dict:
 
 def write_mark(path: Path, seconds: float, reason: str, now: Optional[float] = None) -> None:
     """Atomically (a reader never sees half a mark), owned by this process."""
-    data = {
-        "until": (time.time() if now is None else now) + seconds,
-        "reason": reason,
-        "owner": this_process(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    until = (time.time() if now is None else now) + seconds
+    write_atomic(path, {"until": until, "reason": reason, "owner": this_process()})
 
 
 def owner_alive(owner: object) -> Optional[bool]:
@@ -75,12 +69,3 @@ def mark_status(data: object, wall: float, alive: Callable[[object], Optional[bo
     if alive(data.get("owner")) is False:
         return False, "owner gone"
     return True, "in force"
-
-
-def read_mark(path: Path) -> Optional[dict]:
-    """The mark's content, or None (no mark, or one that cannot be read)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

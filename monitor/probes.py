@@ -14,12 +14,12 @@ import httpx
 import psutil
 
 from common.gpu import GpuReader
-from common.maintenance import mark_status, owner_alive, read_mark
+from common.jsonfile import read_dict
+from common.maintenance import mark_status, owner_alive
 from common.replicas import BALANCER_ALIVE_PATH
 from common.supervisor_client import SupervisorClient, SupervisorUnavailable
 from monitor.logwatch import LogFollower
 from monitor.samples import HttpResult, Sample
-from monitor.selfwatch import read_marker
 
 log = logging.getLogger("monitor.probes")
 
@@ -85,7 +85,7 @@ class Probes:
         self._voided_mark: Optional[float] = None  # the `until` of the last mark voided (told once)
         self.stall_marker = stall_marker
         self.balancer = balancer  # (public URL, supervisord program): replica 0's monitor only
-        self.stalled_before = read_marker(stall_marker) if stall_marker else None
+        self.stalled_before = read_dict(stall_marker) if stall_marker else None
 
     def sample(self, now: float, wall: float) -> Sample:
         if self._chaos().get("probe_stall_pid") == os.getpid():
@@ -166,7 +166,7 @@ class Probes:
     def maintenance(self, wall: float) -> Optional[dict]:
         """An operator's maintenance window (zimagectl restart/down): observe, but do not heal. A
         mark whose writer is gone is void (common/maintenance.py): said once, then ignored."""
-        data = read_mark(self.maintenance_file) if self.maintenance_file else None
+        data = read_dict(self.maintenance_file) if self.maintenance_file else None
         if data is None:
             return None
         in_force, why = mark_status(data, wall, owner_alive)

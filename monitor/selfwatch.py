@@ -24,6 +24,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
+from common.jsonfile import write_atomic
+
 EXIT_STALLED = 70  # EX_SOFTWARE; supervisord's log says "exit status 70; not expected"
 MARKER_NAME = "monitor-stalled.json"
 
@@ -99,18 +101,7 @@ class LoopWatchdog:
         )
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         try:
-            tmp = self.marker.with_name(f".{self.marker.name}.tmp")
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, self.marker)
+            write_atomic(self.marker, record)
         except OSError:
             pass
         os._exit(EXIT_STALLED)
-
-
-def read_marker(path: Path) -> Optional[dict]:
-    """What the last monitor left when its watchdog ended it, or None."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

@@ -3,8 +3,6 @@ Prometheus metrics (textfile every tick, and /metrics on 127.0.0.1 when a port i
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +14,8 @@ from prometheus_client import (
     start_http_server,
     write_to_textfile,
 )
+
+from common.jsonfile import read_dict, write_atomic
 
 
 class MonitorMetrics:
@@ -60,17 +60,11 @@ class MonitorMetrics:
 
 def write_state(path: Path, state: dict) -> None:
     """Atomic: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(state, default=str, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, state, default=str, indent=1)
     except OSError:
         pass
 
 
 def read_state(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return read_dict(path)

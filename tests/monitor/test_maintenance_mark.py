@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from common.maintenance import mark_status, owner_alive, read_mark, this_process, write_mark
+from common.jsonfile import read_dict as read_mark
+from common.maintenance import mark_status, owner_alive, this_process, write_mark
 
 
 def test_a_mark_holds_while_its_writer_runs_and_until_its_deadline(tmp_path):

@@ -8,7 +8,8 @@ import sys
 import threading
 import time
 
-from monitor.selfwatch import EXIT_STALLED, LoopWatchdog, read_marker, where_stuck
+from common.jsonfile import read_dict as read_marker
+from monitor.selfwatch import EXIT_STALLED, LoopWatchdog, where_stuck
 
 
 def test_beats_keep_it_quiet_and_silence_past_the_bound_calls_the_stall(tmp_path):
