@@ -36,7 +36,7 @@ def _start_time(pid: int) -> Optional[float]:
 
 def this_process() -> dict:
     pid = os.getpid()
-    return {"pid": pid, "started": _start_time(pid), "pidns": _pid_namespace()}
+    return {"pid": pid, "started": _start_time(pid), "pidns": _pid_namespace(), "uid": os.getuid()}
 
 
 def write_mark(path: Path, seconds: float, reason: str, now: Optional[float] = None) -> None:
@@ -47,10 +47,13 @@ def write_mark(path: Path, seconds: float, reason: str, now: Optional[float] = N
 
 def owner_alive(owner: object) -> Optional[bool]:
     """True/False when this process can tell whether the mark's writer still runs; None when it
-    cannot (no owner recorded, another pid namespace, no start time to rule out a reused pid)."""
+    cannot (no owner recorded, another pid namespace, no start time to rule out a reused pid, or
+    another user's process, which /proc mounted with hidepid shows as absent)."""
     if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
         return None
     if owner.get("pidns") is None or owner.get("pidns") != _pid_namespace():
+        return None
+    if owner.get("uid") != os.getuid() and os.getuid() != 0:
         return None
     started = owner.get("started")
     if not isinstance(started, (int, float)):
