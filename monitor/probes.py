@@ -3,7 +3,6 @@ the program, psutil RSS of the app's process tree, NVML GPU memory, and the log 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -88,7 +87,7 @@ class Probes:
         self.stalled_before = read_dict(stall_marker) if stall_marker else None
 
     def sample(self, now: float, wall: float) -> Sample:
-        if self._chaos().get("probe_stall_pid") == os.getpid():
+        if (self._chaos() or {}).get("probe_stall_pid") == os.getpid():
             time.sleep(86400)  # fault injection: a probe that never returns, as into a wedged driver
         s = Sample(now=now, wall=wall, monitor_stalled=self.stalled_before)
         t0 = time.perf_counter()
@@ -189,23 +188,18 @@ class Probes:
             self.stall_marker.unlink(missing_ok=True)
         self.stalled_before = None
 
-    def _chaos(self) -> dict:
+    def _chaos(self) -> Optional[dict]:
         """run/chaos.json, only with fault injection enabled (chaos_file is None otherwise)."""
-        if not self.chaos_file:
-            return {}
-        try:
-            data = json.loads(self.chaos_file.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return read_dict(self.chaos_file) if self.chaos_file else None
 
     def receiver_down_until(self, wall: float) -> Optional[float]:
         """`zimagectl chaos receiver-down` (fault injection only): until when alerts cannot be delivered."""
-        if not self.chaos_file:
+        chaos = self._chaos()
+        if chaos is None:
             return None
         try:
-            return float(json.loads(self.chaos_file.read_text()).get("receiver_down_until", 0))
-        except (OSError, ValueError, AttributeError):
+            return float(chaos.get("receiver_down_until", 0))
+        except (TypeError, ValueError):
             return None
 
     def close(self) -> None:
