@@ -81,6 +81,12 @@ class MonitorSettings(BaseModel):
     stall_min_s: float = Field(10.0, gt=0)
     stall_floor_s: float = Field(60.0, gt=0)
     stall_factor: float = Field(10.0, gt=1)
+    # ...and never longer than this once warm. That bound is k × the slowest time seen, extrapolated
+    # (× 8 for 4× the pixels) to a shape not seen yet, so one slow outlier (a contended host, a
+    # memory squeeze) could stretch it to many minutes while every request queued behind the stuck
+    # stage timed out. None: app.request_timeout_s (no stage may outlast a whole generation: its
+    # caller has given up by then).
+    stall_max_s: Optional[float] = Field(None, gt=0)
     # ...unless the app says torch.compile is at work (a first start with an empty compile cache
     # compiles for 40-100 s before its first step ends): then this long.
     compile_stall_s: float = Field(600.0, gt=0)
@@ -198,6 +204,13 @@ def load_monitor_settings(env: Mapping[str, str] | None = None, **overrides) -> 
     check_timeout_chain(
         app.request_timeout_s, app.drain_timeout_s, supervisor_stopwaitsecs(), settings.stop_timeout_s
     )
+    if settings.stall_max_s is None:
+        settings.stall_max_s = max(app.request_timeout_s, settings.stall_min_s)
+    if settings.stall_max_s < settings.stall_min_s:
+        raise ConfigError(
+            f"invalid timeouts: monitor.stall_max_s ({settings.stall_max_s:g} s) must be >= "
+            f"monitor.stall_min_s ({settings.stall_min_s:g} s)"
+        )
     if settings.loop_stall_s <= settings.warmup_timeout_s + settings.interval_s:
         raise ConfigError(
             f"invalid timeouts: monitor.loop_stall_s ({settings.loop_stall_s:g} s) must be > "

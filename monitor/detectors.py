@@ -38,12 +38,14 @@ def detect_oom_in_log(sample: Sample) -> Optional[Finding]:
 
 def stall_bound(hb, cfg: MonitorSettings) -> float:
     """How long the running stage may stay silent. Warm and not compiling: max(stall_min_s, k × the
-    slowest this stage took at this shape); otherwise the floor, or compile_stall_s while compiling."""
+    slowest this stage took at this shape), at most stall_max_s; otherwise the floor, or
+    compile_stall_s while compiling."""
     if hb.compiling_since:
         return max(cfg.stall_floor_s, cfg.compile_stall_s)
     if not hb.warm or not hb.stage_slowest_s:
         return cfg.stall_floor_s
-    return max(cfg.stall_min_s, cfg.stall_factor * hb.stage_slowest_s)
+    bound = max(cfg.stall_min_s, cfg.stall_factor * hb.stage_slowest_s)
+    return bound if cfg.stall_max_s is None else min(bound, cfg.stall_max_s)
 
 
 def detect_hang(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Finding]:

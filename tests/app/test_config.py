@@ -98,6 +98,10 @@ def test_help_says_where_configuration_comes_from_and_unknown_arguments_fail(mod
             {"ZIMAGE_MONITOR_DRAIN_ABANDONED_S": "150"},
             "monitor.drain_abandoned_s (150 s) must be > app.drain_timeout_s (150 s)",
         ),
+        (
+            {"ZIMAGE_MONITOR_STALL_MAX_S": "5"},
+            "monitor.stall_max_s (5 s) must be >= monitor.stall_min_s (10 s)",
+        ),
     ],
 )
 def test_a_broken_timeout_chain_is_one_clear_line(tmp_path, env, needle):
@@ -119,6 +123,10 @@ def test_the_defaults_keep_the_timeout_chain(tmp_path):
     app, monitor = load_settings(env), load_monitor_settings(env)
     assert app.request_timeout_s <= app.drain_timeout_s < supervisor_stopwaitsecs() < monitor.stop_timeout_s
     assert app.drain_timeout_s < monitor.drain_abandoned_s
+    # no warm stage may stay silent longer than a whole generation may take
+    assert monitor.stall_max_s == app.request_timeout_s
+    longer = load_monitor_settings({**env, "ZIMAGE_APP_REQUEST_TIMEOUT_S": "140"})
+    assert longer.stall_max_s == 140
 
 
 def test_lora_dir_must_be_a_directory_and_does_not_combine_with_fp8(tmp_path):

@@ -93,6 +93,19 @@ def test_a_warm_stage_silent_past_its_bound_is_a_stall_within_ten_seconds():
     )
 
 
+def test_no_warm_stage_may_stay_silent_past_stall_max_s_whatever_its_slowest_time():
+    """One outlier (a 30 s step on a squeezed host), extrapolated to a bigger shape, made a bound of
+    minutes: every request queued behind a stuck stage timed out before the monitor acted."""
+    c = cfg(stall_min_s=10, stall_factor=10, stall_max_s=120)
+    outlier = dict(busy=True, step_max=0.1, stage="denoise", stage_slowest=30.0)
+    assert detect_hang([sample(0, last_step_ago=119, **outlier)], c) is None
+    f = detect_hang([sample(0, last_step_ago=121, **outlier)], c)
+    assert f is not None and f.evidence["bound_s"] == 120 and f.evidence["stage_slowest_s"] == 30
+    # a compile under way keeps its own, longer bound
+    compiling = sample(0, last_step_ago=200, compiling_for=199, **outlier)
+    assert detect_hang([compiling], cfg(stall_max_s=120, compile_stall_s=600)) is None
+
+
 def test_before_the_warm_up_or_without_a_time_for_the_stage_the_floor_applies():
     c = cfg(stall_min_s=10, stall_floor_s=60, stall_factor=10)
     cold = sample(0, busy=True, last_step_ago=30, step_max=0.1, warm=False)
