@@ -56,18 +56,30 @@ def detect_hang(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Fin
     last = history[-1]
     if last.program_state != "RUNNING":
         return None  # supervisord is (re)starting or stopped it: not ours to call a hang
-    stopped = tail_count(history, lambda s: s.pid == last.pid and s.process_status == "stopped")
+    # The app or any process of its tree: a stopped rank hangs every generation of the group.
+    stopped = tail_count(history, lambda s: s.pid == last.pid and s.stopped_pid is not None)
     if stopped:
         stopped_s = last.now - history[-stopped].now
         if stopped_s >= cfg.hang_stopped_s:
+            who = (
+                f"app process {last.pid}"
+                if last.stopped_pid == last.pid
+                else f"process {last.stopped_pid} of app {last.pid}'s tree (a rank, a worker)"
+            )
             return Finding(
                 kind=FindingKind.hang,
                 severity=Severity.critical,
                 action=Action.kill,
-                reason=f"app process {last.pid} is stopped (state T) for {stopped_s:.1f} s",
-                evidence={"pid": last.pid, "process_status": "stopped", "stopped_s": round(stopped_s, 1)},
+                reason=f"{who} is stopped (state T) for {stopped_s:.1f} s",
+                evidence={
+                    "pid": last.pid,
+                    "stopped_pid": last.stopped_pid,
+                    "process_status": "stopped",
+                    "stopped_s": round(stopped_s, 1),
+                },
             )
-        return None  # a pause, so far: a stopped process is not probed, so nothing else to judge
+        if last.process_status == "stopped":
+            return None  # a pause, so far: a stopped app is not probed, so nothing else to judge
 
     answered = any(s.pid == last.pid and s.live is not None and s.live.ok for s in history)
 

@@ -46,6 +46,17 @@ def http_get(client: httpx.Client, url: str, timeout: float) -> HttpResult:
     )
 
 
+def first_stopped(tree: list[psutil.Process]) -> Optional[int]:
+    """The pid of the first process of `tree` in state T (the root first), or None."""
+    for proc in tree:
+        try:
+            if proc.status() == psutil.STATUS_STOPPED:
+                return proc.pid
+        except psutil.Error:  # gone since the tree was listed
+            continue
+    return None
+
+
 def process_tree(pid: int) -> list[psutil.Process]:
     try:
         root = psutil.Process(pid)
@@ -108,6 +119,9 @@ class Probes:
                 s.process_status = tree[0].status() if tree else None
             except psutil.Error:
                 s.process_status = None
+            # A stopped rank leaves the app answering while any generation would wait on it for
+            # good: the whole tree counts (an idle group showed nothing until a request stalled).
+            s.stopped_pid = first_stopped(tree)
             rss = 0
             for proc in tree:
                 try:

@@ -52,6 +52,9 @@ class Sample:
     live: Optional[HttpResult] = None
     ready: Optional[HttpResult] = None
     process_status: Optional[str] = None  # psutil status: running, sleeping, stopped, zombie, ...
+    # A process of the app's tree in state T (SIGSTOP, a debugger): the app's own pid, else the
+    # first of its children (a context-parallel rank, a compile worker) found so.
+    stopped_pid: Optional[int] = None
     rss_bytes: Optional[int] = None  # whole process tree
     gpu_used_bytes: Optional[int] = None  # device
     gpu_total_bytes: Optional[int] = None
@@ -109,6 +112,7 @@ class Sample:
             "engine_state": self.engine_state,
             "heartbeat": None if self.heartbeat is None else self.heartbeat.model_dump(),
             "process_status": self.process_status,
+            "stopped_pid": self.stopped_pid,
             "rss_bytes": self.rss_bytes,
             "gpu": None
             if self.gpu_total_bytes is None

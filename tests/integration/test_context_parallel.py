@@ -1,7 +1,7 @@
 """parallel = "context" on the CPU: two ranks of the tiny model (gloo) under a real supervisord with
 the real monitor. One image is split over both ranks and comes out as the one-process image; a
-cancel, a rank killed, a rank hung and a graceful stop each leave the group whole or replaced whole,
-never half of it."""
+cancel, a rank killed, a rank stopped (in a generation or idle) and a graceful stop each leave the
+group whole or replaced whole, never half of it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import io
 import os
 import signal
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -211,18 +210,9 @@ def test_a_killed_rank_takes_the_group_down_and_supervisord_brings_it_back(any_s
     assert httpx.post(stack.url + "/api/generate", json=BODY, timeout=60).status_code == 200
 
 
-def test_a_hung_rank_stalls_the_generation_and_the_monitor_replaces_the_group(any_stack):
-    stack = any_stack
-    app, [rank1] = stack.pid(), follower_pids(stack)
+def stop_until_replaced(stack: StackHome, app: int, rank1: int) -> str:
+    """SIGSTOP rank 1; wait for the monitor to replace the group; the monitor's log since then."""
     before = len(stack.log("monitor"))
-    results = []
-    # BODY's shape, which this group has timed: the monitor's stall bound is k × the slowest step
-    # seen at the shape. At a shape never seen it is extrapolated (× 8 for 4× the pixels), and one
-    # slow step on a loaded CI machine made that bound longer than this test's wait (CI on 7333f25).
-    body = {**BODY, "num_inference_steps": 50}  # the most allowed: a few seconds here
-    thread = threading.Thread(target=post_into, args=(stack.url, body, results), daemon=True)
-    thread.start()
-    wait_for(lambda: in_denoising(stack), stack.within(30), 0.02, "a denoising step done")
     os.kill(rank1, signal.SIGSTOP)
     try:
         wait_for(
@@ -235,10 +225,31 @@ def test_a_hung_rank_stalls_the_generation_and_the_monitor_replaces_the_group(an
             pass
     assert not psutil.pid_exists(rank1) or psutil.Process(rank1).status() == psutil.STATUS_ZOMBIE
     incident = stack.log("monitor")[before:]
-    assert "generation stalled in denoise" in incident and '"msg": "decision: kill"' in incident
+    assert f"process {rank1} of app {app}'s tree" in incident and '"msg": "decision: kill"' in incident
+    return incident
+
+
+def test_a_stopped_rank_in_a_generation_brings_the_group_down_and_the_monitor_replaces_it(any_stack):
+    stack = any_stack
+    app, [rank1] = stack.pid(), follower_pids(stack)
+    results = []
+    body = {**BODY, "num_inference_steps": 50}  # the most allowed: a few seconds here
+    thread = threading.Thread(target=post_into, args=(stack.url, body, results), daemon=True)
+    thread.start()
+    wait_for(lambda: in_denoising(stack), stack.within(30), 0.02, "a denoising step done")
+    stop_until_replaced(stack, app, rank1)
     thread.join(30)
     # that request went down with the group (an error, not a hang); a balancer in front retries it
     assert results and not (isinstance(results[0], httpx.Response) and results[0].status_code == 200)
+
+
+def test_a_rank_stopped_while_the_group_idles_is_replaced_before_any_request_waits_on_it(stack):
+    """The app answers and reads ready; only rank 1's state says its next generation would hang.
+    Before, nothing looked until a request stalled behind it (the stall bound, then an error)."""
+    wait_for(stack.ready, stack.within(60), 0.2, "ready")
+    app, [rank1] = stack.pid(), follower_pids(stack)
+    stop_until_replaced(stack, app, rank1)
+    assert httpx.post(stack.url + "/api/generate", json=BODY, timeout=60).status_code == 200
 
 
 def test_a_graceful_stop_finishes_the_running_generation_on_both_ranks(stack):
@@ -248,7 +259,7 @@ def test_a_graceful_stop_finishes_the_running_generation_on_both_ranks(stack):
     body = {**BODY, "width": 256, "height": 256, "num_inference_steps": 12}
     thread = threading.Thread(target=post_into, args=(stack.url, body, results), daemon=True)
     thread.start()
-    time.sleep(0.8)
+    wait_for(lambda: in_denoising(stack), stack.within(30), 0.02, "a denoising step done")
     stopped = stack.supervisorctl("stop", "app")  # SIGTERM to the whole process group
     thread.join(60)
     assert "stopped" in stopped.stdout, stopped.stdout + stopped.stderr

@@ -32,6 +32,7 @@ def sample(
     stage_slowest="step_max",
     compiling_for=None,
     draining_for=None,
+    stopped_child=None,
 ) -> Sample:
     """One tick's sample. A stopped process (status="stopped") is not probed: live is None then."""
     wall = 1_000_000.0 + now
@@ -78,6 +79,7 @@ def sample(
         live=live_result,
         ready=HttpResult(ok=ready, status=200 if ready else 503) if live_result is not None else None,
         process_status=status,
+        stopped_pid=stopped_child or (pid if status == "stopped" else None),
         rss_bytes=rss,
         gpu_used_bytes=gpu_used,
         gpu_total_bytes=gpu_total,

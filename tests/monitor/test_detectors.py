@@ -37,6 +37,19 @@ def test_a_pause_of_three_seconds_is_not_a_hang_nor_a_liveness_failure():
     assert detect_hang(long, cfg(hang_stopped_s=10, hang_liveness_failures=3)) is None
 
 
+def test_a_stopped_child_of_the_app_is_a_hang_of_the_whole_group_even_while_it_answers():
+    """A context-parallel rank in state T: the app answers and idles, but its next generation would
+    wait on that rank for good. Timed as the app's own stop; a shorter pause is left alone."""
+    h = [sample(t, stopped_child=101) for t in range(5)]  # the app itself sleeping, answering
+    assert detect_hang(h, C) is None
+    h.append(sample(5, stopped_child=101))
+    f = detect_hang(h, C)
+    assert f.action == "kill" and f.evidence["stopped_pid"] == 101 and f.evidence["pid"] == 100
+    assert "process 101 of app 100's tree" in f.reason
+    resumed = h[:3] + [sample(3), sample(4, stopped_child=101), sample(5, stopped_child=101)]
+    assert detect_hang(resumed, C) is None  # the count starts again after a SIGCONT
+
+
 def test_liveness_timeouts_in_a_row_are_a_hang():
     h = [sample(t, live="timeout") for t in range(2)]
     assert detect_hang(h, C) is None
