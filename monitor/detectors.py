@@ -74,7 +74,7 @@ def detect_hang(history: Sequence[Sample], cfg: MonitorSettings) -> Optional[Fin
                 evidence={
                     "pid": last.pid,
                     "stopped_pid": last.stopped_pid,
-                    "process_status": "stopped",
+                    "process_status": last.process_status,  # the app's own: "stopped" unless a child is
                     "stopped_s": round(stopped_s, 1),
                 },
             )

@@ -52,8 +52,8 @@ class Sample:
     live: Optional[HttpResult] = None
     ready: Optional[HttpResult] = None
     process_status: Optional[str] = None  # psutil status: running, sleeping, stopped, zombie, ...
-    # A process of the app's tree in state T (SIGSTOP, a debugger): the app's own pid, else the
-    # first of its children (a context-parallel rank, a compile worker) found so.
+    # A process of the app's tree in state T (SIGSTOP or another stop signal): the app's own pid,
+    # else the first of its children (a context-parallel rank, a compile worker) found so.
     stopped_pid: Optional[int] = None
     rss_bytes: Optional[int] = None  # whole process tree
     gpu_used_bytes: Optional[int] = None  # device

@@ -45,6 +45,7 @@ def test_a_stopped_child_of_the_app_is_a_hang_of_the_whole_group_even_while_it_a
     h.append(sample(5, stopped_child=101))
     f = detect_hang(h, C)
     assert f.action == "kill" and f.evidence["stopped_pid"] == 101 and f.evidence["pid"] == 100
+    assert f.evidence["process_status"] == "sleeping"  # the app's own state: it was the rank
     assert "process 101 of app 100's tree" in f.reason
     resumed = h[:3] + [sample(3), sample(4, stopped_child=101), sample(5, stopped_child=101)]
     assert detect_hang(resumed, C) is None  # the count starts again after a SIGCONT
