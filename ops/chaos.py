@@ -19,7 +19,8 @@ HELP = {
     "crash": "SIGKILL the app",
     "oom": "GPU: fill device memory from another process until the app runs out; CPU: the app's OOM path",
     "leak": "grow the app's RSS by --megabytes",
-    "slow": "stretch every denoising step by --seconds (progress continues)",
+    "slow": "stretch every denoising step by --seconds (progress continues); with --rank N only that "
+    "rank of a context-parallel app (the group waits for it: a stall, not a stopped process)",
     "broken": "the next --count generations raise (not OOM, not CUDA): the engine's self-check finds it",
     "log-rotate": "rotate logs/app.log the way logrotate does (rename, then supervisord reopens)",
     "kill-monitor": "SIGKILL the monitor (supervisord restarts it)",
@@ -41,6 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--seconds", type=float, default=None, help="slow: per-step delay; receiver-down: duration"
     )
+    p.add_argument("--rank", type=int, default=0, help="slow: the rank that sleeps (0: the app itself)")
     p.add_argument("--megabytes", type=int, default=1024, help="leak size")
     p.add_argument("--count", type=int, default=100, help="broken: how many generations fail (1-100)")
     p.add_argument("--fill", type=float, default=0.98, help="oom on GPU: fill the device to this fraction")
@@ -120,9 +122,8 @@ def run(stack: Stack, fault: str, args=None) -> int:
     elif fault == "leak":
         print(json.dumps(app_fault(stack, {"kind": "leak", "megabytes": args.megabytes if args else 1024})))
     elif fault == "slow":
-        print(
-            json.dumps(app_fault(stack, {"kind": "slow", "seconds": seconds if seconds is not None else 1.0}))
-        )
+        body = {"kind": "slow", "seconds": seconds if seconds is not None else 1.0}
+        print(json.dumps(app_fault(stack, {**body, "rank": getattr(args, "rank", 0)})))
     elif fault == "broken":
         print(json.dumps(app_fault(stack, {"kind": "broken", "count": getattr(args, "count", 100)})))
     elif fault == "clear":

@@ -284,7 +284,8 @@ class Engine:
                 self.loras.apply(first.loras)
             self.faults.before_generation()
             if self.link is not None:
-                self.link.share(RankWork.of(request, seeds, self.warmup.seconds is not None))
+                warm, delays = self.warmup.seconds is not None, self.faults.shared_step_delays()
+                self.link.share(RankWork.of(request, seeds, warm, delays))
                 shared = True
             with torch.inference_mode():
                 images, stages = run_batch(

@@ -23,14 +23,27 @@ class FaultInjector:
     fatal_pending: int = 0
     broken_pending: int = 0  # generations that raise an error that is neither OOM nor CUDA's
     step_delay_s: float = 0.0
+    # Another rank's step delay (a context-parallel group): that rank sleeps in its own step, running
+    # (not stopped), while rank 0 waits for it in a collective: the hang a stuck GPU kernel or a
+    # wedged NCCL call makes, which only the stalled heartbeat shows. Travels with each RankWork.
+    rank_step_delays: dict = field(default_factory=dict)
     leaked: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def inject(self, kind: str, count: int = 1, seconds: float = 0.0, megabytes: int = 0) -> dict:
+    def inject(
+        self, kind: str, count: int = 1, seconds: float = 0.0, megabytes: int = 0, rank: int = 0
+    ) -> dict:
         if not self.enabled:
             raise PermissionError("fault injection is disabled (set fault_injection = true)")
+        if rank and kind != "slow":
+            raise ValueError(f"only 'slow' reaches another rank; {kind!r} acts on rank 0 (the app)")
         with self._lock:
-            if kind == "oom":
+            if rank:
+                if seconds > 0:
+                    self.rank_step_delays[rank] = seconds
+                else:
+                    self.rank_step_delays.pop(rank, None)
+            elif kind == "oom":
                 self.oom_pending += count
             elif kind == "cuda_fatal":
                 self.fatal_pending += count
@@ -48,6 +61,7 @@ class FaultInjector:
             elif kind == "clear":
                 self.oom_pending = self.fatal_pending = self.broken_pending = 0
                 self.step_delay_s = 0.0
+                self.rank_step_delays.clear()
                 self.leaked.clear()
             else:
                 raise ValueError(f"unknown fault {kind!r}; one of {', '.join(FAULT_KINDS)}")
@@ -59,6 +73,7 @@ class FaultInjector:
                 "count": count,
                 "seconds": seconds,
                 "megabytes": megabytes,
+                "rank": rank,
             },
         )
         return self.state()
@@ -70,6 +85,7 @@ class FaultInjector:
             "fatal_pending": self.fatal_pending,
             "broken_pending": self.broken_pending,
             "step_delay_s": self.step_delay_s,
+            "rank_step_delays": {str(r): s for r, s in sorted(self.rank_step_delays.items())},
             "leaked_mb": sum(len(b) for b in self.leaked) // 2**20,
         }
 
@@ -88,6 +104,13 @@ class FaultInjector:
             if self.broken_pending > 0:
                 self.broken_pending -= 1
                 raise RuntimeError("the pipeline raised (injected fault: zimagectl chaos broken)")
+
+    def shared_step_delays(self) -> tuple:
+        """(rank, seconds) pairs for the other ranks, sent with the next batch's RankWork."""
+        if not self.enabled:
+            return ()
+        with self._lock:
+            return tuple(sorted(self.rank_step_delays.items()))
 
     def on_step(self) -> None:
         if self.enabled and self.step_delay_s > 0:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -30,13 +31,17 @@ def serve_follower(settings) -> int:
     loras = lora_set_for(loaded.pipe, settings)
     log.info("rank ready", extra={"event": "rank_ready", "rank": env.rank, "notes": loaded.notes})
     stance_set = False
+    step_delay = [0.0]  # this rank's drill delay for the running batch (RankWork.step_delays)
 
     def on_step_end(_pipe, _step, _timestep, callback_kwargs):
+        if step_delay[0]:
+            time.sleep(step_delay[0])
         if link.agree_to_stop(False):
             raise _Stop()
         return callback_kwargs
 
     while (work := link.share(None)) is not None:
+        step_delay[0] = dict(work.step_delays).get(env.rank, 0.0)
         if (
             work.eager_on_recompile
             and loaded.compiled

@@ -251,13 +251,14 @@ class RankWork:
     strength: float = 1.0
     loras: tuple = ()
     eager_on_recompile: bool = False  # rank 0's compile stance after its warm-up, followed by all
+    step_delays: tuple = ()  # (rank, seconds): a drill's slow rank (zimagectl chaos slow --rank)
 
     @classmethod
-    def of(cls, request, seeds: list[int], eager_on_recompile: bool) -> "RankWork":
+    def of(cls, request, seeds: list[int], eager_on_recompile: bool, step_delays: tuple = ()) -> "RankWork":
         fields = {
             f.name: getattr(request, f.name) for f in dataclasses.fields(cls) if hasattr(request, f.name)
         }
-        return cls(**fields, seeds=seeds, eager_on_recompile=eager_on_recompile)
+        return cls(**fields, seeds=seeds, eager_on_recompile=eager_on_recompile, step_delays=step_delays)
 
     def request(self):
         from app.runtime.stages import BatchRequest

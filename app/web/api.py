@@ -74,6 +74,7 @@ class FaultRequest(BaseModel):
     count: int = Field(1, ge=1, le=100)
     seconds: float = Field(0.0, ge=0.0, le=600.0)
     megabytes: int = Field(0, ge=0, le=16384)
+    rank: int = Field(0, ge=0, le=7)  # slow: another rank of a context-parallel group
 
 
 def create_app(
@@ -85,6 +86,7 @@ def create_app(
     metrics = AppMetrics()
     pooled = replica_count(settings.replicas) > 1
     faults = FaultInjector(enabled=settings.fault_injection)
+    world = settings.parallel_degree if settings.parallel == "context" else 1  # ranks a fault can reach
     engine = Engine(settings, faults=faults, on_batch_done=metrics.on_batch_done)
     store = OutputStore(settings.outputs_dir, settings.min_free_disk_mb * 2**20, settings.png_compress_level)
     history = History(settings.history_file)
@@ -356,7 +358,11 @@ def create_app(
         if not faults.enabled:
             raise StarletteHTTPException(404, "fault injection is disabled (app.fault_injection = false)")
         try:
-            return faults.inject(body.kind, count=body.count, seconds=body.seconds, megabytes=body.megabytes)
+            if body.rank >= world:
+                raise ValueError(f"rank {body.rank} does not exist: this app has {world} rank(s)")
+            return faults.inject(
+                body.kind, count=body.count, seconds=body.seconds, megabytes=body.megabytes, rank=body.rank
+            )
         except ValueError as exc:
             return error_response(422, "invalid_request", str(exc))
 

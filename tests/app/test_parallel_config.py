@@ -1,9 +1,10 @@
 """parallel = "context": what the settings refuse, which GPU each rank gets, and the work a rank
-receives making the same noise as rank 0's own generators (the CPU run of the ranks themselves is
-tests/integration/test_context_parallel.py)."""
+receives making the same noise as rank 0's own generators, and a drill's slow rank (the CPU run of
+the ranks themselves is tests/integration/test_context_parallel.py)."""
 
 from __future__ import annotations
 
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from app.config import load_settings
 from app.ranks import rank_gpus
+from app.runtime.faults import FaultInjector
 from app.runtime.parallel import RankEnv, RankWork, cp_plan, enable
 from app.runtime.stages import BatchRequest
 from common.configfile import ConfigError
@@ -81,3 +83,26 @@ def test_a_degree_that_cannot_split_the_heads_or_every_sequence_is_refused_with_
     transformer = SimpleNamespace(config=SimpleNamespace(n_heads=30))
     with pytest.raises(ValueError, match=r"fits parallel_degree in \[2\]"):
         enable(transformer, torch.device("cpu"), degree)
+
+
+def test_a_slow_rank_fault_travels_with_the_work_to_that_rank_only():
+    """zimagectl chaos slow --rank 1: rank 1 sleeps in its own steps while rank 0 waits for it in a
+    collective (the stall end to end: tests/integration/test_context_parallel.py)."""
+    faults = FaultInjector(enabled=True)
+    faults.inject("slow", seconds=3.0, rank=1)
+    assert faults.step_delay_s == 0.0 and faults.shared_step_delays() == ((1, 3.0),)
+    assert faults.state()["rank_step_delays"] == {"1": 3.0}
+    request = BatchRequest(["a"], None, 64, 64, 8, 0.0, [torch.Generator("cpu").manual_seed(1)])
+    work = pickle.loads(pickle.dumps(RankWork.of(request, [1], False, faults.shared_step_delays())))
+    assert dict(work.step_delays) == {1: 3.0}  # (broadcast_object_list pickles it)
+    faults.inject("slow", seconds=0.0, rank=1)
+    assert faults.shared_step_delays() == ()
+    faults.inject("slow", seconds=2.0, rank=2)
+    faults.inject("clear")
+    assert faults.shared_step_delays() == ()
+    with pytest.raises(ValueError, match="only 'slow' reaches another rank"):
+        faults.inject("oom", rank=1)
+    assert faults.oom_pending == 0
+    off = FaultInjector(enabled=False)
+    off.rank_step_delays[1] = 5.0  # (cannot be set through inject when disabled; never shared)
+    assert off.shared_step_delays() == ()

@@ -1,7 +1,7 @@
 """parallel = "context" on the CPU: two ranks of the tiny model (gloo) under a real supervisord with
 the real monitor. One image is split over both ranks and comes out as the one-process image; a
-cancel, a rank killed, a rank stopped (in a generation or idle) and a graceful stop each leave the
-group whole or replaced whole, never half of it."""
+cancel, a rank killed, a rank stopped (in a generation or idle), a rank running but stuck in its step
+and a graceful stop each leave the group whole or replaced whole, never half of it."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def loras(tmp_path_factory):
 def two_rank_stack(home, **app):
     return StackHome(
         home,
-        app={"parallel": "context", "parallel_degree": 2, **app},
+        app={"parallel": "context", "parallel_degree": 2, "fault_injection": True, **app},
         monitor={"stall_floor_s": 4, "stall_factor": 8, "hang_stopped_s": 1.0, "restart_budget": 20},
     )
 
@@ -249,6 +249,33 @@ def test_a_rank_stopped_while_the_group_idles_is_replaced_before_any_request_wai
     app, [rank1] = stack.pid(), follower_pids(stack)
     stop_until_replaced(stack, app, rank1)
     assert httpx.post(stack.url + "/api/generate", json=BODY, timeout=60).status_code == 200
+
+
+def test_a_rank_stuck_running_in_its_step_stalls_the_group_and_the_monitor_replaces_it(stack):
+    """No state T to see: rank 1 sleeps inside its own step (the way a stuck kernel or a wedged
+    NCCL call keeps a rank running) while rank 0 waits for it in a collective. Rank 0 answers its
+    probes all along; only the heartbeat's silent step says the generation is stuck: the stall
+    bound, then the whole group is replaced."""
+    wait_for(stack.ready, stack.within(60), 0.2, "ready")
+    app, [rank1] = stack.pid(), follower_pids(stack)
+    before = len(stack.log("monitor"))
+    fault = {"kind": "slow", "seconds": 600, "rank": 1}
+    r = httpx.post(stack.url + "/admin/fault", json=fault, headers=stack.admin_headers(), timeout=5)
+    assert r.status_code == 200 and r.json()["rank_step_delays"] == {"1": 600.0}, r.text
+    results = []
+    thread = threading.Thread(target=post_into, args=(stack.url, BODY, results), daemon=True)
+    thread.start()
+    wait_for(lambda: in_denoising(stack), stack.within(30), 0.05, "step 1 done on rank 0")
+    assert psutil.Process(rank1).status() != psutil.STATUS_STOPPED
+    assert httpx.get(stack.url + "/healthz", timeout=5).status_code == 200  # not blocked with the engine
+    wait_for(lambda: stack.pid() not in (0, app) and stack.ready(), stack.within(120), 0.2, "group replaced")
+    thread.join(30)
+    assert results and not (isinstance(results[0], httpx.Response) and results[0].status_code == 200)
+    assert not psutil.pid_exists(rank1) or psutil.Process(rank1).status() == psutil.STATUS_ZOMBIE
+    incident = stack.log("monitor")[before:]
+    assert "generation stalled in denoise (step 2 of 8)" in incident, incident[-3000:]
+    assert "is stopped (state T)" not in incident
+    assert httpx.post(stack.url + "/api/generate", json=BODY, timeout=60).status_code == 200  # no fault now
 
 
 def test_a_graceful_stop_finishes_the_running_generation_on_both_ranks(stack):

@@ -214,10 +214,15 @@ def test_admin_endpoints_reject_bad_bodies(app):
         {"kind": "nope"},
         {"kind": "leak", "megabytes": -1},
         {"kind": "slow", "seconds": 1e9},
+        {"kind": "slow", "seconds": 1, "rank": 8},
+        {"kind": "slow", "seconds": 1, "rank": -1},
         "x",
     ):
         r = httpx.post(app.url + "/admin/fault", json=body, headers=admin, timeout=5)
         assert r.status_code == 422, (body, r.text)
+    # a rank this app does not have (one process: only rank 0)
+    r = httpx.post(app.url + "/admin/fault", json={"kind": "slow", "rank": 1}, headers=admin, timeout=5)
+    assert r.status_code == 422 and "this app has 1 rank(s)" in r.json()["message"], r.text
     r = httpx.post(
         app.url + "/admin/drain",
         content=b"\xff",
