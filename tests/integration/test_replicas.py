@@ -1,6 +1,7 @@
 """Two replicas of the tiny model behind a real HAProxy, under a real supervisord with one monitor
 per replica: a replica killed, hung or restarted under load costs the clients nothing, and the
-pool never has both replicas out at once."""
+pool never has both replicas out at once; a wedged or killed HAProxy is paged or restarted without
+touching the replicas."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -317,3 +319,27 @@ def test_a_wedged_balancer_is_paged_once_for_the_pool_and_resolves(stack):
     assert [pid_of(stack, 0), pid_of(stack, 1)] == pids
     assert httpx.get(stack.url + "/healthz", timeout=5).status_code == 200
     assert httpx.get(stack.url + "/balancer/alive", timeout=5).status_code == 200  # HAProxy's own
+
+
+@pytest.mark.parametrize("process", ["master", "worker"])
+def test_a_killed_balancer_is_back_within_seconds_and_the_replicas_are_untouched(stack, process):
+    """HAProxy SIGKILLed: its master, or its one worker (the master then exits too: exit-on-failure).
+    supervisord starts it again (autorestart), no old worker is left holding the public port, the
+    port answers again within seconds, and no replica was restarted for it."""
+    wait_for(lambda: all_ready(stack), stack.within(60), 0.2, "both replicas ready")
+    pids = [pid_of(stack, 0), pid_of(stack, 1)]
+    master = stack.pid("haproxy")
+    [worker] = psutil.Process(master).children()
+
+    def back() -> bool:
+        try:
+            alive = httpx.get(stack.url + "/balancer/alive", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+        return alive and stack.pid("haproxy") not in (0, master)
+
+    os.kill(master if process == "master" else worker.pid, signal.SIGKILL)
+    wait_for(back, 15, 0.05, "HAProxy restarted by supervisord")
+    assert not psutil.pid_exists(worker.pid) or psutil.Process(worker.pid).status() == psutil.STATUS_ZOMBIE
+    assert httpx.post(stack.url + "/api/generate", json=BODY, timeout=60).status_code == 200
+    assert [pid_of(stack, 0), pid_of(stack, 1)] == pids
