@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from common.configfile import ConfigError, parse_command_line
+from common.parent import die_with_parent, started_by_supervisord
 
 
 def main(argv: list[str] | None = None) -> int:
+    if started_by_supervisord():  # first: a supervisord that dies from here on takes this program along
+        die_with_parent(signal.SIGTERM)
     parse_command_line(
         "python -m app",
         "zimage-serve app: the Gradio UI and JSON API serving Z-Image-Turbo (or the embedded demo model).",

@@ -7,9 +7,12 @@ import signal
 import sys
 
 from common.configfile import ConfigError, parse_command_line
+from common.parent import die_with_parent, started_by_supervisord
 
 
 def main(argv: list[str] | None = None) -> int:
+    if started_by_supervisord():  # first: a supervisord that dies from here on takes this program along
+        die_with_parent(signal.SIGTERM)
     parse_command_line(
         "python -m monitor",
         "zimage-serve monitor: the self-healing sidecar that watches the "

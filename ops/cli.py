@@ -24,6 +24,7 @@ import time
 from common.configfile import ConfigError
 from common.polling import poll_until
 from common.supervisor_client import SupervisorUnavailable
+from ops import leftovers
 from ops.balancer import all_in_pool
 from ops.stack import Stack, program_names, program_states
 
@@ -41,6 +42,10 @@ def cmd_up(stack: Stack, args) -> int:
                 say(f"starting {name}")
                 client.start(full, wait=False)
     else:
+        # A supervisord that died left its programs stopping (common/parent.py): see them gone, and
+        # refuse a port someone else holds, rather than say "ready" from another server's /readyz.
+        if not leftovers.clear_the_way(stack, say):
+            return 1
         say(f"starting supervisord -c {stack.conf}")
         try:
             stack.start_supervisord()

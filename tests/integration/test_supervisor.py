@@ -3,6 +3,7 @@
 import concurrent.futures as cf
 import os
 import signal
+import socket
 import stat
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from app.config import load_settings
 from common.supervisor_client import SupervisorClient
+from ops import leftovers
 from ops.tempstack import StackHome, wait_ready
 from tests.helpers import wait_for
 
@@ -87,6 +89,54 @@ def test_restart_is_graceful_a_request_in_flight_completes(stack):
     assert stack.pid() != old and stack.ready()
     # the monitor saw a planned restart, not an incident
     assert stack.restarts() == [] and stack.state()["unexpected_restarts_in_window"] <= 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_killed_supervisord_takes_its_programs_along_and_up_starts_afresh(stack):
+    """supervisord SIGKILLed under a request: the kernel tells its programs (their parent died). The app
+    drains (the request in flight completes) and exits, the monitor exits; `zimagectl up`, run at
+    once, waits for them and starts one fresh app and one monitor. Before, both ran on unsupervised:
+    the new app could not bind the port, `up` said "ready" from the old one's /readyz, and two
+    monitors healed one app through the new supervisord's socket."""
+    wait_ready(stack)
+    admin = stack.admin_headers()
+    httpx.post(stack.url + "/admin/fault", json={"kind": "slow", "seconds": 0.5}, headers=admin, timeout=5)
+    old_app, old_monitor = stack.pid(), stack.pid("monitor")
+    body = {"prompt": "outlive my supervisord", "width": 128, "height": 128, "num_inference_steps": 12}
+    with cf.ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(httpx.post, stack.url + "/api/generate", json=body, timeout=60)
+        wait_for(lambda: httpx.get(stack.url + "/healthz").json()["heartbeat"]["busy"], 10, 0.05, "busy")
+        os.kill(stack.supervisord_pid(), signal.SIGKILL)
+        result = stack.ctl("up", "--timeout", "120")
+        response = in_flight.result(60)
+    assert response.status_code == 200, response.text
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "supervisord is gone but" in result.stdout and "they have exited" in result.stdout, result.stdout
+    assert not _alive(old_app) and not _alive(old_monitor)
+    ours = {p.pid for p in leftovers.find(stack.home)}  # every process a supervisord of this home runs
+    assert ours == {stack.pid(), stack.pid("monitor")} and old_app not in ours, ours
+    assert (
+        httpx.post(
+            stack.url + "/api/generate", json={**body, "num_inference_steps": 2}, timeout=60
+        ).status_code
+        == 200
+    )
+
+
+def test_up_refuses_a_port_another_program_holds(tmp_path):
+    s = StackHome(tmp_path)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", s.port))
+        held.listen()
+        result = s.ctl("up", "--timeout", "30")
+    assert result.returncode == 1 and f"port(s) [{s.port}] already in use" in result.stdout, result.stdout
+    assert not (s.home / "run" / "supervisor.sock").exists()  # nothing was started
 
 
 def test_down_leaves_no_process_behind(tmp_path):
