@@ -107,6 +107,7 @@ def cmd_down(stack: Stack, args) -> int:
     client = stack.supervisor()
     if not client.is_running():
         say("supervisord is not running")
+        leftovers.see_gone(stack.home, args.timeout, say)  # what a supervisord that died left stopping
         return 0
     stack.set_maintenance(args.timeout + 30, "zimagectl down")
     slow = stack.supervisor(timeout=args.timeout + 10)
@@ -150,6 +151,9 @@ def cmd_status(stack: Stack, args) -> int:
         }
     except SupervisorUnavailable:
         report["supervisord"] = {"state": "not running"}
+        left = leftovers.find(stack.home)
+        if left:  # a supervisord that died: its programs stop by themselves (common/parent.py)
+            report["supervisord"]["left_running"] = leftovers.describe(left)
     health, ready = stack.healthz(), stack.readyz()
     if health:
         hb = health.get("heartbeat", {})
@@ -208,6 +212,8 @@ def cmd_status(stack: Stack, args) -> int:
 def _print_status(r: dict) -> None:
     say(f"zimage-serve  {r['home']}  {r['url']}")
     say(f"supervisord   {r['supervisord'].get('state')}  pid {r['supervisord'].get('pid', '-')}")
+    if r["supervisord"].get("left_running"):
+        say(f"  left running by a supervisord that died (stopping): {r['supervisord']['left_running']}")
     for name, p in r.get("programs", {}).items():
         say(f"  {name:<10}  {p['state']:<9} pid {p['pid']:<7} up {p['uptime_s']} s")
     a = r.get("app", {})

@@ -129,6 +129,26 @@ def test_a_killed_supervisord_takes_its_programs_along_and_up_starts_afresh(stac
     )
 
 
+def test_after_a_killed_supervisord_status_names_what_is_left_and_down_waits_for_it(stack):
+    wait_ready(stack)
+    admin = stack.admin_headers()
+    httpx.post(stack.url + "/admin/fault", json={"kind": "slow", "seconds": 0.5}, headers=admin, timeout=5)
+    app = stack.pid()
+    body = {"prompt": "still draining", "width": 128, "height": 128, "num_inference_steps": 12}
+    with cf.ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(httpx.post, stack.url + "/api/generate", json=body, timeout=60)
+        wait_for(lambda: httpx.get(stack.url + "/healthz").json()["heartbeat"]["busy"], 10, 0.05, "busy")
+        os.kill(stack.supervisord_pid(), signal.SIGKILL)
+        status = stack.ctl("status")
+        down = stack.ctl("down")
+        response = in_flight.result(60)
+    assert "not running" in status.stdout and "left running by a supervisord that died" in status.stdout
+    assert f"pid {app} " in status.stdout, status.stdout
+    assert down.returncode == 0 and "they have exited" in down.stdout, down.stdout
+    assert response.status_code == 200 and not _alive(app) and leftovers.find(stack.home) == []
+    assert stack.ctl("up").returncode == 0  # (the module's stack, back for what follows)
+
+
 def test_up_refuses_a_port_another_program_holds(tmp_path):
     s = StackHome(tmp_path)
     with socket.socket() as held:
