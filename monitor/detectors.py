@@ -273,6 +273,21 @@ def detect_monitor_stalled(last: Sample) -> Optional[Finding]:
     )
 
 
+def detect_journal_unwritable(last: Sample) -> Optional[Finding]:
+    """The monitor heals on from memory, but its crash-safety is gone until the journal is written:
+    a monitor restarted now forgets the open incidents, the action under way and the alerts owed."""
+    if not last.journal_error:
+        return None
+    return Finding(
+        kind=FindingKind.journal_unwritable,
+        severity=Severity.error,
+        action=Action.alert,
+        reason=f"the monitor cannot write its journal ({last.journal_error}); it heals on, but a "
+        "restarted monitor would forget its open incidents and any action under way",
+        evidence={"error": last.journal_error},
+    )
+
+
 def detect_all(
     history: Sequence[Sample], unexpected_restarts: Sequence[float], cfg: MonitorSettings
 ) -> list[Finding]:
@@ -291,6 +306,7 @@ def detect_all(
         detect_capacity(history, cfg),
         detect_balancer_down(history, cfg),
         detect_monitor_stalled(last),
+        detect_journal_unwritable(last),
     ]
     found = [f for f in candidates if f is not None]
     return sorted(found, key=lambda f: -f.severity.rank)

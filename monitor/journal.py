@@ -75,6 +75,7 @@ class Journal:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._written: Optional[str] = None
+        self.error: Optional[str] = None  # why the last write failed; None once one succeeds
 
     def load(self) -> MonitorState:
         """The state the last monitor left, or a fresh one (none yet, or unreadable: moved aside)."""
@@ -109,21 +110,45 @@ class Journal:
         return state
 
     def save(self, state: MonitorState) -> bool:
-        """Write the state if its durable part changed; True when a write happened."""
+        """Write the state if its durable part changed; True when a write happened.
+
+        A write that fails (a full disk, a file system gone read-only) must not stop the healing:
+        raising here left every step unapplied, so the monitor neither healed nor paged while the
+        disk was full. The state lives on in memory; `error` says why it is not on disk (the
+        journal_unwritable finding pages it), and the next step writes again."""
         text = to_json(state)
         if text == self._written:
             return False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the rename itself survives a power cut
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            self._failed(f"{exc.__class__.__name__}: {exc}"[:300], tmp)
+            return False
+        if self.error is not None:
+            log.warning("monitor journal written again", extra={"event": "journal_written_again"})
+        self.error = None
         self._written = text
         return True
+
+    def _failed(self, error: str, tmp: Path) -> None:
+        if self.error is None:  # said once per outage, not once per step
+            log.error(
+                "monitor journal not written: healing goes on, a monitor restarted now forgets its state",
+                extra={"event": "journal_unwritable", "path": str(self.path), "error": error},
+            )
+        self.error = error
+        try:
+            tmp.unlink(missing_ok=True)  # (a half-written temp file holds the space the disk lacks)
+        except OSError:
+            pass

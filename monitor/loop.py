@@ -92,6 +92,7 @@ class Monitor:
         if chaos is not None and self.courier is not None:
             self.courier.blackhole_until = chaos
         sample = self.probes.sample(time.monotonic(), wall)
+        sample.journal_error = self.journal.error
         for name, seconds in self.probes.latencies.items():
             self.metrics.probe_latency.labels(probe=name).observe(seconds)
         maintenance = self.probes.maintenance(wall)

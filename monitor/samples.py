@@ -68,6 +68,8 @@ class Sample:
     # What the last monitor left when its own watchdog ended it (monitor/selfwatch.py): on the new
     # monitor's samples until one of them is in the journal.
     monitor_stalled: Optional[dict] = None
+    # Why this monitor's journal is not on disk now (monitor/journal.py), None when it is.
+    journal_error: Optional[str] = None
     # Replica 0's monitor of a stack with replicas: the balancer (HAProxy) on the public port, at
     # the path it answers itself. Any HTTP answer counts; status None is a refusal or a timeout.
     balancer_live: Optional[HttpResult] = None

@@ -317,3 +317,31 @@ def test_an_app_left_stopped_by_a_dead_monitor_is_started(stack, receiver):
         "app_down resolved",
     )
     one_firing_one_resolved(receiver, start, "app_down")
+
+
+def test_a_journal_that_cannot_be_written_pages_and_the_monitor_still_heals(stack, receiver):
+    """The journal's temp file made a directory: every write fails, as on a full disk. Before, each
+    step raised before it was applied, so nothing was healed and nothing paged. Now a hang is still
+    healed, journal_unwritable pages, and it resolves once the journal is written again."""
+    quiet(stack)
+    start, old = len(receiver.requests), stack.pid()
+    blocker = stack.home / "run" / "monitor-journal.json.tmp"
+    blocker.mkdir()
+    try:
+        os.kill(old, signal.SIGSTOP)
+        wait_for(
+            lambda: stack.ready() and stack.pid() not in (0, old), stack.within(60), 0.2, "healed, no journal"
+        )
+        wait_for(
+            lambda: [r for r in receiver.requests[start:] if r["json"]["kind"] == "journal_unwritable"],
+            30,
+            0.2,
+            "journal_unwritable paged",
+        )
+        assert '"event": "journal_unwritable"' in stack.log("monitor")
+    finally:
+        blocker.rmdir()
+    wait_for(lambda: resolved(receiver, start, "journal_unwritable"), 60, 0.2, "journal_unwritable resolved")
+    one_firing_one_resolved(receiver, start, "journal_unwritable")
+    wait_for(lambda: resolved(receiver, start, "hang"), 60, 0.2, "hang resolved")
+    assert journal(stack)["pending"] is None

@@ -292,3 +292,37 @@ def test_an_unreadable_journal_is_moved_aside_and_the_monitor_starts_fresh(tmp_p
     j = journal.Journal(path)
     assert j.save(state) and not j.save(state)  # an unchanged state is not written again
     assert journal.to_json(journal.Journal(path).load()) == fresh
+
+
+def test_a_journal_that_cannot_be_written_says_why_and_is_written_again_once_it_can(tmp_path):
+    """A full disk (here /dev/full, where every write is ENOSPC): save raised, and the loop then
+    applied no step at all, so the monitor neither healed nor paged. Now it says why, leaves the
+    last good journal in place, and writes the next step once it can."""
+    path = tmp_path / "journal.json"
+    j = journal.Journal(path)
+    assert j.save(core.MonitorState()) and j.error is None
+    (tmp_path / "journal.json.tmp").symlink_to("/dev/full")
+    assert not j.save(core.MonitorState(known_pid=5))
+    assert "No space left on device" in j.error
+    assert journal.Journal(path).load().known_pid == 0  # the last good journal, whole
+    assert not (tmp_path / "journal.json.tmp").exists()  # (a partial temp file would hold space)
+    assert j.save(core.MonitorState(known_pid=5)) and j.error is None  # the same step, written now
+    assert journal.Journal(path).load().known_pid == 5
+
+
+def test_an_unwritable_journal_pages_while_the_healing_goes_on_and_resolves():
+    run = Run()
+    for t in range(3):
+        unwritable = sample(t)
+        unwritable.journal_error = "OSError: [Errno 28] No space left on device"
+        run.observe(unwritable)
+    assert run.alerts() == [("journal_unwritable", "firing")]
+    for t in range(3, 9):  # a hang meanwhile is still healed (the journal still cannot be written)
+        stopped = sample(t, status="stopped")
+        stopped.journal_error = "OSError: [Errno 28] No space left on device"
+        run.observe(stopped)
+    assert [a.action.value for a in run.actions] == ["kill"]
+    run.done(at=9)
+    for t in range(10, 14):  # the disk has room again: the new process is healthy, the journal written
+        run.observe(healthy(t))
+    assert ("journal_unwritable", "resolved") in run.alerts() and ("hang", "resolved") in run.alerts()
