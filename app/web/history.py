@@ -2,11 +2,15 @@
 each save, read by GET /api/history and the UI's History tab.
 
 The PNGs are the source of truth: each carries its parameters in an iTXt chunk. When the index is
-missing or empty at start it is rebuilt from them, so losing run/ loses nothing."""
+missing or empty at start it is rebuilt from them, so losing run/ loses nothing. For the same reason a
+row that cannot be written (the file locked past the wait by another replica or a backup, a full
+disk) is told in the log and skipped: the request whose images are saved still gets them (it got a
+500 before)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from pathlib import Path
@@ -15,6 +19,8 @@ from typing import Optional
 from PIL import Image
 
 from app.web.outputs import SAFE_NAME
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -30,23 +36,41 @@ CREATE INDEX IF NOT EXISTS generations_created ON generations (created_at);
 
 
 class History:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, busy_timeout_s: float = 10.0):
         path.parent.mkdir(parents=True, exist_ok=True)
         # One connection, used from the event loop's threads under a lock: writes are tiny.
         # (replicas of one host share the file: sqlite's own locking, and a wait instead of an error)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+        self._db = sqlite3.connect(
+            str(path), check_same_thread=False, isolation_level=None, timeout=busy_timeout_s
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
 
     def add(
         self, request_id: str, created_at: float, params: dict, seed: int, timings: dict, images: list[str]
-    ):
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?)",
-                (request_id, created_at, json.dumps(params), seed, json.dumps(timings), json.dumps(images)),
+    ) -> bool:
+        """Index one generation; False (and a warning) when the row could not be written."""
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        request_id,
+                        created_at,
+                        json.dumps(params),
+                        seed,
+                        json.dumps(timings),
+                        json.dumps(images),
+                    ),
+                )
+        except sqlite3.Error as exc:
+            log.warning(
+                "history row not written: the images are saved, the History list lacks them",
+                extra={"event": "history_write_failed", "request_id": request_id, "error": str(exc)[:200]},
             )
+            return False
+        return True
 
     def page(self, limit: int = 20, before: Optional[float] = None) -> list[dict]:
         with self._lock:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 
 import httpx
 import pytest
@@ -160,6 +161,24 @@ def test_injected_oom_is_a_507_and_service_continues(app):
     assert r.status_code == 507 and r.json()["error"] == "out_of_memory" and "smaller" in r.json()["hint"]
     assert "CUDA out of memory" in app.log()  # the line the monitor's OOM detector reads
     assert post(app, {"prompt": "x", **SMALL}).status_code == 200
+
+
+def test_a_locked_history_index_costs_the_request_nothing(app):
+    """The index held by another writer past sqlite's wait (10 s): the request got a 500 although its
+    images were saved. Now it gets them; the log tells the skipped row; the next one is indexed."""
+    other = sqlite3.connect(str(app.tmp / "history.sqlite"), isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        r = post(app, {"prompt": "index locked", **SMALL})
+    finally:
+        other.close()  # (the transaction ends with it)
+    assert r.status_code == 200, r.text
+    png = httpx.get(app.url + r.json()["images"][0]["url"], timeout=10)
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert '"event": "history_write_failed"' in app.log()
+    after = post(app, {"prompt": "index free", **SMALL}).json()["request_id"]
+    items = httpx.get(app.url + "/api/history?limit=5", timeout=5).json()["items"]
+    assert items[0]["request_id"] == after and r.json()["request_id"] not in [i["request_id"] for i in items]
 
 
 def test_full_queue_gives_503_with_retry_after(app):
