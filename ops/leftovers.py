@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ops.stack import Stack
 
 
-def find(home: Path, env_of: Callable = lambda p: p.environ()) -> list[psutil.Process]:
+def find(home: Path) -> list[psutil.Process]:
     """The processes a supervisord of `home` started (and their children), other than this one and
     its ancestors (an operator may run zimagectl from a shell with the same environment)."""
     home = home.resolve()
@@ -39,7 +39,7 @@ def find(home: Path, env_of: Callable = lambda p: p.environ()) -> list[psutil.Pr
         if proc.pid in mine:
             continue
         try:
-            env = env_of(proc)
+            env = proc.environ()
             if env.get("SUPERVISOR_ENABLED") != "1" or not env.get("ZIMAGE_HOME"):
                 continue
             if Path(env["ZIMAGE_HOME"]).resolve() == home and proc.status() != psutil.STATUS_ZOMBIE:
