@@ -73,16 +73,24 @@ def test_killed_app_is_restarted_by_supervisord(stack):
     assert new != old
 
 
-def test_restart_is_graceful_a_request_in_flight_completes(stack):
+def while_a_request_runs(stack, step_s: float, steps: int, prompt: str, act):
+    """A generation slowed to step_s a step, in flight while `act()` runs; returns its response and
+    what act returned."""
     admin = stack.admin_headers()
-    httpx.post(stack.url + "/admin/fault", json={"kind": "slow", "seconds": 0.4}, headers=admin, timeout=5)
-    old = stack.pid()
-    body = {"prompt": "finish me first", "width": 128, "height": 128, "num_inference_steps": 8}
+    httpx.post(stack.url + "/admin/fault", json={"kind": "slow", "seconds": step_s}, headers=admin, timeout=5)
+    body = {"prompt": prompt, "width": 128, "height": 128, "num_inference_steps": steps}
     with cf.ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(httpx.post, stack.url + "/api/generate", json=body, timeout=60)
         wait_for(lambda: httpx.get(stack.url + "/healthz").json()["heartbeat"]["busy"], 10, 0.05, "busy")
-        result = stack.ctl("restart", "--timeout", "120")
-        response = in_flight.result(60)
+        acted = act()
+        return in_flight.result(60), acted
+
+
+def test_restart_is_graceful_a_request_in_flight_completes(stack):
+    old = stack.pid()
+    response, result = while_a_request_runs(
+        stack, 0.4, 8, "finish me first", lambda: stack.ctl("restart", "--timeout", "120")
+    )
     assert response.status_code == 200, response.text
     assert result.returncode == 0, result.stdout + result.stderr
     assert "warm-up ok" in result.stdout
@@ -105,43 +113,36 @@ def test_a_killed_supervisord_takes_its_programs_along_and_up_starts_afresh(stac
     the new app could not bind the port, `up` said "ready" from the old one's /readyz, and two
     monitors healed one app through the new supervisord's socket."""
     wait_ready(stack)
-    admin = stack.admin_headers()
-    httpx.post(stack.url + "/admin/fault", json={"kind": "slow", "seconds": 0.5}, headers=admin, timeout=5)
     old_app, old_monitor = stack.pid(), stack.pid("monitor")
-    body = {"prompt": "outlive my supervisord", "width": 128, "height": 128, "num_inference_steps": 12}
-    with cf.ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(httpx.post, stack.url + "/api/generate", json=body, timeout=60)
-        wait_for(lambda: httpx.get(stack.url + "/healthz").json()["heartbeat"]["busy"], 10, 0.05, "busy")
+
+    def kill_supervisord_then_up():
         os.kill(stack.supervisord_pid(), signal.SIGKILL)
-        result = stack.ctl("up", "--timeout", "120")
-        response = in_flight.result(60)
+        return stack.ctl("up", "--timeout", "120")
+
+    response, result = while_a_request_runs(
+        stack, 0.5, 12, "outlive my supervisord", kill_supervisord_then_up
+    )
     assert response.status_code == 200, response.text
     assert result.returncode == 0, result.stdout + result.stderr
     assert "supervisord is gone but" in result.stdout and "they have exited" in result.stdout, result.stdout
     assert not _alive(old_app) and not _alive(old_monitor)
     ours = {p.pid for p in leftovers.find(stack.home)}  # every process a supervisord of this home runs
     assert ours == {stack.pid(), stack.pid("monitor")} and old_app not in ours, ours
-    assert (
-        httpx.post(
-            stack.url + "/api/generate", json={**body, "num_inference_steps": 2}, timeout=60
-        ).status_code
-        == 200
-    )
+    body = {"prompt": "served by the new set", "width": 128, "height": 128, "num_inference_steps": 2}
+    assert httpx.post(stack.url + "/api/generate", json=body, timeout=60).status_code == 200
 
 
 def test_after_a_killed_supervisord_status_names_what_is_left_and_down_waits_for_it(stack):
     wait_ready(stack)
-    admin = stack.admin_headers()
-    httpx.post(stack.url + "/admin/fault", json={"kind": "slow", "seconds": 0.5}, headers=admin, timeout=5)
     app = stack.pid()
-    body = {"prompt": "still draining", "width": 128, "height": 128, "num_inference_steps": 12}
-    with cf.ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(httpx.post, stack.url + "/api/generate", json=body, timeout=60)
-        wait_for(lambda: httpx.get(stack.url + "/healthz").json()["heartbeat"]["busy"], 10, 0.05, "busy")
+
+    def kill_supervisord_then_status_and_down():
         os.kill(stack.supervisord_pid(), signal.SIGKILL)
-        status = stack.ctl("status")
-        down = stack.ctl("down")
-        response = in_flight.result(60)
+        return stack.ctl("status"), stack.ctl("down")
+
+    response, (status, down) = while_a_request_runs(
+        stack, 0.5, 12, "still draining", kill_supervisord_then_status_and_down
+    )
     assert "not running" in status.stdout and "left running by a supervisord that died" in status.stdout
     assert f"pid {app} " in status.stdout, status.stdout
     assert down.returncode == 0 and "they have exited" in down.stdout, down.stdout
