@@ -22,11 +22,13 @@ HELP = {
     "slow": "stretch every denoising step by --seconds (progress continues); with --rank N only that "
     "rank of a context-parallel app (the group waits for it: a stall, not a stopped process)",
     "broken": "the next --count generations raise (not OOM, not CUDA): the engine's self-check finds it",
+    "die-answering": "the app SIGKILLs itself as it answers its next generation (after the head, before "
+    "the body is written): nothing may reach the client half-made",
     "log-rotate": "rotate logs/app.log the way logrotate does (rename, then supervisord reopens)",
     "kill-monitor": "SIGKILL the monitor (supervisord restarts it)",
     "receiver-down": "alert deliveries fail for --seconds",
     "monitor-stall": "a probe of the monitor never returns (its watchdog replaces it after loop_stall_s)",
-    "clear": "undo app-side faults (slow, leak, pending oom and broken)",
+    "clear": "undo app-side faults (slow, leak, pending oom, broken and die-answering)",
 }
 FAULTS = tuple(HELP)  # the choices of `zimagectl chaos`, in the order --help lists them
 
@@ -126,6 +128,8 @@ def run(stack: Stack, fault: str, args=None) -> int:
         print(json.dumps(app_fault(stack, {**body, "rank": getattr(args, "rank", 0)})))
     elif fault == "broken":
         print(json.dumps(app_fault(stack, {"kind": "broken", "count": getattr(args, "count", 100)})))
+    elif fault == "die-answering":
+        print(json.dumps(app_fault(stack, {"kind": "die_answering"})))
     elif fault == "clear":
         print(json.dumps(app_fault(stack, {"kind": "clear"})))
     elif fault == "log-rotate":

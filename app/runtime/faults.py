@@ -13,7 +13,7 @@ import torch
 
 log = logging.getLogger("app.runtime.faults")
 
-FAULT_KINDS = ("oom", "slow", "leak", "cuda_fatal", "broken", "clear")
+FAULT_KINDS = ("oom", "slow", "leak", "cuda_fatal", "broken", "die_answering", "clear")
 
 
 @dataclass
@@ -22,6 +22,7 @@ class FaultInjector:
     oom_pending: int = 0
     fatal_pending: int = 0
     broken_pending: int = 0  # generations that raise an error that is neither OOM nor CUDA's
+    die_answering_pending: int = 0  # answers the app dies giving (app.web.whole_answer.DieAnswering)
     step_delay_s: float = 0.0
     # Another rank's step delay (a context-parallel group): that rank sleeps in its own step, running
     # (not stopped), while rank 0 waits for it in a collective: the hang a stuck GPU kernel or a
@@ -49,6 +50,8 @@ class FaultInjector:
                 self.fatal_pending += count
             elif kind == "broken":
                 self.broken_pending += count
+            elif kind == "die_answering":
+                self.die_answering_pending += count
             elif kind == "slow":
                 self.step_delay_s = seconds
             elif kind == "leak":
@@ -60,6 +63,7 @@ class FaultInjector:
                     time.sleep(0.001)
             elif kind == "clear":
                 self.oom_pending = self.fatal_pending = self.broken_pending = 0
+                self.die_answering_pending = 0
                 self.step_delay_s = 0.0
                 self.rank_step_delays.clear()
                 self.leaked.clear()
@@ -84,6 +88,7 @@ class FaultInjector:
             "oom_pending": self.oom_pending,
             "fatal_pending": self.fatal_pending,
             "broken_pending": self.broken_pending,
+            "die_answering_pending": self.die_answering_pending,
             "step_delay_s": self.step_delay_s,
             "rank_step_delays": {str(r): s for r, s in sorted(self.rank_step_delays.items())},
             "leaked_mb": sum(len(b) for b in self.leaked) // 2**20,
@@ -104,6 +109,14 @@ class FaultInjector:
             if self.broken_pending > 0:
                 self.broken_pending -= 1
                 raise RuntimeError("the pipeline raised (injected fault: zimagectl chaos broken)")
+
+    def take_die_answering(self) -> bool:
+        """Whether the answer being given now is one the app dies giving (counts it down)."""
+        with self._lock:
+            if self.enabled and self.die_answering_pending > 0:
+                self.die_answering_pending -= 1
+                return True
+            return False
 
     def shared_step_delays(self) -> tuple:
         """(rank, seconds) pairs for the other ranks, sent with the next batch's RankWork."""

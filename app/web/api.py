@@ -36,6 +36,7 @@ from app.web.service import GenerationService, new_request_id
 from app.web.sysinfo import live_info, model_info
 from app.web.upload_routes import UPLOAD_ROUTES, add_upload_routes
 from app.web.validation import describe_validation_errors
+from app.web.whole_answer import DieAnswering, HeadWithBody
 from common.gpu import GpuReader, open_gpu_reader
 from common.jsonlog import add_secret
 from common.replicas import replica_count, replica_index
@@ -389,4 +390,9 @@ def create_app(
             settings.max_upload_mb * 2**20 if path in UPLOAD_PATHS else settings.max_body_bytes
         ),
     )
+    # Outermost: every answer's head waits for its body (a killed replica's answer is then whole or
+    # absent, never cut: app.web.whole_answer).
+    app.add_middleware(HeadWithBody)
+    if faults.enabled:
+        app.add_middleware(DieAnswering, should_die=faults.take_die_answering)
     return app

@@ -10,6 +10,8 @@ import time
 
 import uvicorn
 
+from app.web.whole_answer import CorkedH11Protocol
+
 log = logging.getLogger("app.web.server")
 
 
@@ -69,6 +71,8 @@ def serve(app, settings) -> None:
         timeout_graceful_shutdown=5,
         lifespan="on",
         server_header=False,
+        # h11 writing each answer in one write: app.web.whole_answer says why
+        http=CorkedH11Protocol,
     )
     server = DrainingServer(config, app.state.service, settings.drain_timeout_s)
     server.run()

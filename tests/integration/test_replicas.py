@@ -157,6 +157,31 @@ def test_a_replica_killed_under_load_costs_the_clients_nothing(stack):
     assert watch.saw_out("app-0") and not watch.both_out(), stack.log("haproxy")[-5000:]
 
 
+def test_a_replica_killed_as_it_answers_costs_the_clients_nothing(stack):
+    """The worst moment to be killed: the server has the head of a generation's answer and not yet
+    its body (the fault hook SIGKILLs the app there). A head alone would reach the client and could
+    not be retried (CI once saw "peer closed connection without sending complete message body"); the
+    answer leaves whole or not at all (app.web.whole_answer), so HAProxy sees an empty answer and
+    sends the request again to the other replica."""
+    wait_for(lambda: all_ready(stack), stack.within(60), 0.2, "both replicas ready")
+    old = pid_of(stack, 0)
+
+    def die_answering():
+        r = httpx.post(
+            stack.replica_url(0) + "/admin/fault",
+            json={"kind": "die_answering"},
+            headers=stack.admin_headers(),
+            timeout=10,
+        )
+        assert r.status_code == 200 and r.json()["die_answering_pending"] == 1, r.text
+
+    stats = under_load(stack, die_answering, settle_s=6)
+    wait_for(lambda: all_ready(stack), stack.within(60), 0.2, "both replicas ready again")
+    assert pid_of(stack, 0) != old, "replica 0 answered no generation after the fault was set"
+    assert_no_client_visible_errors(stats, stack)
+    assert "+1" in stack.log("haproxy"), "no request was sent again"  # HAProxy logs a retried session
+
+
 def image_to_image_body() -> dict:
     """An image-to-image request of ~330 KB (its base64 noise image): far over HAProxy's default
     16 KiB buffer, which is the largest request it can retry."""
