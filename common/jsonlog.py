@@ -73,3 +73,11 @@ def add_secret(secret: str | None) -> None:
     """Scrub this value from every log line written from now on."""
     if _formatter is not None:
         _formatter.add_secret(secret)
+
+
+def scrub(text: str) -> str:
+    """`text` with every secret known to the log formatter replaced by '***': for text that leaves
+    the process by another way than a log line (an alert's reason, a raw write to stderr)."""
+    for secret in _formatter.secrets if _formatter is not None else ():
+        text = text.replace(secret, "***")
+    return text

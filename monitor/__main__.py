@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     monitor = Monitor(cfg, probes, actions, journal, metrics, state=state)
     actions.idle = monitor.drain_events
     monitor.beat = watchdog.beat
+    monitor.tell_failing = watchdog.failing
     follower.wake = monitor.wake
     follower.start_watching()
     courier = Courier(

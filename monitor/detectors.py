@@ -258,17 +258,23 @@ def detect_crash_loop(
 
 
 def detect_monitor_stalled(last: Sample) -> Optional[Finding]:
-    """The monitor before this one wedged (its loop silent past loop_stall_s) and its watchdog
-    replaced it: nothing was healed meanwhile, so on-call hears of it, and where it hung."""
+    """The monitor before this one wedged (its loop silent past loop_stall_s) or raised on every
+    turn for as long, and its watchdog replaced it: nothing was healed meanwhile, so on-call hears
+    of it, and where it hung or what it raised."""
     stalled = last.monitor_stalled
     if not stalled:
         return None
+    bound = f"{stalled.get('silent_s')} s (bound {stalled.get('bound_s')} s)"
+    what = (
+        f"every turn of the monitor's loop raised for {bound}: {stalled['error']}"
+        if stalled.get("error")
+        else f"the monitor's loop was stuck {bound} in {stalled.get('where')}"
+    )
     return Finding(
         kind=FindingKind.monitor_stalled,
         severity=Severity.error,
         action=Action.alert,
-        reason=f"the monitor's loop was stuck {stalled.get('silent_s')} s (bound {stalled.get('bound_s')} s) "
-        f"in {stalled.get('where')}; its watchdog replaced it and healing resumed",
+        reason=f"{what}; its watchdog replaced it and healing resumed",
         evidence=dict(stalled),
     )
 

@@ -11,9 +11,12 @@ import logging
 import queue
 import threading
 import time
+import traceback
+from pathlib import Path
 from typing import Callable, Optional
 
 from common.enums import FindingKind
+from common.jsonlog import scrub
 from monitor import core
 from monitor.actions import ActionResult, Actions
 from monitor.alerts import Courier
@@ -48,6 +51,10 @@ class Monitor:
         self.courier: Optional[Courier] = None
         self.started_at = wall()
         self.beat: Callable[[], None] = lambda: None  # the loop watchdog's (monitor/selfwatch.py)
+        # What the last turn of the loop raised (None: it did not), told to the watchdog: a loop whose
+        # every turn fails turns without healing anything, which is no progress either.
+        self.failing: Optional[str] = None
+        self.tell_failing: Callable[[str], None] = lambda error: None
 
     # ---- what other threads may call -------------------------------------------------------------
     def post(self, event: core.Event) -> None:
@@ -69,16 +76,25 @@ class Monitor:
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self.cfg.interval_s
                     self.tick()
-            except Exception:
+            except Exception as exc:
                 log.exception("tick failed", extra={"event": "tick_error"})
+                self.failing = describe_failure(exc)
+                self.tell_failing(self.failing)
+            else:
+                if self.failing is not None:
+                    log.warning("ticks succeed again", extra={"event": "tick_recovered"})
+                    self.failing = None
+                    self.beat()
             woke = self.wake.wait(max(0.0, next_tick - time.monotonic()))
             self.wake.clear()
             if woke and self.events.empty():
                 next_tick = 0.0  # the log follower saw new lines: read them now, not at the next interval
 
     def drain_events(self) -> None:
-        """Each turn of the loop, and each poll of an action's waits: the loop is making progress."""
-        self.beat()
+        """Each turn of the loop, and each poll of an action's waits: the loop is making progress
+        (unless its last turn raised: a turn that fails is not progress, however fast it turns)."""
+        if self.failing is None:
+            self.beat()
         while True:
             try:
                 event = self.events.get_nowait()
@@ -207,3 +223,11 @@ class Monitor:
                 },
             },
         )
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The exception as `Type: message at file:line in function` (its innermost frame), secrets
+    scrubbed: for the alert that tells on-call why the monitor was replaced."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    return scrub(f"{type(exc).__name__}: {exc}"[:240] + where)

@@ -98,8 +98,11 @@ class Probes:
         self.stalled_before = read_dict(stall_marker) if stall_marker else None
 
     def sample(self, now: float, wall: float) -> Sample:
-        if (self._chaos() or {}).get("probe_stall_pid") == os.getpid():
+        chaos = self._chaos() or {}
+        if chaos.get("probe_stall_pid") == os.getpid():
             time.sleep(86400)  # fault injection: a probe that never returns, as into a wedged driver
+        if chaos.get("tick_fail_pid") == os.getpid():  # fault injection: a bug met on every turn
+            raise RuntimeError("every sample fails (injected fault: zimagectl chaos monitor-fail)")
         s = Sample(now=now, wall=wall, monitor_stalled=self.stalled_before)
         t0 = time.perf_counter()
         try:

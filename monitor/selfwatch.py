@@ -2,11 +2,14 @@
 
 supervisord restarts a monitor that exits, not one that hangs: an NVML call into a wedged driver, a
 read of /proc of a process stuck in the kernel, an fsync on a hung disk. Then nothing heals the app
-and nothing says so. A daemon thread checks that the loop makes progress (`beat()`: each turn of
-the loop, and each poll of an action's waits). Silent past loop_stall_s, it writes every thread's
-stack to the log (where it hung), leaves a marker for the next monitor (which pages
-`monitor_stalled`) and exits with EXIT_STALLED: supervisord starts a new monitor, which rolls any
-action in progress forward from the journal.
+and nothing says so. Nor one whose every turn raises (a bug on a sample it never met, a state it
+cannot step from): it turns on, logging "tick failed", and heals nothing.
+
+A daemon thread checks that the loop makes progress (`beat()`: each turn of the loop, and each poll
+of an action's waits; a turn that raised tells `failing(error)` instead). Silent past loop_stall_s,
+it writes every thread's stack to the log (where it hung), leaves a marker for the next monitor
+(which pages `monitor_stalled`, with where it hung or what it raised) and exits with EXIT_STALLED:
+supervisord starts a new monitor, which rolls any action in progress forward from the journal.
 
 The stall path touches no lock of the stuck thread: no `logging` (the stuck thread may hold its
 handler's lock), only raw writes to stderr and the marker, with a timer that ends the process even
@@ -56,10 +59,16 @@ class LoopWatchdog:
         self.check_every_s = check_every_s
         self.watched = threading.get_ident()  # the thread that beats: the one to show when it stops
         self._last = clock()
+        self._error: Optional[str] = None  # what the loop's turns raise since its last progress
         self._stop = threading.Event()
 
     def beat(self) -> None:
         self._last = self.clock()
+        self._error = None
+
+    def failing(self, error: str) -> None:
+        """A turn of the loop raised `error`: no beat, and the stall (if it comes) is told as this."""
+        self._error = error
 
     def silent_for(self) -> float:
         return self.clock() - self._last
@@ -87,14 +96,16 @@ class LoopWatchdog:
     def _exit_stalled(self, silent: float) -> None:
         # Exit even if a write below blocks (the disk the process hangs on may be the log's).
         threading.Timer(10.0, os._exit, (EXIT_STALLED,)).start()
-        where = where_stuck(self.watched)
+        error = self._error
         record = {
             "at": self.wall(),
             "silent_s": round(silent, 1),
             "bound_s": self.bound_s,
             "pid": os.getpid(),
-            "where": where,
+            "where": where_stuck(self.watched) if error is None else "every turn of its loop failing",
         }
+        if error is not None:
+            record["error"] = error
         line = {"level": "critical", "service": "monitor", "event": "monitor_stalled", **record}
         os.write(
             2, (json.dumps({"msg": "monitor loop stalled: exiting for a new one", **line}) + "\n").encode()

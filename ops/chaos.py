@@ -28,6 +28,7 @@ HELP = {
     "kill-monitor": "SIGKILL the monitor (supervisord restarts it)",
     "receiver-down": "alert deliveries fail for --seconds",
     "monitor-stall": "a probe of the monitor never returns (its watchdog replaces it after loop_stall_s)",
+    "monitor-fail": "every turn of the monitor's loop raises (its watchdog replaces it after loop_stall_s)",
     "clear": "undo app-side faults (slow, leak, pending oom, broken and die-answering)",
 }
 FAULTS = tuple(HELP)  # the choices of `zimagectl chaos`, in the order --help lists them
@@ -134,10 +135,15 @@ def run(stack: Stack, fault: str, args=None) -> int:
         print(json.dumps(app_fault(stack, {"kind": "clear"})))
     elif fault == "log-rotate":
         print(f"rotated to {rotate_log(stack)}")
-    elif fault == "monitor-stall":
+    elif fault in ("monitor-stall", "monitor-fail"):
         pid = client.process("monitor").pid
-        (stack.home / "run" / "chaos.json").write_text(json.dumps({"probe_stall_pid": pid}))
-        print(f"monitor pid {pid}: its next probe never returns (needs app.fault_injection = true)")
+        key, effect = (
+            ("probe_stall_pid", "its next probe never returns")
+            if fault == "monitor-stall"
+            else ("tick_fail_pid", "every turn of its loop raises")
+        )
+        (stack.home / "run" / "chaos.json").write_text(json.dumps({key: pid}))
+        print(f"monitor pid {pid}: {effect} (needs app.fault_injection = true)")
     elif fault == "receiver-down":
         until = time.time() + (seconds if seconds is not None else 60.0)
         (stack.home / "run" / "chaos.json").write_text(json.dumps({"receiver_down_until": until}))

@@ -1,7 +1,9 @@
 """The monitor wedged: one of its probes never returns (fault injection: as an NVML call into a
-wedged driver would). supervisord cannot see that: the process is alive. Its loop watchdog ends it
-past loop_stall_s, with every thread's stack in its log; supervisord starts a new monitor, which
-pages `monitor_stalled` (saying where the last one hung), resolves it, and heals as before."""
+wedged driver would); or failing: every turn of its loop raises (a bug on a sample it never met).
+supervisord cannot see either: the process is alive. Its loop watchdog ends it past loop_stall_s,
+with every thread's stack in its log; supervisord starts a new monitor, which pages
+`monitor_stalled` (saying where the last one hung, or what it raised), resolves it, and heals as
+before."""
 
 from __future__ import annotations
 
@@ -19,7 +21,14 @@ pytestmark = pytest.mark.integration
 LOOP_STALL_S = 12
 
 
-def test_a_wedged_monitor_is_replaced_says_where_it_hung_and_heals_again(tmp_path, receiver):
+@pytest.mark.parametrize(
+    "fault, told",
+    [
+        ("monitor-stall", "in sample"),  # where it hung: the probe
+        ("monitor-fail", "RuntimeError: every sample fails"),  # what every turn raised
+    ],
+)
+def test_a_wedged_or_failing_monitor_is_replaced_says_why_and_heals_again(tmp_path, receiver, fault, told):
     stack = StackHome(
         tmp_path,
         app={"fault_injection": True},
@@ -28,15 +37,16 @@ def test_a_wedged_monitor_is_replaced_says_where_it_hung_and_heals_again(tmp_pat
     try:
         stack.up()
         wedged = stack.pid("monitor")
-        result = stack.ctl("chaos", "monitor-stall")
+        result = stack.ctl("chaos", fault)
         assert result.returncode == 0 and f"monitor pid {wedged}" in result.stdout, result.stderr
         # Detection is the watchdog's own bound (not the machine's pace), then supervisord's start.
         wait_for(lambda: stack.pid("monitor") not in (0, wedged), LOOP_STALL_S + 20, 0.2, "a new monitor")
         assert f"exited: monitor (exit status {EXIT_STALLED}; not expected)" in stack.log("supervisord")
         log = stack.log("monitor")
-        assert '"event": "monitor_stalled"' in log and "in sample" in log  # where: the probe
+        assert '"event": "monitor_stalled"' in log and told in log
         firing = wait_for(lambda: receiver.alerts("monitor_stalled"), stack.within(30), 0.2, "the page")
-        assert firing[0]["status"] == "firing" and "probes.py" in firing[0]["reason"], firing
+        reason = firing[0]["reason"]
+        assert firing[0]["status"] == "firing" and "probes.py" in reason and told in reason, firing
         wait_for(
             lambda: [a for a in receiver.alerts("monitor_stalled") if a["status"] == "resolved"],
             stack.within(30),

@@ -302,3 +302,19 @@ def test_rss_growth_while_loading_is_not_a_leak():
     assert detect_memory(loading, c) is None
     serving = loading + [sample(30 + t, rss=9500 * 2**20) for t in range(20)]  # loaded, flat
     assert detect_memory(serving, c) is None
+
+
+def test_a_monitor_replaced_for_failing_every_turn_is_paged_with_what_it_raised():
+    left = {
+        "silent_s": 300.4,
+        "bound_s": 300.0,
+        "where": "every turn of its loop failing",
+        "error": "KeyError: 'gpu' at detectors.py:12 in detect_leak",
+        "pid": 7,
+        "at": 1.0,
+    }
+    s = sample(0)
+    s.monitor_stalled = left
+    found = detect_monitor_stalled(s)
+    assert found.reason.startswith("every turn of the monitor's loop raised for 300.4 s"), found.reason
+    assert "KeyError: 'gpu' at detectors.py:12 in detect_leak" in found.reason

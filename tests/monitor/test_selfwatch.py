@@ -68,3 +68,37 @@ wedged_nvml_call()
     left = read_marker(marker)
     assert left["bound_s"] == 0.5 and "in wedged_nvml_call" in left["where"] and left["pid"] > 0
     assert read_marker(tmp_path / "none.json") is None
+
+
+def test_a_loop_whose_every_turn_raises_is_no_progress_and_its_marker_says_what_it_raised(tmp_path):
+    """Turning fast and healing nothing is a stall too: the watchdog is told each failure instead of
+    a beat, and past the bound the process exits with the error in its marker."""
+    marker = tmp_path / "monitor-stalled.json"
+    code = f"""
+import time
+from pathlib import Path
+from monitor.selfwatch import LoopWatchdog
+
+dog = LoopWatchdog(0.5, Path({str(marker)!r}), check_every_s=0.1).start()
+while True:  # a loop that turns every 10 ms, every turn raising
+    dog.failing("KeyError: 'gpu' at detectors.py:12 in detect_leak")
+    time.sleep(0.01)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=os.getcwd(), capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == EXIT_STALLED, done.stderr
+    left = read_marker(marker)
+    assert left["error"] == "KeyError: 'gpu' at detectors.py:12 in detect_leak", left
+    assert left["where"] == "every turn of its loop failing"
+
+
+def test_a_beat_after_failures_clears_the_error(tmp_path):
+    now = [0.0]
+    stalls = []
+    dog = LoopWatchdog(30.0, tmp_path / "m.json", clock=lambda: now[0], on_stall=stalls.append)
+    dog.failing("RuntimeError: once")
+    now[0] += 20
+    dog.beat()  # the next turn went through
+    now[0] += 20
+    assert not dog.check() and dog._error is None
