@@ -112,6 +112,9 @@ class AppSettings(BaseModel):
     # and supervisord's stopwaitsecs (180) exceeds the drain so the drain is never cut short.
     request_timeout_s: float = Field(120.0, gt=0)
     drain_timeout_s: float = Field(150.0, ge=0)
+    # A client's request head must arrive whole within this, and its body pause no longer (408 past
+    # either; app/web/protocol.py): a connection left half-sent held a file descriptor for good.
+    client_timeout_s: float = Field(30.0, gt=0, le=3600)
 
     # Outputs.
     outputs_dir: Path = Path("outputs")

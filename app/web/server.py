@@ -10,7 +10,7 @@ import time
 
 import uvicorn
 
-from app.web.whole_answer import CorkedH11Protocol
+from app.web.protocol import protocol_class
 
 log = logging.getLogger("app.web.server")
 
@@ -71,8 +71,8 @@ def serve(app, settings) -> None:
         timeout_graceful_shutdown=5,
         lifespan="on",
         server_header=False,
-        # h11 writing each answer in one write: app.web.whole_answer says why
-        http=CorkedH11Protocol,
+        # h11, each answer in one write, and deadlines for the client: app.web.protocol says why
+        http=protocol_class(settings.client_timeout_s),
     )
     server = DrainingServer(config, app.state.service, settings.drain_timeout_s)
     server.run()

@@ -12,8 +12,8 @@ Each of the two parts below closes one:
 - HeadWithBody (ASGI middleware, outermost): holds `http.response.start` until the first body
   message, and sends them back to back. An event stream's head goes at once (it commits to no
   body, and a browser waits for it).
-- CorkedH11Protocol: uvicorn's h11 protocol over a transport that gathers what one turn of the
-  event loop writes and gives it to the socket in one write.
+- CorkedTransport (app.web.protocol.ServerProtocol writes through it): gathers what one turn of
+  the event loop writes and gives it to the socket in one write.
 What stays: an answer larger than the socket's send buffer (a big base64 image) is written in parts,
 and a kill between them still truncates it; a stream cut short is never retried.
 """
@@ -24,8 +24,6 @@ import asyncio
 import os
 import signal
 from typing import Awaitable, Callable
-
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 Message = dict
 Send = Callable[[Message], Awaitable[None]]
@@ -111,21 +109,6 @@ class CorkedTransport:
 
     def __getattr__(self, name: str):
         return getattr(self._transport, name)
-
-
-class CorkedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol (`uvicorn.Config(http=CorkedH11Protocol)`) writing through a CorkedTransport."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(CorkedTransport(transport, asyncio.get_running_loop()))
-
-    def handle_websocket_upgrade(self, event) -> None:
-        # A websocket protocol gets the socket's own transport: it frames its own writes.
-        corked = self.transport
-        if isinstance(corked, CorkedTransport):
-            corked.flush()
-            self.transport = corked._transport
-        super().handle_websocket_upgrade(event)
 
 
 class DieAnswering:

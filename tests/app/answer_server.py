@@ -1,6 +1,6 @@
 """A uvicorn server whose process SIGKILLs itself partway through an answer, for
-tests/app/test_whole_answer.py. argv: port, mode: "whole" (HeadWithBody and CorkedH11Protocol, as
-app.web.server and app.web.api run them) or "stock" (uvicorn's own h11, nothing added).
+tests/app/test_whole_answer.py. argv: port, mode: "whole" (HeadWithBody and app.web.protocol.ServerProtocol,
+as app.web.server and app.web.api run them) or "stock" (uvicorn's own h11, nothing added).
 
 Paths: /ok answers whole; /die-after-head dies as soon as the server took the head; /die-after-a-turn
 lets the event loop run once between head and body (as BaseHTTPMiddleware does), then dies;
@@ -17,7 +17,8 @@ import sys
 
 import uvicorn
 
-from app.web.whole_answer import CorkedH11Protocol, DieAnswering, HeadWithBody
+from app.web.protocol import ServerProtocol
+from app.web.whole_answer import DieAnswering, HeadWithBody
 
 BODY = b'{"images": ["a made image"]}'
 
@@ -48,5 +49,5 @@ if __name__ == "__main__":
         port=port,
         lifespan="off",
         log_level="warning",
-        http=CorkedH11Protocol if whole else "h11",
+        http=ServerProtocol if whole else "h11",
     )

@@ -2,6 +2,7 @@
 sits behind the same token as the API, Gradio keeps its copies under run/, and bodies are bounded as
 they arrive (chunked or not) without the app's memory growing with them."""
 
+import json
 import re
 import socket
 import threading
@@ -14,17 +15,24 @@ import pytest
 from PIL import Image
 
 from app.web.auth import session_value
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 TOKEN = "s3cret-ui-and-api-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
 GENERATE_DATA = ["x", "", 256, 256, 2, 0, 42, False, 1]  # the UI's generate inputs, in order
+CLIENT_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
 def app(start_app):
-    return start_app("security", api_token=TOKEN, gradio_temp_dir=lambda tmp: tmp / "run" / "gradio")
+    return start_app(
+        "security",
+        api_token=TOKEN,
+        gradio_temp_dir=lambda tmp: tmp / "run" / "gradio",
+        client_timeout_s=CLIENT_TIMEOUT_S,
+    )
 
 
 def test_gradio_api_refuses_without_the_token(app):
@@ -184,3 +192,71 @@ def test_secrets_never_reach_the_log(app):
     assert '"event": "login"' in log
     for secret in (TOKEN, session_value(TOKEN), app.admin_token()):
         assert secret not in log
+
+
+def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and when it closed (seconds from now)."""
+    started, data = time.monotonic(), b""
+    sock.settimeout(limit_s)
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data, time.monotonic() - started
+
+
+def test_half_sent_requests_get_a_408_and_give_their_connections_back(app):
+    """A slowloris: 40 connections, each with half a head or half its declared body, then silence.
+    Before, each was held for good (a file descriptor apiece); now each gets the API's 408 within
+    client_timeout_s, and the app's descriptors come back."""
+    process = psutil.Process(app.proc.pid)
+    fds_before = process.num_fds()
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    half_head = b"POST /api/generate HTTP/1.1\r\nHost: x\r\n" + auth
+    half_body = (
+        b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + auth
+        + b'Content-Length: 200\r\n\r\n{"prompt": "a fox", "width": 256'
+    )
+    socks = [socket.create_connection(("127.0.0.1", app.port), timeout=10) for _ in range(40)]
+    for n, sock in enumerate(socks):
+        sock.sendall(half_head if n % 2 else half_body)
+    time.sleep(0.5)
+    assert process.num_fds() >= fds_before + 40  # held, one each
+    for n, sock in enumerate(socks):
+        data, seconds = read_until_closed(sock, 10 * CLIENT_TIMEOUT_S)
+        sock.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), data
+        assert json.loads(body)["error"] == "request_timeout", body
+        assert (b"head whole" if n % 2 else b"body") in body
+    wait_for(lambda: process.num_fds() <= fds_before + 2, 10, 0.2, "the descriptors back")
+    r = httpx.post(app.url + "/api/generate", json={"prompt": "after", **SMALL}, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    log = app.log()
+    assert log.count('"event": "request_timeout"') >= 40 and "unhandled" not in log
+
+
+def test_a_connection_that_says_nothing_is_closed_without_an_answer(app):
+    sock = socket.create_connection(("127.0.0.1", app.port), timeout=10)
+    data, seconds = read_until_closed(sock, 10 * CLIENT_TIMEOUT_S)
+    sock.close()
+    assert data == b"" and CLIENT_TIMEOUT_S - 0.5 < seconds < 5 * CLIENT_TIMEOUT_S
+
+
+def test_a_slow_body_that_keeps_coming_is_served(app):
+    """Only a pause counts: a body sent in pieces 1 s apart over 3x client_timeout_s goes through."""
+    body = json.dumps({"prompt": "slow but steady", **SMALL}).encode()
+    pieces = [body[i : i + 10] for i in range(0, len(body), 10)]
+    assert len(pieces) > 3 * CLIENT_TIMEOUT_S
+
+    def trickle():
+        for piece in pieces:
+            yield piece
+            time.sleep(1.0)
+
+    r = httpx.post(
+        app.url + "/api/generate",
+        content=trickle(),
+        headers={**AUTH, "content-type": "application/json"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
