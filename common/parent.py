@@ -20,6 +20,10 @@ import signal
 import sys
 
 _PR_SET_PDEATHSIG = 1
+# The file supervisord writes this program's output to (its stdout_logfile), set in the program's
+# environment by supervisor/*.conf: where the program writes itself once supervisord is gone.
+LOG_ENV = "ZIMAGE_LOG"
+_parent: int | None = None  # the parent as first seen by die_with_parent
 
 
 def started_by_supervisord(env=os.environ) -> bool:
@@ -30,13 +34,37 @@ def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> boo
     """Have the kernel send `sig` to this process when its parent exits. `parent` is the parent's pid
     as first seen (the caller's getppid() at its start): gone already, and the signal comes now.
     Returns whether it was set (False where prctl is not there)."""
+    global _parent
     parent = os.getppid() if parent is None else parent
+    _parent = parent
     if not sys.platform.startswith("linux"):
         return False
     if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig)) != 0:
         return False
     if os.getppid() != parent:  # the parent died before the request: nothing would ever come
         os.kill(os.getpid(), sig)
+    return True
+
+
+def orphaned() -> bool:
+    """Whether the parent die_with_parent saw has died (this process was handed to another)."""
+    return _parent is not None and os.getppid() != _parent
+
+
+def write_to_own_log(env=os.environ) -> bool:
+    """stdout and stderr were the pipe to supervisord, gone with it (every write fails from then on):
+    point both at the log file supervisord wrote them to, appending, so what the program says while
+    it ends (the app's drain) is still there to read. Returns whether it could."""
+    path = env.get(LOG_ENV)
+    if not path:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
     return True
 
 

@@ -7,7 +7,7 @@ import signal
 import sys
 
 from common.configfile import ConfigError, parse_command_line
-from common.parent import die_with_parent, started_by_supervisord
+from common.parent import die_with_parent, orphaned, started_by_supervisord, write_to_own_log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         monitor.run()
     finally:
+        if orphaned():  # stopped by its supervisord's death: its pipe is gone, its log file is not
+            write_to_own_log()
+            log.warning("supervisord is gone: the monitor stops with it", extra={"event": "orphaned"})
         watchdog.stop()
         follower.stop()
         courier.stop(timeout=3.0)

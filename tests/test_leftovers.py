@@ -13,6 +13,7 @@ import time
 
 import psutil
 
+from common.parent import write_to_own_log
 from ops import leftovers
 from tests.helpers import wait_for
 
@@ -60,6 +61,43 @@ def test_a_parent_gone_before_the_request_sends_the_signal_at_once():
     code += "die_with_parent(signal.SIGTERM, parent=os.getppid() + 1)\ntime.sleep(30)\n"
     done = subprocess.run([PY, "-c", code], timeout=20)
     assert done.returncode == -signal.SIGTERM
+
+
+def test_an_orphan_writes_its_last_words_to_its_log_file_once_its_pipe_is_gone(tmp_path):
+    """The program's stdout is a pipe whose reader dies (as supervisord's does): once orphaned, it
+    points stdout and stderr at ZIMAGE_LOG and what it says next is there; not orphaned, it is not."""
+    log = tmp_path / "app.log"
+    log.write_text("a line supervisord wrote\n")
+    program = (
+        "import os, signal, sys, time\n"
+        "from common.parent import die_with_parent, orphaned, write_to_own_log\n"
+        "signal.signal(signal.SIGTERM, lambda *_: None)\n"
+        "die_with_parent(signal.SIGTERM)\n"
+        "print('not orphaned yet', orphaned(), flush=True)\n"
+        "while not orphaned(): time.sleep(0.05)\n"
+        "assert write_to_own_log()\n"
+        "print('last words', flush=True); print('and on stderr', file=sys.stderr, flush=True)\n"
+    )
+    # its parent: reads its stdout (the pipe), says the line it read, then dies
+    parent = subprocess.Popen(
+        [
+            PY,
+            "-c",
+            "import subprocess, sys, time\n"
+            f"p = subprocess.Popen([{PY!r}, '-c', {program!r}], stdout=subprocess.PIPE, text=True)\n"
+            "print(p.pid, p.stdout.readline().strip(), flush=True); time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "ZIMAGE_LOG": str(log)},
+        text=True,
+    )
+    _, first = parent.stdout.readline().split(" ", 1)
+    assert first.strip() == "not orphaned yet False"
+    parent.kill()
+    parent.wait()
+    wait_for(lambda: "and on stderr" in log.read_text(), 15, 0.05, "the orphan's last words in its log")
+    assert log.read_text() == "a line supervisord wrote\nlast words\nand on stderr\n"
+    assert not write_to_own_log(env={})  # no ZIMAGE_LOG (not run by our supervisord): nothing to do
 
 
 def _zombie(pid: int) -> bool:

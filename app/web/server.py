@@ -11,6 +11,7 @@ import time
 import uvicorn
 
 from app.web.protocol import protocol_class
+from common.parent import orphaned, write_to_own_log
 
 log = logging.getLogger("app.web.server")
 
@@ -36,6 +37,11 @@ class DrainingServer(uvicorn.Server):
             now = time.monotonic()
             if self.drain_started_at is None:
                 self.drain_started_at = now
+                if orphaned() and write_to_own_log():  # TERM from the kernel: supervisord died
+                    log.warning(
+                        "supervisord is gone: draining, writing to the log file itself",
+                        extra={"event": "orphaned"},
+                    )
                 self.service.begin_shutdown()
                 log.warning(
                     "drain started",

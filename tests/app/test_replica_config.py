@@ -65,7 +65,16 @@ def test_the_replica_programs_are_the_single_programs_in_a_group(single, replica
     # only what makes N of them: the count, the names, the replica's env and its own log
     assert differ == {"numprocs", "process_name", "environment", "stdout_logfile"}
     assert 'ZIMAGE_REPLICA="%(process_num)d"' in many["environment"]
-    assert many["environment"].startswith(one["environment"])
+    env_one, env_many = _env(one), _env(many)
+    for program, env in ((one, env_one), (many, env_many)):
+        # where the program writes itself once supervisord is gone (common/parent.py): its own log
+        assert env.pop("ZIMAGE_LOG") == program["stdout_logfile"]
+    assert list(env_many.items())[: len(env_one)] == list(env_one.items())
+
+
+def _env(program: dict) -> dict:
+    pairs = (item.split("=", 1) for item in program["environment"].split(","))
+    return {key: value.strip('"') for key, value in pairs}
 
 
 def test_both_supervisord_files_include_the_same_base():

@@ -1,6 +1,7 @@
 """A real supervisord with the repo's own config files, in a temp home, driven by zimagectl."""
 
 import concurrent.futures as cf
+import json
 import os
 import signal
 import socket
@@ -126,6 +127,11 @@ def test_a_killed_supervisord_takes_its_programs_along_and_up_starts_afresh(stac
     assert result.returncode == 0, result.stdout + result.stderr
     assert "supervisord is gone but" in result.stdout and "they have exited" in result.stdout, result.stdout
     assert not _alive(old_app) and not _alive(old_monitor)
+    # Their pipes went with supervisord; they wrote their ends to their log files themselves.
+    old_lines = [json.loads(line) for line in stack.log("app").splitlines() if f'"pid": {old_app},' in line]
+    events = [line.get("event") for line in old_lines]
+    assert "orphaned" in events and "drain_done" in events and "stopped" in events, events[-8:]
+    assert f'"pid": {old_monitor}, "logger": "monitor", "msg": "supervisord is gone' in stack.log("monitor")
     ours = {p.pid for p in leftovers.find(stack.home)}  # every process a supervisord of this home runs
     assert ours == {stack.pid(), stack.pid("monitor")} and old_app not in ours, ours
     body = {"prompt": "served by the new set", "width": 128, "height": 128, "num_inference_steps": 2}
