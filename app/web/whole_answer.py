@@ -68,10 +68,16 @@ class CorkedTransport:
     Everything but write/close/abort/write_eof goes to the real transport (flow control, peer
     address, set_protocol)."""
 
+    # Past this much gathered, it goes at once (with what came before it: a head and its large body
+    # still leave together): the socket's flow control must see a large stream as it is written, or
+    # an app writing it in one turn would gather all of it here.
+    FLUSH_AT = 2**16
+
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
+        self._size = 0
 
     def write(self, data) -> None:
         if not data:
@@ -79,6 +85,9 @@ class CorkedTransport:
         if not self._pending:
             self._loop.call_soon(self.flush)
         self._pending.append(bytes(data))
+        self._size += len(data)
+        if self._size >= self.FLUSH_AT:
+            self.flush()
 
     def writelines(self, chunks) -> None:
         for chunk in chunks:
@@ -89,6 +98,7 @@ class CorkedTransport:
             return
         data = b"".join(self._pending)
         self._pending.clear()
+        self._size = 0
         if not self._transport.is_closing():
             self._transport.write(data)
 
@@ -102,10 +112,11 @@ class CorkedTransport:
 
     def abort(self) -> None:
         self._pending.clear()
+        self._size = 0
         self._transport.abort()
 
     def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+        return self._transport.get_write_buffer_size() + self._size
 
     def __getattr__(self, name: str):
         return getattr(self._transport, name)

@@ -85,6 +85,12 @@ def test_a_whole_answer_still_arrives_whole(serve):
         assert got.startswith(b"HTTP/1.1 200") and got.endswith(b'{"images": ["a made image"]}'), got
 
 
+def test_a_large_answer_arrives_whole(serve):
+    got = received(ask(serve("whole"), "/big"))
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(body) == 3 * 2**20 + len(b'{"images": [""]}'), len(body)
+
+
 def test_an_event_streams_head_goes_at_once(serve):
     pieces = ask(serve("whole"), "/stream")
     head_at = next(t for t, data in pieces if b"\r\n\r\n" in data)
