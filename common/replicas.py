@@ -18,6 +18,16 @@ REPLICAS_ENV = "ZIMAGE_REPLICAS"  # the count, for supervisord's numprocs=%(ENV_
 # HAProxy answers this itself on the public port (monitor-uri): the balancer alive, no replica asked
 # and no balancing decision made (replica 0's monitor probes it every tick).
 BALANCER_ALIVE_PATH = "/balancer/alive"
+# HAProxy's health checks of each replica (`inter`, `fall`; ops/balancer.py writes them): a replica
+# whose /readyz fails leaves the pool within CHECK_INTERVAL_S * CHECK_FALL.
+CHECK_INTERVAL_S = 0.5
+CHECK_FALL = 2
+# How long a draining replica stays reachable (answering 503) before it may exit: until HAProxy has
+# taken it out of the pool, plus one check. An idle replica that exited at once was still in the pool
+# for up to a second: the retries HAProxy sent it met a refused connection, and a client whose
+# request ended that way on a kept-alive connection was closed on without an answer (HAProxy's way
+# to say "retry", which no HTTP client does for a POST). Found by `zimagectl drill --replicas 2`.
+POOL_LEAVE_S = CHECK_INTERVAL_S * (CHECK_FALL + 1)
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from common.replicas import BALANCER_ALIVE_PATH
+from common.replicas import BALANCER_ALIVE_PATH, CHECK_FALL, CHECK_INTERVAL_S
 
 if TYPE_CHECKING:
     from ops.stack import Stack
 
-CHECK_INTERVAL_MS = 500
+CHECK_INTERVAL_MS = int(CHECK_INTERVAL_S * 1000)
 
 
 # When no replica can take a request, HAProxy answers itself: in the app's shape (a JSON reason,
@@ -74,6 +74,9 @@ def render(stack: "Stack") -> str:
     # accepts, up to 8 MiB (buffers are taken per active connection, not reserved per maxconn).
     # Multipart uploads (up to max_upload_mb) stay beyond it: not retried by the balancer.
     bufsize = max(16384, min(app.max_body_bytes + 16384, 8 * 2**20))
+    checks = (
+        f"inter {CHECK_INTERVAL_MS}ms fastinter {CHECK_INTERVAL_MS}ms downinter 1s fall {CHECK_FALL} rise 2"
+    )
     servers = "\n".join(
         f"    server {r.label} 127.0.0.1:{r.port} cookie {r.label} check" for r in stack.replicas
     )
@@ -127,7 +130,7 @@ backend replicas
     # and leastconn prefers it meanwhile (it has no connections): the retries all went to it and
     # clients got HAProxy's 503, some with an empty body (the drill with 2 replicas). The first
     # refused connection now takes it out of the pool; the checks bring it back (rise 2).
-    default-server inter {CHECK_INTERVAL_MS}ms fastinter {CHECK_INTERVAL_MS}ms downinter 1s fall 2 rise 2
+    default-server {checks}
     default-server observe layer4 error-limit 1 on-error mark-down
 {job_routes}
 {servers}

@@ -176,6 +176,16 @@ class Drill:
             "crash",
             False,
         )
+        if self.replicas > 1:
+            # Killed at the worst moment: the server has the head of an answer, not yet its body.
+            self.run_fault(
+                "killed answering",
+                "supervisord restarts, alert",
+                lambda: self.admin({"kind": "die_answering"}),
+                "crash",
+                False,
+                note="after the head, before the body: nothing sent, retried on replica 1",
+            )
         self.run_fault(
             "oom (CPU path)",
             "graceful restart",

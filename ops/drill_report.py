@@ -106,7 +106,10 @@ mark-down`), every request gets a fresh server connection (`http-reuse never`), 
 found two more: a request over HAProxy's 16 KiB buffer (any image-to-image request) was never
 retried, and a killed replica's reset counts as a junk response to HAProxy 2.6, not an empty one;
 both ended as a silently closed client connection. Now `tune.bufsize` holds any JSON body the app
-accepts and `retry-on` includes `junk-response`.
+accepts and `retry-on` includes `junk-response`. Last, CI once saw a head without its body: a
+replica killed between writing an answer's head and its body. HAProxy had passed the head on and
+could not retry. Now an answer leaves in one write or not at all (app/web/whole_answer.py), and the
+"killed answering" row kills replica 0 at exactly that moment.
 
 {table(rows)}
 """

@@ -23,6 +23,10 @@ class FaultInjector:
     fatal_pending: int = 0
     broken_pending: int = 0  # generations that raise an error that is neither OOM nor CUDA's
     die_answering_pending: int = 0  # answers the app dies giving (app.web.whole_answer.DieAnswering)
+    # ...from this monotonic time on: a moment after the admin's own answer has left. Killed in the
+    # turn of the event loop that wrote it, that answer would go too (the server sends what a turn
+    # wrote at its end), and the admin would see its fault call fail.
+    die_answering_from: float = 0.0
     step_delay_s: float = 0.0
     # Another rank's step delay (a context-parallel group): that rank sleeps in its own step, running
     # (not stopped), while rank 0 waits for it in a collective: the hang a stuck GPU kernel or a
@@ -52,14 +56,17 @@ class FaultInjector:
                 self.broken_pending += count
             elif kind == "die_answering":
                 self.die_answering_pending += count
+                self.die_answering_from = time.monotonic() + 0.2
             elif kind == "slow":
                 self.step_delay_s = seconds
             elif kind == "leak":
                 # Non-zero fill: every page is written, so the memory is resident (RSS), not just
-                # reserved. 32 MiB at a time with a GIL release between: one multi-GB fill would
-                # starve the event loop for seconds, and the monitor would rightly call that a hang.
+                # reserved. By torch, which fills without the GIL: a bytearray fill held it for the
+                # whole memset of each block, and on a loaded 2-core machine (the 2-replica drill)
+                # the event loop went unanswered through three liveness probes in a row: the
+                # monitor rightly called that a hang, and the drill's leak became a kill.
                 for _ in range(0, megabytes, 32):
-                    self.leaked.append(bytearray(b"\x01") * (32 * 2**20))
+                    self.leaked.append(torch.full((32 * 2**20,), 1, dtype=torch.uint8))
                     time.sleep(0.001)
             elif kind == "clear":
                 self.oom_pending = self.fatal_pending = self.broken_pending = 0
@@ -91,7 +98,7 @@ class FaultInjector:
             "die_answering_pending": self.die_answering_pending,
             "step_delay_s": self.step_delay_s,
             "rank_step_delays": {str(r): s for r, s in sorted(self.rank_step_delays.items())},
-            "leaked_mb": sum(len(b) for b in self.leaked) // 2**20,
+            "leaked_mb": sum(block.numel() for block in self.leaked) // 2**20,
         }
 
     def before_generation(self) -> None:
@@ -113,7 +120,11 @@ class FaultInjector:
     def take_die_answering(self) -> bool:
         """Whether the answer being given now is one the app dies giving (counts it down)."""
         with self._lock:
-            if self.enabled and self.die_answering_pending > 0:
+            if (
+                self.enabled
+                and self.die_answering_pending > 0
+                and time.monotonic() >= self.die_answering_from
+            ):
                 self.die_answering_pending -= 1
                 return True
             return False

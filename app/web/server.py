@@ -12,15 +12,19 @@ import uvicorn
 
 from app.web.protocol import protocol_class
 from common.parent import orphaned, write_to_own_log
+from common.replicas import POOL_LEAVE_S, replica_count
 
 log = logging.getLogger("app.web.server")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, service, drain_timeout_s: float):
+    def __init__(self, config: uvicorn.Config, service, drain_timeout_s: float, drain_min_s: float = 0.0):
         super().__init__(config)
         self.service = service
         self.drain_timeout_s = drain_timeout_s
+        # In a pool, a drain lasts at least until the balancer has taken the replica out
+        # (common.replicas.POOL_LEAVE_S): until then its retries still come here, and find a 503.
+        self.drain_min_s = drain_min_s
         self.drain_requested = False
         self.drain_started_at: float | None = None
 
@@ -51,7 +55,7 @@ class DrainingServer(uvicorn.Server):
                         "timeout_s": self.drain_timeout_s,
                     },
                 )
-            idle = self.service.idle()
+            idle = self.service.idle() and now - self.drain_started_at >= self.drain_min_s
             late = now - self.drain_started_at >= self.drain_timeout_s
             if idle or late:
                 log.warning(
@@ -80,7 +84,10 @@ def serve(app, settings) -> None:
         # h11, each answer in one write, and deadlines for the client: app.web.protocol says why
         http=protocol_class(settings.client_timeout_s),
     )
-    server = DrainingServer(config, app.state.service, settings.drain_timeout_s)
+    pooled = replica_count(settings.replicas) > 1
+    server = DrainingServer(
+        config, app.state.service, settings.drain_timeout_s, POOL_LEAVE_S if pooled else 0.0
+    )
     server.run()
     # Restore default SIGTERM behaviour so a wedged atexit cannot keep the process alive.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -102,9 +102,12 @@ def test_die_answering_counts_down_and_is_cleared():
     faults = FaultInjector(enabled=True)
     faults.inject("die_answering", count=2)
     assert faults.state()["die_answering_pending"] == 2
+    assert not faults.take_die_answering()  # not in the moment the admin's own answer leaves
+    time.sleep(0.25)
     assert faults.take_die_answering() and faults.take_die_answering()
     assert not faults.take_die_answering()
     faults.inject("die_answering")
+    time.sleep(0.25)
     faults.inject("clear")
     assert not faults.take_die_answering()
     assert not FaultInjector(enabled=False).take_die_answering()
