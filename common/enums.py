@@ -67,9 +67,7 @@ class FindingKind(_Name):
     engine_unhealthy = "engine_unhealthy"
     not_ready = "not_ready"  # up and answering, but never ready: a start stuck (a load on storage)
     drain_abandoned = "drain_abandoned"  # drained for a restart that nobody finished (its driver died)
-    monitor_stalled = (
-        "monitor_stalled"  # the monitor's loop wedged or failed every turn; its watchdog replaced it
-    )
+    monitor_stalled = "monitor_stalled"  # its loop wedged or failed every turn; its watchdog replaced it
     journal_unwritable = "journal_unwritable"  # the monitor's journal cannot be written (disk full)
     app_fatal = "app_fatal"
     app_down = "app_down"

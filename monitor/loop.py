@@ -71,17 +71,21 @@ class Monitor:
         log.info("monitor running", extra={"event": "monitor_start", "interval_s": self.cfg.interval_s})
         next_tick = 0.0
         while not self.stop.is_set():
+            ticked = False
             try:
                 self.drain_events()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self.cfg.interval_s
                     self.tick()
+                    ticked = True
             except Exception as exc:
                 log.exception("tick failed", extra={"event": "tick_error"})
                 self.failing = describe_failure(exc)
                 self.tell_failing(self.failing)
             else:
-                if self.failing is not None:
+                # Only a tick that went through ends a failing run: a turn woken by an event and not
+                # due to tick proves nothing.
+                if ticked and self.failing is not None:
                     log.warning("ticks succeed again", extra={"event": "tick_recovered"})
                     self.failing = None
                     self.beat()

@@ -58,3 +58,33 @@ def test_describe_failure_scrubs_secrets(monkeypatch):
     except RuntimeError as exc:
         told = describe_failure(exc)
     assert "s3cr3t-token" not in told and "***" in told, told
+
+
+class FailsThenOnlyEvents(TurnsThatRaise):
+    """The one tick raises and leaves an event behind; the turns after it only take events (the
+    next tick is not due)."""
+
+    def __init__(self):
+        super().__init__(failing_turns={1}, turns=99)
+        self.cfg = cfg(interval_s=30)
+        self.applied = 0
+
+    def tick(self) -> None:
+        self.post("an event")
+        super().tick()
+
+    def apply(self, event) -> None:
+        self.applied += 1
+        self.request_stop()
+
+
+def test_a_turn_that_only_took_events_does_not_end_a_failing_run():
+    monitor = FailsThenOnlyEvents()
+    thread = threading.Thread(target=monitor.run)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive() and monitor.applied == 1
+    assert [what for _, what in monitor.told][:1] == ["beat"] and "beat" not in [w for _, w in monitor.told][
+        1:
+    ]
+    assert monitor.failing is not None
