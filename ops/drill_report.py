@@ -109,7 +109,10 @@ both ended as a silently closed client connection. Now `tune.bufsize` holds any 
 accepts and `retry-on` includes `junk-response`. Last, CI once saw a head without its body: a
 replica killed between writing an answer's head and its body. HAProxy had passed the head on and
 could not retry. Now an answer leaves in one write or not at all (app/web/whole_answer.py), and the
-"killed answering" row kills replica 0 at exactly that moment.
+"killed answering" row kills replica 0 at exactly that moment. Its first runs found one more: an
+idle replica told to drain exited before HAProxy's checks had taken it out, so retries met its
+closed port and a kept-alive client was closed on without an answer; now a replica in a pool stays
+reachable, answering 503, for POOL_LEAVE_S (common/replicas.py) after its drain begins.
 
 {table(rows)}
 """
