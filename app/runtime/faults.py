@@ -42,6 +42,10 @@ class FaultInjector:
             raise PermissionError("fault injection is disabled (set fault_injection = true)")
         if rank and kind != "slow":
             raise ValueError(f"only 'slow' reaches another rank; {kind!r} acts on rank 0 (the app)")
+        # A leak is filled before the lock is taken: the fill takes seconds, and the event loop takes
+        # the lock for every answer (take_die_answering). Filled under it, the loop waited out the
+        # whole fill, missed three liveness probes, and the drill's leak became a kill for a hang.
+        blocks = _fill(megabytes) if kind == "leak" else []
         with self._lock:
             if rank:
                 if seconds > 0:
@@ -60,14 +64,7 @@ class FaultInjector:
             elif kind == "slow":
                 self.step_delay_s = seconds
             elif kind == "leak":
-                # Non-zero fill: every page is written, so the memory is resident (RSS), not just
-                # reserved. By torch, which fills without the GIL: a bytearray fill held it for the
-                # whole memset of each block, and on a loaded 2-core machine (the 2-replica drill)
-                # the event loop went unanswered through three liveness probes in a row: the
-                # monitor rightly called that a hang, and the drill's leak became a kill.
-                for _ in range(0, megabytes, 32):
-                    self.leaked.append(torch.full((32 * 2**20,), 1, dtype=torch.uint8))
-                    time.sleep(0.001)
+                self.leaked.extend(blocks)
             elif kind == "clear":
                 self.oom_pending = self.fatal_pending = self.broken_pending = 0
                 self.die_answering_pending = 0
@@ -98,7 +95,7 @@ class FaultInjector:
             "die_answering_pending": self.die_answering_pending,
             "step_delay_s": self.step_delay_s,
             "rank_step_delays": {str(r): s for r, s in sorted(self.rank_step_delays.items())},
-            "leaked_mb": sum(block.numel() for block in self.leaked) // 2**20,
+            "leaked_mb": sum(len(block) for block in self.leaked) // 2**20,
         }
 
     def before_generation(self) -> None:
@@ -119,12 +116,10 @@ class FaultInjector:
 
     def take_die_answering(self) -> bool:
         """Whether the answer being given now is one the app dies giving (counts it down)."""
+        if not self.enabled or self.die_answering_pending <= 0:
+            return False  # the common case, on every answer: without the lock
         with self._lock:
-            if (
-                self.enabled
-                and self.die_answering_pending > 0
-                and time.monotonic() >= self.die_answering_from
-            ):
+            if self.die_answering_pending > 0 and time.monotonic() >= self.die_answering_from:
                 self.die_answering_pending -= 1
                 return True
             return False
@@ -139,3 +134,14 @@ class FaultInjector:
     def on_step(self) -> None:
         if self.enabled and self.step_delay_s > 0:
             time.sleep(self.step_delay_s)
+
+
+def _fill(megabytes: int) -> list:
+    """Resident memory: a non-zero fill writes every page, so it counts in RSS, not just reserved.
+    32 MiB at a time with a GIL release between: one multi-GB fill would starve the event loop for
+    seconds, and the monitor would rightly call that a hang."""
+    blocks = []
+    for _ in range(0, megabytes, 32):
+        blocks.append(bytearray(b"\x01") * (32 * 2**20))
+        time.sleep(0.001)
+    return blocks

@@ -111,3 +111,23 @@ def test_die_answering_counts_down_and_is_cleared():
     faults.inject("clear")
     assert not faults.take_die_answering()
     assert not FaultInjector(enabled=False).take_die_answering()
+
+
+def test_a_leak_being_filled_never_keeps_an_answer_waiting():
+    """The event loop asks take_die_answering on every answer; a leak's fill takes seconds. The fill
+    held the lock that asks for, so the loop waited out the whole fill (found by the drill: three
+    liveness probes missed, the leak taken for a hang)."""
+    import threading
+
+    faults = FaultInjector(enabled=True)
+    filling = threading.Thread(target=faults.inject, args=("leak",), kwargs={"megabytes": 1024})
+    filling.start()
+    try:
+        time.sleep(0.05)
+        asked = time.monotonic()
+        faults.inject("die_answering")  # takes the lock: the fill must not hold it
+        assert not faults.take_die_answering()
+        assert time.monotonic() - asked < 0.1
+    finally:
+        filling.join()
+    assert faults.state()["leaked_mb"] == 1024

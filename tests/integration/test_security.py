@@ -219,8 +219,7 @@ def test_half_sent_requests_get_a_408_and_give_their_connections_back(app):
     socks = [socket.create_connection(("127.0.0.1", app.port), timeout=10) for _ in range(40)]
     for n, sock in enumerate(socks):
         sock.sendall(half_head if n % 2 else half_body)
-    time.sleep(0.5)
-    assert process.num_fds() >= fds_before + 40  # held, one each
+    wait_for(lambda: process.num_fds() >= fds_before + 40, 10, 0.1, "the connections held, one each")
     for n, sock in enumerate(socks):
         data, seconds = read_until_closed(sock, 10 * CLIENT_TIMEOUT_S)
         sock.close()
