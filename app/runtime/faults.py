@@ -95,7 +95,7 @@ class FaultInjector:
             "die_answering_pending": self.die_answering_pending,
             "step_delay_s": self.step_delay_s,
             "rank_step_delays": {str(r): s for r, s in sorted(self.rank_step_delays.items())},
-            "leaked_mb": sum(len(block) for block in self.leaked) // 2**20,
+            "leaked_mb": sum(len(b) for b in self.leaked) // 2**20,
         }
 
     def before_generation(self) -> None:

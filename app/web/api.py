@@ -174,6 +174,7 @@ def create_app(
     app.state.service = service
     app.state.settings = settings
     app.state.gpu_reader = gpu
+    app.state.pooled = pooled  # one of several replicas behind HAProxy (app.web.server's drain)
 
     # ---- middleware: request id, body limit, access log --------------------------------------
     @app.middleware("http")

@@ -12,7 +12,7 @@ import uvicorn
 
 from app.web.protocol import protocol_class
 from common.parent import orphaned, write_to_own_log
-from common.replicas import POOL_LEAVE_S, replica_count
+from common.replicas import POOL_LEAVE_S
 
 log = logging.getLogger("app.web.server")
 
@@ -84,9 +84,8 @@ def serve(app, settings) -> None:
         # h11, each answer in one write, and deadlines for the client: app.web.protocol says why
         http=protocol_class(settings.client_timeout_s),
     )
-    pooled = replica_count(settings.replicas) > 1
     server = DrainingServer(
-        config, app.state.service, settings.drain_timeout_s, POOL_LEAVE_S if pooled else 0.0
+        config, app.state.service, settings.drain_timeout_s, POOL_LEAVE_S if app.state.pooled else 0.0
     )
     server.run()
     # Restore default SIGTERM behaviour so a wedged atexit cannot keep the process alive.
