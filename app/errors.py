@@ -51,6 +51,14 @@ class Cancelled(ServiceError):
     code = "cancelled"
 
 
+class ClientGone(ServiceError):
+    """The client closed its connection before its images were ready. Nobody reads this answer: the
+    status is for the access log and the metrics (nginx's 499, "client closed request")."""
+
+    status = 499
+    code = "client_closed_request"
+
+
 class GenerationFailed(ServiceError):
     status = 500
     code = "generation_failed"

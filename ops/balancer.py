@@ -14,6 +14,11 @@ Why each line is there (docs/SCALING.md has the whole story):
 - `tune.bufsize` ≥ the largest JSON body: only a request that fits one buffer can be retried;
   with the 16 KiB default every image-to-image request was a reset when its replica died.
 - `balance leastconn`: a generation holds a connection for its whole length.
+- `option abortonclose`: a client that closes its connection before its answer (it gave up, its tab
+  closed) has its connection to the replica closed too, and the replica drops the job
+  (app/web/service.py). Without it HAProxy kept the replica's connection, which made the images for
+  nobody while the requests behind them waited. (A client that half-closes its side after sending
+  the request counts as gone too; HTTP clients do not.)
 - `observe layer4 error-limit 1 on-error mark-down`: the first refused connection takes a replica
   out of the pool at once. Without it a killed replica, having no connections, was leastconn's
   favourite until the checks caught up (up to a second), and the retries all went to it: the
@@ -109,6 +114,7 @@ defaults
     retries 3
     option redispatch 1
     option http-buffer-request
+    option abortonclose
     retry-on conn-failure empty-response junk-response response-timeout 503
 {_own_errors()}
 frontend zimage

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
+import time
 import zlib
 from pathlib import Path
 from typing import Optional
@@ -86,3 +89,15 @@ def bomb_png(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
     )
+
+
+def post_and_leave(port: int, body: dict, stay_s: float, path: str = "/api/generate") -> None:
+    """POST body as JSON over a raw socket, then close it after stay_s without reading a byte: a
+    client that gave up waiting."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+            + b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+        )
+        time.sleep(stay_s)

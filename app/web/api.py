@@ -29,8 +29,9 @@ from app.web.history import History
 from app.web.job_routes import Retention, add_job_routes
 from app.web.jobs import JobBook
 from app.web.lora_routes import add_lora_routes
-from app.web.metrics import AppMetrics
+from app.web.metrics import AppMetrics, live_values
 from app.web.outputs import OutputStore
+from app.web.protocol import logged_status
 from app.web.schemas import ErrorResponse, GenerateResponse
 from app.web.service import GenerationService, new_request_id
 from app.web.sysinfo import live_info, model_info
@@ -101,50 +102,7 @@ def create_app(
     if settings.api_token:
         add_secret(session_value(settings.api_token))
 
-    def live_metrics() -> dict:
-        status = engine.status()
-        values = {
-            "zimage_queue_depth": ("Requests waiting for the engine", status.waiting),
-            "zimage_in_flight": ("Requests being served (waiting, running or saving)", service.in_flight),
-            "zimage_ready": ("1 when loaded, warmed and not draining", 1 if service.ready else 0),
-            "zimage_draining": ("1 while draining for a restart", 1 if service.draining else 0),
-            "zimage_busy": ("1 while a generation runs", 1 if status.heartbeat["busy"] else 0),
-            "zimage_compiles_after_warmup": (
-                "torch.compile runs a request waited for (0 when the warm-up covered every shape)",
-                status.compiles_after_warmup,
-            ),
-        }
-        if status.self_checks is not None:  # passed: requests that failed on their own (selfcheck.py)
-            values["zimage_self_checks"] = (
-                "Self-checks (the warm-up image again after failed generations) since start, by outcome",
-                status.self_checks,
-            )
-        if status.model is not None:  # an alert on jit where aot is configured catches a fallback
-            values["zimage_compile_backend"] = (
-                "1 for how the transformer blocks run: aot (packages), jit "
-                "(torch.compile) or none; why a start fell back is in the log's "
-                "aot_* events",
-                {status.model.compile_backend: 1},
-            )
-        if status.step_cache is not None:  # the lossy step cache at work: main-layer passes reused vs run
-            values["zimage_step_cache_passes"] = (
-                "Main-layer passes of the step cache since start, by outcome",
-                status.step_cache,
-            )
-        memory = engine.memory()
-        if memory:
-            values["zimage_gpu_memory_bytes"] = (
-                "GPU memory seen by torch",
-                {
-                    "allocated": memory["allocated_bytes"],
-                    "reserved": memory["reserved_bytes"],
-                    "device_used": memory["device_total_bytes"] - memory["device_free_bytes"],
-                    "device_total": memory["device_total_bytes"],
-                },
-            )
-        return values
-
-    metrics.add_live(live_metrics)
+    metrics.add_live(lambda: live_values(engine, service))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -205,7 +163,7 @@ def create_app(
                 "request_id": rid,
                 "method": request.method,
                 "path": path,
-                "status": response.status_code,
+                "status": logged_status(request.scope, response.status_code),
                 "ms": round((time.perf_counter() - started) * 1000, 1),
             },
         )
@@ -317,7 +275,9 @@ def create_app(
         # The monitor's warm-up check carries the admin token and goes ahead of user traffic.
         priority_token = request.headers.get("x-admin-token", "")
         priority = bool(priority_token) and tokens_match(priority_token, admin_token)
-        return await service.generate(body, request.state.request_id, priority=priority)
+        return await service.generate(
+            body, request.state.request_id, priority=priority, receive=request.receive
+        )
 
     add_job_routes(app, book, history, RequestModel)
     add_upload_routes(app, service, book)

@@ -45,6 +45,51 @@ class AppMetrics:
         self.registry.register(_LiveCollector(live))
 
 
+def live_values(engine, service) -> dict:
+    """The values read at scrape time: queue, readiness, compile and cache counters, GPU memory."""
+    status = engine.status()
+    values = {
+        "zimage_queue_depth": ("Requests waiting for the engine", status.waiting),
+        "zimage_in_flight": ("Requests being served (waiting, running or saving)", service.in_flight),
+        "zimage_ready": ("1 when loaded, warmed and not draining", 1 if service.ready else 0),
+        "zimage_draining": ("1 while draining for a restart", 1 if service.draining else 0),
+        "zimage_busy": ("1 while a generation runs", 1 if status.heartbeat["busy"] else 0),
+        "zimage_compiles_after_warmup": (
+            "torch.compile runs a request waited for (0 when the warm-up covered every shape)",
+            status.compiles_after_warmup,
+        ),
+    }
+    if status.self_checks is not None:  # passed: requests that failed on their own (selfcheck.py)
+        values["zimage_self_checks"] = (
+            "Self-checks (the warm-up image again after failed generations) since start, by outcome",
+            status.self_checks,
+        )
+    if status.model is not None:  # an alert on jit where aot is configured catches a fallback
+        values["zimage_compile_backend"] = (
+            "1 for how the transformer blocks run: aot (packages), jit "
+            "(torch.compile) or none; why a start fell back is in the log's "
+            "aot_* events",
+            {status.model.compile_backend: 1},
+        )
+    if status.step_cache is not None:  # the lossy step cache at work: main-layer passes reused vs run
+        values["zimage_step_cache_passes"] = (
+            "Main-layer passes of the step cache since start, by outcome",
+            status.step_cache,
+        )
+    memory = engine.memory()
+    if memory:
+        values["zimage_gpu_memory_bytes"] = (
+            "GPU memory seen by torch",
+            {
+                "allocated": memory["allocated_bytes"],
+                "reserved": memory["reserved_bytes"],
+                "device_used": memory["device_total_bytes"] - memory["device_free_bytes"],
+                "device_total": memory["device_total_bytes"],
+            },
+        )
+    return values
+
+
 class _LiveCollector:
     def __init__(self, live):
         self.live = live  # callable → dict of name → (help, value) or (help, {label: value})

@@ -30,6 +30,15 @@ from app.web.whole_answer import CorkedTransport
 
 log = logging.getLogger("app.web.protocol")
 
+# In a request's ASGI scope: the protocol answered it 408 because its body stopped coming. The app,
+# told the client is gone, makes a 400 of the body it never got; the access log shows the 408.
+TIMED_OUT = "zimage.timed_out"
+
+
+def logged_status(scope, status: int) -> int:
+    """The status the access log shows for a request the app answered with `status`."""
+    return 408 if scope.get(TIMED_OUT) else status
+
 
 class ServerProtocol(H11Protocol):
     timeout_s: float = 30.0  # set per server by protocol_class()
@@ -94,6 +103,8 @@ class ServerProtocol(H11Protocol):
         body_under_way = state is h11.SEND_BODY and cycle is not None and not cycle.response_complete
         if state is h11.IDLE or (body_under_way and not cycle.response_started):
             self._send_408("head" if state is h11.IDLE else "body")
+            if body_under_way:
+                cycle.scope[TIMED_OUT] = True
         if body_under_way:
             # The app waits in receive(): it hears that the client is gone, and its answer goes nowhere.
             cycle.disconnected = True

@@ -11,6 +11,7 @@ import uuid
 from typing import Any, Optional
 
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive
 
 from app import errors
 from app.config import AppSettings
@@ -26,6 +27,26 @@ log = logging.getLogger("app.web.service")
 
 def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+async def _until_client_leaves(receive: Receive) -> None:
+    """Returns once the server says that the client closed its connection. Past a request's body a
+    server sends nothing else; anything else (or an error) and we cannot tell, so this waits for
+    good and the image decides."""
+    try:
+        message = await receive()
+    except Exception:
+        log.debug("receive failed while waiting for an image", exc_info=True)
+        message = {}
+    if message.get("type") != "http.disconnect":
+        await asyncio.Event().wait()
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    # An abandoned job's future still ends (cancelled, or the engine's error): read here, it is
+    # not reported as "exception was never retrieved".
+    if not future.cancelled():
+        future.exception()
 
 
 class GenerationService:
@@ -162,25 +183,34 @@ class GenerationService:
         return job, seed
 
     async def generate(
-        self, req, request_id: Optional[str] = None, url_prefix: str = "/outputs/", priority: bool = False
+        self,
+        req,
+        request_id: Optional[str] = None,
+        url_prefix: str = "/outputs/",
+        priority: bool = False,
+        receive: Optional[Receive] = None,
     ) -> GenerateResponse:
-        """Synchronous: queue, wait, save, answer."""
+        """Synchronous: queue, wait, save, answer. `receive`: the request's ASGI receive, once its
+        body is read; a client that closes its connection meanwhile gets its job dropped (ClientGone)."""
         request_id = request_id or new_request_id()
 
         async def submit():
             inputs = await self.decode_inputs_off_loop(req)
             return self.submit(req, request_id, priority, inputs=inputs)
 
-        return await self.complete(req, request_id, url_prefix, submit)
+        return await self.complete(req, request_id, url_prefix, submit, receive)
 
-    async def complete(self, req, request_id: str, url_prefix: str, submit) -> GenerateResponse:
+    async def complete(
+        self, req, request_id: str, url_prefix: str, submit, receive: Optional[Receive] = None
+    ) -> GenerateResponse:
         """await submit() → (job, seed), then wait, save and answer; counted in the metrics either way."""
         started = time.perf_counter()
         status = "error"
         self.in_flight += 1
         try:
             job, seed = await submit()
-            response = await self._finish(req, job, seed, request_id, started, url_prefix)
+            result = await self._wait(job, receive)
+            response = await self._finish(req, job, result, seed, request_id, started, url_prefix)
             status = "ok"
             return response
         except errors.ServiceError as exc:
@@ -193,23 +223,43 @@ class GenerationService:
             self.metrics.requests.labels(status=status).inc()
             self.metrics.request_seconds.observe(time.perf_counter() - started)
 
-    async def _finish(
-        self, req, job, seed: int, request_id: str, started: float, url_prefix: str
-    ) -> GenerateResponse:
+    async def _wait(self, job, receive: Optional[Receive]):
+        """The job's result. Whoever stops waiting first flags the job abandoned, so that the engine
+        drops it (a queued job never runs, a running one stops at its next step): past
+        request_timeout_s (GenerationTimeout), when the client closed its connection (ClientGone: a
+        client that gave up, a closed browser tab, a balancer's timeout; before, its images were made
+        for nobody while the others waited behind them), or when this task is cancelled."""
         timeout = self.settings.request_timeout_s
+        # Never cancelled here (asyncio.wait leaves what it waits on be): the engine owns its future.
+        image = asyncio.wrap_future(job.future)
+        image.add_done_callback(_retrieved)
+        waits = {image}
+        if receive is not None:
+            waits.add(asyncio.ensure_future(_until_client_leaves(receive)))
         try:
-            # shield: a timeout here must not cancel the engine's future; we flag the job instead.
-            result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout)
-        except asyncio.TimeoutError:
-            job.abandoned.set()
-            raise errors.GenerationTimeout(
-                f"generation did not finish within {timeout:.0f} s",
-                hint="try fewer steps, a smaller size, or retry when the queue is shorter",
-                retry_after_s=5,
-            ) from None
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            job.abandoned.set()  # the client went away: free the engine for someone else
+            job.abandoned.set()
             raise
+        finally:
+            for waiting in waits - {image}:
+                waiting.cancel()
+        if image in done:
+            return image.result()
+        job.abandoned.set()
+        if done:
+            event = {"event": "client_gone", "request_id": job.request_id, "steps_done": job.steps_done}
+            log.info("the client closed its connection: its job is dropped", extra=event)
+            raise errors.ClientGone("the client closed its connection before its images were ready")
+        raise errors.GenerationTimeout(
+            f"generation did not finish within {timeout:.0f} s",
+            hint="try fewer steps, a smaller size, or retry when the queue is shorter",
+            retry_after_s=5,
+        )
+
+    async def _finish(
+        self, req, job, result, seed: int, request_id: str, started: float, url_prefix: str
+    ) -> GenerateResponse:
         self.metrics.queue_wait_seconds.observe(result.queue_wait_s)
         metadata = {
             "prompt": req.prompt,

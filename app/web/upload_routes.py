@@ -81,7 +81,7 @@ def add_upload_routes(app: FastAPI, service, book) -> None:
     async def generate_upload(request: Request):
         """POST /api/generate with the images as multipart files (`params` + `init_image`, `mask_image`)."""
         req = await request_from_form(request, service)
-        response = await service.generate(req, request.state.request_id)
+        response = await service.generate(req, request.state.request_id, receive=request.receive)
         return JSONResponse(response.model_dump(mode="json", exclude_none=True))
 
     @app.post("/api/jobs/upload", status_code=202, tags=["jobs"])

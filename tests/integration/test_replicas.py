@@ -22,6 +22,7 @@ from PIL import Image
 
 from ops.load import LoadGenerator
 from ops.tempstack import StackHome, wait_for
+from tests.helpers import post_and_leave
 
 pytestmark = [
     pytest.mark.integration,
@@ -266,6 +267,35 @@ def test_an_oom_in_one_replica_is_retried_on_the_other_and_healed(stack):
     assert_no_client_visible_errors(stats, stack)
     assert not watch.both_out()
     assert '"kind": "oom_in_log"' in stack.log("monitor-0")
+
+
+def test_a_client_that_leaves_frees_its_replica(stack):
+    """option abortonclose: HAProxy passes a client's close on to the replica, which drops the job
+    (without it, the replica made the images for nobody and logged a 200)."""
+
+    def slow(seconds: float) -> None:
+        for index in range(2):
+            r = httpx.post(
+                stack.replica_url(index) + "/admin/fault",
+                json={"kind": "slow" if seconds else "clear", "seconds": seconds},
+                headers=stack.admin_headers(),
+                timeout=5,
+            )
+            assert r.status_code == 200, r.text
+
+    def gone() -> list:
+        return [line for line in stack.logs().splitlines() if '"event": "client_gone"' in line]
+
+    before = len(gone())
+    slow(2.0)
+    try:
+        post_and_leave(stack.port, {**BODY, "width": 192, "height": 192}, stay_s=0.5)
+        wait_for(lambda: len(gone()) > before, 10, 0.1, "the replica told that the client left")
+        time.sleep(2 * 2.0 + 1)  # the two slow steps it would have run
+    finally:
+        slow(0)
+    made = [line for line in stack.logs().splitlines() if '"generated"' in line and '"width": 192,' in line]
+    assert made == [], made
 
 
 def test_jobs_are_followed_through_the_balancer_without_a_cookie(stack):

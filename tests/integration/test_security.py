@@ -209,6 +209,7 @@ def test_half_sent_requests_get_a_408_and_give_their_connections_back(app):
     client_timeout_s, and the app's descriptors come back."""
     process = psutil.Process(app.proc.pid)
     fds_before = process.num_fds()
+    log_before = len(app.log())
     auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
     half_head = b"POST /api/generate HTTP/1.1\r\nHost: x\r\n" + auth
     half_body = (
@@ -232,6 +233,12 @@ def test_half_sent_requests_get_a_408_and_give_their_connections_back(app):
     assert r.status_code == 200, r.text
     log = app.log()
     assert log.count('"event": "request_timeout"') >= 40 and "unhandled" not in log
+    # The 20 whose heads arrived reached the app, which made a 400 of the body it never got: the
+    # access log shows the 408 the client was sent.
+    new_lines = log[log_before:].splitlines()
+    generate = [json.loads(line) for line in new_lines if '"path": "/api/generate"' in line]
+    statuses = [line["status"] for line in generate if line.get("event") == "http"]
+    assert statuses.count(408) == 20 and 400 not in statuses, statuses
 
 
 def test_a_connection_that_says_nothing_is_closed_without_an_answer(app):
