@@ -206,7 +206,9 @@ def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float
 def test_half_sent_requests_get_a_408_and_give_their_connections_back(app):
     """A slowloris: 40 connections, each with half a head or half its declared body, then silence.
     Before, each was held for good (a file descriptor apiece); now each gets the API's 408 within
-    client_timeout_s, and the app's descriptors come back."""
+    client_timeout_s, and the app's descriptors come back. (Not asserted: that all 40 are held at
+    one moment. Under CI's load that moment never came within 10 s, since the first may time out
+    before the last is accepted; the 408 each one reads says that the app took it.)"""
     process = psutil.Process(app.proc.pid)
     fds_before = process.num_fds()
     log_before = len(app.log())
@@ -220,7 +222,6 @@ def test_half_sent_requests_get_a_408_and_give_their_connections_back(app):
     socks = [socket.create_connection(("127.0.0.1", app.port), timeout=10) for _ in range(40)]
     for n, sock in enumerate(socks):
         sock.sendall(half_head if n % 2 else half_body)
-    wait_for(lambda: process.num_fds() >= fds_before + 40, 10, 0.1, "the connections held, one each")
     for n, sock in enumerate(socks):
         data, seconds = read_until_closed(sock, 10 * CLIENT_TIMEOUT_S)
         sock.close()
