@@ -64,6 +64,7 @@ def status_text(service) -> str:
 
 def build_ui(service, gpu_reader, book) -> gr.Blocks:
     settings, limits = service.settings, service.limits
+    sessions: dict[str, dict] = {}  # a browser session's generations under way, by job id
     presets = [
         p for p in PRESETS if limits.min_size <= min(p[1], p[2]) and max(p[1], p[2]) <= limits.max_size
     ]
@@ -108,6 +109,8 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
             record = await book.start(req)  # a job like POST /api/jobs: the same queue, progress to show
         except errors.ServiceError as exc:
             raise gr.Error(exc.message + (f" — {exc.hint}" if exc.hint else ""), title="Could not generate")
+        session = getattr(request, "session_hash", None) or ""
+        sessions.setdefault(session, {})[record.id] = record
         try:
             while record.state not in TERMINAL:
                 view = book.view(record)
@@ -116,9 +119,11 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
                 else:
                     progress((view["step"], view["steps"]), desc="Denoising", unit="steps")
                 await asyncio.sleep(0.1)
-        except asyncio.CancelledError:  # the Cancel button (or the browser went away)
+        except asyncio.CancelledError:  # the Cancel button
             book.cancel(record)
             raise
+        finally:
+            sessions.get(session, {}).pop(record.id, None)
         if record.error is not None:
             exc = record.error
             raise gr.Error(exc.message + (f" — {exc.hint}" if exc.hint else ""), title="Could not generate")
@@ -326,11 +331,20 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         )
         form = settings_fields + [num_images, *image_inputs]
 
-        async def generate_from_form(values: dict, progress=gr.Progress()):
+        async def generate_from_form(values: dict, request: gr.Request, progress=gr.Progress()):
             # Inputs given as a set come as one dict: generate's arguments, then however many LoRA
             # rows app.max_loras makes (Gradio passes a gr.Progress only to named parameters).
             rows = [values[c] for c in lora_inputs]
-            return await generate(*(values[c] for c in form), loras=rows, progress=progress)
+            return await generate(*(values[c] for c in form), loras=rows, request=request, progress=progress)
+
+        async def leave(request: gr.Request):
+            # The tab was closed or reloaded: Gradio's unload, run as its heartbeat connection drops.
+            # Gradio only stops sending that tab's events (it cancels no task), so its generation
+            # would run on for nobody; it is cancelled as if its Cancel button had been pressed.
+            for record in sessions.pop(request.session_hash or "", {}).values():
+                book.cancel(record)
+
+        ui.unload(leave)
 
         generation = go.click(
             generate_from_form,

@@ -117,6 +117,32 @@ def test_generate_in_the_browser(app, browser, tmp_path):
     page.close()
 
 
+def test_a_closed_tab_cancels_its_generation(app, browser):
+    """Gradio only stops sending a closed tab its events; the generation ran all its steps for
+    nobody. Its unload (the heartbeat connection dropping) now cancels it like the Cancel button."""
+    admin = {"authorization": f"Bearer {app.admin_token()}"}
+    api = {"authorization": f"Bearer {TOKEN}"}
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    log_in(page, app.url)
+    page.wait_for_selector("#generate-btn:not([disabled])", timeout=30000)
+    httpx.post(app.url + "/admin/fault", json={"kind": "slow", "seconds": 0.5}, headers=admin)
+    try:
+        page.fill("#prompt textarea", "a closed tab")
+        page.click("#preset-512x512")
+        page.click("#generate-btn")
+        page.wait_for_function("() => /[1-9]\\/8 steps/.test(document.body.innerText)", timeout=30000)
+        page.close()
+
+        def idle():
+            return not httpx.get(app.url + "/healthz").json()["heartbeat"]["busy"]
+
+        wait_for(idle, 2.0, 0.1, "engine free after the tab closed")  # 6 more steps would be 3 s
+    finally:
+        httpx.post(app.url + "/admin/fault", json={"kind": "clear"}, headers=admin)
+    items = httpx.get(app.url + "/api/history?limit=5", headers=api).json()["items"]
+    assert "a closed tab" not in [item["parameters"]["prompt"] for item in items]
+
+
 def test_progress_moves_cancel_stops_and_history_restores(app, browser, tmp_path):
     admin = {"authorization": f"Bearer {app.admin_token()}"}
     api = {"authorization": f"Bearer {TOKEN}"}
