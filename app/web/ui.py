@@ -122,8 +122,11 @@ def build_ui(service, gpu_reader, book) -> gr.Blocks:
         except asyncio.CancelledError:  # the Cancel button
             book.cancel(record)
             raise
-        finally:
-            sessions.get(session, {}).pop(record.id, None)
+        finally:  # a session with nothing under way keeps no entry (gradio_client's never unload)
+            running = sessions.get(session, {})
+            running.pop(record.id, None)
+            if not running:
+                sessions.pop(session, None)
         if record.error is not None:
             exc = record.error
             raise gr.Error(exc.message + (f" — {exc.hint}" if exc.hint else ""), title="Could not generate")
