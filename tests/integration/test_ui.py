@@ -117,43 +117,50 @@ def test_generate_in_the_browser(app, browser, tmp_path):
     page.close()
 
 
-def test_a_closed_tab_cancels_its_generation(app, browser):
-    """Gradio only stops sending a closed tab its events; the generation ran all its steps for
-    nobody. Its unload (the heartbeat connection dropping) now cancels it like the Cancel button."""
-    admin = {"authorization": f"Bearer {app.admin_token()}"}
-    api = {"authorization": f"Bearer {TOKEN}"}
+def set_fault(app, body: dict) -> None:
+    r = httpx.post(
+        app.url + "/admin/fault", json=body, headers={"authorization": f"Bearer {app.admin_token()}"}
+    )
+    assert r.status_code == 200, r.text
+
+
+def start_a_slow_generation(app, browser, prompt: str):
+    """A new, logged-in page whose 512² generation of `prompt` runs at 0.5 s a step (the slow fault:
+    the caller clears it)."""
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     log_in(page, app.url)
     page.wait_for_selector("#generate-btn:not([disabled])", timeout=30000)
-    httpx.post(app.url + "/admin/fault", json={"kind": "slow", "seconds": 0.5}, headers=admin)
+    set_fault(app, {"kind": "slow", "seconds": 0.5})
+    page.fill("#prompt textarea", prompt)
+    page.click("#preset-512x512")
+    page.click("#generate-btn")
+    return page
+
+
+def engine_idle(app) -> bool:
+    return not httpx.get(app.url + "/healthz").json()["heartbeat"]["busy"]
+
+
+def test_a_closed_tab_cancels_its_generation(app, browser):
+    """Gradio only stops sending a closed tab its events; the generation ran all its steps for
+    nobody. Its unload (the heartbeat connection dropping) now cancels it like the Cancel button."""
+    api = {"authorization": f"Bearer {TOKEN}"}
     try:
-        page.fill("#prompt textarea", "a closed tab")
-        page.click("#preset-512x512")
-        page.click("#generate-btn")
+        page = start_a_slow_generation(app, browser, "a closed tab")
         page.wait_for_function("() => /[1-9]\\/8 steps/.test(document.body.innerText)", timeout=30000)
         page.close()
-
-        def idle():
-            return not httpx.get(app.url + "/healthz").json()["heartbeat"]["busy"]
-
-        wait_for(idle, 2.0, 0.1, "engine free after the tab closed")  # 6 more steps would be 3 s
+        # 6 more steps would take 3 s
+        wait_for(lambda: engine_idle(app), 2.0, 0.1, "engine free after the tab closed")
     finally:
-        httpx.post(app.url + "/admin/fault", json={"kind": "clear"}, headers=admin)
+        set_fault(app, {"kind": "clear"})
     items = httpx.get(app.url + "/api/history?limit=5", headers=api).json()["items"]
     assert "a closed tab" not in [item["parameters"]["prompt"] for item in items]
 
 
 def test_progress_moves_cancel_stops_and_history_restores(app, browser, tmp_path):
-    admin = {"authorization": f"Bearer {app.admin_token()}"}
     api = {"authorization": f"Bearer {TOKEN}"}
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    log_in(page, app.url)
-    page.wait_for_selector("#generate-btn:not([disabled])", timeout=30000)
-    httpx.post(app.url + "/admin/fault", json={"kind": "slow", "seconds": 0.5}, headers=admin)
     try:
-        page.fill("#prompt textarea", "cancel me")
-        page.click("#preset-512x512")
-        page.click("#generate-btn")
+        page = start_a_slow_generation(app, browser, "cancel me")
         seen = []
         for _ in range(2):  # the bar moves: two different step counts, a step apart
             page.wait_for_function(
@@ -167,13 +174,10 @@ def test_progress_moves_cancel_stops_and_history_restores(app, browser, tmp_path
         page.click("#cancel-btn")
 
         # the engine stops at the next step: it is free well before the 8 steps would have ended
-        def idle():
-            return not httpx.get(app.url + "/healthz").json()["heartbeat"]["busy"]
-
-        wait_for(idle, 2.0, 0.1, "engine free after cancel")
+        wait_for(lambda: engine_idle(app), 2.0, 0.1, "engine free after cancel")
         assert page.locator("#gallery img").count() == 0
     finally:
-        httpx.post(app.url + "/admin/fault", json={"kind": "clear"}, headers=admin)
+        set_fault(app, {"kind": "clear"})
     page.fill("#prompt textarea", "history: a blue boat on a lake")
     page.click("#generate-btn")
     page.wait_for_selector("#gallery img", timeout=60000)
