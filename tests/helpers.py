@@ -65,6 +65,12 @@ class AppProcess:
     def admin_token(self) -> str:
         return (self.tmp / "admin.token").read_text().strip()
 
+    def fault(self, kind: str, **fields) -> None:
+        """POST /admin/fault (the app runs with fault_injection on): `kind` with its fields."""
+        headers = {"authorization": f"Bearer {self.admin_token()}"}
+        r = httpx.post(self.url + "/admin/fault", json={"kind": kind, **fields}, headers=headers, timeout=5)
+        assert r.status_code == 200, r.text
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -102,7 +102,7 @@ def create_app(
     if settings.api_token:
         add_secret(session_value(settings.api_token))
 
-    metrics.add_live(lambda: live_values(engine, service))
+    metrics.add_live(lambda: live_values(service))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -45,8 +45,9 @@ class AppMetrics:
         self.registry.register(_LiveCollector(live))
 
 
-def live_values(engine, service) -> dict:
+def live_values(service) -> dict:
     """The values read at scrape time: queue, readiness, compile and cache counters, GPU memory."""
+    engine = service.engine
     status = engine.status()
     values = {
         "zimage_queue_depth": ("Requests waiting for the engine", status.waiting),

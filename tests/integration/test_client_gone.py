@@ -24,15 +24,9 @@ def app(start_app):
 
 @pytest.fixture
 def slow(app):
-    admin = {"authorization": f"Bearer {app.admin_token()}"}
-
-    def fault(kind: str, seconds: float = 0.0) -> None:
-        r = httpx.post(app.url + "/admin/fault", json={"kind": kind, "seconds": seconds}, headers=admin)
-        assert r.status_code == 200, r.text
-
-    fault("slow", STEP_S)
+    app.fault("slow", seconds=STEP_S)
     yield
-    fault("clear")
+    app.fault("clear")
 
 
 def body(size: int, prompt: str) -> dict:

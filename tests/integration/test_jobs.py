@@ -22,11 +22,10 @@ def app(start_app):
 
 
 def slow_steps(app, seconds: float) -> None:
-    kind = {"kind": "slow", "seconds": seconds} if seconds else {"kind": "clear"}
-    r = httpx.post(
-        app.url + "/admin/fault", json=kind, headers={"authorization": f"Bearer {app.admin_token()}"}
-    )
-    assert r.status_code == 200, r.text
+    if seconds:
+        app.fault("slow", seconds=seconds)
+    else:
+        app.fault("clear")
 
 
 def events(app, job_id: str, timeout: float = 60) -> list[tuple[str, dict]]:

@@ -117,20 +117,13 @@ def test_generate_in_the_browser(app, browser, tmp_path):
     page.close()
 
 
-def set_fault(app, body: dict) -> None:
-    r = httpx.post(
-        app.url + "/admin/fault", json=body, headers={"authorization": f"Bearer {app.admin_token()}"}
-    )
-    assert r.status_code == 200, r.text
-
-
 def start_a_slow_generation(app, browser, prompt: str):
     """A new, logged-in page whose 512² generation of `prompt` runs at 0.5 s a step (the slow fault:
     the caller clears it)."""
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     log_in(page, app.url)
     page.wait_for_selector("#generate-btn:not([disabled])", timeout=30000)
-    set_fault(app, {"kind": "slow", "seconds": 0.5})
+    app.fault("slow", seconds=0.5)
     page.fill("#prompt textarea", prompt)
     page.click("#preset-512x512")
     page.click("#generate-btn")
@@ -152,7 +145,7 @@ def test_a_closed_tab_cancels_its_generation(app, browser):
         # 6 more steps would take 3 s
         wait_for(lambda: engine_idle(app), 2.0, 0.1, "engine free after the tab closed")
     finally:
-        set_fault(app, {"kind": "clear"})
+        app.fault("clear")
     items = httpx.get(app.url + "/api/history?limit=5", headers=api).json()["items"]
     assert "a closed tab" not in [item["parameters"]["prompt"] for item in items]
 
@@ -177,7 +170,7 @@ def test_progress_moves_cancel_stops_and_history_restores(app, browser, tmp_path
         wait_for(lambda: engine_idle(app), 2.0, 0.1, "engine free after cancel")
         assert page.locator("#gallery img").count() == 0
     finally:
-        set_fault(app, {"kind": "clear"})
+        app.fault("clear")
     page.fill("#prompt textarea", "history: a blue boat on a lake")
     page.click("#generate-btn")
     page.wait_for_selector("#gallery img", timeout=60000)
